@@ -1,0 +1,163 @@
+#include "projector.hpp"
+
+#include <omp.h>
+
+namespace cryomap {
+
+namespace {
+
+struct SliceGeometry {
+    py::ssize_t n_rot, n_pix;
+};
+
+SliceGeometry check_geometry(const py::array& rotations, const py::array& coords) {
+    require<double>(rotations, "rotations", 3);
+    require_dim(rotations, "rotations", 1, 3);
+    require_dim(rotations, "rotations", 2, 3);
+    require<float>(coords, "coords", 2);
+    require_dim(coords, "coords", 1, 2);
+    require_finite(static_cast<const double*>(rotations.data()), rotations.size(), "rotations");
+    require_finite(static_cast<const float*>(coords.data()), coords.size(), "coords");
+    return {rotations.shape(0), coords.shape(0)};
+}
+
+}  // namespace
+
+py::array_t<cfloat> project(const py::array& volume_ft, const py::array& rotations,
+                            const py::array& coords, double scale, int interp_code) {
+    require<cfloat>(volume_ft, "volume_ft", 3);
+    const VolumeShape vs = volume_shape(volume_ft, "volume_ft");
+    const SliceGeometry g = check_geometry(rotations, coords);
+    const Interp interp = parse_interp(interp_code);
+    if (!(scale > 0.0)) throw py::value_error("scale: expected a positive padding factor");
+
+    py::array_t<cfloat> out({g.n_rot, g.n_pix});
+    const cfloat* vol = static_cast<const cfloat*>(volume_ft.data());
+    const double* rot = static_cast<const double*>(rotations.data());
+    const float* k = static_cast<const float*>(coords.data());
+    cfloat* slices = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+#pragma omp parallel for schedule(static)
+        for (py::ssize_t r = 0; r < g.n_rot; ++r) {
+            Footprint f;
+            const double* a = rot + 9 * r;
+            for (py::ssize_t j = 0; j < g.n_pix; ++j) {
+                float qx, qy, qz;
+                rotate_to_reference(a, k[2 * j], k[2 * j + 1], scale, qx, qy, qz);
+                footprint(qx, qy, qz, vs, interp, f);
+                cfloat acc(0.f, 0.f);
+                for (int c = 0; c < f.n; ++c) acc += f.weight[c] * vol[f.index[c]];
+                slices[r * g.n_pix + j] = f.conj ? std::conj(acc) : acc;
+            }
+        }
+    }
+    return out;
+}
+
+void backproject(py::array& data, py::array& weight, const py::array& slices,
+                 const py::array& slice_weights, const py::array& rotations,
+                 const py::array& coords, double scale, int interp_code) {
+    require<cfloat>(data, "data", 3);
+    require<float>(weight, "weight", 3);
+    const VolumeShape vs = volume_shape(data, "data");
+    for (int ax = 0; ax < 3; ++ax) require_dim(weight, "weight", ax, data.shape(ax));
+    if (!data.writeable() || !weight.writeable())
+        throw py::value_error("data, weight: expected writeable arrays");
+    const SliceGeometry g = check_geometry(rotations, coords);
+    require<cfloat>(slices, "slices", 2);
+    require_dim(slices, "slices", 0, g.n_rot);
+    require_dim(slices, "slices", 1, g.n_pix);
+    require<float>(slice_weights, "slice_weights", 2);
+    require_dim(slice_weights, "slice_weights", 0, g.n_rot);
+    require_dim(slice_weights, "slice_weights", 1, g.n_pix);
+    require_finite(static_cast<const float*>(slices.data()), 2 * slices.size(), "slices");
+    require_finite(static_cast<const float*>(slice_weights.data()), slice_weights.size(),
+                   "slice_weights");
+    const Interp interp = parse_interp(interp_code);
+    if (!(scale > 0.0)) throw py::value_error("scale: expected a positive padding factor");
+
+    cfloat* dvol = static_cast<cfloat*>(data.mutable_data());
+    float* wvol = static_cast<float*>(weight.mutable_data());
+    const cfloat* s = static_cast<const cfloat*>(slices.data());
+    const float* sw = static_cast<const float*>(slice_weights.data());
+    const double* rot = static_cast<const double*>(rotations.data());
+    const float* k = static_cast<const float*>(coords.data());
+    const size_t n_vox = (size_t)data.size();
+
+    py::gil_scoped_release release;
+    // Each thread splats its orientations into a private volume (no atomics), then the private
+    // volumes are summed in parallel over voxels. Memory: threads x (8 + 4) bytes x voxels.
+    const int n_threads = std::max(1, std::min<int>(omp_get_max_threads(), (int)g.n_rot));
+    std::vector<std::vector<cfloat>> dpriv(n_threads - 1);
+    std::vector<std::vector<float>> wpriv(n_threads - 1);
+#pragma omp parallel num_threads(n_threads)
+    {
+        const int tid = omp_get_thread_num();
+        cfloat* dv = dvol;
+        float* wv = wvol;
+        if (tid > 0) {
+            dpriv[tid - 1].assign(n_vox, cfloat(0.f, 0.f));
+            wpriv[tid - 1].assign(n_vox, 0.f);
+            dv = dpriv[tid - 1].data();
+            wv = wpriv[tid - 1].data();
+        }
+        Footprint f;
+#pragma omp for schedule(static)
+        for (py::ssize_t r = 0; r < g.n_rot; ++r) {
+            const double* a = rot + 9 * r;
+            for (py::ssize_t j = 0; j < g.n_pix; ++j) {
+                const cfloat val = s[r * g.n_pix + j];
+                const float wt = sw[r * g.n_pix + j];
+                if (val == cfloat(0.f, 0.f) && wt == 0.f) continue;
+                float qx, qy, qz;
+                rotate_to_reference(a, k[2 * j], k[2 * j + 1], scale, qx, qy, qz);
+                footprint(qx, qy, qz, vs, interp, f);
+                const cfloat v = f.conj ? std::conj(val) : val;
+                for (int c = 0; c < f.n; ++c) {
+                    dv[f.index[c]] += f.weight[c] * v;
+                    wv[f.index[c]] += f.weight[c] * wt;
+                }
+            }
+        }
+        // implicit barrier above; now reduce the private volumes into the output
+#pragma omp for schedule(static)
+        for (size_t v = 0; v < n_vox; ++v) {
+            for (int t = 0; t < n_threads - 1; ++t) {
+                dvol[v] += dpriv[t][v];
+                wvol[v] += wpriv[t][v];
+            }
+        }
+    }
+}
+
+py::array_t<cfloat> phase_shift(const py::array& images, const py::array& coords,
+                                const py::array& shifts, int box) {
+    require<cfloat>(images, "images", 2);
+    require<float>(coords, "coords", 2);
+    require_dim(coords, "coords", 0, images.shape(1));
+    require_dim(coords, "coords", 1, 2);
+    require<double>(shifts, "shifts", 2);
+    require_dim(shifts, "shifts", 0, images.shape(0));
+    require_dim(shifts, "shifts", 1, 2);
+    require_finite(static_cast<const double*>(shifts.data()), shifts.size(), "shifts");
+    if (box <= 0) throw py::value_error("box: expected a positive image size");
+    const py::ssize_t n_img = images.shape(0), n_pix = images.shape(1);
+    py::array_t<cfloat> out({n_img, n_pix});
+    const cfloat* x = static_cast<const cfloat*>(images.data());
+    const float* k = static_cast<const float*>(coords.data());
+    const double* t = static_cast<const double*>(shifts.data());
+    cfloat* y = out.mutable_data();
+    py::gil_scoped_release release;
+#pragma omp parallel for schedule(static)
+    for (py::ssize_t b = 0; b < n_img; ++b) {
+        const double sx = t[2 * b], sy = t[2 * b + 1];
+        for (py::ssize_t j = 0; j < n_pix; ++j) {
+            const double ph = -2.0 * M_PI * (k[2 * j] * sx + k[2 * j + 1] * sy) / box;
+            y[b * n_pix + j] = x[b * n_pix + j] * cfloat((float)std::cos(ph), (float)std::sin(ph));
+        }
+    }
+    return out;
+}
+
+}  // namespace cryomap

@@ -1,0 +1,211 @@
+"""Fourier-grid conventions (RELION's; CONVENTIONS.md section 0). The one owner of them.
+
+- Real-space origin (rotation centre) is the 0-based index floor(N/2) on every axis.
+- Forward transforms are normalised by the number of real samples and put the phase origin
+  at that centre: F(k) = N^-d sum_r x[r] exp(-2 pi i k.(r - c)/N).
+- Half-plane ("rfft") layout: images are (N, N//2+1) arrays indexed [ky row, kx]; volumes are
+  (N, N, N//2+1) indexed [kz, ky, kx]. Row i holds ky = i for i <= N/2, else i - N (the Nyquist
+  row of an even box is +N/2, as in RELION).
+- Shell index of a frequency is round(|k|); spatial frequency is |k| / (N * pixel_size) 1/A.
+- The kernels read references from a "centred half-volume" of shape (2m+1, 2m+1, m+1) indexed
+  [kz + m, ky + m, kx] (2D: (1, 2m+1, m+1)), cropped to |k| components <= m.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def origin(n: int) -> int:
+    """Index of the real-space origin of an axis of length n (RELION: floor(n/2))."""
+    return n // 2
+
+
+def freq_1d(n: int) -> np.ndarray:
+    """Integer frequency of each index of a full FFT axis (Nyquist of an even n is +n/2)."""
+    i = np.arange(n)
+    return np.where(i <= n // 2, i, i - n)
+
+
+def half_plane_freqs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ky, kx) integer frequency grids of the (n, n//2+1) half-plane layout."""
+    ky, kx = np.meshgrid(freq_1d(n), np.arange(n // 2 + 1), indexing="ij")
+    return ky, kx
+
+
+def half_volume_freqs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kz, ky, kx) integer frequency grids of the (n, n, n//2+1) half-volume layout."""
+    f = freq_1d(n)
+    return np.meshgrid(f, f, np.arange(n // 2 + 1), indexing="ij")
+
+
+def shell_index(radius: np.ndarray) -> np.ndarray:
+    """Resolution-shell index round(|k|) of frequency radii (RELION's ires)."""
+    return np.rint(radius).astype(np.int64)
+
+
+def shell_index_2d(n: int) -> np.ndarray:
+    """Shell index of each pixel of the (n, n//2+1) half-plane."""
+    ky, kx = half_plane_freqs(n)
+    return shell_index(np.hypot(kx, ky))
+
+
+def shell_index_3d(n: int) -> np.ndarray:
+    """Shell index of each voxel of the (n, n, n//2+1) half-volume."""
+    kz, ky, kx = half_volume_freqs(n)
+    return shell_index(np.sqrt(kx * kx + ky * ky + kz * kz))
+
+
+def hermitian_weights_2d(n: int) -> np.ndarray:
+    """How many full-plane pixels each half-plane pixel stands for (1 or 2).
+
+    Sum over the half plane of w * |F|^2 equals the sum over the full plane (Parseval).
+    """
+    w = np.full((n, n // 2 + 1), 2.0)
+    w[:, 0] = 1.0
+    if n % 2 == 0:
+        w[:, n // 2] = 1.0
+    return w
+
+
+def resolution_angstrom(shell: np.ndarray | float, n: int, pixel_size: float) -> np.ndarray:
+    """Resolution in Angstrom of a shell index (999 at shell 0, as RELION writes it)."""
+    s = np.asarray(shell, dtype=float)
+    with np.errstate(divide="ignore"):
+        res = np.where(s > 0, n * pixel_size / np.where(s > 0, s, 1.0), 999.0)
+    return res
+
+
+def fft2_centered(images: np.ndarray) -> np.ndarray:
+    """Half-plane FT of real image(s) (..., N, N), N^-2-normalised, origin at floor(N/2)."""
+    n = images.shape[-1]
+    if images.shape[-2] != n:
+        raise ValueError(f"expected square images, got {images.shape[-2:]}")
+    x = np.fft.ifftshift(images, axes=(-2, -1))
+    return np.fft.rfft2(x, axes=(-2, -1)) / float(n * n)
+
+
+def ifft2_centered(ft: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of fft2_centered for box size n."""
+    x = np.fft.irfft2(ft * float(n * n), s=(n, n), axes=(-2, -1))
+    return np.fft.fftshift(x, axes=(-2, -1))
+
+
+def fft3_centered(volume: np.ndarray) -> np.ndarray:
+    """Half-volume FT of a real cube (N, N, N), N^-3-normalised, origin at floor(N/2)."""
+    n = volume.shape[-1]
+    x = np.fft.ifftshift(volume, axes=(-3, -2, -1))
+    return np.fft.rfftn(x, axes=(-3, -2, -1)) / float(n**3)
+
+
+def ifft3_centered(ft: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of fft3_centered for box size n."""
+    x = np.fft.irfftn(ft * float(n**3), s=(n, n, n), axes=(-3, -2, -1))
+    return np.fft.fftshift(x, axes=(-3, -2, -1))
+
+
+def max_centred_radius(n: int) -> int:
+    """Largest m for which a centred half-volume cropped from an n-grid holds no Nyquist."""
+    return (n - 1) // 2
+
+
+def to_centred(ft: np.ndarray, m: int) -> np.ndarray:
+    """Crop a half-plane (n, n//2+1) or half-volume (n, n, n//2+1) FT to the centred layout.
+
+    Returns (1, 2m+1, m+1) for 2D input and (2m+1, 2m+1, m+1) for 3D input, complex64.
+    """
+    n = ft.shape[-2]
+    if m > max_centred_radius(n):
+        raise ValueError(f"centred radius {m} too large for box {n}")
+    idx = np.arange(-m, m + 1) % n
+    if ft.ndim == 2:
+        out = ft[idx][:, : m + 1][None]
+    elif ft.ndim == 3:
+        out = ft[np.ix_(idx, idx, np.arange(m + 1))]
+    else:
+        raise ValueError("expected a 2D half-plane or 3D half-volume")
+    return np.ascontiguousarray(out, dtype=np.complex64)
+
+
+def from_centred(centred: np.ndarray, n: int) -> np.ndarray:
+    """Place a centred half-volume (or (1, 2m+1, m+1) half-plane) into the rfft layout of box n.
+
+    Frequencies outside the centred crop are zero. Returns (n, n//2+1) for 2D input.
+    """
+    m = centred.shape[-1] - 1
+    idx = np.arange(-m, m + 1) % n
+    if centred.shape[0] == 1:
+        out = np.zeros((n, n // 2 + 1), dtype=np.complex128)
+        out[idx, : m + 1] = centred[0]
+        return out
+    out = np.zeros((n, n, n // 2 + 1), dtype=np.complex128)
+    out[np.ix_(idx, idx, np.arange(m + 1))] = centred
+    return out
+
+
+def symmetrize_kx0_plane(centred: np.ndarray) -> np.ndarray:
+    """Fold the redundant kx = 0 plane of a back-projected centred half-volume.
+
+    Values splatted at (kz, ky, 0) and at (-kz, -ky, 0) describe one Friedel pair; summing each
+    with the conjugate of its mate (RELION's enforceHermitianSymmetry) makes the plane
+    Hermitian. Works on complex (data) and real (weight) arrays; returns a new array.
+    """
+    out = centred.copy()
+    plane = centred[:, :, 0]
+    mate = plane[::-1, ::-1]
+    out[:, :, 0] = plane + (np.conj(mate) if np.iscomplexobj(plane) else mate)
+    return out
+
+
+@dataclass(frozen=True)
+class PixelMask:
+    """Half-plane pixels inside a radius: the pixel set J every kernel works on.
+
+    Holds pixels with 0 < round(|k|) <= r_max, the DC term and the redundant ky < 0 half of
+    the kx = 0 column excluded (RELION's Mresol rule, CONVENTIONS section 5), so each
+    independent complex Fourier coefficient appears exactly once.
+    """
+
+    box: int
+    r_max: int
+    flat_index: np.ndarray  # (J,) index into the flattened (box, box//2+1) half-plane
+    coords: np.ndarray  # (J, 2) float32 (kx, ky)
+    shell: np.ndarray  # (J,) int64 shell index round(|k|)
+
+    @property
+    def n_pixels(self) -> int:
+        return int(self.flat_index.size)
+
+    def gather(self, ft: np.ndarray) -> np.ndarray:
+        """(..., box, box//2+1) half-plane FT(s) -> (..., J) complex64 masked pixels."""
+        flat = ft.reshape(ft.shape[:-2] + (-1,))
+        return np.ascontiguousarray(flat[..., self.flat_index], dtype=np.complex64)
+
+    def scatter(self, values: np.ndarray) -> np.ndarray:
+        """(..., J) pixel values -> (..., box, box//2+1) half-plane, zeros elsewhere.
+
+        The ky < 0 half of the kx = 0 column is filled with Friedel mates so the result is the
+        FT of a real image.
+        """
+        shape = values.shape[:-1] + (self.box * (self.box // 2 + 1),)
+        out = np.zeros(shape, dtype=np.result_type(values.dtype, np.complex64))
+        out[..., self.flat_index] = values
+        out = out.reshape(values.shape[:-1] + (self.box, self.box // 2 + 1))
+        col = out[..., :, 0]
+        ky = freq_1d(self.box)
+        neg = np.nonzero(ky < 0)[0]
+        col[..., neg] = np.conj(col[..., (-ky[neg]) % self.box])
+        return out
+
+
+def pixel_mask(box: int, r_max: float) -> PixelMask:
+    """The PixelMask of a box for shells 1..r_max (r_max is capped at box//2)."""
+    ky, kx = half_plane_freqs(box)
+    shell = shell_index(np.hypot(kx, ky))
+    r = min(int(np.floor(r_max)), box // 2)
+    keep = (shell > 0) & (shell <= r) & ~((kx == 0) & (ky < 0))
+    flat = np.flatnonzero(keep)
+    coords = np.stack([kx.ravel()[flat], ky.ravel()[flat]], axis=1).astype(np.float32)
+    return PixelMask(box, r, flat, np.ascontiguousarray(coords), shell.ravel()[flat])

@@ -1,0 +1,157 @@
+"""Reference preparation and Fourier-slice projection / back-projection (CONVENTIONS §2).
+
+A map of box N is zero-padded to pN, pre-corrected for the interpolation kernel's real-space
+attenuation (gridding correction), transformed with `fourier.fft3_centered` and rescaled so that
+a central slice equals the N^-2-normalised 2D FT of the map's sum-projection (relion_project's
+intensity scale). The padded FT is cropped to the centred half-volume the kernels read; a
+reference pixel k of the image grid sits at p * A^T k in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import fourier
+from ._kernels import core
+
+INTERP = {"nearest": 0, "linear": 1}
+
+
+def _interp_code(interp: str) -> int:
+    try:
+        return INTERP[interp]
+    except KeyError:
+        raise ValueError(f"interp: expected one of {sorted(INTERP)}, got {interp!r}") from None
+
+
+def padded_size(box: int, pad: int) -> int:
+    """Padded box p*N."""
+    if pad < 1:
+        raise ValueError("pad: expected >= 1")
+    return box * pad
+
+
+def gridding_correction(box: int, pad: int, interp: str, ndim: int = 3) -> np.ndarray:
+    """Real-space attenuation of the interpolation kernel on a box-sized grid (centred).
+
+    Trilinear interpolation on the pN grid multiplies the map by sinc^2(pi r / (pN)); nearest
+    neighbour by sinc(pi r / (pN)). Maps are divided by this before projection and after
+    reconstruction (RELION's griddingCorrect).
+    """
+    c = np.arange(box) - fourier.origin(box)
+    grids = np.meshgrid(*([c] * ndim), indexing="ij")
+    r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
+    s = np.sinc(r / (pad * box))  # numpy sinc(x) = sin(pi x)/(pi x)
+    return s * s if interp == "linear" else s
+
+
+def _embed(x: np.ndarray, n_pad: int) -> np.ndarray:
+    """Zero-pad a centred box so that its origin floor(N/2) lands on floor(pN/2)."""
+    n = x.shape[-1]
+    off = fourier.origin(n_pad) - fourier.origin(n)
+    out = np.zeros((n_pad,) * x.ndim, dtype=np.float64)
+    out[tuple(slice(off, off + n) for _ in range(x.ndim))] = x
+    return out
+
+
+def _crop(x: np.ndarray, n: int) -> np.ndarray:
+    off = fourier.origin(x.shape[-1]) - fourier.origin(n)
+    return x[tuple(slice(off, off + n) for _ in range(x.ndim))]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference in the kernels' layout: centred half-volume (3D) or half-plane (2D)."""
+
+    data: np.ndarray  # (2m+1, 2m+1, m+1) or (1, 2m+1, m+1) complex64
+    box: int
+    pad: int
+    interp: str
+
+    @property
+    def ndim(self) -> int:
+        return 2 if self.data.shape[0] == 1 else 3
+
+
+def reference_radius(box: int, pad: int, r_max: float | None) -> int:
+    """Centred crop radius m on the padded grid covering image shells up to r_max."""
+    r = box // 2 if r_max is None else min(float(r_max), box / 2)
+    m = int(np.ceil(pad * r)) + 2  # +2: trilinear footprint and rounding
+    return min(m, fourier.max_centred_radius(pad * box))
+
+
+def prepare_reference(volume: np.ndarray, pad: int = 2, interp: str = "linear",
+                      r_max: float | None = None) -> Reference:
+    """Fourier reference of a real map (N, N, N) or 2D image (N, N) for projection."""
+    volume = np.asarray(volume, dtype=np.float64)
+    ndim = volume.ndim
+    if ndim not in (2, 3) or any(s != volume.shape[0] for s in volume.shape):
+        raise ValueError(f"expected a square image or cubic map, got shape {volume.shape}")
+    n = volume.shape[0]
+    _interp_code(interp)
+    n_pad = padded_size(n, pad)
+    corrected = volume / gridding_correction(n, pad, interp, ndim)
+    padded = _embed(corrected, n_pad)
+    if ndim == 3:
+        ft = fourier.fft3_centered(padded) * (float(n_pad) ** 3 / float(n) ** 2)
+    else:
+        ft = fourier.fft2_centered(padded) * (float(n_pad) ** 2 / float(n) ** 2)
+    m = reference_radius(n, pad, r_max)
+    return Reference(fourier.to_centred(ft, m), n, pad, interp)
+
+
+def project(reference: Reference, rotations: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Central slices (R, J) complex64 of a reference at rotations (R, 3, 3) (RELION A
+    matrices) for image pixels coords (J, 2) (kx, ky), in N^-2-normalised image FT units."""
+    return core.project(reference.data, np.ascontiguousarray(rotations, dtype=np.float64),
+                        np.ascontiguousarray(coords, dtype=np.float32), float(reference.pad),
+                        _interp_code(reference.interp))
+
+
+def empty_sums(box: int, pad: int, r_max: float | None, ndim: int = 3
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed back-projection accumulators (data complex64, weight float32), centred layout."""
+    m = reference_radius(box, pad, r_max)
+    shape = (1 if ndim == 2 else 2 * m + 1, 2 * m + 1, m + 1)
+    return np.zeros(shape, np.complex64), np.zeros(shape, np.float32)
+
+
+def backproject(data: np.ndarray, weight: np.ndarray, slices: np.ndarray,
+                slice_weights: np.ndarray, rotations: np.ndarray, coords: np.ndarray,
+                pad: int, interp: str) -> None:
+    """Accumulate slices (R, J) and their weights into data/weight in place (adjoint of
+    project, same interpolation)."""
+    core.backproject(data, weight, np.ascontiguousarray(slices, dtype=np.complex64),
+                     np.ascontiguousarray(slice_weights, dtype=np.float32),
+                     np.ascontiguousarray(rotations, dtype=np.float64),
+                     np.ascontiguousarray(coords, dtype=np.float32), float(pad),
+                     _interp_code(interp))
+
+
+def map_from_reference_ft(centred: np.ndarray, box: int, pad: int, interp: str) -> np.ndarray:
+    """Real-space map (or 2D image) of box N from a reconstructed centred padded FT.
+
+    Back to real space, window to N, and divide by the gridding correction to undo the
+    attenuation of back-projection's interpolation (RELION's reconstruct). Note that
+    prepare_reference divides by it too, so this is not prepare_reference's inverse.
+    """
+    n_pad = padded_size(box, pad)
+    full = fourier.from_centred(centred, n_pad)
+    if centred.shape[0] == 1:
+        x = fourier.ifft2_centered(full, n_pad) * (float(box) ** 2 / float(n_pad) ** 2)
+        ndim = 2
+    else:
+        x = fourier.ifft3_centered(full, n_pad) * (float(box) ** 2 / float(n_pad) ** 3)
+        ndim = 3
+    return _crop(x, box) / gridding_correction(box, pad, interp, ndim)
+
+
+def shift_images(images_ft: np.ndarray, coords: np.ndarray, shifts: np.ndarray,
+                 box: int) -> np.ndarray:
+    """Translate masked image FTs (B, J) by shifts (B, 2) pixels: X(k) exp(-2 pi i k.s / N)
+    (RELION's sign: an image is translated by +origin before comparison, CONVENTIONS §3)."""
+    return core.phase_shift(np.ascontiguousarray(images_ft, dtype=np.complex64),
+                            np.ascontiguousarray(coords, dtype=np.float32),
+                            np.ascontiguousarray(shifts, dtype=np.float64), int(box))
