@@ -44,7 +44,10 @@ def matrix_to_euler(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tilt = np.arctan2(sb, m[..., 2, 2])
     # Degenerate tilt: rot = 0 and all in-plane rotation in psi.
     tilt = np.where(regular, tilt, np.where(m[..., 2, 2] > 0, 0.0, np.pi))
-    psi_deg = np.where(regular, psi, np.arctan2(-m[..., 1, 0], m[..., 0, 0]))
+    # RELION: psi = atan2(-A10, A00) at tilt 0, atan2(A10, -A00) at tilt 180.
+    psi_deg = np.where(regular, psi, np.where(m[..., 2, 2] > 0,
+                                              np.arctan2(-m[..., 1, 0], m[..., 0, 0]),
+                                              np.arctan2(m[..., 1, 0], -m[..., 0, 0])))
     return np.rad2deg(rot), np.rad2deg(tilt), np.rad2deg(psi_deg)
 
 

@@ -42,8 +42,11 @@ def half_volume_freqs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def shell_index(radius: np.ndarray) -> np.ndarray:
-    """Resolution-shell index round(|k|) of frequency radii (RELION's ires)."""
-    return np.rint(radius).astype(np.int64)
+    """Resolution-shell index round(|k|) of frequency radii (RELION's ires).
+
+    Halves round up as RELION's ROUND macro does (np.rint would round 2.5 to 2).
+    """
+    return np.floor(np.asarray(radius) + 0.5).astype(np.int64)
 
 
 def shell_index_2d(n: int) -> np.ndarray:
@@ -164,8 +167,9 @@ class PixelMask:
     """Half-plane pixels inside a radius: the pixel set J every kernel works on.
 
     Holds pixels with 0 < round(|k|) <= r_max, the DC term and the redundant ky < 0 half of
-    the kx = 0 column excluded (RELION's Mresol rule, CONVENTIONS section 5), so each
-    independent complex Fourier coefficient appears exactly once.
+    the kx = 0 column excluded (RELION's Mresol rule, CONVENTIONS section 5), so below Nyquist
+    each independent complex Fourier coefficient appears exactly once (an even box at
+    r_max = N/2 keeps RELION's duplicate pairs in the kx = N/2 column).
     """
 
     box: int
