@@ -1,0 +1,117 @@
+"""`cryomap info`: summaries of STAR files, maps and stacks; bad input -> one line, exit 2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryomap.cli.main import main
+from cryomap.io.mrc import write_map, write_stack
+from cryomap.particles import make_optics_table, write_particles
+
+
+@pytest.fixture
+def particles_star(tmp_path):
+    imgs = np.arange(3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8)
+    write_stack(tmp_path / "stack.mrcs", imgs, 1.5)
+    parts = pd.DataFrame({
+        "rlnImageName": ["000001@stack.mrcs", "000002@stack.mrcs", "000003@stack.mrcs"],
+        "rlnOpticsGroup": [1, 1, 1],
+        "rlnDefocusU": [10000.0, 15000.0, 20000.0],
+        "rlnDefocusV": [9000.0, 14000.0, 19000.0],
+        "rlnAngleRot": [-170.0, 0.0, 35.5],
+        "rlnOriginXAngst": [-3.0, 0.0, 4.5],
+        "rlnRandomSubset": [1, 2, 1],
+    })
+    path = tmp_path / "particles.star"
+    write_particles(path, make_optics_table(1.5, 8, voltage=200), parts)
+    return path
+
+
+def test_info_particles(particles_star, capsys):
+    assert main(["info", "--i", str(particles_star)]) == 0
+    out = capsys.readouterr().out
+    assert "data_optics: loop, 1 rows x 8 columns" in out
+    assert "data_particles: loop, 3 rows x 7 columns" in out
+    assert "particles: 3" in out
+    assert "optics groups: 1" in out
+    assert "pixel 1.5000 A, box 8, 200 kV" in out
+    assert "rlnAngleRot: -170 .. 35.5" in out
+    assert "rlnOriginXAngst: -3 .. 4.5" in out
+    assert "rlnDefocusU: 10000 .. 20000" in out
+    assert "rlnRandomSubset: 1: 2, 2: 1" in out
+    assert "particle columns: rlnImageName rlnOpticsGroup" in out
+    assert f"first particle 000001@stack.mrcs: stack found at {particles_star.parent}" in out
+    assert "last particle 000003@stack.mrcs: stack found" in out
+
+
+def test_info_particles_missing_stack(particles_star, capsys):
+    (particles_star.parent / "stack.mrcs").unlink()
+    assert main(["info", "--i", str(particles_star)]) == 0
+    assert "STACK NOT FOUND" in capsys.readouterr().out
+
+
+def test_info_list_star(tmp_path, capsys):
+    path = tmp_path / "post.star"
+    path.write_text("data_general\n\n_rlnFinalResolution 3.2\n_rlnMaskName \"m a.mrc\"\n\n")
+    assert main(["info", "--i", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "data_general: list, 2 labels" in out
+    assert "rlnFinalResolution = 3.2" in out
+    assert "particles:" not in out
+
+
+def test_info_map(tmp_path, capsys):
+    vol = np.zeros((8, 8, 8), np.float32)
+    vol[4, 4, 4] = 512.0
+    write_map(tmp_path / "m.mrc", vol, 2.0)
+    assert main(["info", "--i", str(tmp_path / "m.mrc")]) == 0
+    out = capsys.readouterr().out
+    assert "MRC map" in out
+    assert "shape (z, y, x): (8, 8, 8)" in out
+    assert "pixel size: 2.0000 A" in out
+    assert "min 0, max 512, mean 1, std" in out
+
+
+def test_info_stack(tmp_path, capsys):
+    imgs = np.stack([np.full((4, 4), v, np.float32) for v in (1.0, 3.0)])
+    write_stack(tmp_path / "s.mrcs", imgs, 1.25)
+    assert main(["info", "--i", str(tmp_path / "s.mrcs")]) == 0
+    out = capsys.readouterr().out
+    assert "images: 2" in out
+    assert "pixel size: 1.2500 A" in out
+    assert "min 1, max 3, mean 2, std 1" in out
+
+
+def _assert_one_line_error(capsys, pattern: str) -> None:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1, err
+    assert err.startswith("cryomap info: error: ")
+    assert pattern in err
+
+
+@pytest.mark.parametrize("name, content, pattern", [
+    ("missing.star", None, "missing.star: file not found"),
+    ("junk.star", b"\x00\x01\x02 nothing here", "junk.star: not a STAR file"),
+    ("junk.mrc", b"not an mrc" * 200, "junk.mrc: not a readable MRC file"),
+    ("junk.mrcs", b"not an mrc" * 200, "junk.mrcs: not a readable MRC file"),
+    ("notes.txt", b"hello", "notes.txt: unknown file type '.txt'"),
+    ("noimg.star", b"data_particles\n\nloop_\n_rlnDefocusU #1\n1000\n\n",
+     "noimg.star: data_particles has no rlnImageName"),
+])
+def test_info_bad_input(tmp_path, capsys, name, content, pattern):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["info", "--i", str(path)]) == 2
+    _assert_one_line_error(capsys, pattern)
+
+
+def test_info_bad_particle_file(tmp_path, capsys):
+    path = tmp_path / "p.star"
+    opt = make_optics_table(1.0, 8).drop(columns=["rlnImageSize"])
+    write_particles(path, opt, pd.DataFrame({"rlnImageName": ["1@s.mrcs"]}))
+    assert main(["info", "--i", str(path)]) == 2
+    _assert_one_line_error(capsys, "p.star: data_optics has no rlnImageSize column")

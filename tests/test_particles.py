@@ -1,0 +1,398 @@
+"""cryomap.particles: RELION 3.1 / 3.0 particle files, image resolution, CTF, origins, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cryomap.ctf import CtfParams
+from cryomap.errors import InputError
+from cryomap.io.mrc import write_stack
+from cryomap.io.star import read_star
+from cryomap.particles import (
+    ParticleSet,
+    load_particles,
+    make_optics_table,
+    write_particles,
+)
+
+BOX = 8
+
+
+def relion_block(name: str, labels: list[str], rows: list[list]) -> str:
+    """One loop block as RELION writes it (`# version 30001`, `_rlnX #i` labels)."""
+    out = ["", "# version 30001", "", f"data_{name}", "", "loop_ "]
+    out += [f"_{label} #{i} " for i, label in enumerate(labels, 1)]
+    out += [" ".join(f"{v!s:>12}" for v in row) + " " for row in rows]
+    out += [" ", ""]
+    return "\n".join(out)
+
+
+OPTICS_LABELS = ["rlnOpticsGroupName", "rlnOpticsGroup", "rlnVoltage", "rlnSphericalAberration",
+                 "rlnAmplitudeContrast", "rlnImagePixelSize", "rlnImageSize",
+                 "rlnImageDimensionality"]
+# Two groups, same pixel size and box, different microscope settings.
+OPTICS_ROWS = [["opticsGroup1", 1, "300.000000", "2.700000", "0.100000", "1.250000", BOX, 2],
+               ["opticsGroup2", 2, "200.000000", "0.010000", "0.070000", "1.250000", BOX, 2]]
+PARTICLE_LABELS = ["rlnImageName", "rlnMicrographName", "rlnOpticsGroup", "rlnDefocusU",
+                   "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift", "rlnAngleRot",
+                   "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
+                   "rlnFooBar"]
+PARTICLE_ROWS = [
+    ["000001@Extract/a.mrcs", "mic1.mrc", 1, "10000.0", "9000.0", "10.0", "0.0", "10.0",
+     "20.0", "30.0", "2.500000", "-1.250000", "7"],
+    ["000003@Extract/a.mrcs", "mic1.mrc", 2, "11000.0", "10500.0", "20.0", "90.0", "-10.0",
+     "90.0", "180.0", "0.000000", "3.750000", "8"],
+    ["000002@Extract/b.mrcs", "mic2.mrc", 1, "12000.0", "11900.0", "30.0", "0.0", "0.0",
+     "45.0", "-90.0", "-5.000000", "0.625000", "9"],
+    ["000001@Extract/b.mrcs", "mic2.mrc", 2, "13000.0", "12000.0", "40.0", "45.0", "5.0",
+     "135.0", "0.0", "1.250000", "0.000000", "10"],
+]
+
+
+def _stack_images(seed: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, BOX, BOX)).astype(np.float32)
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A small project: Extract/a.mrcs (3 images), Extract/b.mrcs (2), particles.star."""
+    (tmp_path / "Extract").mkdir()
+    a, b = _stack_images(1, 3), _stack_images(2, 2)
+    write_stack(tmp_path / "Extract" / "a.mrcs", a, 1.25)
+    write_stack(tmp_path / "Extract" / "b.mrcs", b, 1.25)
+    star = tmp_path / "particles.star"
+    star.write_text(relion_block("optics", OPTICS_LABELS, OPTICS_ROWS)
+                    + relion_block("particles", PARTICLE_LABELS, PARTICLE_ROWS))
+    # images of the 4 particles, in table order
+    expected = np.stack([a[0], a[2], b[1], b[0]])
+    return star, expected
+
+
+def test_load_relion31(project, tmp_path, monkeypatch):
+    star, expected = project
+    monkeypatch.chdir(tmp_path.parent)  # paths resolve from the STAR folder, not the cwd
+    ps = load_particles(star)
+    assert ps.n_particles == 4
+    assert ps.box == BOX
+    assert ps.pixel_size == pytest.approx(1.25)
+    assert ps.optics_group_index().tolist() == [0, 1, 0, 1]
+    assert list(ps.particles.columns) == PARTICLE_LABELS  # unknown rlnFooBar kept
+    assert ps.has_ctf
+    np.testing.assert_array_equal(ps.read_images([0, 1, 2, 3]), expected)
+    ps.close()
+
+
+def test_read_images_subset_in_requested_order(project):
+    star, expected = project
+    with load_particles(star) as ps:
+        got = ps.read_images([3, 0, 2, 0])
+        assert got.dtype == np.float32 and got.shape == (4, BOX, BOX)
+        np.testing.assert_array_equal(got, expected[[3, 0, 2, 0]])
+        assert ps.read_images([]).shape == (0, BOX, BOX)
+        assert len(ps._stacks) == 2  # each stack opened once, then cached
+
+
+def test_stack_cache_is_bounded(project):
+    star, expected = project
+    ps = load_particles(star)
+    ps.max_open_stacks = 1
+    for _ in range(2):
+        np.testing.assert_array_equal(ps.read_images([2, 1, 3, 0]), expected[[2, 1, 3, 0]])
+        assert len(ps._stacks) == 1
+    ps.close()
+    assert len(ps._stacks) == 0
+
+
+def test_stacks_relative_to_project_folder_above_star(project, tmp_path):
+    # RELION job outputs sit in Refine3D/jobNNN/ with paths relative to the project folder.
+    star, expected = project
+    job = tmp_path / "Refine3D" / "job010"
+    job.mkdir(parents=True)
+    (job / "run_data.star").write_text(star.read_text())
+    with load_particles(job / "run_data.star") as ps:
+        np.testing.assert_array_equal(ps.read_images([2]), expected[[2]])
+
+
+def test_ctf_params_per_optics_group(project):
+    star, _ = project
+    ps = load_particles(star)
+    ctf = ps.ctf_params()
+    assert isinstance(ctf, CtfParams) and len(ctf) == 4
+    np.testing.assert_allclose(ctf.voltage, [300, 200, 300, 200])
+    np.testing.assert_allclose(ctf.cs, [2.7, 0.01, 2.7, 0.01])
+    np.testing.assert_allclose(ctf.amplitude_contrast, [0.1, 0.07, 0.1, 0.07])
+    np.testing.assert_allclose(ctf.defocus_u, [10000, 11000, 12000, 13000])
+    np.testing.assert_allclose(ctf.defocus_v, [9000, 10500, 11900, 12000])
+    np.testing.assert_allclose(ctf.defocus_angle, [10, 20, 30, 40])
+    np.testing.assert_allclose(ctf.phase_shift, [0, 90, 0, 45])
+    np.testing.assert_allclose(ctf.bfactor, 0.0)  # absent -> defaults
+    np.testing.assert_allclose(ctf.scale, 1.0)
+    sub = ps.ctf_params([3, 0])
+    np.testing.assert_allclose(sub.voltage, [200, 300])
+    np.testing.assert_allclose(sub.defocus_u, [13000, 10000])
+
+
+def test_ctf_optional_columns(project):
+    star, _ = project
+    ps = load_particles(star)
+    ps.particles["rlnCtfBfactor"] = [10.0, 20.0, 30.0, 40.0]
+    ps.particles["rlnCtfScalefactor"] = [1.0, 0.5, 0.25, 2.0]
+    ctf = ps.ctf_params([1, 2])
+    np.testing.assert_allclose(ctf.bfactor, [20, 30])
+    np.testing.assert_allclose(ctf.scale, [0.5, 0.25])
+
+
+def test_origins_and_angles(project):
+    star, _ = project
+    ps = load_particles(star)
+    o = ps.origins_px()
+    assert o.dtype == np.float64 and o.shape == (4, 2)
+    np.testing.assert_allclose(o, [[2.0, -1.0], [0.0, 3.0], [-4.0, 0.5], [1.0, 0.0]])
+    np.testing.assert_allclose(ps.origins_px([2]), [[-4.0, 0.5]])
+    a = ps.angles([1, 2])
+    np.testing.assert_allclose(a, [[-10, 90, 180], [0, 45, -90]])
+    bare = ParticleSet(ps.optics, ps.particles.drop(
+        columns=["rlnOriginXAngst", "rlnOriginYAngst", "rlnAngleRot", "rlnAngleTilt",
+                 "rlnAnglePsi"]), star)
+    np.testing.assert_array_equal(bare.origins_px(), np.zeros((4, 2)))
+    np.testing.assert_array_equal(bare.angles(), np.zeros((4, 3)))
+
+
+def test_origins_use_each_groups_pixel_size(project):
+    star, _ = project
+    ps = load_particles(star)
+    ps.optics.loc[1, "rlnImagePixelSize"] = 2.5
+    np.testing.assert_allclose(ps.origins_px()[:, 1], [-1.0, 1.5, 0.5, 0.0])
+    with pytest.raises(InputError, match="different rlnImagePixelSize.*not supported yet"):
+        _ = ps.pixel_size
+
+
+def test_batches(project):
+    star, _ = project
+    ps = load_particles(star)
+    assert [b.tolist() for b in ps.batches(3)] == [[0, 1, 2], [3]]
+    assert [b.tolist() for b in ps.batches(10)] == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError):
+        list(ps.batches(0))
+
+
+def test_write_particles_round_trip(project, tmp_path):
+    star, expected = project
+    ps = load_particles(star)
+    out = tmp_path / "out.star"
+    write_particles(out, ps.optics, ps.particles)
+    text = out.read_text()
+    assert text.index("data_optics") < text.index("data_particles")
+    assert "_rlnFooBar #13" in text
+    back = load_particles(out)
+    pd.testing.assert_frame_equal(back.particles, ps.particles)
+    pd.testing.assert_frame_equal(back.optics, ps.optics)
+    np.testing.assert_array_equal(back.read_images([1]), expected[[1]])
+
+
+def test_make_optics_table():
+    t = make_optics_table(1.5, 64, voltage=200, cs=1.4, amplitude_contrast=0.07, name="g")
+    assert list(t.columns) == ["rlnOpticsGroupName", "rlnOpticsGroup", "rlnVoltage",
+                               "rlnSphericalAberration", "rlnAmplitudeContrast",
+                               "rlnImagePixelSize", "rlnImageSize", "rlnImageDimensionality"]
+    assert t.iloc[0].tolist() == ["g", 1, 200.0, 1.4, 0.07, 1.5, 64, 2]
+
+
+# -- RELION 3.0 files ------------------------------------------------------------------------
+
+
+def test_load_relion30_detector_pixel_size(tmp_path):
+    imgs = _stack_images(3, 2)
+    write_stack(tmp_path / "parts.mrcs", imgs, 1.0)  # stack header pixel size is ignored
+    labels = ["rlnImageName", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+              "rlnMagnification", "rlnDetectorPixelSize", "rlnDefocusU", "rlnDefocusV",
+              "rlnDefocusAngle", "rlnOriginX", "rlnOriginY", "rlnBarBaz"]
+    rows = [["1@parts.mrcs", "300", "2.7", "0.1", "10000", "14", "15000", "14000", "5",
+             "2.0", "-1.0", "1"],
+            ["2@parts.mrcs", "300", "2.7", "0.1", "10000", "14", "16000", "15000", "6",
+             "0.5", "0.0", "2"]]
+    text = relion_block("", labels, rows).replace("# version 30001\n", "")
+    (tmp_path / "old.star").write_text(text)
+    ps = load_particles(tmp_path / "old.star")
+    assert ps.n_particles == 2
+    assert ps.pixel_size == pytest.approx(14.0)  # 14 um * 10000 / 10000
+    assert ps.box == BOX  # from the stack header
+    assert len(ps.optics) == 1
+    assert ps.optics["rlnVoltage"].iloc[0] == 300
+    assert ps.optics_group_index().tolist() == [0, 0]
+    # origins converted px -> Angstrom, legacy optics columns moved out of the particles
+    np.testing.assert_allclose(ps.particles["rlnOriginXAngst"], [28.0, 7.0])
+    np.testing.assert_allclose(ps.origins_px(), [[2.0, -1.0], [0.5, 0.0]])
+    for gone in ("rlnOriginX", "rlnVoltage", "rlnMagnification", "rlnDetectorPixelSize"):
+        assert gone not in ps.particles.columns
+    assert "rlnBarBaz" in ps.particles.columns
+    np.testing.assert_allclose(ps.ctf_params().cs, [2.7, 2.7])
+    np.testing.assert_array_equal(ps.read_images([1, 0]), imgs[[1, 0]])
+    # and it is written back as a 3.1 file
+    write_particles(tmp_path / "new.star", ps.optics, ps.particles)
+    assert list(read_star(tmp_path / "new.star")) == ["optics", "particles"]
+
+
+def test_load_relion30_one_group_per_microscope_setting(tmp_path):
+    write_stack(tmp_path / "s.mrcs", _stack_images(4, 3), 1.0)
+    labels = ["rlnImageName", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
+              "rlnPixelSize", "rlnDefocusU"]
+    rows = [["1@s.mrcs", "300", "2.7", "0.1", "1.1", "10000"],
+            ["2@s.mrcs", "200", "2.7", "0.1", "1.1", "10000"],
+            ["3@s.mrcs", "300", "2.7", "0.1", "1.1", "10000"]]
+    (tmp_path / "images.star").write_text(relion_block("images", labels, rows))
+    ps = load_particles(tmp_path / "images.star")
+    assert ps.optics["rlnVoltage"].tolist() == [300, 200]
+    assert ps.optics["rlnOpticsGroup"].tolist() == [1, 2]
+    assert ps.optics_group_index().tolist() == [0, 1, 0]
+    assert ps.pixel_size == pytest.approx(1.1)
+    np.testing.assert_allclose(ps.ctf_params().voltage, [300, 200, 300])
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def _write_star(tmp_path, optics_labels, optics_rows, part_labels, part_rows, name="bad.star"):
+    path = tmp_path / name
+    text = ""
+    if optics_labels is not None:
+        text += relion_block("optics", optics_labels, optics_rows)
+    text += relion_block("particles", part_labels, part_rows)
+    path.write_text(text)
+    return path
+
+
+def test_error_missing_file(tmp_path):
+    with pytest.raises(InputError, match=r"none\.star: file not found"):
+        load_particles(tmp_path / "none.star")
+
+
+def test_error_no_particles_block(tmp_path):
+    path = tmp_path / "optics_only.star"
+    path.write_text(relion_block("optics", OPTICS_LABELS, OPTICS_ROWS))
+    with pytest.raises(InputError, match=r"optics_only\.star: no data_particles block"):
+        load_particles(path)
+    path = tmp_path / "list_only.star"
+    path.write_text("data_general\n\n_rlnFinalResolution 3.2\n\n")
+    with pytest.raises(InputError, match=r"list_only\.star: no particles block"):
+        load_particles(path)
+
+
+def test_error_missing_image_name(tmp_path):
+    path = _write_star(tmp_path, OPTICS_LABELS, OPTICS_ROWS, ["rlnOpticsGroup"], [[1]])
+    with pytest.raises(InputError, match=r"bad\.star: data_particles has no rlnImageName"):
+        load_particles(path)
+    path30 = tmp_path / "old.star"
+    path30.write_text(relion_block("", ["rlnDefocusU"], [["1000"]]))
+    with pytest.raises(InputError, match=r"old\.star: data_ has no rlnImageName"):
+        load_particles(path30)
+
+
+@pytest.mark.parametrize("field", ["rlnImagePixelSize", "rlnImageSize", "rlnVoltage",
+                                   "rlnSphericalAberration", "rlnAmplitudeContrast"])
+def test_error_missing_optics_field(project, tmp_path, field):
+    star, _ = project
+    blocks = read_star(star)
+    col = OPTICS_LABELS.index(field)
+    labels = [x for x in OPTICS_LABELS if x != field]
+    rows = [[v for i, v in enumerate(r) if i != col] for r in OPTICS_ROWS]
+    path = _write_star(tmp_path, labels, rows, PARTICLE_LABELS,
+                       blocks["particles"].values.tolist())
+    with pytest.raises(InputError, match=rf"bad\.star: data_optics has no {field} column"):
+        load_particles(path)
+
+
+def test_error_empty_particle_table(tmp_path):
+    path = _write_star(tmp_path, OPTICS_LABELS, OPTICS_ROWS, ["rlnImageName"], [])
+    with pytest.raises(InputError, match=r"no particles in .*bad\.star"):
+        load_particles(path)
+
+
+def test_error_bad_pixel_size_value(tmp_path):
+    rows = [r[:5] + ["0.000000"] + r[6:] for r in OPTICS_ROWS]
+    path = _write_star(tmp_path, OPTICS_LABELS, rows, ["rlnImageName", "rlnOpticsGroup"],
+                       [["1@x.mrcs", 1]])
+    with pytest.raises(InputError, match=r"bad\.star: data_optics rlnImagePixelSize .*positive"):
+        load_particles(path)
+
+
+def test_error_inconsistent_pixel_size_relion30(tmp_path):
+    path = _write_star(tmp_path, None, None,
+                       ["rlnImageName", "rlnPixelSize", "rlnDetectorPixelSize",
+                        "rlnMagnification"],
+                       [["1@x.mrcs", "1.0", "14", "10000"]])
+    with pytest.raises(InputError, match=r"bad\.star: inconsistent pixel size in row 1"):
+        load_particles(path)
+    path = _write_star(tmp_path, None, None, ["rlnImageName", "rlnVoltage"],
+                       [["1@x.mrcs", "300"]], name="nopix.star")
+    with pytest.raises(InputError, match=r"nopix\.star: .*no pixel size; expected rlnPixelSize"):
+        load_particles(path)
+
+
+def test_error_groups_with_different_boxes(project):
+    star, _ = project
+    ps = load_particles(star)
+    ps.optics.loc[1, "rlnImageSize"] = 16
+    with pytest.raises(InputError, match=r"particles\.star: optics groups have different "
+                                         r"rlnImageSize \(8, 16\).*not supported yet"):
+        _ = ps.box
+
+
+def test_error_bad_optics_group(tmp_path):
+    path = _write_star(tmp_path, OPTICS_LABELS, OPTICS_ROWS, ["rlnImageName", "rlnOpticsGroup"],
+                       [["1@x.mrcs", 1], ["2@x.mrcs", 3]])
+    with pytest.raises(InputError, match=r"bad\.star: rlnOpticsGroup 3 of particle 2 .*1\.\.2"):
+        load_particles(path)
+
+
+def test_error_missing_stack(project, tmp_path):
+    star, _ = project
+    (tmp_path / "Extract" / "b.mrcs").unlink()
+    ps = load_particles(star)
+    ps.read_images([0, 1])  # a.mrcs is still there
+    with pytest.raises(InputError, match=r"particles\.star: particle 3 \(rlnImageName "
+                                         r"000002@Extract/b\.mrcs\): stack Extract/b\.mrcs "
+                                         r"not found"):
+        ps.read_images([0, 2])
+    assert ps.image_paths([0, 2]) == [tmp_path / "Extract" / "a.mrcs", None]
+
+
+def test_error_image_index_out_of_range(project, tmp_path):
+    star, _ = project
+    write_stack(tmp_path / "Extract" / "b.mrcs", _stack_images(5, 1), 1.25)  # now 1 image
+    ps = load_particles(star)
+    with pytest.raises(InputError, match=r"particles\.star: particle 3 .*image 2 out of range; "
+                                         r"stack .*b\.mrcs has images 1\.\.1"):
+        ps.read_images([2])
+    np.testing.assert_array_equal(ps.read_images([3]), _stack_images(5, 1))
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+def test_error_nan_pixels(project, tmp_path):
+    star, _ = project
+    imgs = _stack_images(2, 2)
+    imgs[1, 3, 3] = np.nan
+    write_stack(tmp_path / "Extract" / "b.mrcs", imgs, 1.25)
+    ps = load_particles(star)
+    ps.read_images([3])  # image 1 of b.mrcs is fine
+    with pytest.raises(InputError, match=r"particles\.star: .*b\.mrcs: image 2 .*NaN"):
+        ps.read_images([2])
+
+
+def test_error_box_mismatch(project, tmp_path):
+    star, _ = project
+    write_stack(tmp_path / "Extract" / "b.mrcs", np.zeros((2, 16, 16), np.float32), 1.25)
+    ps = load_particles(star)
+    with pytest.raises(InputError, match=r"particles\.star: stack .*b\.mrcs .*has 16 px images; "
+                                         r"expected rlnImageSize = 8"):
+        ps.read_images([3])
+
+
+def test_error_bad_image_name(project):
+    star, _ = project
+    ps = load_particles(star)
+    ps.particles.loc[1, "rlnImageName"] = "0@Extract/a.mrcs"
+    with pytest.raises(InputError, match=r"rlnImageName '0@Extract/a\.mrcs' of particle 2"):
+        ps.read_images([0])
