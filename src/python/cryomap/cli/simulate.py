@@ -1,0 +1,130 @@
+"""`cryomap simulate`: a simulated particle data set with known poses."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from ..errors import InputError
+
+COMMAND = "simulate"
+HELP = "simulate particle images of a map (or the built-in phantom) with known poses"
+DESCRIPTION = """\
+Simulate particle images: uniformly random orientations, random origins within --max-shift px,
+per-image astigmatic defocus, CTF (unless --no-ctf) and white Gaussian noise with variance =
+(mean per-image variance of the clean CTF-modulated images over the whole box) / --snr.
+Writes DIR/particles.mrcs, DIR/particles.star (RELION 3.1: optics + particles, no poses) and
+DIR/truth.star (the same plus rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst, rlnClassNumber); with
+the built-in phantom also DIR/truth_map.mrc (truth_map_classNNN.mrc with --variants).
+Several --i maps (same box) give one class each.
+
+example:
+  cryomap simulate --o sim --n 1000 --snr 0.1 --box 64 --angpix 3.0 --seed 0
+  cryomap simulate --i map.mrc --o sim --n 5000 --defocus-min 8000 --defocus-max 20000
+  cryomap simulate --o sim3 --n 3000 --variants 3      # three classes of phantom variants
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cryomap simulate`."""
+    p.add_argument("--o", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--i", nargs="+", default=None, metavar="MAP",
+                   help="map(s) to project (MRC); default: the built-in phantom")
+    p.add_argument("--n", type=int, default=1000, help="number of particles")
+    p.add_argument("--snr", type=float, default=0.1,
+                   help="signal-to-noise variance ratio (0 or negative: no noise)")
+    p.add_argument("--box", type=int, metavar="PX", default=None,
+                   help="box size for the phantom (default 64)")
+    p.add_argument("--angpix", type=float, metavar="A", default=None,
+                   help="pixel size (A); phantom default 3.0; with --i overrides the header")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--max-shift", "--max_shift", type=float, default=3.0,
+                   help="largest origin offset (px), uniform in the disc")
+    p.add_argument("--defocus-min", "--defocus_min", type=float, default=10000.0,
+                   help="smallest mean defocus (A, underfocus)")
+    p.add_argument("--defocus-max", "--defocus_max", type=float, default=25000.0,
+                   help="largest mean defocus (A)")
+    p.add_argument("--astigmatism", type=float, default=500.0,
+                   help="largest defocus difference U - V (A)")
+    p.add_argument("--bfactor", type=float, default=0.0, help="CTF B-factor (A^2)")
+    p.add_argument("--voltage", type=float, default=300.0, help="voltage (kV)")
+    p.add_argument("--cs", type=float, default=2.7, help="spherical aberration (mm)")
+    p.add_argument("--Q0", "--amplitude-contrast", dest="q0", type=float, default=0.1,
+                   help="amplitude contrast (fraction)")
+    p.add_argument("--no-ctf", "--no_ctf", dest="ctf", action="store_false",
+                   help="no CTF (and no CTF columns in the STAR files)")
+    p.add_argument("--variants", type=int, default=1,
+                   help="with the phantom: number of classes (phantom variants 0..K-1)")
+
+
+def _load_maps(args: argparse.Namespace) -> tuple[list[np.ndarray], float, bool]:
+    """(maps, pixel size, whether the built-in phantom is used)."""
+    from ..io.mrc import read_map
+    from ..phantom import VARIANTS, make_phantom_variant
+
+    if args.i is None:
+        box = 64 if args.box is None else args.box
+        pix = 3.0 if args.angpix is None else args.angpix
+        if box < 8:
+            raise InputError(f"--box {box}: expected >= 8 px")
+        if not pix > 0:
+            raise InputError(f"--angpix {pix}: expected a positive pixel size (A)")
+        if not 1 <= args.variants <= len(VARIANTS):
+            raise InputError(f"--variants {args.variants}: expected 1..{len(VARIANTS)}")
+        return [make_phantom_variant(k, box, pix, args.seed) for k in range(args.variants)], \
+            pix, True
+    if args.variants != 1:
+        raise InputError("--variants: only with the built-in phantom (no --i)")
+    maps, pix = [], None
+    for path in args.i:
+        vol, p = read_map(path)
+        if vol.ndim != 3:
+            raise InputError(f"{path}: a 2D image; expected a 3D map")
+        if maps and vol.shape != maps[0].shape:
+            raise InputError(f"{path}: box {vol.shape[0]} differs from {args.i[0]} "
+                             f"({maps[0].shape[0]}); expected maps of one box size")
+        if pix is not None and abs(p - pix) > 1e-3 and args.angpix is None:
+            raise InputError(f"{path}: pixel size {p:g} A differs from {args.i[0]} ({pix:g} A)"
+                             f"; give --angpix to override the headers")
+        pix = p if pix is None else pix
+        maps.append(vol)
+    if args.box is not None and args.box != maps[0].shape[0]:
+        raise InputError(f"{args.i[0]}: box {maps[0].shape[0]} differs from --box {args.box}; "
+                         f"resample the map or drop --box")
+    if args.angpix is not None:
+        if not args.angpix > 0:
+            raise InputError(f"--angpix {args.angpix}: expected a positive pixel size (A)")
+        pix = args.angpix
+    return maps, float(pix), False
+
+
+def run(args: argparse.Namespace) -> int:
+    """Simulate and write the data set."""
+    from ..simulate import simulate_particles, write_simulation
+
+    if args.n < 1:
+        raise InputError(f"--n {args.n}: expected >= 1 particles")
+    if not 0 < args.defocus_min <= args.defocus_max:
+        raise InputError(f"--defocus-min {args.defocus_min:g} / --defocus-max "
+                         f"{args.defocus_max:g}: expected 0 < min <= max (A)")
+    if args.max_shift < 0 or args.astigmatism < 0:
+        raise InputError("--max-shift, --astigmatism: expected >= 0")
+    if not 0 <= args.q0 <= 1:
+        raise InputError(f"--Q0 {args.q0}: expected a fraction in [0, 1]")
+    maps, pix, phantom = _load_maps(args)
+    snr = args.snr if args.snr > 0 else None
+    images, optics, particles, truth = simulate_particles(
+        maps, pix, args.n, snr=snr, defocus_range=(args.defocus_min, args.defocus_max),
+        astigmatism=args.astigmatism, max_shift_px=args.max_shift, seed=args.seed,
+        voltage=args.voltage, cs=args.cs, amplitude_contrast=args.q0, bfactor=args.bfactor,
+        ctf=args.ctf)
+    written = write_simulation(args.o, images, optics, particles, truth, pix,
+                               truth_maps=maps if phantom else None)
+    box = maps[0].shape[0]
+    print(f"simulated {args.n} particles ({box} px, {pix:g} A/px, {len(maps)} class(es), "
+          f"snr {'none' if snr is None else f'{snr:g}'}, ctf {'on' if args.ctf else 'off'}, "
+          f"seed {args.seed})")
+    for path in written.values():
+        print(f"wrote {path}")
+    return 0
