@@ -1,0 +1,84 @@
+"""Particle images prepared for the kernels: soft-masked, Fourier-transformed, CTF'd.
+
+The masked half-plane FTs are cached in memory when they fit a budget, so later iterations
+cost no I/O; otherwise each batch is read again from the (memory-mapped) stacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import fourier
+from ..masks import apply_soft_mask, soft_sphere
+from ..particles import ParticleSet
+from ..projector import shift_images
+
+
+@dataclass
+class Batch:
+    """One batch of particles in the kernels' layout (J masked Fourier pixels)."""
+
+    indices: np.ndarray  # (B,) particle rows
+    images: np.ndarray  # (B, J) complex64, translated by the rounded prior origin
+    ctf: np.ndarray  # (B, J) float32 (ones without CTF)
+    group: np.ndarray  # (B,) 0-based optics group
+
+
+class ImageSource:
+    """Masked particle FTs for a ParticleSet, optionally cached in memory."""
+
+    def __init__(self, particles: ParticleSet, mask_radius_px: float, mask_edge_px: float = 5.0,
+                 use_ctf: bool = True, cache_bytes: int = 2 << 30) -> None:
+        self.particles = particles
+        self.box = particles.box
+        self.pixel_size = particles.pixel_size
+        self.use_ctf = use_ctf
+        self.mask_radius = mask_radius_px
+        self.mask_edge = mask_edge_px
+        self.mask = soft_sphere(self.box, mask_radius_px, mask_edge_px, ndim=2)
+        self.groups = particles.optics_group_index()
+        per_image = self.box * (self.box // 2 + 1) * 8
+        self._cache: np.ndarray | None = None
+        if per_image * particles.n_particles <= cache_bytes:
+            self._cache = np.empty((particles.n_particles, self.box, self.box // 2 + 1),
+                                   np.complex64)
+            for idx in particles.batches(256):
+                self._cache[idx] = self._read(idx)
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        imgs = self.particles.read_images(idx).astype(np.float64)
+        return fourier.fft2_centered(apply_soft_mask(imgs, self.mask)).astype(np.complex64)
+
+    def half_planes(self, idx: np.ndarray) -> np.ndarray:
+        """(B, N, N//2+1) masked image FTs."""
+        return self._cache[idx] if self._cache is not None else self._read(idx)
+
+    def batch(self, idx: np.ndarray, mask: fourier.PixelMask,
+              origins_px: np.ndarray) -> Batch:
+        """Gather the pixels of `mask`, translate each image by its rounded origin (the
+        sampled translations are searched around it, CONVENTIONS §3), evaluate CTFs."""
+        x = mask.gather(self.half_planes(idx))
+        x = shift_images(x, mask.coords, np.rint(origins_px[idx]), self.box)
+        if self.use_ctf:
+            ctf = self.particles.ctf_params(idx).evaluate(
+                mask.coords[:, 0], mask.coords[:, 1], self.box, self.pixel_size)
+        else:
+            ctf = np.ones((idx.size, mask.n_pixels))
+        return Batch(idx, x, np.ascontiguousarray(ctf, np.float32), self.groups[idx])
+
+    def power_statistics(self, group_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per optics group: Σ|X|², Σ X (half-plane) and image count, for initial σ²."""
+        shape = (group_count, self.box, self.box // 2 + 1)
+        power = np.zeros(shape)
+        total = np.zeros(shape, np.complex128)
+        count = np.zeros(group_count)
+        for idx in self.particles.batches(256):
+            ft = self.half_planes(idx)
+            for g in np.unique(self.groups[idx]):
+                sel = self.groups[idx] == g
+                power[g] += (np.abs(ft[sel]) ** 2).sum(axis=0)
+                total[g] += ft[sel].sum(axis=0)
+                count[g] += sel.sum()
+        return power, total, count
