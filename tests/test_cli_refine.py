@@ -1,0 +1,101 @@
+"""`cryomap refine` on a tiny simulation: bad input gives one clear line; --continue resumes
+with the same result as an uninterrupted run."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryomap.cli.main import main
+from cryomap.io.mrc import read_map, write_map
+from cryomap.io.star import read_star, write_star
+from cryomap.phantom import make_phantom
+from cryomap.simulate import simulate_particles, write_simulation
+
+BOX, PIX = 24, 7.0
+FAST = ["--healpix_order", "1", "--offset_range", "1", "--offset_step", "1",
+        "--ini_high", "40", "--j", "2"]
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("refine_cli")
+    truth = make_phantom(BOX, PIX)
+    write_simulation(out, *simulate_particles(truth, PIX, 80, snr=1.0, seed=2, max_shift_px=1),
+                     pixel_size=PIX)
+    write_map(out / "ref.mrc", truth, PIX)
+    return out
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_continue_matches_uninterrupted_run(sim, tmp_path):
+    star, ref = str(sim / "particles.star"), str(sim / "ref.mrc")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["refine", "--i", star, "--ref", ref, "--o", str(a), "--iter", "3"] + FAST) == 0
+    assert main(["refine", "--i", star, "--ref", ref, "--o", str(b), "--iter", "2"] + FAST) == 0
+    assert not (b / "run_it003_model.star").exists()
+    assert main(["refine", "--o", str(b), "--continue", "--iter", "3"]) == 0
+    ma, _ = read_map(a / "run_class001.mrc")
+    mb, _ = read_map(b / "run_class001.mrc")
+    np.testing.assert_allclose(mb, ma, rtol=0, atol=1e-5 * np.abs(ma).max())
+    da = read_star(a / "run_data.star")["particles"]
+    db = read_star(b / "run_data.star")["particles"]
+    np.testing.assert_allclose(db["rlnAngleRot"], da["rlnAngleRot"])
+    assert "continuing from iteration 2" in (b / "run.log").read_text()
+
+
+def test_reference_with_wrong_box(sim, tmp_path, capsys):
+    write_map(tmp_path / "big.mrc", np.zeros((BOX + 2,) * 3, np.float32), PIX)
+    code = main(["refine", "--i", str(sim / "particles.star"), "--ref",
+                 str(tmp_path / "big.mrc"), "--o", str(tmp_path / "o")] + FAST)
+    assert code == 2
+    err = _error_line(capsys)
+    assert "big.mrc" in err and "box" in err and "rlnImageSize" in err
+
+
+def test_reference_with_wrong_pixel_size(sim, tmp_path, capsys):
+    write_map(tmp_path / "pix.mrc", np.zeros((BOX,) * 3, np.float32), PIX * 1.1)
+    code = main(["refine", "--i", str(sim / "particles.star"), "--ref",
+                 str(tmp_path / "pix.mrc"), "--o", str(tmp_path / "o")] + FAST)
+    assert code == 2
+    assert "pixel size" in _error_line(capsys)
+
+
+def test_star_without_ctf_columns(sim, tmp_path, capsys):
+    blocks = read_star(sim / "particles.star")
+    blocks["particles"] = blocks["particles"].drop(
+        columns=["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"])
+    star = sim / "noctf.star"  # next to the stack so the images resolve
+    write_star(star, blocks)
+    args = ["refine", "--i", str(star), "--ref", str(sim / "ref.mrc"), "--o"]
+    assert main(args + [str(tmp_path / "o"), "--iter", "1"] + FAST) == 2
+    err = _error_line(capsys)
+    assert "noctf.star" in err and "rlnDefocusU" in err and "--no-ctf" in err
+    assert main(args + [str(tmp_path / "o2"), "--iter", "1", "--no-ctf"] + FAST) == 0
+
+
+def test_missing_stack(sim, tmp_path, capsys):
+    blocks = read_star(sim / "particles.star")
+    blocks["particles"]["rlnImageName"] = [f"{i + 1:06d}@missing.mrcs"
+                                           for i in range(len(blocks["particles"]))]
+    write_star(tmp_path / "p.star", blocks)
+    code = main(["refine", "--i", str(tmp_path / "p.star"), "--ref", str(sim / "ref.mrc"),
+                 "--o", str(tmp_path / "o")] + FAST)
+    assert code == 2
+    assert "missing.mrcs" in _error_line(capsys)
+
+
+def test_empty_star(sim, tmp_path, capsys):
+    blocks = read_star(sim / "particles.star")
+    blocks["particles"] = blocks["particles"].iloc[:0]
+    write_star(tmp_path / "empty.star", blocks)
+    code = main(["refine", "--i", str(tmp_path / "empty.star"), "--ref",
+                 str(sim / "ref.mrc"), "--o", str(tmp_path / "o")] + FAST)
+    assert code == 2
+    assert "empty.star" in _error_line(capsys)
