@@ -18,7 +18,7 @@ RELION's layout with run_fsc.png and sections.png (central sections of truth vs 
 the final half-map resolution and the resolution of the FSC against the ground truth.
 
 example:
-  cryomap demo --o demo                       # ~1500 particles, box 48, a few minutes
+  cryomap demo --o demo                       # 1000 particles, box 48, about a minute
   cryomap demo --o demo --n 500 --iter 4      # quicker
 """
 
@@ -26,8 +26,8 @@ example:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--o", default="demo", help="output folder (default demo)")
     p.add_argument("--box", type=int, default=48, help="box size (px)")
-    p.add_argument("--angpix", type=float, default=4.0, help="pixel size (A)")
-    p.add_argument("--n", type=int, default=1500, help="number of particles")
+    p.add_argument("--angpix", type=float, default=3.5, help="pixel size (A)")
+    p.add_argument("--n", type=int, default=1000, help="number of particles")
     p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio of the images")
     p.add_argument("--iter", type=int, default=8, help="refinement iterations")
     p.add_argument("--healpix_order", "--healpix-order", type=int, default=2,

@@ -33,9 +33,10 @@ def shell_mean(values: np.ndarray, shells: np.ndarray, n_shells: int) -> np.ndar
 
 def regularised_ratio(data: np.ndarray, weight: np.ndarray, tau2: np.ndarray, pad: int,
                       tau2_fudge: float, shells: np.ndarray, n_shells: int) -> np.ndarray:
-    """V = D / max(W + 1/(p³·T·τ²), ⟨W'⟩_shell/1000) (seed eq. 14; RELION's reconstruct).
+    """V = D / max(W', ⟨W'⟩_shell/1000), W' = W + 1/(p³·T·τ²) (seed eq. 14; RELION's
+    reconstruct).
 
-    tau2 is either per shell (n_shells,) or per voxel (same shape as data). Voxels with
+    tau2 is either per shell (n_shells,) or per voxel (same shape as data; then no floor). Voxels with
     τ² = 0 or beyond the last shell get V = 0 (no prior support there).
     """
     t2 = tau2[np.minimum(shells, n_shells - 1)] if tau2.ndim == 1 else tau2
@@ -43,8 +44,13 @@ def regularised_ratio(data: np.ndarray, weight: np.ndarray, tau2: np.ndarray, pa
     with np.errstate(divide="ignore"):
         w = weight + np.where(inside, 1.0 / (pad**3 * tau2_fudge * np.where(inside, t2, 1.0)),
                               0.0)
-    floor = shell_mean(w, shells, n_shells)[np.minimum(shells, n_shells - 1)] / 1000.0
-    denom = np.maximum(w, floor)
+    if tau2.ndim == 1:
+        # RELION's guard against tiny denominators; with a per-voxel τ² a few near-zero τ²
+        # would inflate the shell mean, so the seed's eq. 14 is applied as written there.
+        floor = shell_mean(w, shells, n_shells)[np.minimum(shells, n_shells - 1)] / 1000.0
+        denom = np.maximum(w, floor)
+    else:
+        denom = w
     out = np.where(inside & (denom > 0), data / np.where(denom > 0, denom, 1.0), 0.0)
     return out.astype(np.complex64)
 

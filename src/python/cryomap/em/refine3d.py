@@ -210,13 +210,26 @@ def expectation_maximisation_half(
     shifts: np.ndarray, mask: fourier.PixelMask,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """E-step and M-step sums for half-set h (0 or 1). Returns the residual power per
-    (group, shell-or-pixel), the image count per group, and timings."""
+    """E-step and M-step sums for half-set h (0 or 1) with its masked current map as the
+    reference. Returns the residual power per (group, shell-or-pixel), the image count per
+    group, and timings."""
     o = state.options
-    t0 = time.perf_counter()
     reference = projector.prepare_reference(
         state.half[h].volume * soft_sphere(source.box, source.mask_radius, source.mask_edge, 3),
         o.pad, o.interp, mask.r_max)
+    return accumulate_half(state, source, h, reference, grid, shifts, mask, progress)
+
+
+def accumulate_half(
+    state: RefineState, source: ImageSource, h: int, reference: projector.Reference,
+    grid: OrientationGrid, shifts: np.ndarray, mask: fourier.PixelMask,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Posteriors (seed eq. 17) of half-set h's particles against a Fourier reference, the
+    weighted slice sums back-projected into state.half[h].data/weight (numerator and
+    denominator of seed eq. 14), and the expected residual power of seed eq. 15."""
+    o = state.options
+    t0 = time.perf_counter()
     slices = projector.project(reference, grid.matrices, mask.coords)
     timings = {"project": time.perf_counter() - t0, "estep": 0.0, "sums": 0.0, "io": 0.0}
     data_slices = np.zeros(slices.shape, np.complex64)
@@ -257,7 +270,8 @@ def expectation_maximisation_half(
         if progress is not None:
             progress(idx.size)
     t5 = time.perf_counter()
-    data, weight = projector.empty_sums(source.box, o.pad, mask.r_max)
+    data = np.zeros(reference.data.shape, np.complex64)
+    weight = np.zeros(reference.data.shape, np.float32)
     projector.backproject(data, weight, data_slices, weight_slices, grid.matrices, mask.coords,
                           o.pad, o.interp)
     state.half[h].data = fourier.symmetrize_kx0_plane(data)
