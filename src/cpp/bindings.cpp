@@ -2,7 +2,9 @@
 // (cryomap._core for the portable build, cryomap._core_avx2 for the AVX2+FMA build).
 #include <omp.h>
 
+#include "likelihood.hpp"
 #include "projector.hpp"
+#include "sums.hpp"
 
 #ifndef CRYOMAP_MODULE_NAME
 #define CRYOMAP_MODULE_NAME _core
@@ -24,6 +26,26 @@ PYBIND11_MODULE(CRYOMAP_MODULE_NAME, m) {
     m.def("phase_shift", &phase_shift, py::arg("images"), py::arg("coords"), py::arg("shifts"),
           py::arg("box"),
           "Translate each image (B,J) by its shift (B,2 px) with RELION's sign convention.");
+    m.def("expectation", &expectation, py::arg("images"), py::arg("ctf"), py::arg("inv_sigma2"),
+          py::arg("slices"), py::arg("coords"), py::arg("shifts"), py::arg("box"),
+          py::arg("log_prior_rot"), py::arg("log_prior_shift"), py::arg("significant_fraction"),
+          py::arg("block_rows") = 0, py::arg("block_cols") = 0,
+          "E-step: posterior over (shift, orientation) poses of each image.\n"
+          "images (B,J) c64, ctf (B,J) f32, inv_sigma2 (B,J) f32 (>= 0; 0 drops a pixel), "
+          "slices (R,J) c64, coords (J,2) f32 (kx,ky), shifts (T,2) f64 px, box, "
+          "log_prior_rot (R,) f64, log_prior_shift (B,T) f64 (-inf excludes a pose), "
+          "significant_fraction in (0,1] (1 = dense); block_rows/block_cols: GEMM tile sizes "
+          "(0 = automatic).\nReturns a dict: weights (B,T,R) f32 (sum 1 per image), best_r, "
+          "best_t, n_significant (B,) i64, max_prob, log_marginal, min_diff2 (B,) f64.");
+    m.def("maximization_sums", &maximization_sums, py::arg("images"), py::arg("ctf"),
+          py::arg("inv_sigma2"), py::arg("slices"), py::arg("coords"), py::arg("shifts"),
+          py::arg("box"), py::arg("weights"), py::arg("pixel_shell"), py::arg("n_shells"),
+          py::arg("data_slices"), py::arg("weight_slices"), py::arg("method") = 0,
+          "M-step sums from posterior weights (B,T,R) f32. Accumulates in place "
+          "data_slices (R,J) c64 += sum_{i,t} g CTF X(t)/sigma2 and weight_slices (R,J) f32 "
+          "+= sum_{i,t} g CTF^2/sigma2; returns residual_power (B, n_shells) f64 = "
+          "sum_{t,r} g sum_{j in shell} |X(t) - CTF A_r|^2 (all pixels, not divided by "
+          "sigma2). pixel_shell (J,) i64 in [0, n_shells). method: 0 auto, 1 gemm, 2 sparse.");
     m.def("max_threads", []() { return omp_get_max_threads(); },
           "Number of OpenMP threads the kernels use.");
     m.def("set_threads", [](int n) {

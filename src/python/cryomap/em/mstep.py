@@ -36,8 +36,8 @@ def regularised_ratio(data: np.ndarray, weight: np.ndarray, tau2: np.ndarray, pa
     """V = D / max(W', ⟨W'⟩_shell/1000), W' = W + 1/(p³·T·τ²) (seed eq. 14; RELION's
     reconstruct).
 
-    tau2 is either per shell (n_shells,) or per voxel (same shape as data; then no floor). Voxels with
-    τ² = 0 or beyond the last shell get V = 0 (no prior support there).
+    tau2 is either per shell (n_shells,) or per voxel (same shape as data; then no floor).
+    Voxels with τ² = 0 or beyond the last shell get V = 0 (no prior support there).
     """
     t2 = tau2[np.minimum(shells, n_shells - 1)] if tau2.ndim == 1 else tau2
     inside = (shells < n_shells) & (t2 > 0)
