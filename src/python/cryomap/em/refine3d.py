@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .. import fourier, projector
 from ..masks import soft_sphere
 from ..particles import ParticleSet
-from ..sampling import OrientationGrid, angular_step, orientations_3d, translations
+from ..sampling import OrientationGrid, orientations_3d, translations
 from .data import Batch, ImageSource
 from .estep import Posterior, choose_batch_size, expectation
 from .model import (
@@ -26,7 +26,6 @@ from .model import (
     initial_sigma2,
     next_r_max,
     resolution_shell,
-    shell_sums,
     ssnr_from_fsc,
     tau2_from_fsc,
 )
@@ -410,17 +409,3 @@ def combined_map(half: list[HalfState], fsc_curve: np.ndarray, options: RefineOp
                            n_shells)
     vol = projector.map_from_reference_ft(ft, box, options.pad, options.interp)
     return vol * soft_sphere(box, box / 2.0 - 1.0, 1.0, 3)
-
-
-def options_dict(o: RefineOptions) -> dict:
-    """Options as a plain dict (for logs and resume checks)."""
-    return asdict(o)
-
-
-def angular_step_deg(o: RefineOptions) -> float:
-    """The orientation grid's angular step in degrees."""
-    return angular_step(o.healpix_order)
-
-
-__all__ = ["RefineOptions", "RefineState", "IterationStats", "initial_state", "run_iteration",
-           "combined_map", "lowpass", "shell_sums", "angular_step_deg", "options_dict"]
