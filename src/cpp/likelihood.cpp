@@ -1,0 +1,433 @@
+// E-step kernel: pose scores by two float32 GEMMs per tile, then the per-image posterior
+// (seed eq. 17) with log-sum-exp in float64 and optional significance pruning.
+//
+// Memory: the (B, T, R) float32 output holds the scores and is turned into the weights in
+// place. Scratch: U = CTF inv_sigma2 X and W (B x J each), the phase table (T x J); per thread
+// one tile of shifted images Y (about block_rows x 2J floats, default 512 x 2J), |A|^2 of one
+// orientation block (block_cols x J floats) and its norm term, Eigen's packing buffers
+// (cache-sized); per thread for the pruning, one image's bin indices (T x R uint16), a 4069-bin
+// histogram and the entries of one bin (a few, at most T x R when all weights are equal).
+// Everything but the output: O(B J + T J + threads x ((block_rows + block_cols) J + T R)).
+#include "likelihood.hpp"
+
+#include <omp.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+
+namespace cryomap {
+
+namespace {
+
+using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using ConstMap = Eigen::Map<const RowMat>;
+using MutMap = Eigen::Map<RowMat>;
+using StridedMap = Eigen::Map<RowMat, 0, Eigen::OuterStride<>>;
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// Log priors may be -inf (pose excluded) but neither NaN nor +inf.
+void require_log_prior(const double* p, size_t n, const char* name) {
+    for (size_t i = 0; i < n; ++i) {
+        if (std::isnan(p[i]) || p[i] == std::numeric_limits<double>::infinity())
+            throw py::value_error(std::string(name) + ": contains NaN or +inf (-inf is allowed)");
+    }
+}
+
+// Scores s(i,t,r) = c_i - diff2(i,t,r) = Re sum_j conj(A_rj) Y_it(j) - 1/2 sum_j W_ij |A_rj|^2,
+// written to out (B*T x R, row-major). Tiles of (image block x orientation block); per tile
+// the cross term is ONE real GEMM [Y] (rows x 2J) * [A]^T (2J x cols), with complex numbers
+// kept interleaved on both sides (a permutation of [Re | Im] that leaves the dot product
+// unchanged), so A is read in place and never copied.
+void pose_scores(const ModelData& d, const std::vector<cfloat>& phases, const cfloat* u,
+                 const float* w, EStepBlocking blk, float* out) {
+    const py::ssize_t B = d.n_img, T = d.n_shift, R = d.n_rot, J = d.n_pix;
+    // Equal blocks near the target sizes (no small remainder block to unbalance threads).
+    auto balanced = [](py::ssize_t n, py::ssize_t target) {
+        const py::ssize_t blocks = std::max<py::ssize_t>(1, (n + target - 1) / target);
+        return std::max<py::ssize_t>(1, (n + blocks - 1) / blocks);
+    };
+    const py::ssize_t ib = balanced(B, std::max<py::ssize_t>(1, blk.rows / T));
+    const py::ssize_t rb = balanced(R, std::max<py::ssize_t>(1, blk.cols));
+    const py::ssize_t n_ib = (B + ib - 1) / ib, n_rb = (R + rb - 1) / rb;
+    const float* a = reinterpret_cast<const float*>(d.slices);
+#pragma omp parallel
+    {
+        std::vector<cfloat> y((size_t)(ib * T * J));
+        std::vector<float> asq((size_t)(rb * J)), nrm((size_t)(ib * rb));
+        py::ssize_t built = -1;  // image block whose shifted images are in y
+        // Image-block-major order with contiguous static chunks: a thread rebuilds y only when
+        // its next tile starts a new image block.
+#pragma omp for schedule(static)
+        for (py::ssize_t tile = 0; tile < n_ib * n_rb; ++tile) {
+            const py::ssize_t ibk = tile / n_rb, rbk = tile % n_rb;
+            const py::ssize_t i0 = ibk * ib, ni = std::min(ib, B - i0);
+            const py::ssize_t r0 = rbk * rb, nr = std::min(rb, R - r0);
+            if (ibk != built) {
+                for (py::ssize_t il = 0; il < ni; ++il)
+                    for (py::ssize_t t = 0; t < T; ++t)  // Y_it = CTF X_i(t) / sigma2
+                        complex_multiply(u + (i0 + il) * J, phases.data() + t * J,
+                                         y.data() + (il * T + t) * J, J);
+                built = ibk;
+            }
+            for (py::ssize_t r = 0; r < nr; ++r) {
+                const float* ar = a + (r0 + r) * 2 * J;
+                float* q = asq.data() + r * J;
+#pragma omp simd
+                for (py::ssize_t j = 0; j < J; ++j)
+                    q[j] = ar[2 * j] * ar[2 * j] + ar[2 * j + 1] * ar[2 * j + 1];
+            }
+            // norm term: sum_j W_ij |A_rj|^2 = (W (ni x J)) (|A|^2 (nr x J))^T
+            MutMap nm(nrm.data(), ni, nr);
+            nm.noalias() = ConstMap(w + i0 * J, ni, J) * ConstMap(asq.data(), nr, J).transpose();
+            for (py::ssize_t il = 0; il < ni; ++il)
+                for (py::ssize_t t = 0; t < T; ++t) {
+                    float* o = out + ((i0 + il) * T + t) * R + r0;
+                    const float* n = nrm.data() + il * nr;
+#pragma omp simd
+                    for (py::ssize_t r = 0; r < nr; ++r) o[r] = -0.5f * n[r];
+                }
+            // cross term: Re sum_j conj(A_rj) Y_it(j), one real GEMM over 2J interleaved values
+            StridedMap o(out + i0 * T * R + r0, ni * T, nr, Eigen::OuterStride<>(R));
+            o.noalias() += ConstMap(reinterpret_cast<const float*>(y.data()), ni * T, 2 * J) *
+                           ConstMap(a + r0 * 2 * J, nr, 2 * J).transpose();
+        }
+    }
+}
+
+struct ImageStats {
+    int64_t best_t = -1, best_r = -1, n_significant = 0;
+    double max_prob = 0.0, log_marginal = 0.0, min_diff2 = 0.0;
+    bool finite = true;
+};
+
+struct Entry {
+    float w;
+    int64_t index;
+};
+
+// Scratch of image_posterior, one per thread: a histogram of the weights over 1/32-octave bins
+// (float bits >> 18 is monotone in w >= 0; 4065 bins cover [0, 1]), 4 spare bins for weights
+// that are not candidates, each weight's bin (T x R), and the entries of one bin.
+struct PruneScratch {
+    static constexpr int kBins = (0x3F800000 >> 18) + 1;
+    std::vector<double> mass = std::vector<double>(kBins + 4);
+    std::vector<int64_t> count = std::vector<int64_t>(kBins + 4);
+    std::vector<uint16_t> bin;
+    std::vector<Entry> entries;
+};
+
+// v if keep, else +0 (bit mask; a select on computed values would not vectorise).
+inline float keep_or_zero(bool keep, float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits &= 0u - (uint32_t)keep;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+// Pass 1 over one row of scores: max_r (s_r + lpr_r), max_r s_r over allowed r, and NaN iff some
+// score is not finite (float overflow in the GEMMs).
+inline void row_maxima(const float* s, const double* lpr, py::ssize_t R, double& max_v,
+                       double& max_s, float& check) {
+    double mv = kNegInf, ms = kNegInf;
+    float chk = 0.f;
+#pragma omp simd reduction(max : mv, ms) reduction(+ : chk)
+    for (py::ssize_t r = 0; r < R; ++r) {
+        const double v = (double)s[r] + lpr[r];
+        mv = std::max(mv, v);
+        ms = std::max(ms, lpr[r] == kNegInf ? kNegInf : (double)s[r]);
+        chk += s[r] * 0.f;
+    }
+    max_v = mv;
+    max_s = ms;
+    check = chk;
+}
+
+// Pass 2 over one row: s_r <- exp(((s_r + lpr_r) + pt) - m) in [0, 1]; returns the row sum and
+// counts the nonzero weights.
+inline double row_weights(float* s, const double* lpr, double pt, double m, py::ssize_t R,
+                          int64_t& nonzero) {
+    double total = 0.0;
+    int nz = 0;
+#pragma omp simd reduction(+ : total, nz)
+    for (py::ssize_t r = 0; r < R; ++r) {
+        const float wv = exp_nonpositive((float)((((double)s[r] + lpr[r]) + pt) - m));
+        s[r] = wv;
+        total += wv;
+        nz += wv > 0.f;
+    }
+    nonzero += nz;
+    return total;
+}
+
+// The smallest set of largest weights of w (n values, all in [0, 1], summing to total) whose
+// sum reaches fraction * total; ties broken by lower index. Sets every other weight to 0 and
+// returns the kept sum; n_kept receives the set's size and threshold its smallest weight.
+double prune(float* w, py::ssize_t n, double total, double fraction, PruneScratch& sc,
+             int64_t& n_kept, float& threshold) {
+    const double target = fraction * total;
+    // A weight below (1 - fraction) total / n is never needed: all such weights together hold
+    // less than the (1 - fraction) total that may be dropped.
+    const float lower = (float)((1.0 - fraction) * total / (double)n * (1.0 - 1e-6));
+    sc.bin.resize((size_t)n);
+    uint16_t* bin = sc.bin.data();
+#pragma omp simd
+    for (py::ssize_t k = 0; k < n; ++k) {
+        uint32_t bits;
+        std::memcpy(&bits, &w[k], sizeof bits);
+        const uint32_t spare = PruneScratch::kBins + (uint32_t)(k & 3);
+        bin[k] = (uint16_t)((w[k] >= lower) & (w[k] > 0.f) ? bits >> 18 : spare);
+    }
+    std::fill(sc.mass.begin(), sc.mass.end(), 0.0);
+    std::fill(sc.count.begin(), sc.count.end(), 0);
+    for (py::ssize_t k = 0; k < n; ++k) {
+        sc.mass[bin[k]] += w[k];
+        sc.count[bin[k]] += 1;
+    }
+    double cum = 0.0;
+    int64_t above = 0;
+    int boundary = -1;
+    for (int b = PruneScratch::kBins - 1; b >= 0; --b) {
+        if (sc.count[b] > 0 && cum + sc.mass[b] >= target) {
+            boundary = b;
+            break;
+        }
+        cum += sc.mass[b];
+        above += sc.count[b];
+    }
+    if (boundary < 0) {  // rounding left the target unreached: keep every weight
+        n_kept = above;
+        threshold = 0.f;
+        return total;
+    }
+    sc.entries.clear();
+    for (py::ssize_t k = 0; k < n; ++k)
+        if (bin[k] == boundary) sc.entries.push_back({w[k], (int64_t)k});
+    std::sort(sc.entries.begin(), sc.entries.end(), [](const Entry& x, const Entry& y) {
+        return x.w > y.w || (x.w == y.w && x.index < y.index);
+    });
+    size_t k = 0;
+    while (k < sc.entries.size()) {
+        cum += sc.entries[k++].w;
+        if (cum >= target) break;
+    }
+    threshold = sc.entries[k - 1].w;
+    for (size_t e = k; e < sc.entries.size() && sc.entries[e].w == threshold; ++e)
+        w[sc.entries[e].index] = 0.f;  // ties with the threshold beyond the kept count
+#pragma omp simd
+    for (py::ssize_t q = 0; q < n; ++q) w[q] = keep_or_zero(w[q] >= threshold, w[q]);
+    n_kept = above + (int64_t)k;
+    return cum;
+}
+
+// Turn one image's scores s (T x R, row-major) into its posterior in place (seed eq. 17):
+// g(t,r) = exp(s + log_prior_rot[r] + log_prior_shift[t] - max) / sum, the max subtracted in
+// float64 so that the best pose has weight exactly 1 before normalising (sum >= 1). With
+// fraction < 1, only the smallest set of largest weights holding >= fraction of the total is
+// kept (ties broken by lower flat index t*R+r) and renormalised.
+ImageStats image_posterior(float* s, py::ssize_t T, py::ssize_t R, const double* lpr,
+                           const double* lps, double c_i, double log_norm, double fraction,
+                           PruneScratch& scratch) {
+    ImageStats st;
+    double m = kNegInf, s_max = kNegInf;
+    float check = 0.f;
+    for (py::ssize_t t = 0; t < T; ++t) {
+        double mv, ms;
+        float chk;
+        row_maxima(s + t * R, lpr, R, mv, ms, chk);
+        check += chk;
+        if (lps[t] == kNegInf) continue;
+        if (mv + lps[t] > m) {
+            m = mv + lps[t];
+            st.best_t = t;
+        }
+        s_max = std::max(s_max, ms);
+    }
+    if (!std::isfinite(m) || std::isnan(check)) {
+        st.finite = false;
+        return st;
+    }
+    const float* best_row = s + st.best_t * R;
+    for (py::ssize_t r = 0; r < R; ++r)
+        if (((double)best_row[r] + lpr[r]) + lps[st.best_t] == m) {
+            st.best_r = r;
+            break;
+        }
+    double total = 0.0;  // >= 1: the best pose contributes exp(0) = 1
+    for (py::ssize_t t = 0; t < T; ++t) {
+        if (lps[t] == kNegInf)
+            std::fill(s + t * R, s + (t + 1) * R, 0.f);
+        else
+            total += row_weights(s + t * R, lpr, lps[t], m, R, st.n_significant);
+    }
+    double kept = total;
+    if (fraction < 1.0) {
+        float threshold;
+        kept = prune(s, T * R, total, fraction, scratch, st.n_significant, threshold);
+    }
+    const float inv = (float)(1.0 / kept);
+    const py::ssize_t N = T * R;
+#pragma omp simd
+    for (py::ssize_t k = 0; k < N; ++k) s[k] *= inv;
+    st.max_prob = 1.0 / kept;  // the best pose's weight is exp(0) = 1 before normalising
+    st.log_marginal = m - c_i + std::log(total) + log_norm;
+    st.min_diff2 = c_i - s_max;
+    return st;
+}
+
+}  // namespace
+
+ModelData check_model_data(const py::array& images, const py::array& ctf,
+                           const py::array& inv_sigma2, const py::array& slices,
+                           const py::array& coords, const py::array& shifts, int box) {
+    require<cfloat>(images, "images", 2);
+    const py::ssize_t B = images.shape(0), J = images.shape(1);
+    require<float>(ctf, "ctf", 2);
+    require_dim(ctf, "ctf", 0, B);
+    require_dim(ctf, "ctf", 1, J);
+    require<float>(inv_sigma2, "inv_sigma2", 2);
+    require_dim(inv_sigma2, "inv_sigma2", 0, B);
+    require_dim(inv_sigma2, "inv_sigma2", 1, J);
+    require<cfloat>(slices, "slices", 2);
+    require_dim(slices, "slices", 1, J);
+    require<float>(coords, "coords", 2);
+    require_dim(coords, "coords", 0, J);
+    require_dim(coords, "coords", 1, 2);
+    require<double>(shifts, "shifts", 2);
+    require_dim(shifts, "shifts", 1, 2);
+    if (box <= 0) throw py::value_error("box: expected a positive image size");
+    if (slices.shape(0) < 1) throw py::value_error("slices: expected at least one orientation");
+    if (shifts.shape(0) < 1) throw py::value_error("shifts: expected at least one translation");
+    ModelData d;
+    d.n_img = B;
+    d.n_pix = J;
+    d.n_rot = slices.shape(0);
+    d.n_shift = shifts.shape(0);
+    d.images = static_cast<const cfloat*>(images.data());
+    d.ctf = static_cast<const float*>(ctf.data());
+    d.inv_sigma2 = static_cast<const float*>(inv_sigma2.data());
+    d.slices = static_cast<const cfloat*>(slices.data());
+    d.coords = static_cast<const float*>(coords.data());
+    d.shifts = static_cast<const double*>(shifts.data());
+    d.box = box;
+    require_all_finite(reinterpret_cast<const float*>(d.images), 2 * (size_t)(B * J), "images");
+    require_all_finite(d.ctf, (size_t)(B * J), "ctf");
+    require_all_finite(d.inv_sigma2, (size_t)(B * J), "inv_sigma2");
+    for (py::ssize_t k = 0; k < B * J; ++k)
+        if (d.inv_sigma2[k] < 0.f) throw py::value_error("inv_sigma2: expected values >= 0");
+    require_all_finite(reinterpret_cast<const float*>(d.slices), 2 * (size_t)(d.n_rot * J),
+                       "slices");
+    require_finite(d.coords, 2 * (size_t)J, "coords");
+    require_finite(d.shifts, 2 * (size_t)d.n_shift, "shifts");
+    return d;
+}
+
+std::vector<cfloat> shift_phases(const ModelData& d) {
+    std::vector<cfloat> p((size_t)(d.n_shift * d.n_pix));
+    for (py::ssize_t t = 0; t < d.n_shift; ++t) {
+        const double tx = d.shifts[2 * t], ty = d.shifts[2 * t + 1];
+        for (py::ssize_t j = 0; j < d.n_pix; ++j) {
+            const double ph =
+                -2.0 * M_PI * (d.coords[2 * j] * tx + d.coords[2 * j + 1] * ty) / d.box;
+            p[t * d.n_pix + j] = cfloat((float)std::cos(ph), (float)std::sin(ph));
+        }
+    }
+    return p;
+}
+
+py::dict expectation(const py::array& images, const py::array& ctf, const py::array& inv_sigma2,
+                     const py::array& slices, const py::array& coords, const py::array& shifts,
+                     int box, const py::array& log_prior_rot, const py::array& log_prior_shift,
+                     double significant_fraction, py::ssize_t block_rows,
+                     py::ssize_t block_cols) {
+    const ModelData d = check_model_data(images, ctf, inv_sigma2, slices, coords, shifts, box);
+    const py::ssize_t B = d.n_img, T = d.n_shift, R = d.n_rot, J = d.n_pix;
+    require<double>(log_prior_rot, "log_prior_rot", 1);
+    require_dim(log_prior_rot, "log_prior_rot", 0, R);
+    require<double>(log_prior_shift, "log_prior_shift", 2);
+    require_dim(log_prior_shift, "log_prior_shift", 0, B);
+    require_dim(log_prior_shift, "log_prior_shift", 1, T);
+    const double* lpr = static_cast<const double*>(log_prior_rot.data());
+    const double* lps = static_cast<const double*>(log_prior_shift.data());
+    require_log_prior(lpr, (size_t)R, "log_prior_rot");
+    require_log_prior(lps, (size_t)(B * T), "log_prior_shift");
+    if (*std::max_element(lpr, lpr + R) == kNegInf)
+        throw py::value_error("log_prior_rot: every orientation is excluded (-inf)");
+    for (py::ssize_t i = 0; i < B; ++i) {
+        if (*std::max_element(lps + i * T, lps + (i + 1) * T) == kNegInf)
+            throw py::value_error("log_prior_shift: image " + std::to_string(i) +
+                                  " has every translation excluded (-inf)");
+    }
+    if (!(significant_fraction > 0.0 && significant_fraction <= 1.0))
+        throw py::value_error("significant_fraction: expected a value in (0, 1]");
+    if (block_rows < 0 || block_cols < 0)
+        throw py::value_error("block sizes: expected >= 0 (0 = automatic)");
+    const EStepBlocking blk{block_rows > 0 ? block_rows : 512, block_cols > 0 ? block_cols : 512};
+
+    py::array_t<float> weights({B, T, R});
+    py::array_t<int64_t> best_r(B), best_t(B), n_sig(B);
+    py::array_t<double> max_prob(B), log_marginal(B), min_diff2(B);
+    float* w = weights.mutable_data();
+    int64_t *o_best_r = best_r.mutable_data(), *o_best_t = best_t.mutable_data(),
+            *o_nsig = n_sig.mutable_data();
+    double *o_pmax = max_prob.mutable_data(), *o_logm = log_marginal.mutable_data(),
+           *o_min = min_diff2.mutable_data();
+    bool scores_finite = true;
+    {
+        py::gil_scoped_release release;
+        const std::vector<cfloat> phases = shift_phases(d);
+        std::vector<cfloat> u((size_t)(B * J));  // CTF X / sigma2 (unshifted Y)
+        std::vector<float> wgt((size_t)(B * J));  // W = CTF^2 / sigma2
+        std::vector<double> c(B), log_norm(B);
+#pragma omp parallel for schedule(static)
+        for (py::ssize_t i = 0; i < B; ++i) {
+            double ci = 0.0, ln = 0.0;
+            for (py::ssize_t j = i * J; j < (i + 1) * J; ++j) {
+                const float f = d.ctf[j], s2 = d.inv_sigma2[j];
+                u[j] = d.images[j] * (f * s2);
+                wgt[j] = f * f * s2;
+                ci += 0.5 * std::norm(std::complex<double>(d.images[j])) * s2;
+                if (s2 > 0.f) ln += std::log((double)s2 / (2.0 * M_PI));  // complex Gaussian
+            }
+            c[i] = ci;
+            log_norm[i] = ln;
+        }
+        pose_scores(d, phases, u.data(), wgt.data(), blk, w);
+#pragma omp parallel
+        {
+            PruneScratch scratch;
+#pragma omp for schedule(dynamic)
+            for (py::ssize_t i = 0; i < B; ++i) {
+                const ImageStats st = image_posterior(w + i * T * R, T, R, lpr, lps + i * T,
+                                                      c[i], log_norm[i], significant_fraction,
+                                                      scratch);
+                if (!st.finite) {
+#pragma omp atomic write
+                    scores_finite = false;
+                }
+                o_best_r[i] = st.best_r;
+                o_best_t[i] = st.best_t;
+                o_nsig[i] = st.n_significant;
+                o_pmax[i] = st.max_prob;
+                o_logm[i] = st.log_marginal;
+                o_min[i] = st.min_diff2;
+            }
+        }
+    }
+    if (!scores_finite)
+        throw py::value_error(
+            "expectation: non-finite squared differences (float32 overflow); rescale the "
+            "images, slices or inv_sigma2");
+    py::dict out;
+    out["weights"] = weights;
+    out["best_r"] = best_r;
+    out["best_t"] = best_t;
+    out["max_prob"] = max_prob;
+    out["n_significant"] = n_sig;
+    out["log_marginal"] = log_marginal;
+    out["min_diff2"] = min_diff2;
+    return out;
+}
+
+}  // namespace cryomap

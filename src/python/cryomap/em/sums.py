@@ -1,0 +1,86 @@
+"""M-step sums from the posterior weights (numerator and denominator of seed eq. 14, and the
+sum of seed eq. 15), by the C++ kernel `core.maximization_sums`.
+
+With Y_it(j) = CTF_ij X_ij(t) inv_sigma2_ij and W_ij = CTF_ij^2 inv_sigma2_ij:
+
+    data_slices[r, j]   += sum_{i,t} g(i,t,r) Y_it(j)
+    weight_slices[r, j] += sum_{i,t} g(i,t,r) W_ij
+    residual_power[i, s] = sum_{t,r} g(i,t,r) sum_{j: shell_j = s} |X_ij(t) - CTF_ij A_rj|^2
+
+The slice sums are back-projected afterwards (`projector.backproject`). The residual power is
+over ALL pixels j, whatever inv_sigma2 (so that pixels excluded from alignment still get a
+noise estimate), and is not divided by sigma2 or by the pixel count: σ² per shell is
+sum_i residual_power[i, s] / (2 * sum_i sum_{t,r} g * Npix(s)) (CONVENTIONS §5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._kernels import core
+from .estep import pixel_coords
+
+METHODS = {"auto": 0, "gemm": 1, "sparse": 2}
+
+
+def empty_slice_sums(n_rot: int, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed accumulators (data (R, J) complex64, weight (R, J) float32)."""
+    return (np.zeros((n_rot, n_pixels), np.complex64), np.zeros((n_rot, n_pixels), np.float32))
+
+
+def maximization_sums(
+    images: np.ndarray,
+    ctf: np.ndarray,
+    inv_sigma2: np.ndarray,
+    slices: np.ndarray,
+    shifts: np.ndarray,
+    box: int,
+    weights: np.ndarray,
+    pixel_shell: np.ndarray,
+    n_shells: int,
+    data_slices: np.ndarray,
+    weight_slices: np.ndarray,
+    *,
+    coords: np.ndarray | None = None,
+    method: str = "auto",
+) -> np.ndarray:
+    """Accumulate the posterior-weighted slice sums in place and return the residual power.
+
+    Args:
+        images, ctf, inv_sigma2, slices, shifts, box, coords: as for `estep.expectation`.
+        weights: (B, T, R) posterior weights (float32), e.g. `Posterior.weights`.
+        pixel_shell: (J,) bin of each pixel in [0, n_shells) (shell index, or the pixel
+            index itself for a per-pixel noise model).
+        n_shells: number of bins of the residual power.
+        data_slices: (R, J) complex64 C-contiguous accumulator, updated in place
+            (see `empty_slice_sums`).
+        weight_slices: (R, J) float32 C-contiguous accumulator, updated in place.
+        method: "gemm" (GEMMs over the orientations and rows with any weight), "sparse" (a
+            loop over the nonzero weights) or "auto" (chosen by cost; sparse when the weights
+            are few, as after convergence).
+
+    Returns:
+        residual_power (B, n_shells) float64.
+    """
+    try:
+        code = METHODS[method]
+    except KeyError:
+        raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}") from None
+    images = np.ascontiguousarray(images, dtype=np.complex64)
+    if images.ndim != 2:
+        raise ValueError(f"images: expected 2 dimensions (B, J), got shape {images.shape}")
+    return core.maximization_sums(
+        images,
+        np.ascontiguousarray(ctf, dtype=np.float32),
+        np.ascontiguousarray(inv_sigma2, dtype=np.float32),
+        np.ascontiguousarray(slices, dtype=np.complex64),
+        pixel_coords(box, images.shape[1], coords),
+        np.ascontiguousarray(shifts, dtype=np.float64),
+        int(box),
+        np.ascontiguousarray(weights, dtype=np.float32),
+        np.ascontiguousarray(pixel_shell, dtype=np.int64),
+        int(n_shells),
+        data_slices,
+        weight_slices,
+        code,
+    )
