@@ -1,0 +1,174 @@
+"""`cryomap class3d`: 3D classification of particles simulated from two phantom variants in known
+proportions, end to end through the command line.
+
+Figures (pytest -s prints them): membership recovered (best label permutation), class
+proportions against the truth, each class map's correlation with the two true maps, and the
+per-class resolution from the SSNR.
+"""
+
+from __future__ import annotations
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryomap.cli.main import main
+from cryomap.em.class3d import perturbed_references
+from cryomap.io.mrc import write_map
+from cryomap.io.star import read_star
+from cryomap.phantom import make_phantom_variant
+from cryomap.simulate import simulate_particles, write_simulation
+
+BOX, PIX = 32, 6.0
+# the full molecule and the one without its head (VARIANTS 0 and 3), 70/30
+VARIANTS, FRACTIONS = (0, 3), (0.7, 0.3)
+N, SNR, ITERATIONS = 400, 1.0, 14
+
+
+def _simulate(out, n: int, seed: int):
+    maps = [make_phantom_variant(v, BOX, PIX) for v in VARIANTS]
+    sim = simulate_particles(maps, PIX, n, snr=SNR, seed=seed, class_fractions=FRACTIONS,
+                             max_shift_px=1.0)
+    write_simulation(out, *sim, pixel_size=PIX)
+    # a consensus-like start: the mean of the two maps (low-passed by the run)
+    write_map(out / "reference.mrc", np.mean(maps, axis=0), PIX)
+    return sim[3]["rlnClassNumber"].to_numpy() - 1, maps
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+COMMON = ["--healpix_order", "2", "--offset_range", "2", "--offset_step", "1",
+          "--tau2_fudge", "4", "--ini_high", "30", "--particle_diameter", "154", "--j", "2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("class3d")
+    truth, maps = _simulate(root / "sim", N, seed=0)
+    out = root / "run"
+    rc = main(["class3d", "--i", str(root / "sim" / "particles.star"), "--ref",
+               str(root / "sim" / "reference.mrc"), "--o", str(out), "--K", "2", "--iter",
+               str(ITERATIONS)] + COMMON)
+    assert rc == 0
+    return out, truth, maps
+
+
+def test_membership_and_proportions(run):
+    out, truth, maps = run
+    found = read_star(out / "run_data.star")["particles"]["rlnClassNumber"].to_numpy() - 1
+    assert set(np.unique(found)) <= {0, 1}
+    # the best of the two labellings
+    perm = max(((0, 1), (1, 0)), key=lambda p: np.mean(np.asarray(p)[found] == truth))
+    frac = float(np.mean(np.asarray(perm)[found] == truth))
+    model = read_star(out / "run_model.star")
+    dist = model["model_classes"]["rlnClassDistribution"].to_numpy()
+    res = model["model_classes"]["rlnEstimatedResolution"].to_numpy()
+    true_fr = np.bincount(truth, minlength=2) / truth.size
+    print(f"\nclass3d: {N} particles of phantom variants {VARIANTS} in proportions {FRACTIONS} "
+          f"(drawn {np.round(true_fr, 3)}), SNR {SNR}, box {BOX}, {ITERATIONS} iterations: "
+          f"membership {100 * frac:.1f}%")
+    for k in range(2):
+        vol = mrcfile.open(out / f"run_class{k + 1:03d}.mrc").data
+        corr = [np.corrcoef(vol.ravel(), m.ravel())[0, 1] for m in maps]
+        print(f"  class {k + 1} = variant {VARIANTS[perm[k]]}: fraction {dist[k]:.3f} (true "
+              f"{true_fr[perm[k]]:.3f}), resolution {res[k]:.1f} Å (SSNR 1), correlation "
+              f"with the true maps {np.round(corr, 3)}")
+        assert corr[perm[k]] > corr[1 - perm[k]]  # each map is its own variant
+        assert abs(dist[k] - true_fr[perm[k]]) <= 0.05
+        assert abs(dist[k] - FRACTIONS[perm[k]]) <= 0.05
+    assert frac >= 0.9
+
+
+def test_outputs_in_relion_layout(run):
+    out, _, _ = run
+    for it in (1, ITERATIONS):
+        for suffix in ("class001.mrc", "class002.mrc", "model.star", "data.star", "state.npz"):
+            assert (out / f"run_it{it:03d}_{suffix}").exists()
+    for name in ("run_class001.mrc", "run_class002.mrc", "run_model.star", "run_data.star",
+                 "run.log", "job.json"):
+        assert (out / name).exists()
+    with mrcfile.open(out / "run_class001.mrc") as m:
+        assert m.data.shape == (BOX,) * 3 and float(m.voxel_size.x) == pytest.approx(PIX)
+    model = read_star(out / f"run_it{ITERATIONS:03d}_model.star")
+    classes = model["model_classes"]
+    assert list(classes["rlnReferenceImage"]) == [f"run_it{ITERATIONS:03d}_class00{k}.mrc"
+                                                  for k in (1, 2)]
+    assert classes["rlnClassDistribution"].sum() == pytest.approx(1.0)
+    general = model["model_general"]
+    assert int(general["rlnNrClasses"]) == 2 and int(general["rlnReferenceDimensionality"]) == 3
+    for k in (1, 2):
+        table = model[f"model_class_{k}"]
+        assert len(table) == BOX // 2 + 1 and (table["rlnReferenceTau2"] >= 0).all()
+    data = read_star(out / "run_data.star")["particles"]
+    for col in ("rlnClassNumber", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi",
+                "rlnOriginXAngst", "rlnMaxValueProbDistribution", "rlnLogLikeliContribution"):
+        assert col in data
+    assert "rlnRandomSubset" not in data  # no half-set split in classification
+    log = (out / "run.log").read_text()
+    assert "iteration  14" in log and "final classes" in log
+
+
+def test_initial_classes_differ_reproducibly():
+    ref = make_phantom_variant(0, BOX, PIX)
+    a = perturbed_references(ref, PIX, 30.0, 3, 0.5, np.random.default_rng(7))
+    b = perturbed_references(ref, PIX, 30.0, 3, 0.5, np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+    c = [np.corrcoef(a[i].ravel(), a[j].ravel())[0, 1] for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert max(c) < 0.99 and min(c) > 0.5  # distinct, but all close to the reference
+
+
+def test_continue_resumes_like_an_uninterrupted_run(tmp_path):
+    _simulate(tmp_path / "sim", 120, seed=5)
+    args = ["--i", str(tmp_path / "sim" / "particles.star"), "--ref",
+            str(tmp_path / "sim" / "reference.mrc"), "--K", "2", "--healpix_order", "1",
+            "--offset_range", "1", "--offset_step", "1", "--ini_high", "30",
+            "--particle_diameter", "154"]
+    assert main(["class3d", "--o", str(tmp_path / "a"), "--iter", "3"] + args) == 0
+    assert main(["class3d", "--o", str(tmp_path / "b"), "--iter", "2"] + args) == 0
+    assert main(["class3d", "--o", str(tmp_path / "b"), "--continue", "--iter", "3"]) == 0
+    for k in (1, 2):
+        a = mrcfile.open(tmp_path / "a" / f"run_class00{k}.mrc").data
+        b = mrcfile.open(tmp_path / "b" / f"run_class00{k}.mrc").data
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+    da = read_star(tmp_path / "a" / "run_data.star")["particles"]
+    db = read_star(tmp_path / "b" / "run_data.star")["particles"]
+    assert (da["rlnClassNumber"] == db["rlnClassNumber"]).all()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("class3d_bad")
+    _simulate(root / "sim", 10, seed=1)
+    return root
+
+
+@pytest.mark.parametrize("case", ["K0", "Kn", "box", "pixel", "2d", "missing"])
+def test_bad_input_is_one_line_error(small, case, capsys):
+    ref = small / "sim" / "reference.mrc"
+    k = {"K0": "0", "Kn": "11"}.get(case, "2")
+    if case == "box":
+        ref = small / "box.mrc"
+        write_map(ref, np.zeros((BOX + 2,) * 3, np.float32), PIX)
+    elif case == "pixel":
+        ref = small / "pixel.mrc"
+        write_map(ref, np.zeros((BOX,) * 3, np.float32), PIX + 0.5)
+    elif case == "2d":
+        ref = small / "image.mrc"
+        write_map(ref, np.zeros((BOX, BOX), np.float32), PIX)
+    elif case == "missing":
+        ref = small / "nothing.mrc"
+    rc = main(["class3d", "--i", str(small / "sim" / "particles.star"), "--ref", str(ref),
+               "--o", str(small / case), "--K", k, "--iter", "1"])
+    line = _error_line(capsys)
+    print(f"\n{case}: {line}")
+    assert rc == 2 and line.startswith("cryomap class3d: error:")
+    expected = {"K0": "at least 1 class", "Kn": "more classes than the 10 particles",
+                "box": "box 34 does not match", "pixel": "pixel size 6.5000",
+                "2d": "expected a 3D map", "missing": "file not found"}[case]
+    assert expected in line
