@@ -70,7 +70,7 @@ from .output import (
     write_model_star,
     write_text_atomic,
 )
-from .refine3d import RefineOptions, _inv_sigma2, _shift_log_prior, initial_noise, update_noise
+from .refine3d import RefineOptions, initial_noise, inv_sigma2, shift_log_prior, update_noise
 from .refine_job import Log, last_iteration, mask_radius_px
 from .sums import maximization_sums
 
@@ -367,13 +367,14 @@ def prepare_references(state: ClassState, source: ImageSource, mask: fourier.Pix
 def _posterior(images: np.ndarray, ctf: np.ndarray, inv_s2: np.ndarray, slices: np.ndarray,
                shifts: np.ndarray, box: int, log_prior_rot: np.ndarray,
                log_prior_shift: np.ndarray, fraction: float, n_classes: int,
-               assigned: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               assigned: np.ndarray | None, coords: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(weights (B, T, K·R), n_significant, log_marginal) of a batch; with `assigned` (B,) an
     image with assigned class k >= 0 has a posterior over the poses of class k only (zero
     elsewhere), one with -1 over all classes."""
     if assigned is None or np.all(assigned < 0):
         post = expectation(images, ctf, inv_s2, slices, shifts, box, log_prior_rot,
-                           log_prior_shift, fraction)
+                           log_prior_shift, fraction, coords=coords)
         return post.weights, post.n_significant, post.log_marginal
     b, n = images.shape[0], slices.shape[0] // n_classes
     weights = np.zeros((b, shifts.shape[0], slices.shape[0]), np.float32)
@@ -382,7 +383,8 @@ def _posterior(images: np.ndarray, ctf: np.ndarray, inv_s2: np.ndarray, slices: 
         sel = np.flatnonzero(assigned == k)
         block = slice(None) if k < 0 else slice(k * n, (k + 1) * n)
         post = expectation(images[sel], ctf[sel], inv_s2[sel], slices[block], shifts, box,
-                           log_prior_rot[block], log_prior_shift[sel], fraction)
+                           log_prior_rot[block], log_prior_shift[sel], fraction,
+                           coords=coords)
         weights[sel, :, block] = post.weights
         n_sig[sel], log_marginal[sel] = post.n_significant, post.log_marginal
     return weights, n_sig, log_marginal
@@ -425,18 +427,19 @@ def expectation_maximisation_classes(
         idx = np.arange(start, min(start + bsize, n))
         t1 = time.perf_counter()
         batch = source.batch(idx, mask, state.origins_px)
-        inv_s2 = _inv_sigma2(state, batch, mask)
+        inv_s2 = inv_sigma2(state, batch, mask)
         t2 = time.perf_counter()
         raw, n_sig, log_marginal = _posterior(
             batch.images, batch.ctf, inv_s2, slices, shifts, source.box, log_prior_rot,
-            _shift_log_prior(state.origins_px[idx], shifts, sigma_px), o.significant_fraction,
-            k_cls, None if assigned is None else assigned[idx])
+            shift_log_prior(state.origins_px[idx], shifts, sigma_px), o.significant_fraction,
+            k_cls, None if assigned is None else assigned[idx], mask.coords)
         t3 = time.perf_counter()
         weights = adjust_weights(raw, k_cls, o.force_max, hard)
         probs, best_k, best_t, best_r, max_prob = best_poses(weights, k_cls)
         t4 = time.perf_counter()
         rp = maximization_sums(batch.images, batch.ctf, inv_s2, slices, shifts, source.box,
-                               weights, pixel_bin, n_bins, data_slices, weight_slices)
+                               weights, pixel_bin, n_bins, data_slices, weight_slices,
+                               coords=mask.coords)
         t5 = time.perf_counter()
         np.add.at(resid, batch.group, rp)
         np.add.at(count, batch.group, 1)

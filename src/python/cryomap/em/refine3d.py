@@ -183,7 +183,7 @@ def initial_state(particles: ParticleSet, reference: np.ndarray, source: ImageSo
     )
 
 
-def _shift_log_prior(origins: np.ndarray, shifts: np.ndarray, sigma_px: float | None
+def shift_log_prior(origins: np.ndarray, shifts: np.ndarray, sigma_px: float | None
                      ) -> np.ndarray:
     """log prior of each sampled total origin round(o_i) + t: Gaussian around 0 (§7)."""
     if sigma_px is None:
@@ -192,10 +192,12 @@ def _shift_log_prior(origins: np.ndarray, shifts: np.ndarray, sigma_px: float | 
     return -(total**2).sum(-1) / (2.0 * sigma_px**2)
 
 
-def _inv_sigma2(state: RefineState, batch: Batch, mask: fourier.PixelMask) -> np.ndarray:
-    return (1.0 / state.sigma2[batch.group][:, mask.flat_index // (mask.box // 2 + 1),
-                                            mask.flat_index % (mask.box // 2 + 1)]
-            ).astype(np.float32)
+def inv_sigma2(state: RefineState, batch: Batch, mask: fourier.PixelMask) -> np.ndarray:
+    """1/σ² (B, J) float32 of a batch's images at the mask's pixels, from their optics groups'
+    noise spectra; a pixel with no noise estimate (σ² <= 0) gets 0, i.e. is left out."""
+    nx = mask.box // 2 + 1
+    s2 = state.sigma2[batch.group][:, mask.flat_index // nx, mask.flat_index % nx]
+    return np.where(s2 > 0, 1.0 / np.where(s2 > 0, s2, 1.0), 0.0).astype(np.float32)
 
 
 def _force_max(post: Posterior) -> np.ndarray:
@@ -246,15 +248,16 @@ def accumulate_half(
         idx = members[start:start + bsize]
         t1 = time.perf_counter()
         batch = source.batch(idx, mask, state.origins_px)
-        inv_s2 = _inv_sigma2(state, batch, mask)
+        inv_s2 = inv_sigma2(state, batch, mask)
         t2 = time.perf_counter()
         post = expectation(batch.images, batch.ctf, inv_s2, slices, shifts, source.box,
-                           None, _shift_log_prior(state.origins_px[idx], shifts, sigma_px),
-                           o.significant_fraction)
+                           None, shift_log_prior(state.origins_px[idx], shifts, sigma_px),
+                           o.significant_fraction, coords=mask.coords)
         t3 = time.perf_counter()
         weights = _force_max(post) if o.force_max else post.weights
         rp = maximization_sums(batch.images, batch.ctf, inv_s2, slices, shifts, source.box,
-                               weights, pixel_bin, n_bins, data_slices, weight_slices)
+                               weights, pixel_bin, n_bins, data_slices, weight_slices,
+                               coords=mask.coords)
         t4 = time.perf_counter()
         np.add.at(resid, batch.group, rp)
         np.add.at(count, batch.group, 1)
@@ -289,14 +292,16 @@ def update_noise(state: RefineState, resid: np.ndarray, count: np.ndarray,
     for g in range(state.sigma2.shape[0]):
         if count[g] == 0:
             continue
+        # keep 1/σ² finite in float32 (a pixel with no residual would otherwise get σ² = 0)
+        floor = 1e-12 * state.sigma2[g].max()
         if state.options.noise_model == "pixel":
-            state.sigma2[g, rows, cols] = np.maximum(resid[g] / (2.0 * count[g]), 1e-30)
+            state.sigma2[g, rows, cols] = np.maximum(resid[g] / (2.0 * count[g]), floor)
         else:
             npix = np.bincount(mask.shell, minlength=resid.shape[1])
             shells2 = fourier.shell_index_2d(mask.box)
             for s in np.nonzero(npix)[0]:
                 state.sigma2[g][shells2 == s] = max(resid[g, s] / (2.0 * count[g] * npix[s]),
-                                                    1e-30)
+                                                    floor)
 
 
 def half_set_fsc(half: list[HalfState], options: RefineOptions, r_max: int, box: int
