@@ -99,3 +99,12 @@ def test_empty_star(sim, tmp_path, capsys):
                  str(sim / "ref.mrc"), "--o", str(tmp_path / "o")] + FAST)
     assert code == 2
     assert "empty.star" in _error_line(capsys)
+
+
+def test_fresh_run_refuses_a_folder_with_a_run(sim, tmp_path, capsys):
+    args = ["refine", "--i", str(sim / "particles.star"), "--ref", str(sim / "ref.mrc"),
+            "--o", str(tmp_path / "o"), "--iter", "1"] + FAST
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "--continue" in _error_line(capsys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     options = RefineOptions(iterations=args.iter, healpix_order=args.healpix_order,
                             offset_range=3.0, offset_step=1.0, ini_high=args.ini_high,
                             particle_diameter=diameter, seed=args.seed)
+    if (out / "refine").exists():  # the demo owns this folder: start it afresh
+        shutil.rmtree(out / "refine")
     state = refine(out / "particles" / "particles.star", out / "initial_reference.mrc",
                    out / "refine", options)
     result, _ = read_map(out / "refine" / "run_class001.mrc")

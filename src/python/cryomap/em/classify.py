@@ -71,7 +71,7 @@ from .output import (
     write_text_atomic,
 )
 from .refine3d import RefineOptions, initial_noise, inv_sigma2, shift_log_prior, update_noise
-from .refine_job import Log, last_iteration, mask_radius_px
+from .refine_job import Log, last_iteration, mask_radius_px, open_output
 from .sums import maximization_sums
 
 # Floor of a class prior: a class that loses every image stays (nearly) empty rather than
@@ -695,8 +695,7 @@ def run_classification(particles: ParticleSet, star: str | Path, reference: str 
     and `run_itNNN_state.npz` (for --continue); at the end the same under `run_` (and whatever
     `finish` adds). The last iteration is hard when options.hard_last.
     """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = open_output(outdir, resume)
     kind = "class2d" if options.ndim == 2 else "class3d"
     log = Log(outdir / "run.log", echo)
     check_classes(options.n_classes, particles, star)

@@ -104,6 +104,17 @@ def saved_job(outdir: str | Path) -> tuple[str, str, RefineOptions]:
     return job["i"], job["ref"], RefineOptions(**job["options"])
 
 
+def open_output(outdir: str | Path, resume: bool) -> Path:
+    """Create the output folder; a fresh run refuses a folder that already holds a run, so a
+    later --continue can never resume from a stale one."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    if not resume and last_iteration(outdir) is not None:
+        raise InputError(f"{outdir}: already holds a run (run_itNNN_state.npz); use --continue "
+                         "to resume it or choose another --o")
+    return outdir
+
+
 def last_iteration(outdir: Path) -> int | None:
     """Number of the last finished iteration in an output folder (its state file exists)."""
     its = [int(m.group(1)) for p in outdir.glob("run_it*_state.npz")
@@ -139,8 +150,7 @@ def refine(star: str | Path, reference_path: str | Path, outdir: str | Path,
            echo: Callable[[str], None] | None = print,
            stop_after_no_improvement: int = 3) -> RefineState:
     """Run (or, with resume=True, continue) a 3D refinement; returns the final state."""
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    outdir = open_output(outdir, resume)
     log = Log(outdir / "run.log", echo)
     particles = load_particles(star)
     if options.use_ctf and not particles.has_ctf:
