@@ -27,12 +27,14 @@ def _rotations(rng: np.random.Generator, n: int, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(m.transpose(0, 2, 1))
 
 
-def _case(seed: int, box: int, ndim: int, n_rot: int, r_max: int, scale: float):
+def _case(seed: int, box: int, ndim: int, n_rot: int, r_max: int, scale: float,
+          inside: bool = False):
     """Pixels of a box (radius r_max), rotations, and a volume whose radius m makes some
-    samples fall off the grid (r_max * scale > m)."""
+    samples fall off the grid (r_max * scale > m), or, with inside=True, a volume large enough
+    for every trilinear footprint (the kernels' bounds-check-free fast path)."""
     rng = np.random.default_rng(seed)
     coords = fourier.pixel_mask(box, r_max).coords
-    m = int(r_max * scale) - 1
+    m = int(np.ceil(r_max * scale)) + 2 if inside else int(r_max * scale) - 1
     return rng, coords, _rotations(rng, n_rot, ndim), _volume(rng, m, ndim)
 
 
@@ -40,20 +42,22 @@ def _close(actual: np.ndarray, desired: np.ndarray, rtol: float = 1e-5) -> None:
     np.testing.assert_allclose(actual, desired, rtol=0, atol=rtol * float(np.abs(desired).max()))
 
 
-CASES = [  # (box, ndim, R, r_max, scale)
+CASES = [  # (box, ndim, R, r_max, scale[, every sample inside the grid])
     (15, 3, 5, 6, 2.0),
     (16, 3, 4, 7, 2.0),
     (16, 3, 1, 5, 1.0),
     (15, 2, 6, 7, 2.0),
     (16, 2, 1, 8, 1.0),
+    (15, 3, 4, 6, 2.0, True),
+    (16, 3, 3, 7, 1.0, True),
 ]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("interp", ["nearest", "linear"])
 def test_project_matches_reference(case: int, interp: str) -> None:
-    box, ndim, n_rot, r_max, scale = CASES[case]
-    _, coords, rot, vol = _case(100 + case, box, ndim, n_rot, r_max, scale)
+    box, ndim, n_rot, r_max, scale, *inside = CASES[case]
+    _, coords, rot, vol = _case(100 + case, box, ndim, n_rot, r_max, scale, *inside)
     out = core.project(vol, rot, coords, scale, INTERP[interp])
     assert out.dtype == np.complex64 and out.shape == (n_rot, coords.shape[0])
     _close(out, project_ref(vol, rot, coords, scale, interp))
@@ -62,8 +66,8 @@ def test_project_matches_reference(case: int, interp: str) -> None:
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("interp", ["nearest", "linear"])
 def test_backproject_matches_reference(case: int, interp: str) -> None:
-    box, ndim, n_rot, r_max, scale = CASES[case]
-    rng, coords, rot, vol = _case(200 + case, box, ndim, n_rot, r_max, scale)
+    box, ndim, n_rot, r_max, scale, *inside = CASES[case]
+    rng, coords, rot, vol = _case(200 + case, box, ndim, n_rot, r_max, scale, *inside)
     shape = (n_rot, coords.shape[0])
     s = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
     sw = rng.uniform(size=shape).astype(np.float32)
@@ -80,8 +84,8 @@ def test_backproject_matches_reference(case: int, interp: str) -> None:
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("interp", ["nearest", "linear"])
 def test_backproject_is_adjoint_of_project(case: int, interp: str) -> None:
-    box, ndim, n_rot, r_max, scale = CASES[case]
-    rng, coords, rot, vol = _case(300 + case, box, ndim, n_rot + 5, r_max, scale)
+    box, ndim, n_rot, r_max, scale, *inside = CASES[case]
+    rng, coords, rot, vol = _case(300 + case, box, ndim, n_rot + 5, r_max, scale, *inside)
     shape = (rot.shape[0], coords.shape[0])
     s = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
     sw = rng.uniform(size=shape).astype(np.float32)

@@ -21,6 +21,47 @@ SliceGeometry check_geometry(const py::array& rotations, const py::array& coords
     return {rotations.shape(0), coords.shape(0)};
 }
 
+// Trilinear fast path: when every sample lies within radius cy - 1 of the origin (the radius
+// the reference was cropped for), its 2x2x2 footprint is always inside the grid, so the eight
+// voxels are fixed offsets from one base index and no bounds checks are needed.
+bool linear_fast_path(const float* k, py::ssize_t n_pix, double scale, const VolumeShape& vs,
+                      Interp interp) {
+    if (interp != Interp::Linear || vs.nz == 1) return false;
+    double r2 = 0.0;
+    for (py::ssize_t j = 0; j < n_pix; ++j)
+        r2 = std::max(r2, (double)k[2 * j] * k[2 * j] + (double)k[2 * j + 1] * k[2 * j + 1]);
+    return scale * std::sqrt(r2) + 1.01 < vs.cy;  // margin for float rounding of q
+}
+
+// q = scale * A^T (kx, ky, 0) as a float 3x2 matrix per rotation (CONVENTIONS section 2).
+struct SliceRotation {
+    float m[6];
+    SliceRotation(const double* a, double scale) {
+        m[0] = (float)(scale * a[0]); m[1] = (float)(scale * a[3]);
+        m[2] = (float)(scale * a[1]); m[3] = (float)(scale * a[4]);
+        m[4] = (float)(scale * a[2]); m[5] = (float)(scale * a[5]);
+    }
+};
+
+// Base voxel index and fractional offsets of an in-grid sample (fast path only).
+struct Cell {
+    int64_t base;
+    float dx, dy, dz;
+    bool conj;
+};
+
+inline Cell cell_of(const SliceRotation& r, float kx, float ky, const VolumeShape& vs) {
+    float qx = r.m[0] * kx + r.m[1] * ky, qy = r.m[2] * kx + r.m[3] * ky,
+          qz = r.m[4] * kx + r.m[5] * ky;
+    Cell c;
+    c.conj = qx < 0.f;
+    if (c.conj) { qx = -qx; qy = -qy; qz = -qz; }
+    const float fx = std::floor(qx), fy = std::floor(qy), fz = std::floor(qz);
+    c.dx = qx - fx; c.dy = qy - fy; c.dz = qz - fz;
+    c.base = ((int64_t)((int)fz + vs.cz) * vs.ny + ((int)fy + vs.cy)) * vs.nx + (int)fx;
+    return c;
+}
+
 }  // namespace
 
 py::array_t<cfloat> project(const py::array& volume_ft, const py::array& rotations,
@@ -38,8 +79,26 @@ py::array_t<cfloat> project(const py::array& volume_ft, const py::array& rotatio
     cfloat* slices = out.mutable_data();
     {
         py::gil_scoped_release release;
+const bool fast = linear_fast_path(k, g.n_pix, scale, vs, interp);
+        const int64_t sy = vs.nx, sz = (int64_t)vs.ny * vs.nx;
 #pragma omp parallel for schedule(static)
         for (py::ssize_t r = 0; r < g.n_rot; ++r) {
+            cfloat* out_r = slices + r * g.n_pix;
+            if (fast) {
+                const SliceRotation rr(rot + 9 * r, scale);
+                for (py::ssize_t j = 0; j < g.n_pix; ++j) {
+                    const Cell c = cell_of(rr, k[2 * j], k[2 * j + 1], vs);
+                    const cfloat* v = vol + c.base;
+                    const float ex = 1.f - c.dx, ey = 1.f - c.dy;
+                    const cfloat c0 = (v[0] * ex + v[1] * c.dx) * ey +
+                                      (v[sy] * ex + v[sy + 1] * c.dx) * c.dy;
+                    const cfloat c1 = (v[sz] * ex + v[sz + 1] * c.dx) * ey +
+                                      (v[sz + sy] * ex + v[sz + sy + 1] * c.dx) * c.dy;
+                    const cfloat acc = c0 * (1.f - c.dz) + c1 * c.dz;
+                    out_r[j] = c.conj ? std::conj(acc) : acc;
+                }
+                continue;
+            }
             Footprint f;
             const double* a = rot + 9 * r;
             for (py::ssize_t j = 0; j < g.n_pix; ++j) {
@@ -86,6 +145,8 @@ void backproject(py::array& data, py::array& weight, const py::array& slices,
     const size_t n_vox = (size_t)data.size();
 
     py::gil_scoped_release release;
+    const bool fast = linear_fast_path(k, g.n_pix, scale, vs, interp);
+    const int64_t sy = vs.nx, sz = (int64_t)vs.ny * vs.nx;
     // Each thread splats its orientations into a private volume (no atomics), then the private
     // volumes are summed in parallel over voxels. Memory: threads x (8 + 4) bytes x voxels.
     const int n_threads = std::max(1, std::min<int>(omp_get_max_threads(), (int)g.n_rot));
@@ -105,6 +166,26 @@ void backproject(py::array& data, py::array& weight, const py::array& slices,
         Footprint f;
 #pragma omp for schedule(static)
         for (py::ssize_t r = 0; r < g.n_rot; ++r) {
+            if (fast) {
+                const SliceRotation rr(rot + 9 * r, scale);
+                for (py::ssize_t j = 0; j < g.n_pix; ++j) {
+                    const cfloat val = s[r * g.n_pix + j];
+                    const float wt = sw[r * g.n_pix + j];
+                    if (val == cfloat(0.f, 0.f) && wt == 0.f) continue;
+                    const Cell c = cell_of(rr, k[2 * j], k[2 * j + 1], vs);
+                    const cfloat v = c.conj ? std::conj(val) : val;
+                    const float ex = 1.f - c.dx, ey = 1.f - c.dy, ez = 1.f - c.dz;
+                    const float w[8] = {ex * ey * ez,      c.dx * ey * ez,      ex * c.dy * ez,
+                                        c.dx * c.dy * ez,  ex * ey * c.dz,      c.dx * ey * c.dz,
+                                        ex * c.dy * c.dz,  c.dx * c.dy * c.dz};
+                    const int64_t off[8] = {0, 1, sy, sy + 1, sz, sz + 1, sz + sy, sz + sy + 1};
+                    for (int q = 0; q < 8; ++q) {
+                        dv[c.base + off[q]] += w[q] * v;
+                        wv[c.base + off[q]] += w[q] * wt;
+                    }
+                }
+                continue;
+            }
             const double* a = rot + 9 * r;
             for (py::ssize_t j = 0; j < g.n_pix; ++j) {
                 const cfloat val = s[r * g.n_pix + j];
