@@ -69,11 +69,13 @@ def dense_em_step(x, ctf, inv_s2, volume, rotations, shifts, coords, box):
     return data, weight, sigma2, log_marg
 
 
-@pytest.mark.parametrize("box", [10, 12])
-def test_pipeline_matches_dense_seed_updates(tmp_path, box):
+def tiny_problem(tmp_path, box: int, n: int, snr: float, seed: int):
+    """Particles of the phantom (no shifts) and a refinement state with the seed's literal
+    models on a fixed Fourier grid: pad 1, nearest, per-pixel σ², dense posteriors, one set.
+    Returns (truth, particles, source, state, mask)."""
     pix = 16.0
     truth = make_phantom(box, pix)
-    write_simulation(tmp_path, *simulate_particles(truth, pix, 10, snr=2.0, seed=3,
+    write_simulation(tmp_path, *simulate_particles(truth, pix, n, snr=snr, seed=seed,
                                                    max_shift_px=0.0), pixel_size=pix)
     particles = load_particles(tmp_path / "particles.star")
     options = RefineOptions(pad=1, interp="nearest", noise_model="pixel", prior_model="voxel",
@@ -81,8 +83,13 @@ def test_pipeline_matches_dense_seed_updates(tmp_path, box):
     source = ImageSource(particles, box / 2 - 1, 1.0)
     state = initial_state(particles, truth, source, options)
     state.subset[:] = 1
-    r_max = box // 2 - 1
-    mask = fourier.pixel_mask(box, r_max)
+    return truth, particles, source, state, fourier.pixel_mask(box, box // 2 - 1)
+
+
+@pytest.mark.parametrize("box", [10, 12])
+def test_pipeline_matches_dense_seed_updates(tmp_path, box):
+    truth, particles, source, state, mask = tiny_problem(tmp_path, box, 10, 2.0, 3)
+    r_max = mask.r_max
     grid = orientations_3d(0, psi_step=90.0)
     shifts = translations(1.0, 1.0)
     reference = projector.prepare_reference(truth, 1, "nearest", r_max)
@@ -125,18 +132,9 @@ def _log_prior(volume_ft: np.ndarray, tau2: np.ndarray) -> float:
 def _objective_trace(tmp_path, n_iter: int, update_sigma2: bool, update_tau2: bool):
     """MAP objective log p(X | V, σ²) + log p(V | τ²) over iterations of the seed's updates on
     a fixed Fourier grid (pad 1, nearest, fixed r_max, dense posteriors)."""
-    box, pix = 12, 16.0
-    truth = make_phantom(box, pix)
-    write_simulation(tmp_path, *simulate_particles(truth, pix, 40, snr=0.5, seed=4,
-                                                   max_shift_px=0.0), pixel_size=pix)
-    particles = load_particles(tmp_path / "particles.star")
-    options = RefineOptions(pad=1, interp="nearest", noise_model="pixel", prior_model="voxel",
-                            significant_fraction=1.0, ini_high=2 * pix)
-    source = ImageSource(particles, box / 2 - 1, 1.0)
-    state = initial_state(particles, truth, source, options)
-    state.subset[:] = 1
-    r_max = box // 2 - 1
-    mask = fourier.pixel_mask(box, r_max)
+    box = 12
+    truth, _, source, state, mask = tiny_problem(tmp_path, box, 40, 0.5, 4)
+    r_max = mask.r_max
     grid = orientations_3d(0, psi_step=60.0)
     shifts = translations(1.0, 1.0)
     # start from a wrong map: the truth blurred and perturbed
