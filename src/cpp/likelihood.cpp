@@ -12,17 +12,12 @@
 
 #include <omp.h>
 
-#include <Eigen/Core>
+#include "eigen_maps.hpp"
 #include <algorithm>
 
 namespace cryomap {
 
 namespace {
-
-using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using ConstMap = Eigen::Map<const RowMat>;
-using MutMap = Eigen::Map<RowMat>;
-using StridedMap = Eigen::Map<RowMat, 0, Eigen::OuterStride<>>;
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 

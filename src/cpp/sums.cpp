@@ -12,17 +12,12 @@
 
 #include <omp.h>
 
-#include <Eigen/Core>
+#include "eigen_maps.hpp"
 #include <algorithm>
 
 namespace cryomap {
 
 namespace {
-
-using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using ConstMap = Eigen::Map<const RowMat>;
-using MutMap = Eigen::Map<RowMat>;
-using StridedMap = Eigen::Map<RowMat, 0, Eigen::OuterStride<>>;
 
 // Sparse path when nnz * kSparseCost < BTa * Ra (measured on AVX2, B=128 T=21 R=4608 J=800: a
 // nonzero weight costs the direct loop about as much as 12 (row, column) cells of the GEMMs).

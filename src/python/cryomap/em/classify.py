@@ -71,7 +71,7 @@ from .output import (
     write_text_atomic,
 )
 from .refine3d import RefineOptions, initial_noise, inv_sigma2, shift_log_prior, update_noise
-from .refine_job import Log, last_iteration, mask_radius_px, open_output
+from .refine_job import Log, image_source, last_iteration, open_output, require_ctf
 from .sums import maximization_sums
 
 # Floor of a class prior: a class that loses every image stays (nearly) empty rather than
@@ -699,14 +699,9 @@ def run_classification(particles: ParticleSet, star: str | Path, reference: str 
     kind = "class2d" if options.ndim == 2 else "class3d"
     log = Log(outdir / "run.log", echo)
     check_classes(options.n_classes, particles, star)
-    if options.use_ctf and not particles.has_ctf:
-        raise InputError(f"{star}: no CTF columns (rlnDefocusU, rlnDefocusV); "
-                         "use --no-ctf for CTF-free data")
+    require_ctf(particles, star, options)
     box, pix = particles.box, particles.pixel_size
-    t0 = time.perf_counter()
-    source = ImageSource(particles, mask_radius_px(options, box, pix), options.mask_edge,
-                         options.use_ctf)
-    t_io = time.perf_counter() - t0
+    source, t_io = image_source(particles, options)
     last = last_iteration(outdir) if resume else None
     if last is not None:
         state = load_state(outdir / f"run_it{last:03d}_state.npz", options)

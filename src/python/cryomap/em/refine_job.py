@@ -153,16 +153,11 @@ def refine(star: str | Path, reference_path: str | Path, outdir: str | Path,
     outdir = open_output(outdir, resume)
     log = Log(outdir / "run.log", echo)
     particles = load_particles(star)
-    if options.use_ctf and not particles.has_ctf:
-        raise InputError(f"{star}: no CTF columns (rlnDefocusU, rlnDefocusV); "
-                         "use --no-ctf for CTF-free data")
+    require_ctf(particles, star, options)
     reference, ref_pixel = read_map(reference_path)
     check_reference(reference, ref_pixel, particles, reference_path)
     box, pix = particles.box, particles.pixel_size
-    t0 = time.perf_counter()
-    source = ImageSource(particles, mask_radius_px(options, box, pix), options.mask_edge,
-                         options.use_ctf)
-    t_io = time.perf_counter() - t0
+    source, t_io = image_source(particles, options)
     last = last_iteration(outdir) if resume else None
     if last is not None:
         state = _load_state(outdir / f"run_it{last:03d}_state.npz", options)
@@ -214,6 +209,21 @@ def refine(star: str | Path, reference_path: str | Path, outdir: str | Path,
     log(f"final resolution {res:.2f} Å (half-map FSC 0.143); map {outdir / 'run_class001.mrc'}")
     particles.close()
     return state
+
+
+def require_ctf(particles: ParticleSet, star: str | Path, options: RefineOptions) -> None:
+    """CTF correction needs defocus columns (one clear line otherwise)."""
+    if options.use_ctf and not particles.has_ctf:
+        raise InputError(f"{star}: no CTF columns (rlnDefocusU, rlnDefocusV); "
+                         "use --no-ctf for CTF-free data")
+
+
+def image_source(particles: ParticleSet, options: RefineOptions) -> tuple[ImageSource, float]:
+    """The particles' masked FTs for a job, and the seconds spent reading them."""
+    t0 = time.perf_counter()
+    source = ImageSource(particles, mask_radius_px(options, particles.box, particles.pixel_size),
+                         options.mask_edge, options.use_ctf)
+    return source, time.perf_counter() - t0
 
 
 def mask_radius_px(options: RefineOptions, box: int, pix: float) -> float:
