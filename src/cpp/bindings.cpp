@@ -46,6 +46,25 @@ PYBIND11_MODULE(CRYOMAP_MODULE_NAME, m) {
           "+= sum_{i,t} g CTF^2/sigma2; returns residual_power (B, n_shells) f64 = "
           "sum_{t,r} g sum_{j in shell} |X(t) - CTF A_r|^2 (all pixels, not divided by "
           "sigma2). pixel_shell (J,) i64 in [0, n_shells). method: 0 auto, 1 gemm, 2 sparse.");
+    m.def("expectation_subsets", &expectation_subsets, py::arg("images"), py::arg("ctf"),
+          py::arg("inv_sigma2"), py::arg("slices"), py::arg("coords"), py::arg("shifts"),
+          py::arg("box"), py::arg("rot_ptr"), py::arg("rot_index"), py::arg("rot_log_prior"),
+          py::arg("shift_ptr"), py::arg("shift_index"), py::arg("shift_log_prior"),
+          py::arg("significant_fraction"),
+          "E-step over per-image pose subsets: image i against the product of its orientations "
+          "slices[rot_index[rot_ptr[i]:rot_ptr[i+1]]] and translations "
+          "shifts[shift_index[shift_ptr[i]:shift_ptr[i+1]]] (CSR lists, i64; log priors f64 per "
+          "entry, -inf excludes one). Returns a dict: weights (sum_i T_i R_i,) f32 with image "
+          "i's (T_i, R_i) block at block_ptr[i]; best_r, best_t (indices into slices, shifts), "
+          "n_significant (B,) i64; max_prob, log_marginal, min_diff2 (B,) f64.");
+    m.def("maximization_sums_coo", &maximization_sums_coo, py::arg("images"), py::arg("ctf"),
+          py::arg("inv_sigma2"), py::arg("slices"), py::arg("coords"), py::arg("shifts"),
+          py::arg("box"), py::arg("image_index"), py::arg("shift_index"),
+          py::arg("slice_index"), py::arg("weights"), py::arg("pixel_shell"),
+          py::arg("n_shells"), py::arg("data_slices"), py::arg("weight_slices"),
+          py::arg("method") = 0,
+          "maximization_sums with sparse weights: weights (nnz,) f32 of (image_index, "
+          "shift_index, slice_index) (nnz,) i64 triples, each at most once.");
     m.def("max_threads", []() { return omp_get_max_threads(); },
           "Number of OpenMP threads the kernels use.");
     m.def("set_threads", [](int n) {

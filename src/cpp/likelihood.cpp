@@ -271,6 +271,38 @@ ImageStats image_posterior(float* s, py::ssize_t T, py::ssize_t R, const double*
     return st;
 }
 
+// Per-image terms of the scores: U = CTF X / sigma2, W = CTF^2 / sigma2 (B x J each),
+// c_i = 1/2 sum_j |X_ij|^2 / sigma2_ij and the complex-Gaussian normalisation
+// sum_j log(inv_sigma2_ij / (2 pi)) over the pixels that are not left out.
+struct ImageTerms {
+    std::vector<cfloat> u;
+    std::vector<float> w;
+    std::vector<double> c, log_norm;
+};
+
+ImageTerms image_terms(const ModelData& d) {
+    const py::ssize_t B = d.n_img, J = d.n_pix;
+    ImageTerms t;
+    t.u.resize((size_t)(B * J));
+    t.w.resize((size_t)(B * J));
+    t.c.resize((size_t)B);
+    t.log_norm.resize((size_t)B);
+#pragma omp parallel for schedule(static)
+    for (py::ssize_t i = 0; i < B; ++i) {
+        double ci = 0.0, ln = 0.0;
+        for (py::ssize_t j = i * J; j < (i + 1) * J; ++j) {
+            const float f = d.ctf[j], s2 = d.inv_sigma2[j];
+            t.u[j] = d.images[j] * (f * s2);
+            t.w[j] = f * f * s2;
+            ci += 0.5 * std::norm(std::complex<double>(d.images[j])) * s2;
+            if (s2 > 0.f) ln += std::log((double)s2 / (2.0 * M_PI));  // complex Gaussian
+        }
+        t.c[i] = ci;
+        t.log_norm[i] = ln;
+    }
+    return t;
+}
+
 }  // namespace
 
 ModelData check_model_data(const py::array& images, const py::array& ctf,
@@ -372,22 +404,11 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
     {
         py::gil_scoped_release release;
         const std::vector<cfloat> phases = shift_phases(d);
-        std::vector<cfloat> u((size_t)(B * J));  // CTF X / sigma2 (unshifted Y)
-        std::vector<float> wgt((size_t)(B * J));  // W = CTF^2 / sigma2
-        std::vector<double> c(B), log_norm(B);
-#pragma omp parallel for schedule(static)
-        for (py::ssize_t i = 0; i < B; ++i) {
-            double ci = 0.0, ln = 0.0;
-            for (py::ssize_t j = i * J; j < (i + 1) * J; ++j) {
-                const float f = d.ctf[j], s2 = d.inv_sigma2[j];
-                u[j] = d.images[j] * (f * s2);
-                wgt[j] = f * f * s2;
-                ci += 0.5 * std::norm(std::complex<double>(d.images[j])) * s2;
-                if (s2 > 0.f) ln += std::log((double)s2 / (2.0 * M_PI));  // complex Gaussian
-            }
-            c[i] = ci;
-            log_norm[i] = ln;
-        }
+        const ImageTerms it = image_terms(d);
+        const std::vector<cfloat>& u = it.u;
+        const std::vector<float>& wgt = it.w;
+        const std::vector<double>& c = it.c;
+        const std::vector<double>& log_norm = it.log_norm;
         pose_scores(d, phases, u.data(), wgt.data(), blk, w);
 #pragma omp parallel
         {
@@ -416,6 +437,173 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
             "images, slices or inv_sigma2");
     py::dict out;
     out["weights"] = weights;
+    out["best_r"] = best_r;
+    out["best_t"] = best_t;
+    out["max_prob"] = max_prob;
+    out["n_significant"] = n_sig;
+    out["log_marginal"] = log_marginal;
+    out["min_diff2"] = min_diff2;
+    return out;
+}
+
+}  // namespace cryomap
+
+namespace cryomap {
+
+namespace {
+
+// A CSR list per image (ptr (B+1), index (n) into a table of `table_size`, log prior (n)):
+// validated and viewed.
+struct ImageLists {
+    const int64_t* ptr = nullptr;
+    const int64_t* index = nullptr;
+    const double* log_prior = nullptr;
+};
+
+ImageLists check_image_lists(const py::array& ptr, const py::array& index,
+                             const py::array& log_prior, py::ssize_t n_img,
+                             py::ssize_t table_size, const std::string& name) {
+    require<int64_t>(ptr, (name + "_ptr").c_str(), 1);
+    require_dim(ptr, (name + "_ptr").c_str(), 0, n_img + 1);
+    require<int64_t>(index, (name + "_index").c_str(), 1);
+    require<double>(log_prior, (name + "_log_prior").c_str(), 1);
+    require_dim(log_prior, (name + "_log_prior").c_str(), 0, index.shape(0));
+    ImageLists l{static_cast<const int64_t*>(ptr.data()),
+                 static_cast<const int64_t*>(index.data()),
+                 static_cast<const double*>(log_prior.data())};
+    require_log_prior(l.log_prior, (size_t)index.shape(0), (name + "_log_prior").c_str());
+    if (l.ptr[0] != 0 || l.ptr[n_img] != index.shape(0))
+        throw py::value_error(name + "_ptr: expected 0 first and len(" + name + "_index) last");
+    for (py::ssize_t i = 0; i < n_img; ++i) {
+        if (l.ptr[i + 1] <= l.ptr[i])
+            throw py::value_error(name + "_ptr: image " + std::to_string(i) +
+                                  " has no candidates (expected increasing offsets)");
+        double best = kNegInf;
+        for (int64_t k = l.ptr[i]; k < l.ptr[i + 1]; ++k) {
+            if (l.index[k] < 0 || l.index[k] >= table_size)
+                throw py::value_error(name + "_index: values must lie in [0, " +
+                                      std::to_string(table_size) + ")");
+            best = std::max(best, l.log_prior[k]);
+        }
+        if (best == kNegInf)
+            throw py::value_error(name + "_log_prior: image " + std::to_string(i) +
+                                  " has every candidate excluded (-inf)");
+    }
+    return l;
+}
+
+}  // namespace
+
+py::dict expectation_subsets(const py::array& images, const py::array& ctf,
+                             const py::array& inv_sigma2, const py::array& slices,
+                             const py::array& coords, const py::array& shifts, int box,
+                             const py::array& rot_ptr, const py::array& rot_index,
+                             const py::array& rot_log_prior, const py::array& shift_ptr,
+                             const py::array& shift_index, const py::array& shift_log_prior,
+                             double significant_fraction) {
+    const ModelData d = check_model_data(images, ctf, inv_sigma2, slices, coords, shifts, box);
+    const py::ssize_t B = d.n_img, J = d.n_pix;
+    const ImageLists rl = check_image_lists(rot_ptr, rot_index, rot_log_prior, B, d.n_rot, "rot");
+    const ImageLists sl =
+        check_image_lists(shift_ptr, shift_index, shift_log_prior, B, d.n_shift, "shift");
+    if (!(significant_fraction > 0.0 && significant_fraction <= 1.0))
+        throw py::value_error("significant_fraction: expected a value in (0, 1]");
+
+    // Block i holds the scores/weights of image i as a (T_i x R_i) row-major array.
+    py::array_t<int64_t> block_ptr(B + 1);
+    int64_t* bp = block_ptr.mutable_data();
+    bp[0] = 0;
+    py::ssize_t max_r = 0, max_t = 0;
+    for (py::ssize_t i = 0; i < B; ++i) {
+        const int64_t ri = rl.ptr[i + 1] - rl.ptr[i], ti = sl.ptr[i + 1] - sl.ptr[i];
+        bp[i + 1] = bp[i] + ri * ti;
+        max_r = std::max<py::ssize_t>(max_r, ri);
+        max_t = std::max<py::ssize_t>(max_t, ti);
+    }
+    py::array_t<float> weights(bp[B]);
+    py::array_t<int64_t> best_r(B), best_t(B), n_sig(B);
+    py::array_t<double> max_prob(B), log_marginal(B), min_diff2(B);
+    float* w = weights.mutable_data();
+    int64_t *o_best_r = best_r.mutable_data(), *o_best_t = best_t.mutable_data(),
+            *o_nsig = n_sig.mutable_data();
+    double *o_pmax = max_prob.mutable_data(), *o_logm = log_marginal.mutable_data(),
+           *o_min = min_diff2.mutable_data();
+    bool scores_finite = true;
+    {
+        py::gil_scoped_release release;
+        const std::vector<cfloat> phases = shift_phases(d);
+        const ImageTerms it = image_terms(d);
+        const float* a = reinterpret_cast<const float*>(d.slices);
+#pragma omp parallel
+        {
+            PruneScratch scratch;
+            std::vector<float> asub, asq, nrm;
+            std::vector<cfloat> y((size_t)(max_t * J));
+#pragma omp for schedule(dynamic)
+            for (py::ssize_t i = 0; i < B; ++i) {
+                const int64_t r0 = rl.ptr[i], R = rl.ptr[i + 1] - r0;
+                const int64_t t0 = sl.ptr[i], T = sl.ptr[i + 1] - t0;
+                // The image's slices: read in place when they are consecutive rows
+                bool contiguous = true;
+                for (int64_t k = 1; k < R && contiguous; ++k)
+                    contiguous = rl.index[r0 + k] == rl.index[r0] + k;
+                const float* A = a + rl.index[r0] * 2 * J;
+                if (!contiguous) {
+                    asub.resize((size_t)(R * 2 * J));
+                    for (int64_t k = 0; k < R; ++k)
+                        std::memcpy(asub.data() + k * 2 * J, a + rl.index[r0 + k] * 2 * J,
+                                    sizeof(float) * 2 * J);
+                    A = asub.data();
+                }
+                asq.resize((size_t)(R * J));
+                for (int64_t k = 0; k < R; ++k) {
+                    const float* ar = A + k * 2 * J;
+                    float* q = asq.data() + k * J;
+#pragma omp simd
+                    for (py::ssize_t j = 0; j < J; ++j)
+                        q[j] = ar[2 * j] * ar[2 * j] + ar[2 * j + 1] * ar[2 * j + 1];
+                }
+                // norm term n_r = sum_j W_ij |A_rj|^2
+                nrm.resize((size_t)R);
+                Eigen::Map<Eigen::VectorXf>(nrm.data(), R).noalias() =
+                    ConstMap(asq.data(), R, J) *
+                    Eigen::Map<const Eigen::VectorXf>(it.w.data() + i * J, J);
+                for (int64_t t = 0; t < T; ++t)  // Y_it = CTF X_i(t) / sigma2
+                    complex_multiply(it.u.data() + i * J,
+                                     phases.data() + sl.index[t0 + t] * J, y.data() + t * J, J);
+                float* s = w + bp[i];
+                for (int64_t t = 0; t < T; ++t) {
+#pragma omp simd
+                    for (int64_t r = 0; r < R; ++r) s[t * R + r] = -0.5f * nrm[r];
+                }
+                // cross term: one GEMM (T x 2J) (2J x R) over interleaved complex values
+                MutMap(s, T, R).noalias() +=
+                    ConstMap(reinterpret_cast<const float*>(y.data()), T, 2 * J) *
+                    ConstMap(A, R, 2 * J).transpose();
+                const ImageStats st =
+                    image_posterior(s, T, R, rl.log_prior + r0, sl.log_prior + t0, it.c[i],
+                                    it.log_norm[i], significant_fraction, scratch);
+                if (!st.finite) {
+#pragma omp atomic write
+                    scores_finite = false;
+                    continue;
+                }
+                o_best_r[i] = rl.index[r0 + st.best_r];
+                o_best_t[i] = sl.index[t0 + st.best_t];
+                o_nsig[i] = st.n_significant;
+                o_pmax[i] = st.max_prob;
+                o_logm[i] = st.log_marginal;
+                o_min[i] = st.min_diff2;
+            }
+        }
+    }
+    if (!scores_finite)
+        throw py::value_error(
+            "expectation_subsets: non-finite squared differences (float32 overflow); rescale "
+            "the images, slices or inv_sigma2");
+    py::dict out;
+    out["weights"] = weights;
+    out["block_ptr"] = block_ptr;
     out["best_r"] = best_r;
     out["best_t"] = best_t;
     out["max_prob"] = max_prob;

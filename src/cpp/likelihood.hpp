@@ -108,4 +108,18 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
                      double significant_fraction, py::ssize_t block_rows,
                      py::ssize_t block_cols);
 
+// The E-step over per-image pose subsets: image i is scored against the product of its
+// orientations slices[rot_index[rot_ptr[i]:rot_ptr[i+1]]] and its translations
+// shifts[shift_index[shift_ptr[i]:shift_ptr[i+1]]], each entry with its own log prior. Returns
+// a dict with weights (sum_i T_i R_i,) f32, image i's (T_i x R_i) block starting at
+// block_ptr[i]; best_r / best_t as indices into slices / shifts; n_significant, max_prob,
+// log_marginal, min_diff2 per image. See bindings.cpp.
+py::dict expectation_subsets(const py::array& images, const py::array& ctf,
+                             const py::array& inv_sigma2, const py::array& slices,
+                             const py::array& coords, const py::array& shifts, int box,
+                             const py::array& rot_ptr, const py::array& rot_index,
+                             const py::array& rot_log_prior, const py::array& shift_ptr,
+                             const py::array& shift_index, const py::array& shift_log_prior,
+                             double significant_fraction);
+
 }  // namespace cryomap

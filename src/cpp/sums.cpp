@@ -111,9 +111,93 @@ Support full_support(py::ssize_t B, py::ssize_t T, py::ssize_t R) {
     return sp;
 }
 
-void sums_gemm(const ModelData& d, const float* g, const Support& support, const Prepared& pre,
-               const int64_t* shell, py::ssize_t n_shells, cfloat* data, float* wsum,
-               double* res) {
+// The nonzero weights by row i*T+t (CSR over B*T rows), orientations ascending within a row.
+struct Csr {
+    std::vector<int64_t> ptr;  // (B*T + 1)
+    std::vector<int64_t> col;  // orientation of each nonzero
+    std::vector<float> val;    // its weight
+};
+
+Csr csr_from_dense(const float* g, const Support& sp, py::ssize_t BT, py::ssize_t R) {
+    Csr m;
+    m.ptr.assign((size_t)BT + 1, 0);
+    for (py::ssize_t row = 0; row < BT; ++row) m.ptr[row + 1] = m.ptr[row] + sp.row_nnz[row];
+    m.col.resize((size_t)sp.nnz);
+    m.val.resize((size_t)sp.nnz);
+#pragma omp parallel for schedule(static)
+    for (py::ssize_t row = 0; row < BT; ++row) {
+        int64_t e = m.ptr[row];
+        const float* gr = g + row * R;
+        // skip all-zero chunks with a vectorised test; stop after the row's last nonzero
+        for (py::ssize_t r0 = 0; r0 < R && e < m.ptr[row + 1]; r0 += 64) {
+            const py::ssize_t n = std::min<py::ssize_t>(64, R - r0);
+            int any = 0;
+#pragma omp simd reduction(| : any)
+            for (py::ssize_t k = 0; k < n; ++k) any |= gr[r0 + k] != 0.f;
+            if (!any) continue;
+            for (py::ssize_t r = r0; r < r0 + n; ++r)
+                if (gr[r] != 0.f) {
+                    m.col[e] = r;
+                    m.val[e] = gr[r];
+                    ++e;
+                }
+        }
+    }
+    return m;
+}
+
+// CSR and support of nonzero weights given as (image, shift, orientation, weight) lists.
+// Zero weights are dropped; a repeated (image, shift, orientation) is an error.
+Csr csr_from_coo(const int64_t* img, const int64_t* shf, const int64_t* rot, const float* val,
+                 py::ssize_t nnz, py::ssize_t B, py::ssize_t T, py::ssize_t R, Support& sp) {
+    const py::ssize_t BT = B * T;
+    Csr m;
+    m.ptr.assign((size_t)BT + 1, 0);
+    for (py::ssize_t e = 0; e < nnz; ++e)
+        if (val[e] != 0.f) ++m.ptr[img[e] * T + shf[e] + 1];
+    for (py::ssize_t row = 0; row < BT; ++row) m.ptr[row + 1] += m.ptr[row];
+    const int64_t n = m.ptr[BT];
+    m.col.resize((size_t)n);
+    m.val.resize((size_t)n);
+    std::vector<int64_t> fill(m.ptr.begin(), m.ptr.end() - 1);
+    for (py::ssize_t e = 0; e < nnz; ++e) {
+        if (val[e] == 0.f) continue;
+        const int64_t k = fill[img[e] * T + shf[e]]++;
+        m.col[k] = rot[e];
+        m.val[k] = val[e];
+    }
+    std::vector<std::pair<int64_t, float>> tmp;
+    std::vector<uint8_t> used((size_t)R, 0);
+    sp.row_nnz.assign((size_t)BT, 0);
+    sp.image_row_start.assign((size_t)B + 1, 0);
+    for (py::ssize_t row = 0; row < BT; ++row) {
+        const int64_t a = m.ptr[row], b = m.ptr[row + 1];
+        tmp.clear();
+        for (int64_t k = a; k < b; ++k) tmp.emplace_back(m.col[k], m.val[k]);
+        std::sort(tmp.begin(), tmp.end(),
+                  [](const auto& x, const auto& y) { return x.first < y.first; });
+        for (int64_t k = a; k < b; ++k) {
+            m.col[k] = tmp[k - a].first;
+            m.val[k] = tmp[k - a].second;
+            if (k > a && m.col[k] == m.col[k - 1])
+                throw std::invalid_argument("weights: a (image, shift, orientation) is listed twice");
+            used[m.col[k]] = 1;
+        }
+        sp.row_nnz[row] = b - a;
+        if (b > a) sp.rows.push_back(row);
+        sp.image_row_start[row / T + 1] = (int64_t)sp.rows.size();
+    }
+    sp.nnz = n;
+    for (py::ssize_t r = 0; r < R; ++r)
+        if (used[r]) sp.cols.push_back(r);
+    return m;
+}
+
+// g: the dense (B*T x R) weights when the caller has them (read in place when nothing is
+// compressed), else nullptr; csr: the same nonzeros by row.
+void sums_gemm(const ModelData& d, const float* g, const Csr& csr, const Support& support,
+               const Prepared& pre, const int64_t* shell, py::ssize_t n_shells, cfloat* data,
+               float* wsum, double* res) {
     const py::ssize_t B = d.n_img, T = d.n_shift, R = d.n_rot, J = d.n_pix;
     // Compress to the rows and orientations with any weight unless that saves < 10% of the
     // GEMM work (then the copies would cost more than the zeros).
@@ -126,12 +210,15 @@ void sums_gemm(const ModelData& d, const float* g, const Support& support, const
     // Compressed weights G (BTa x Ra) and slices A (Ra x J).
     std::vector<float> gc;
     const float* G = g;
-    if (!(all_cols && all_rows)) {
-        gc.resize((size_t)(BTa * Ra));
+    if (!(all_cols && all_rows) || g == nullptr) {
+        std::vector<int64_t> cpos((size_t)R, -1);  // orientation -> compressed column
+        for (py::ssize_t c = 0; c < Ra; ++c) cpos[sp.cols[c]] = c;
+        gc.assign((size_t)(BTa * Ra), 0.f);
 #pragma omp parallel for schedule(static)
         for (py::ssize_t a = 0; a < BTa; ++a) {
-            const float* src = g + sp.rows[a] * R;
-            for (py::ssize_t c = 0; c < Ra; ++c) gc[a * Ra + c] = src[sp.cols[c]];
+            const int64_t row = sp.rows[a];
+            for (int64_t e = csr.ptr[row]; e < csr.ptr[row + 1]; ++e)
+                gc[a * Ra + cpos[csr.col[e]]] = csr.val[e];
         }
         G = gc.data();
     }
@@ -273,35 +360,14 @@ void sums_gemm(const ModelData& d, const float* g, const Support& support, const
         for (py::ssize_t k = 0; k < B * n_shells; ++k) res[k] += partial[pb * B * n_shells + k];
 }
 
-void sums_sparse(const ModelData& d, const float* g, const Support& sp, const Prepared& pre,
+void sums_sparse(const ModelData& d, const Csr& csr, const Support& sp, const Prepared& pre,
                  const int64_t* shell, py::ssize_t n_shells, cfloat* data, float* wsum,
                  double* res) {
-    const py::ssize_t B = d.n_img, T = d.n_shift, R = d.n_rot, J = d.n_pix, BT = B * T;
-    // Nonzeros by row (CSR) ...
-    std::vector<int64_t> row_ptr((size_t)BT + 1, 0);
-    for (py::ssize_t row = 0; row < BT; ++row) row_ptr[row + 1] = row_ptr[row] + sp.row_nnz[row];
-    std::vector<int64_t> row_col((size_t)sp.nnz);
-    std::vector<float> row_g((size_t)sp.nnz);
-#pragma omp parallel for schedule(static)
-    for (py::ssize_t row = 0; row < BT; ++row) {
-        int64_t e = row_ptr[row];
-        const float* gr = g + row * R;
-        // skip all-zero chunks with a vectorised test; stop after the row's last nonzero
-        for (py::ssize_t r0 = 0; r0 < R && e < row_ptr[row + 1]; r0 += 64) {
-            const py::ssize_t n = std::min<py::ssize_t>(64, R - r0);
-            int any = 0;
-#pragma omp simd reduction(| : any)
-            for (py::ssize_t k = 0; k < n; ++k) any |= gr[r0 + k] != 0.f;
-            if (!any) continue;
-            for (py::ssize_t r = r0; r < r0 + n; ++r)
-                if (gr[r] != 0.f) {
-                    row_col[e] = r;
-                    row_g[e] = gr[r];
-                    ++e;
-                }
-        }
-    }
-    // ... and by orientation (CSC), rows ascending within each orientation.
+    const py::ssize_t B = d.n_img, T = d.n_shift, R = d.n_rot, J = d.n_pix;
+    const std::vector<int64_t>& row_ptr = csr.ptr;
+    const std::vector<int64_t>& row_col = csr.col;
+    const std::vector<float>& row_g = csr.val;
+    // Nonzeros by orientation (CSC), rows ascending within each orientation.
     std::vector<int64_t> col_ptr((size_t)R + 1, 0);
     for (int64_t e = 0; e < sp.nnz; ++e) ++col_ptr[row_col[e] + 1];
     for (py::ssize_t r = 0; r < R; ++r) col_ptr[r + 1] += col_ptr[r];
@@ -375,19 +441,20 @@ void sums_sparse(const ModelData& d, const float* g, const Support& sp, const Pr
 
 }  // namespace
 
-py::array_t<double> maximization_sums(const py::array& images, const py::array& ctf,
-                                      const py::array& inv_sigma2, const py::array& slices,
-                                      const py::array& coords, const py::array& shifts, int box,
-                                      const py::array& weights, const py::array& pixel_shell,
-                                      py::ssize_t n_shells, py::array& data_slices,
-                                      py::array& weight_slices, int method) {
-    const ModelData d = check_model_data(images, ctf, inv_sigma2, slices, coords, shifts, box);
-    const py::ssize_t B = d.n_img, T = d.n_shift, R = d.n_rot, J = d.n_pix;
-    require<float>(weights, "weights", 3);
-    require_dim(weights, "weights", 0, B);
-    require_dim(weights, "weights", 1, T);
-    require_dim(weights, "weights", 2, R);
-    const float* g = static_cast<const float*>(weights.data());
+namespace {
+
+// Validated views of the pixel shells and the two accumulators.
+struct SumsOutputs {
+    const int64_t* shell;
+    cfloat* data;
+    float* wsum;
+};
+
+SumsOutputs check_sums_outputs(const ModelData& d, const py::array& pixel_shell,
+                               py::ssize_t n_shells, py::array& data_slices,
+                               py::array& weight_slices,
+                               std::initializer_list<const py::array*> inputs, int method) {
+    const py::ssize_t R = d.n_rot, J = d.n_pix;
     if (n_shells < 1) throw py::value_error("n_shells: expected >= 1");
     require<int64_t>(pixel_shell, "pixel_shell", 1);
     require_dim(pixel_shell, "pixel_shell", 0, J);
@@ -403,8 +470,7 @@ py::array_t<double> maximization_sums(const py::array& images, const py::array& 
     require_dim(weight_slices, "weight_slices", 1, J);
     if (!data_slices.writeable() || !weight_slices.writeable())
         throw py::value_error("data_slices, weight_slices: expected writeable arrays");
-    for (const py::array* in : {&images, &ctf, &inv_sigma2, &slices, &coords, &shifts, &weights,
-                                &pixel_shell}) {
+    for (const py::array* in : inputs) {
         if (overlaps(data_slices, *in) || overlaps(weight_slices, *in))
             throw py::value_error("data_slices, weight_slices: must not share memory with inputs");
     }
@@ -412,12 +478,57 @@ py::array_t<double> maximization_sums(const py::array& images, const py::array& 
         throw py::value_error("data_slices, weight_slices: must not share memory");
     if (method < 0 || method > 2)
         throw py::value_error("method: expected 0 (auto), 1 (gemm) or 2 (sparse)");
+    return {shell, static_cast<cfloat*>(data_slices.mutable_data()),
+            static_cast<float*>(weight_slices.mutable_data())};
+}
 
+// Both entry points: choose the path by cost and accumulate. g may be nullptr.
+void run_sums(const ModelData& d, const float* g, const Csr& csr, const Support& sp,
+              const SumsOutputs& out, py::ssize_t n_shells, int method, double* res) {
+    const py::ssize_t B = d.n_img, J = d.n_pix;
+    Prepared pre;
+    pre.phases = shift_phases(d);
+    pre.u.resize((size_t)(B * J));
+    pre.w.resize((size_t)(B * J));
+#pragma omp parallel for schedule(static)
+    for (py::ssize_t k = 0; k < B * J; ++k) {
+        const float f = d.ctf[k], s2 = d.inv_sigma2[k];
+        pre.u[k] = d.images[k] * (f * s2);
+        pre.w[k] = f * f * s2;
+    }
+    SumsMethod m = static_cast<SumsMethod>(method);
+    if (m == SumsMethod::Auto) {
+        const double cells = (double)sp.rows.size() * (double)sp.cols.size();
+        m = (double)sp.nnz * kSparseCost < cells ? SumsMethod::Sparse : SumsMethod::Gemm;
+    }
+    if (sp.nnz == 0) return;  // all weights zero: nothing to add
+    if (m == SumsMethod::Sparse)
+        sums_sparse(d, csr, sp, pre, out.shell, n_shells, out.data, out.wsum, res);
+    else
+        sums_gemm(d, g, csr, sp, pre, out.shell, n_shells, out.data, out.wsum, res);
+}
+
+}  // namespace
+
+py::array_t<double> maximization_sums(const py::array& images, const py::array& ctf,
+                                      const py::array& inv_sigma2, const py::array& slices,
+                                      const py::array& coords, const py::array& shifts, int box,
+                                      const py::array& weights, const py::array& pixel_shell,
+                                      py::ssize_t n_shells, py::array& data_slices,
+                                      py::array& weight_slices, int method) {
+    const ModelData d = check_model_data(images, ctf, inv_sigma2, slices, coords, shifts, box);
+    const py::ssize_t B = d.n_img, T = d.n_shift, R = d.n_rot;
+    require<float>(weights, "weights", 3);
+    require_dim(weights, "weights", 0, B);
+    require_dim(weights, "weights", 1, T);
+    require_dim(weights, "weights", 2, R);
+    const float* g = static_cast<const float*>(weights.data());
+    const SumsOutputs out = check_sums_outputs(
+        d, pixel_shell, n_shells, data_slices, weight_slices,
+        {&images, &ctf, &inv_sigma2, &slices, &coords, &shifts, &weights, &pixel_shell}, method);
     py::array_t<double> residual({B, n_shells});
     double* res = residual.mutable_data();
     std::fill(res, res + B * n_shells, 0.0);
-    cfloat* data = static_cast<cfloat*>(data_slices.mutable_data());
-    float* wsum = static_cast<float*>(weight_slices.mutable_data());
     Support sp;
     {
         py::gil_scoped_release release;
@@ -426,28 +537,54 @@ py::array_t<double> maximization_sums(const py::array& images, const py::array& 
     if (!sp.finite) throw py::value_error("weights: contains NaN or Inf");
     {
         py::gil_scoped_release release;
-        Prepared pre;
-        pre.phases = shift_phases(d);
-        pre.u.resize((size_t)(B * J));
-        pre.w.resize((size_t)(B * J));
-#pragma omp parallel for schedule(static)
-        for (py::ssize_t k = 0; k < B * J; ++k) {
-            const float f = d.ctf[k], s2 = d.inv_sigma2[k];
-            pre.u[k] = d.images[k] * (f * s2);
-            pre.w[k] = f * f * s2;
-        }
-        SumsMethod m = static_cast<SumsMethod>(method);
-        if (m == SumsMethod::Auto) {
-            const double cells = (double)sp.rows.size() * (double)sp.cols.size();
-            m = (double)sp.nnz * kSparseCost < cells ? SumsMethod::Sparse : SumsMethod::Gemm;
-        }
-        if (sp.nnz == 0) {
-            // all weights zero: nothing to add
-        } else if (m == SumsMethod::Sparse) {
-            sums_sparse(d, g, sp, pre, shell, n_shells, data, wsum, res);
-        } else {
-            sums_gemm(d, g, sp, pre, shell, n_shells, data, wsum, res);
-        }
+        const Csr csr = csr_from_dense(g, sp, B * T, R);
+        run_sums(d, g, csr, sp, out, n_shells, method, res);
+    }
+    return residual;
+}
+
+py::array_t<double> maximization_sums_coo(
+    const py::array& images, const py::array& ctf, const py::array& inv_sigma2,
+    const py::array& slices, const py::array& coords, const py::array& shifts, int box,
+    const py::array& image_index, const py::array& shift_index, const py::array& slice_index,
+    const py::array& weights, const py::array& pixel_shell, py::ssize_t n_shells,
+    py::array& data_slices, py::array& weight_slices, int method) {
+    const ModelData d = check_model_data(images, ctf, inv_sigma2, slices, coords, shifts, box);
+    const py::ssize_t B = d.n_img, T = d.n_shift, R = d.n_rot;
+    require<int64_t>(image_index, "image_index", 1);
+    const py::ssize_t nnz = image_index.shape(0);
+    require<int64_t>(shift_index, "shift_index", 1);
+    require_dim(shift_index, "shift_index", 0, nnz);
+    require<int64_t>(slice_index, "slice_index", 1);
+    require_dim(slice_index, "slice_index", 0, nnz);
+    require<float>(weights, "weights", 1);
+    require_dim(weights, "weights", 0, nnz);
+    const int64_t* ii = static_cast<const int64_t*>(image_index.data());
+    const int64_t* ti = static_cast<const int64_t*>(shift_index.data());
+    const int64_t* ri = static_cast<const int64_t*>(slice_index.data());
+    const float* g = static_cast<const float*>(weights.data());
+    for (py::ssize_t e = 0; e < nnz; ++e) {
+        if (ii[e] < 0 || ii[e] >= B || ti[e] < 0 || ti[e] >= T || ri[e] < 0 || ri[e] >= R)
+            throw py::value_error("image_index, shift_index, slice_index: out of range");
+        if (!std::isfinite(g[e])) throw py::value_error("weights: contains NaN or Inf");
+    }
+    const SumsOutputs out = check_sums_outputs(
+        d, pixel_shell, n_shells, data_slices, weight_slices,
+        {&images, &ctf, &inv_sigma2, &slices, &coords, &shifts, &image_index, &shift_index,
+         &slice_index, &weights, &pixel_shell}, method);
+    py::array_t<double> residual({B, n_shells});
+    double* res = residual.mutable_data();
+    std::fill(res, res + B * n_shells, 0.0);
+    Support sp;
+    Csr csr;
+    try {
+        csr = csr_from_coo(ii, ti, ri, g, nnz, B, T, R, sp);
+    } catch (const std::invalid_argument& e) {
+        throw py::value_error(e.what());
+    }
+    {
+        py::gil_scoped_release release;
+        run_sums(d, nullptr, csr, sp, out, n_shells, method, res);
     }
     return residual;
 }

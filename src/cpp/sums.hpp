@@ -23,4 +23,13 @@ py::array_t<double> maximization_sums(const py::array& images, const py::array& 
                                       py::ssize_t n_shells, py::array& data_slices,
                                       py::array& weight_slices, int method);
 
+// The same sums from a sparse list of weights: weights[e] of image image_index[e] at shift
+// shift_index[e] and orientation slice_index[e] (each triple at most once; zeros ignored).
+py::array_t<double> maximization_sums_coo(
+    const py::array& images, const py::array& ctf, const py::array& inv_sigma2,
+    const py::array& slices, const py::array& coords, const py::array& shifts, int box,
+    const py::array& image_index, const py::array& shift_index, const py::array& slice_index,
+    const py::array& weights, const py::array& pixel_shell, py::ssize_t n_shells,
+    py::array& data_slices, py::array& weight_slices, int method);
+
 }  // namespace cryomap

@@ -30,6 +30,8 @@ _BASE_SIGMA_A = 4.5  # atom blur (A); widened to >= 1.5 px on coarse grids
 _MIN_SIGMA_PX = 1.5
 _SIZE_SCALE = 0.93  # overall size: keeps the blurred density within 0.7 of a 192 A box
 _ATOM_SPACING_A = 5.0  # ~ one atom per (5 A)^3 gives a solid, protein-like density
+#: scale of make_phantom giving a ribosome-sized molecule (about 250 A across)
+RIBOSOME_SCALE = 2.1
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,11 @@ def _domains(seed: int) -> list[_Domain]:
 
 
 def atom_model(seed: int = 0, drop_domain: int | Sequence[int] | None = None,
-               domain_shift: Mapping[int, Sequence[float]] | None = None
+               domain_shift: Mapping[int, Sequence[float]] | None = None, scale: float = 1.0
                ) -> tuple[np.ndarray, np.ndarray]:
     """Atom centres (n, 3) as (x, y, z) in A relative to the full molecule's centre of mass,
-    and each atom's domain index (n,). Variants drop domains or move them by (dx, dy, dz) A."""
+    and each atom's domain index (n,). Variants drop domains or move them by (dx, dy, dz) A
+    (before `scale`, which enlarges the whole molecule)."""
     doms = _domains(seed)
     xyz = np.concatenate([np.asarray(d.centre) + d.points for d in doms])
     dom = np.concatenate([np.full(d.n_atoms, i) for i, d in enumerate(doms)])
@@ -130,7 +133,7 @@ def atom_model(seed: int = 0, drop_domain: int | Sequence[int] | None = None,
             _check_domain(int(k))
         keep = ~np.isin(dom, drop)
         xyz, dom = xyz[keep], dom[keep]
-    return xyz, dom
+    return xyz * float(scale), dom
 
 
 def _check_domain(k: int) -> None:
@@ -164,7 +167,8 @@ def render_atoms(xyz: np.ndarray, box: int, pixel_size: float, sigma: float,
 
 def make_phantom(box: int = 64, pixel_size: float = 3.0, seed: int = 0,
                  drop_domain: int | Sequence[int] | None = None,
-                 domain_shift: Mapping[int, Sequence[float]] | None = None) -> np.ndarray:
+                 domain_shift: Mapping[int, Sequence[float]] | None = None,
+                 scale: float = 1.0) -> np.ndarray:
     """The built-in chiral test molecule on a (box, box, box) grid, (z, y, x) float32.
 
     Parameters
@@ -173,6 +177,8 @@ def make_phantom(box: int = 64, pixel_size: float = 3.0, seed: int = 0,
     seed : atom placement; the same seed gives the same map.
     drop_domain : index (or indices) into DOMAINS of domains to leave out (variants).
     domain_shift : {domain index: (dx, dy, dz) A} moves of single domains (variants).
+    scale : size factor of the molecule (RIBOSOME_SCALE: about 250 A across, a ribosome's
+        size; the atoms keep their width).
 
     Density is positive and scaled so the full molecule's maximum is 1 (variants keep that
     scale, and the full molecule's centring, so they are directly comparable).
@@ -184,15 +190,17 @@ def make_phantom(box: int = 64, pixel_size: float = 3.0, seed: int = 0,
     sigma = atom_sigma(pixel_size)
     # Coarse grids widen the atoms; keep each atom's integrated mass fixed.
     amp = (_BASE_SIGMA_A / sigma) ** 3
-    full_xyz, _ = atom_model(seed)
+    if not scale > 0:
+        raise ValueError(f"scale: expected > 0, got {scale}")
+    full_xyz, _ = atom_model(seed, scale=scale)
     full = render_atoms(full_xyz, box, pixel_size, sigma) * amp
-    scale = 1.0 / full.max()
+    norm = 1.0 / full.max()
     if drop_domain is None and not domain_shift:
         vol = full
     else:
-        xyz, _ = atom_model(seed, drop_domain, domain_shift)
+        xyz, _ = atom_model(seed, drop_domain, domain_shift, scale)
         vol = render_atoms(xyz, box, pixel_size, sigma) * amp
-    return (vol * scale).astype(np.float32)
+    return (vol * norm).astype(np.float32)
 
 
 #: Built-in variants for classification tests: keyword arguments of make_phantom.
@@ -205,9 +213,9 @@ VARIANTS: tuple[dict, ...] = (
 
 
 def make_phantom_variant(variant: int, box: int = 64, pixel_size: float = 3.0,
-                         seed: int = 0) -> np.ndarray:
+                         seed: int = 0, scale: float = 1.0) -> np.ndarray:
     """Variant `variant` (index into VARIANTS) of the phantom: distinct but related maps in
     the same frame and scale, for classification tests. Variant 0 is make_phantom itself."""
     if not 0 <= variant < len(VARIANTS):
         raise ValueError(f"variant: expected 0..{len(VARIANTS) - 1}, got {variant}")
-    return make_phantom(box, pixel_size, seed, **VARIANTS[variant])
+    return make_phantom(box, pixel_size, seed, scale=scale, **VARIANTS[variant])

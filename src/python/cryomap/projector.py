@@ -155,3 +155,117 @@ def shift_images(images_ft: np.ndarray, coords: np.ndarray, shifts: np.ndarray,
     return core.phase_shift(np.ascontiguousarray(images_ft, dtype=np.complex64),
                             np.ascontiguousarray(coords, dtype=np.float32),
                             np.ascontiguousarray(shifts, dtype=np.float64), int(box))
+
+
+class BackProjector:
+    """Posterior-weighted sums of data and weight on the centred padded Fourier grid, and the
+    map they give (RELION's BackProjector): D = sum g CTF X / sigma2 and W = sum g CTF^2 / sigma2
+    (the numerator and denominator of docs/method.md eq. (14)), accumulated slice by slice.
+
+    One regularisation rule serves refinement, classification and known-pose reconstruction
+    (`reconstruct`).
+    """
+
+    def __init__(self, box: int, pad: int = 2, r_max: float | None = None,
+                 interp: str = "linear", ndim: int = 3) -> None:
+        self.box, self.pad, self.interp, self.ndim = int(box), int(pad), interp, int(ndim)
+        self.r_max = box // 2 if r_max is None else float(r_max)
+        self.data, self.weight = empty_sums(box, pad, self.r_max, ndim)
+        self._folded = False
+
+    def add_slices(self, data_slices: np.ndarray, weight_slices: np.ndarray,
+                   rotations: np.ndarray, coords: np.ndarray) -> None:
+        """Back-project slice sums (R, J) at rotations (R, 3, 3) for image pixels coords."""
+        if self._folded:
+            raise RuntimeError("BackProjector: sums already finished; start a new one")
+        backproject(self.data, self.weight, data_slices, weight_slices, rotations, coords,
+                    self.pad, self.interp)
+
+    def finish(self) -> BackProjector:
+        """Fold the redundant kx = 0 plane (Hermitian symmetry); call once, after all slices."""
+        if not self._folded:
+            self.data = fourier.symmetrize_kx0_plane(self.data)
+            self.weight = fourier.symmetrize_kx0_plane(self.weight)
+            self._folded = True
+        return self
+
+    def add(self, other: BackProjector) -> None:
+        """Add another back-projector's sums (same grid) into this one."""
+        if other.data.shape != self.data.shape:
+            raise ValueError("BackProjector.add: different grids")
+        self.data = self.data + other.data
+        self.weight = self.weight + other.weight
+
+    def shells(self) -> np.ndarray:
+        """Shell index (unpadded Fourier px) of every voxel: round(|q| / p)."""
+        return padded_shells(self.data.shape, self.pad)
+
+    def unregularised(self) -> np.ndarray:
+        """D / W where W > 0 (RELION's unregularised average, used for the half-set FSC)."""
+        w = self.weight
+        return np.where(w > 0, self.data / np.where(w > 0, w, 1.0), 0.0)
+
+    def reconstruct_ft(self, tau2: np.ndarray, tau2_fudge: float = 1.0,
+                       r_max: float | None = None, minres_map: int = 5) -> np.ndarray:
+        """The regularised map on the padded grid (centred layout), RELION's reconstruct:
+        V = D / max(W', <W'>_shell / 1000) with W' = W + 1/(p^d T tau2) (docs/method.md
+        eq. (14)); where tau2 is 0 the term is 1/(0.001 W) (almost no regularisation), below
+        shell `minres_map` no term is added, and beyond r_max V = 0.
+
+        tau2: per shell (N//2+1,) or per voxel (the grid's shape; then no floor).
+        """
+        n_shells = self.box // 2 + 1
+        shells = self.shells()
+        r_max = self.r_max if r_max is None else float(r_max)
+        inside = np.sqrt(_padded_r2(self.data.shape)) < round(r_max * self.pad)
+        w = self.weight.astype(np.float64)
+        t2 = tau2[np.minimum(shells, tau2.size - 1)] if tau2.ndim == 1 else tau2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv_tau2 = np.where(t2 > 0, 1.0 / (self.pad**self.ndim * tau2_fudge
+                                               * np.where(t2 > 0, t2, 1.0)),
+                                np.where(w > 1e-20, 1.0 / (0.001 * np.where(w > 1e-20, w, 1.0)),
+                                         0.0))
+        w = np.where(shells >= minres_map, w + inv_tau2, w)
+        if tau2.ndim == 1:
+            # floor at 1/1000 of the shell's mean weight (RELION's guard against tiny W')
+            floor_shells = np.floor(np.sqrt(_padded_r2(self.data.shape)) / self.pad)
+            fs = np.minimum(floor_shells, max(int(r_max) - 1, 0)).astype(np.int64)
+            mean = shell_mean_sums(w, np.where(inside, fs, n_shells + 1), n_shells)
+            w = np.maximum(w, mean[np.minimum(fs, n_shells - 1)] / 1000.0)
+        out = np.where(inside & (w > 0), self.data / np.where(w > 0, w, 1.0), 0.0)
+        return out.astype(np.complex64)
+
+    def reconstruct(self, tau2: np.ndarray, tau2_fudge: float = 1.0,
+                    r_max: float | None = None, minres_map: int = 5) -> np.ndarray:
+        """The regularised map in real space, box N (see reconstruct_ft)."""
+        return map_from_reference_ft(self.reconstruct_ft(tau2, tau2_fudge, r_max, minres_map),
+                                     self.box, self.pad, self.interp)
+
+    def shell_mean_weight(self) -> np.ndarray:
+        """Mean of W over each shell (N//2+1,): RELION's sigma2 of the reconstruction is
+        1 / (p^d <W>)."""
+        return shell_mean_sums(self.weight.astype(np.float64), self.shells(), self.box // 2 + 1)
+
+
+def _padded_r2(shape: tuple[int, ...]) -> np.ndarray:
+    nz, ny, nx = shape
+    kz = np.arange(nz) - nz // 2
+    ky = np.arange(ny) - ny // 2
+    kx = np.arange(nx)
+    return (kz[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2).astype(
+        np.float64)
+
+
+def padded_shells(shape: tuple[int, int, int], pad: int) -> np.ndarray:
+    """Shell index (unpadded Fourier px) of each voxel of a centred padded half-volume of the
+    given shape: round(|q| / p)."""
+    return fourier.shell_index(np.sqrt(_padded_r2(shape)) / pad)
+
+
+def shell_mean_sums(values: np.ndarray, shells: np.ndarray, n_shells: int) -> np.ndarray:
+    """Mean of values over each shell index 0..n_shells-1 (0 for empty shells; indices beyond
+    are dropped)."""
+    keep = shells < n_shells
+    s = np.bincount(shells[keep].ravel(), weights=values[keep].ravel(), minlength=n_shells)
+    c = np.bincount(shells[keep].ravel(), minlength=n_shells)
+    return np.where(c > 0, s / np.maximum(c, 1), 0.0)

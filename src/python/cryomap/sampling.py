@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import healpy
 import numpy as np
 
-from .euler import euler_to_matrix
+from .euler import euler_to_matrix, matrix_to_euler
 
 
 def healpix_nside(order: int) -> int:
@@ -81,3 +81,222 @@ def orientations_2d(psi_step: float = 10.0) -> OrientationGrid:
     psi = psi_angles(psi_step)
     angles = np.stack([np.zeros_like(psi), np.zeros_like(psi), psi], axis=1)
     return OrientationGrid(angles, euler_to_matrix(0.0, 0.0, psi))
+
+
+def random_rotation(rng: np.random.Generator, degrees: float) -> np.ndarray:
+    """A rotation by `degrees` about an axis drawn uniformly on the sphere (Rodrigues)."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    k = np.array([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
+    t = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(t) * k + (1.0 - np.cos(t)) * k @ k
+
+
+@dataclass(frozen=True)
+class PoseSampling:
+    """A hierarchical pose grid: RELION's HEALPix sampling with adaptive oversampling.
+
+    Level 0 is the coarse grid. In 3D an orientation of level l is a HEALPix NEST pixel of order
+    `healpix_order + l` and one of `n_psi * 2**l` in-plane angles, with the integer key
+    pixel * n_psi * 2**l + psi_index; in 2D (`ndim` 2) the key is the in-plane index alone. Level
+    l + 1 splits each orientation into its 4 HEALPix children (NEST pixels 4p..4p+3) and 2
+    in-plane children at psi -+ step_l / 4 (RELION's oversampled orientations). Translations lie
+    on a square grid of `offset_step` px inside `offset_range` px; the oversampled ones split a
+    translation into 2 x 2 children at -+ offset_step / 4 per axis.
+
+    The whole grid is randomly perturbed each iteration (RELION's --perturb): every orientation
+    A becomes A @ `rotation` (a rotation of the whole set, so the grid stays uniform), 2D
+    in-plane angles move by `psi_offset` degrees, translations by `offset_shift` px.
+    """
+
+    ndim: int
+    healpix_order: int
+    n_psi: int
+    offset_step: float
+    offset_range: float
+    rotation: np.ndarray = field(default_factory=lambda: np.eye(3))
+    psi_offset: float = 0.0
+    offset_shift: np.ndarray = field(default_factory=lambda: np.zeros(2))
+
+    @staticmethod
+    def create(ndim: int, healpix_order: int, psi_step: float | None, offset_step: float,
+               offset_range: float, perturb: float = 0.0,
+               rng: np.random.Generator | None = None) -> PoseSampling:
+        """The grid of an order (3D) and in-plane step (default: the order's angular step in
+        3D, 10 degrees in 2D), perturbed by a random fraction (up to +-perturb) of its steps."""
+        if ndim not in (2, 3):
+            raise ValueError("ndim: expected 2 or 3")
+        step = psi_step if psi_step is not None else (
+            angular_step(healpix_order) if ndim == 3 else 10.0)
+        n_psi = psi_angles(step).size
+        translations(offset_range, offset_step)  # validates the translation grid
+        rotation, psi_offset, offset_shift = np.eye(3), 0.0, np.zeros(2)
+        if perturb > 0 and rng is not None:
+            if ndim == 3:
+                rotation = random_rotation(rng, perturb * angular_step(healpix_order)
+                                           * rng.uniform(-1.0, 1.0))
+            else:
+                psi_offset = perturb * (360.0 / n_psi) * rng.uniform(-1.0, 1.0)
+            if offset_range > 0:
+                offset_shift = perturb * offset_step * rng.uniform(-1.0, 1.0, size=2)
+        return PoseSampling(ndim, int(healpix_order) if ndim == 3 else 0, int(n_psi),
+                            float(offset_step), float(offset_range), rotation,
+                            float(psi_offset), offset_shift)
+
+    # -- orientations -----------------------------------------------------------------------
+
+    def n_psi_at(self, level: int) -> int:
+        """In-plane angles per direction at a level."""
+        return self.n_psi << level
+
+    def n_orientations(self, level: int = 0) -> int:
+        """Number of orientations of a level."""
+        n_dir = 12 * 4 ** (self.healpix_order + level) if self.ndim == 3 else 1
+        return n_dir * self.n_psi_at(level)
+
+    def angular_step(self, level: int = 0) -> float:
+        """Angular step in degrees at a level (the HEALPix step in 3D, the psi step in 2D)."""
+        if self.ndim == 3:
+            return angular_step(self.healpix_order + level)
+        return 360.0 / self.n_psi_at(level)
+
+    def psi_values(self, index: np.ndarray, level: int) -> np.ndarray:
+        """In-plane angle (degrees, before perturbation) of psi indices of a level: j * step at
+        level 0; children of psi at -+ step/4 of their parent at the levels below."""
+        step0 = 360.0 / self.n_psi
+        index = np.asarray(index, np.float64)
+        if level == 0:
+            return index * step0
+        return (index + 0.5) * (step0 / 2**level) - step0 / 2.0
+
+    def children(self, keys: np.ndarray, level: int) -> np.ndarray:
+        """(n, 8) keys at level + 1 of the children of keys at `level` ((n, 2) in 2D)."""
+        keys = np.asarray(keys, np.int64)
+        psi_children = np.arange(2)
+        if self.ndim == 2:
+            return 2 * keys[:, None] + psi_children[None, :]
+        n_psi = self.n_psi_at(level)
+        pix, q = keys // n_psi, keys % n_psi
+        child_pix = 4 * pix[:, None, None] + np.arange(4)[None, :, None]
+        child_q = 2 * q[:, None, None] + psi_children[None, None, :]
+        return (child_pix * (2 * n_psi) + child_q).reshape(keys.size, 8)
+
+    def parents(self, keys: np.ndarray, level: int) -> np.ndarray:
+        """Keys at level - 1 of the parents of keys at `level` (>= 1)."""
+        keys = np.asarray(keys, np.int64)
+        if self.ndim == 2:
+            return keys // 2
+        n_psi = self.n_psi_at(level)
+        return (keys // n_psi // 4) * (n_psi // 2) + (keys % n_psi) // 2
+
+    def _unperturbed_angles(self, keys: np.ndarray, level: int) -> np.ndarray:
+        keys = np.asarray(keys, np.int64)
+        if self.ndim == 2:
+            zeros = np.zeros(keys.size)
+            return np.stack([zeros, zeros, self.psi_values(keys, level) + self.psi_offset], 1)
+        n_psi = self.n_psi_at(level)
+        nside = 1 << (self.healpix_order + level)
+        theta, phi = healpy.pix2ang(nside, keys // n_psi, nest=True)
+        rot = np.rad2deg(phi)
+        rot = np.where(rot > 180.0, rot - 360.0, rot)
+        return np.stack([rot, np.rad2deg(theta), self.psi_values(keys % n_psi, level)], 1)
+
+    def matrices(self, keys: np.ndarray, level: int) -> np.ndarray:
+        """(n, 3, 3) RELION A matrices of orientation keys, perturbation included."""
+        a = self._unperturbed_angles(keys, level)
+        m = euler_to_matrix(a[:, 0], a[:, 1], a[:, 2])
+        return m if self.ndim == 2 else m @ self.rotation
+
+    def angles(self, keys: np.ndarray, level: int) -> np.ndarray:
+        """(n, 3) Euler angles (rot, tilt, psi) in degrees of orientation keys (perturbed)."""
+        if self.ndim == 2:
+            a = self._unperturbed_angles(keys, level)
+            a[:, 2] = np.mod(a[:, 2] + 180.0, 360.0) - 180.0
+            return a
+        return np.stack(matrix_to_euler(self.matrices(keys, level)), axis=1)
+
+    def local_orientations(self, previous: np.ndarray, sigma: float, level: int = 0,
+                           sigma_cutoff: float = 3.0
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per image, the orientations of a level within sigma_cutoff * sigma degrees of its
+        previous orientation (RELION's local searches), with the Gaussian log prior
+        -theta^2 / (2 sigma^2) on the rotation angle theta between the two (an isotropic prior
+        on rotations; RELION puts sigma on rot, tilt and psi separately).
+
+        previous: (B, 3, 3) previous A matrices (3D) or (B,) previous psi in degrees (2D).
+        Returns CSR lists (ptr (B+1,), keys, log_prior), each image with at least its nearest
+        orientation.
+        """
+        if not sigma > 0:
+            raise ValueError("sigma: expected > 0 degrees")
+        limit = sigma_cutoff * sigma
+        keys_out, prior_out, counts = [], [], []
+        if self.ndim == 2:
+            step = self.angular_step(level)
+            psi = self.psi_values(np.arange(self.n_psi_at(level)), level) + self.psi_offset
+            for prev in np.atleast_1d(np.asarray(previous, np.float64)):
+                d = np.abs(np.mod(psi - prev + 180.0, 360.0) - 180.0)
+                k = np.flatnonzero(d <= max(limit, 0.5 * step))
+                keys_out.append(k)
+                prior_out.append(-(d[k] ** 2) / (2 * sigma**2))
+                counts.append(k.size)
+            return _csr(counts, keys_out, prior_out)
+        order = self.healpix_order + level
+        nside = 1 << order
+        n_psi = self.n_psi_at(level)
+        # every direction within the limit of the previous one, plus one pixel of margin
+        radius = np.deg2rad(limit + angular_step(order))
+        q_psi = np.arange(n_psi)
+        psi = np.deg2rad(self.psi_values(q_psi, level))
+        c, s = np.cos(psi), np.sin(psi)
+        for prev in np.asarray(previous, np.float64).reshape(-1, 3, 3):
+            # grid direction a3 (unperturbed) ~ Q d_prev, since rows transform as a3 Q = d
+            centre = self.rotation @ prev[2]
+            pix = healpy.query_disc(nside, centre, radius, nest=True)
+            if pix.size == 0:
+                pix = np.array([healpy.vec2pix(nside, *centre, nest=True)])
+            theta, phi = healpy.pix2ang(nside, pix, nest=True)
+            a0 = euler_to_matrix(np.rad2deg(phi), np.rad2deg(theta), 0.0)  # (P, 3, 3)
+            m = a0 @ self.rotation @ prev.T  # A' prev^T with A' = Rz(-psi) A0 Q
+            # tr(Rz(-psi) M) = cos psi (M00 + M11) + sin psi (M10 - M01) + M22
+            tr = (c[None, :] * (m[:, 0, 0] + m[:, 1, 1])[:, None]
+                  + s[None, :] * (m[:, 1, 0] - m[:, 0, 1])[:, None] + m[:, 2, 2][:, None])
+            theta_deg = np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+            keep = theta_deg <= limit
+            if not keep.any():  # sampling coarser than the window: the nearest orientation
+                keep = theta_deg == theta_deg.min()
+            p_idx, q_idx = np.nonzero(keep)
+            keys_out.append(pix[p_idx].astype(np.int64) * n_psi + q_psi[q_idx])
+            prior_out.append(-(theta_deg[p_idx, q_idx] ** 2) / (2 * sigma**2))
+            counts.append(p_idx.size)
+        return _csr(counts, keys_out, prior_out)
+
+    # -- translations -----------------------------------------------------------------------
+
+    def translations(self, oversampled: bool = False) -> np.ndarray:
+        """(T, 2) translations in px (perturbed): the coarse grid, or its 2 x 2 children per
+        translation (child key 4 t + c at -+ step/4 in x (c & 1) and y (c >> 1))."""
+        coarse = translations(self.offset_range, self.offset_step) + self.offset_shift
+        if not oversampled:
+            return coarse
+        d = np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]], np.float64) * self.offset_step / 4
+        return (coarse[:, None, :] + d[None]).reshape(-1, 2)
+
+
+def _csr(counts: list[int], keys: list[np.ndarray], prior: list[np.ndarray]
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ptr = np.zeros(len(counts) + 1, np.int64)
+    ptr[1:] = np.cumsum(counts)
+    if not keys:
+        return ptr, np.zeros(0, np.int64), np.zeros(0)
+    return ptr, np.concatenate(keys).astype(np.int64), np.concatenate(prior).astype(np.float64)
+
+
+def coarse_radius(angular_step_deg: float, particle_diameter: float, box: int,
+                  pixel_size: float, ndim: int = 3) -> int:
+    """Fourier radius (px) of a pass whose samples are angular_step_deg apart: the resolution
+    at which the particle's edge moves by a sample, with RELION's safety factor (1.2 in 3D,
+    1.5 in 2D); RELION's coarse image size of adaptive oversampling."""
+    moved = angular_step_deg / 360.0 * np.pi * particle_diameter
+    resolution = moved / (1.2 if ndim == 3 else 1.5)
+    return int(np.ceil(box * pixel_size / resolution))

@@ -57,10 +57,11 @@ class ImageSource:
 
     def batch(self, idx: np.ndarray, mask: fourier.PixelMask,
               origins_px: np.ndarray) -> Batch:
-        """Gather the pixels of `mask`, translate each image by its rounded origin (the
-        sampled translations are searched around it, CONVENTIONS §3), evaluate CTFs."""
+        """Gather the pixels of `mask`, translate each image by its rounded origin
+        (origins_px (len(idx), 2); the sampled translations are searched around it,
+        docs/conventions.md "Shifts"), evaluate CTFs."""
         x = mask.gather(self.half_planes(idx))
-        x = shift_images(x, mask.coords, np.rint(origins_px[idx]), self.box)
+        x = shift_images(x, mask.coords, np.rint(origins_px), self.box)
         if self.use_ctf:
             ctf = self.particles.ctf_params(idx).evaluate(
                 mask.coords[:, 0], mask.coords[:, 1], self.box, self.pixel_size)

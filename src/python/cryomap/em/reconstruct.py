@@ -1,59 +1,36 @@
-"""Reconstruction from known poses (RELION's relion_reconstruct): one M-step with each particle
-at its given pose, per half-set, then the same FSC-regularised map update as refinement.
+"""Reconstruction from known poses (RELION's relion_reconstruct), on the refinement's path.
 
-Used as the oracle in end-to-end tests (the best a refinement of the same particles can do)
-and to make a map from a refined data.star.
+Each particle is back-projected at its given pose (the engine's fixed-pose search: one
+candidate, weight 1), per half-set; sigma2 is re-estimated once from the residuals against the
+first reconstruction, and the final map comes from both halves with tau2 from their FSC, as
+at the end of a refinement. It is the oracle of the end-to-end tests: the best map that the
+true poses allow on the same reconstruction path.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from .. import fourier, projector
-from ..euler import euler_to_matrix
 from .data import ImageSource
-from .refine3d import (
-    HalfState,
-    RefineOptions,
-    combined_map,
-    half_set_fsc,
-    initial_noise,
-    reconstruct_half_maps,
-)
+from .refine import RefineOptions, RefineState, Refinement, initial_state, refine_iteration
 
 
 def reconstruct_known_poses(source: ImageSource, angles: np.ndarray, origins_px: np.ndarray,
                             subset: np.ndarray, options: RefineOptions,
-                            r_max: int | None = None, batch_size: int = 256,
-                            ) -> tuple[np.ndarray, list[HalfState], np.ndarray]:
-    """(combined map, half states with their maps, half-set FSC) from particles at known poses.
-
-    Each image X is translated by its origin and back-projected at its rotation as
-    CTF·X/σ² with weight CTF²/σ² (CONVENTIONS §5), σ² from the images' power spectra.
-    """
+                            mask_radius: float | None = None, iterations: int = 2
+                            ) -> RefineState:
+    """Maps from particles at known poses (angles (n, 3) degrees, origins (n, 2) px) and
+    half-sets (n,) 1/2. Returns the final refinement state: `final_maps` holds the combined
+    map and the two unfiltered half maps, `volumes` the regularised half maps, `fsc` the
+    half-set FSC."""
+    opts = replace(options, fixed_poses=True, iterations=iterations)
+    radius = source.mask_radius if mask_radius is None else mask_radius
+    refinement = Refinement(source, opts, radius)
     box = source.box
-    r_max = box // 2 - 1 if r_max is None else r_max
-    mask = fourier.pixel_mask(box, r_max)
-    nx = box // 2 + 1
-    rows, cols = mask.flat_index // nx, mask.flat_index % nx
-    sigma2 = initial_noise(source, options.noise_model)
-    half = []
-    for h in (1, 2):
-        data, weight = projector.empty_sums(box, options.pad, r_max)
-        members = np.nonzero(subset == h)[0]
-        for start in range(0, members.size, batch_size):
-            idx = members[start:start + batch_size]
-            batch = source.batch(idx, mask, origins_px)
-            # the batch is translated by the rounded origin; add the fractional rest
-            x = projector.shift_images(batch.images, mask.coords,
-                                       origins_px[idx] - np.rint(origins_px[idx]), box)
-            inv_s2 = 1.0 / sigma2[batch.group][:, rows, cols]
-            rot = euler_to_matrix(angles[idx, 0], angles[idx, 1], angles[idx, 2])
-            projector.backproject(data, weight, batch.ctf * x * inv_s2,
-                                  batch.ctf**2 * inv_s2, rot, mask.coords, options.pad,
-                                  options.interp)
-        half.append(HalfState(np.zeros((box,) * 3), fourier.symmetrize_kx0_plane(data),
-                              fourier.symmetrize_kx0_plane(weight)))
-    curve, tau2 = half_set_fsc(half, options, r_max, box)
-    reconstruct_half_maps(half, tau2, options, box)
-    return combined_map(half, curve, options, r_max, box), half, curve
+    state = initial_state(refinement, np.zeros((box,) * 3), angles, origins_px, subset)
+    state.r_max = box // 2 - 1
+    for _ in range(iterations):
+        refine_iteration(state, refinement)
+    return state

@@ -1,0 +1,554 @@
+"""The E/M engine: one pass of particle images against K references (docs/method.md).
+
+A pass computes, for every image, the posterior over its hidden variables (class k,
+orientation, translation; docs/method.md eq. (17)) on a hierarchical pose grid
+(`sampling.PoseSampling`) and accumulates the M-step sums of eqs. (14) and (15):
+
+- level 0: every orientation of the coarse grid (a global search, one GEMM-shaped kernel call
+  per batch), or each image's own window around its previous pose (a local search with a
+  Gaussian prior on the rotation), or each image's given pose (fixed poses);
+- levels 1..L (adaptive oversampling): each image's significant samples of the level above
+  (the smallest set holding `adaptive_fraction` of its posterior) are split into their
+  children; the last level also splits the significant translations. Each level is scored at
+  the Fourier radius that its angular step resolves (RELION's coarse image size), the last at
+  the full radius. Images of a batch share the projection of the union of their candidate
+  orientations, and each image is scored against its own candidates by one matrix product;
+- the final level's weights, pruned to `adaptive_fraction`, give the M-step sums: slice sums
+  back-projected into one `projector.BackProjector` per class, and the residual power per
+  optics group for sigma2.
+
+Refinement (K = 1, one pass per half-set), 3D classification (K maps) and 2D classification
+(K images, in-plane orientations only) are all schedules of passes (`em/refine.py`,
+`em/classify.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import fourier, projector
+from ..euler import euler_to_matrix, matrix_to_euler
+from ..sampling import PoseSampling, coarse_radius
+from .data import Batch, ImageSource
+from .estep import expectation
+from .noise import NoiseModel
+from .sums import maximization_sums
+from .._kernels import core
+
+# Floor of a class prior: an empty class keeps a finite log prior.
+MIN_CLASS_PRIOR = 1e-30
+
+
+@dataclass
+class Search:
+    """How a pass searches poses and how it weighs them.
+
+    sampling: the pose grid of this iteration (level 0 and its children).
+    oversampling: number of levels below level 0 (0: the coarse grid alone).
+    radius: Fourier radius (px) of the final level (the current resolution's radius).
+    particle_diameter: Å, for the coarse radius of levels above the final one.
+    local_sigma: degrees; a local search around each image's previous pose with this sigma
+        (search to 3 sigma), None for a global search.
+    fixed_poses: score each image at its previous pose only (classification without
+        alignment); the translation is its previous origin.
+    offset_sigma: px, std. dev. of the Gaussian prior on each image's origin around
+        `offset_prior` (None: flat prior over the searched translations).
+    class_prior: (K,) prior probability of each class.
+    adaptive_fraction: posterior mass kept per image at every level (RELION's 0.999).
+    force_max: the M-step uses only each class's best pose (with the class's mass).
+    hard_class: the M-step uses only each image's most probable class.
+    class_temperature: class posterior raised to 1/T before the M-step (1: plain posterior).
+    """
+
+    sampling: PoseSampling
+    oversampling: int
+    radius: int
+    particle_diameter: float
+    local_sigma: float | None = None
+    fixed_poses: bool = False
+    offset_sigma: float | None = None
+    class_prior: np.ndarray | None = None
+    adaptive_fraction: float = 0.999
+    force_max: bool = False
+    hard_class: bool = False
+    class_temperature: float = 1.0
+
+    @property
+    def levels(self) -> int:
+        """Index of the final level."""
+        return 0 if self.fixed_poses else int(self.oversampling)
+
+    def level_radius(self, level: int, box: int, pixel_size: float) -> int:
+        """Fourier radius of a level: the final one at `radius`; the ones above at the radius
+        their angular step resolves (never above `radius`)."""
+        if level >= self.levels:
+            return self.radius
+        r = coarse_radius(self.sampling.angular_step(level), self.particle_diameter, box,
+                          pixel_size, self.sampling.ndim)
+        return max(1, min(self.radius, r))
+
+
+@dataclass
+class PoseEstimates:
+    """Per-image results of a pass (rows follow the pass's image indices)."""
+
+    class_prob: np.ndarray  # (n, K) posterior class probabilities (as used by the M-step)
+    best_class: np.ndarray  # (n,) most probable class
+    rotations: np.ndarray  # (n, 3, 3) A of the best pose of the best class
+    angles: np.ndarray  # (n, 3) its Euler angles (degrees)
+    origins: np.ndarray  # (n, 2) px, rint(previous origin) + best translation
+    max_prob: np.ndarray  # (n,) largest posterior weight (rlnMaxValueProbDistribution)
+    n_significant: np.ndarray  # (n,) significant samples at level 0 (rlnNrOfSignificantSamples)
+    log_likelihood: np.ndarray  # (n,) log p(X | model) over the final level's samples
+    angular_spread: np.ndarray  # (n,) degrees, posterior RMS rotation angle from the best pose
+    offset_spread: np.ndarray  # (n,) px, posterior RMS distance from the best translation
+    n_samples: np.ndarray  # (n,) final-level samples scored
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: estimates per image, sums per class, residual power per group."""
+
+    estimates: PoseEstimates
+    backprojectors: list[projector.BackProjector]
+    residual: np.ndarray  # (groups, bins) sum over images of posterior-weighted |X - CTF A|^2
+    count: np.ndarray  # (groups,) images
+    class_mass: np.ndarray  # (K,) summed class probabilities
+    offset_sq: float  # sum over images of posterior-expected |origin - prior centre|^2 (px^2)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Level:
+    """Candidates of one level for a batch, in the kernels' CSR layout."""
+
+    level: int
+    slice_class: np.ndarray  # (S,) class of each union slice
+    slice_key: np.ndarray  # (S,) orientation key (level 0 with fixed poses: image row)
+    rotations: np.ndarray  # (S, 3, 3)
+    shifts: np.ndarray  # (T, 2) translation table, px
+    # sparse weights after the level's E-step: image row, translation, slice, weight
+    image: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    slice: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    slices: np.ndarray | None = None  # (S, J) projections at the level's radius
+    log_marginal: np.ndarray | None = None  # (B,) log p(X_i) over the level's samples
+    n_scored: np.ndarray | None = None  # (B,) samples scored per image
+
+
+def run_pass(source: ImageSource, indices: np.ndarray, references: list[projector.Reference],
+             search: Search, noise: NoiseModel, previous_rotations: np.ndarray,
+             previous_origins: np.ndarray, offset_prior: np.ndarray | None = None,
+             batch_size: int = 256, progress: Callable[[int], None] | None = None
+             ) -> PassResult:
+    """E-step and M-step sums of the images `indices` against `references` (one per class).
+
+    previous_rotations (n, 3, 3) and previous_origins (n, 2) px are the images' current poses
+    (rows follow `indices`): translations are searched around rint(origin), local searches
+    around the rotation. offset_prior (n, 2) px is the centre of the origin prior (default 0).
+    """
+    box, pix = source.box, source.pixel_size
+    k_cls = len(references)
+    ndim = references[0].ndim
+    n = indices.size
+    prior = np.full(k_cls, 1.0 / k_cls) if search.class_prior is None else np.asarray(
+        search.class_prior, np.float64)
+    log_class = np.log(np.maximum(prior, MIN_CLASS_PRIOR) / np.maximum(prior, MIN_CLASS_PRIOR)
+                       .sum())
+    centre = np.zeros((n, 2)) if offset_prior is None else np.asarray(offset_prior, np.float64)
+    timings = {"project": 0.0, "estep": 0.0, "sums": 0.0, "backproject": 0.0, "io": 0.0,
+               "candidates": 0.0}
+    mask = fourier.pixel_mask(box, search.radius)
+    bins, n_bins = noise.bins(mask)
+    radii = [search.level_radius(lv, box, pix) for lv in range(search.levels + 1)]
+    columns = [np.flatnonzero(mask.shell <= r) for r in radii]
+    bps = [projector.BackProjector(box, references[0].pad, search.radius, references[0].interp,
+                                   ndim) for _ in range(k_cls)]
+    residual = np.zeros((noise.n_groups, n_bins))
+    count = np.zeros(noise.n_groups)
+    class_mass = np.zeros(k_cls)
+    offset_sq = 0.0
+    est = _empty_estimates(n, k_cls)
+
+    # A global level 0 is the same for every batch: project it once.
+    global0 = not (search.fixed_poses or search.local_sigma is not None)
+    level0_table = None
+    if global0:
+        t0 = time.perf_counter()
+        keys0 = np.arange(search.sampling.n_orientations(0), dtype=np.int64)
+        rot0 = search.sampling.matrices(keys0, 0)
+        coords0 = mask.coords[columns[0]]
+        slices0 = np.concatenate([projector.project(ref, rot0, coords0) for ref in references])
+        level0_table = (np.repeat(np.arange(k_cls), keys0.size), np.tile(keys0, k_cls),
+                        np.tile(rot0, (k_cls, 1, 1)), slices0)
+        timings["project"] += time.perf_counter() - t0
+    # The final level of a global search without oversampling is the same for every batch
+    # too: its slice sums are accumulated over all batches and back-projected once.
+    shared_final = global0 and search.levels == 0
+    if shared_final:
+        acc_data = np.zeros(level0_table[3].shape, np.complex64)
+        acc_weight = np.zeros(level0_table[3].shape, np.float32)
+
+    order = _batch_order(previous_rotations, search)
+    for start in range(0, n, batch_size):
+        rows = order[start:start + batch_size]
+        t0 = time.perf_counter()
+        batch = source.batch(indices[rows], mask, previous_origins[rows])
+        inv_s2 = noise.inv_sigma2(batch.group, mask)
+        timings["io"] += time.perf_counter() - t0
+        level = _level_zero(batch, inv_s2, rows, references, search, level0_table,
+                            previous_rotations, previous_origins, centre, log_class,
+                            mask, columns[0], timings)
+        n_sig0 = np.bincount(level.image, minlength=rows.size)
+        for lv in range(1, search.levels + 1):
+            level = _refine_level(batch, inv_s2, rows, references, search, level, lv,
+                                  previous_rotations, previous_origins, centre, log_class,
+                                  mask, columns[lv], timings)
+        # M-step weights
+        b_idx, s_idx, t_idx, w = _adjust_weights(level, k_cls, search, rows.size)
+        _store_estimates(est, rows, level, b_idx, s_idx, t_idx, w, k_cls, previous_origins,
+                         n_sig0)
+        class_mass += np.bincount(level.slice_class[s_idx], weights=w, minlength=k_cls)
+        total = np.rint(previous_origins[rows][b_idx]) + level.shifts[t_idx]
+        offset_sq += float(np.sum(w * ((total - centre[rows][b_idx]) ** 2).sum(1)))
+        t0 = time.perf_counter()
+        if shared_final:
+            rp = maximization_sums(batch.images, batch.ctf, inv_s2, level0_table[3],
+                                   level.shifts, box, _dense(b_idx, t_idx, s_idx, w, rows.size,
+                                                             level.shifts.shape[0],
+                                                             level0_table[3].shape[0]),
+                                   bins, n_bins, acc_data, acc_weight, coords=mask.coords)
+            timings["sums"] += time.perf_counter() - t0
+        else:
+            slices = level.slices
+            data_s = np.zeros(slices.shape, np.complex64)
+            weight_s = np.zeros(slices.shape, np.float32)
+            rp = core.maximization_sums_coo(
+                batch.images, batch.ctf, inv_s2, slices, mask.coords, level.shifts, box,
+                b_idx, t_idx, s_idx, w.astype(np.float32), bins, n_bins, data_s, weight_s, 0)
+            t1 = time.perf_counter()
+            timings["sums"] += t1 - t0
+            used = np.unique(s_idx)
+            for k in range(k_cls):
+                sel = used[level.slice_class[used] == k]
+                if sel.size:
+                    bps[k].add_slices(data_s[sel], weight_s[sel], level.rotations[sel],
+                                      mask.coords)
+            timings["backproject"] += time.perf_counter() - t1
+        np.add.at(residual, batch.group, rp)
+        np.add.at(count, batch.group, 1)
+        if progress is not None:
+            progress(rows.size)
+    if shared_final:
+        t0 = time.perf_counter()
+        cls_of = level0_table[0]
+        for k in range(k_cls):
+            sel = np.flatnonzero(cls_of == k)
+            bps[k].add_slices(acc_data[sel], acc_weight[sel], level0_table[2][sel],
+                              mask.coords)
+        timings["backproject"] += time.perf_counter() - t0
+    for bp in bps:
+        bp.finish()
+    return PassResult(est, bps, residual, count, class_mass, offset_sq, timings)
+
+
+# -- levels --------------------------------------------------------------------------------
+
+
+def _batch_order(previous_rotations: np.ndarray, search: Search) -> np.ndarray:
+    """Order of the images in batches: for local searches by the HEALPix (NEST, order 3)
+    pixel of their previous direction, so that a batch's windows overlap and share slices."""
+    n = previous_rotations.shape[0]
+    if search.local_sigma is None or search.sampling.ndim == 2:
+        return np.arange(n)
+    import healpy
+
+    d = previous_rotations[:, 2, :]
+    pix = healpy.vec2pix(8, d[:, 0], d[:, 1], d[:, 2], nest=True)
+    return np.argsort(pix, kind="stable")
+
+
+def _shift_log_prior(origins: np.ndarray, shifts: np.ndarray, centre: np.ndarray,
+                     sigma: float | None) -> np.ndarray:
+    """(B, T) log prior of the total origins rint(o_i) + t under a Gaussian around centre_i."""
+    if sigma is None:
+        return np.zeros((origins.shape[0], shifts.shape[0]))
+    total = np.rint(origins)[:, None, :] + shifts[None, :, :]
+    return -((total - centre[:, None, :]) ** 2).sum(-1) / (2.0 * sigma**2)
+
+
+def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
+                references: list[projector.Reference], search: Search, table, prev_rot,
+                prev_origin, centre, log_class, mask, cols, timings) -> _Level:
+    """Level 0: global (dense kernel over the shared grid), local windows or fixed poses."""
+    s = search.sampling
+    k_cls = len(references)
+    b = rows.size
+    x, ctf, w = batch.images[:, cols], batch.ctf[:, cols], inv_s2[:, cols]
+    coords = mask.coords[cols]
+    box = mask.box
+    if table is not None:  # global
+        shifts = s.translations(oversampled=False)
+        lps = _shift_log_prior(prev_origin[rows], shifts, centre[rows], search.offset_sigma)
+        t0 = time.perf_counter()
+        post = expectation(x, ctf, w, table[3], shifts, box, log_class[table[0]], lps,
+                           search.adaptive_fraction, coords=coords)
+        timings["estep"] += time.perf_counter() - t0
+        bi, ti, si = np.nonzero(post.weights)
+        return _Level(0, table[0], table[1], table[2], shifts, bi, ti, si,
+                      post.weights[bi, ti, si].astype(np.float64), table[3],
+                      post.log_marginal, np.full(b, shifts.shape[0] * table[3].shape[0]))
+    t0 = time.perf_counter()
+    if search.fixed_poses:
+        # one candidate per class: the image's pose; translation = the origin's fraction
+        keys = np.repeat(np.arange(b, dtype=np.int64), k_cls)
+        klass = np.tile(np.arange(k_cls), b)
+        rotations = np.repeat(prev_rot[rows], k_cls, axis=0)
+        rot_ptr = np.arange(b + 1, dtype=np.int64) * k_cls
+        rot_index = np.arange(b * k_cls, dtype=np.int64)
+        rot_prior = log_class[klass]
+        shifts = prev_origin[rows] - np.rint(prev_origin[rows])
+        shift_ptr = np.arange(b + 1, dtype=np.int64)
+        shift_index = np.arange(b, dtype=np.int64)
+        shift_prior = np.zeros(b)
+    else:  # local windows around the previous poses
+        prev = prev_rot[rows] if s.ndim == 3 else _psi_of(prev_rot[rows])
+        ptr, wkeys, wprior = s.local_orientations(prev, search.local_sigma, 0)
+        per_img = np.diff(ptr)
+        img_of = np.repeat(np.arange(b), per_img)
+        # every class at every window orientation
+        cand_img = np.repeat(img_of, k_cls)
+        cand_cls = np.tile(np.arange(k_cls), wkeys.size)
+        cand_key = np.repeat(wkeys, k_cls)
+        cand_prior = np.repeat(wprior, k_cls) + log_class[cand_cls]
+        klass, keys, rotations, rot_ptr, rot_index, rot_prior = _union(
+            s, 0, cand_img, cand_cls, cand_key, cand_prior, b)
+        shifts = s.translations(oversampled=False)
+        t_all = np.arange(shifts.shape[0], dtype=np.int64)
+        shift_ptr = np.arange(b + 1, dtype=np.int64) * t_all.size
+        shift_index = np.tile(t_all, b)
+        shift_prior = _shift_log_prior(prev_origin[rows], shifts, centre[rows],
+                                       search.offset_sigma).ravel()
+    timings["candidates"] += time.perf_counter() - t0
+    level = _Level(0, klass, keys, rotations, shifts)
+    t0 = time.perf_counter()
+    slices = _project_level(references, level, coords)
+    timings["project"] += time.perf_counter() - t0
+    _score_subsets(level, x, ctf, w, slices, coords, box, rot_ptr, rot_index, rot_prior,
+                   shift_ptr, shift_index, shift_prior, search.adaptive_fraction, timings)
+    return level
+
+
+def _psi_of(rotations: np.ndarray) -> np.ndarray:
+    """In-plane angle (degrees) of 2D poses A = Euler(0, 0, psi)."""
+    return np.rad2deg(np.arctan2(-rotations[:, 1, 0], rotations[:, 0, 0]))
+
+
+def _union(s: PoseSampling, level: int, cand_img: np.ndarray, cand_cls: np.ndarray,
+           cand_key: np.ndarray, cand_prior: np.ndarray, n_img: int):
+    """Per-image candidate (class, key) pairs -> the union slice table and CSR lists."""
+    n_orient = s.n_orientations(level)
+    code = cand_cls.astype(np.int64) * n_orient + cand_key
+    uniq, inverse = np.unique(code, return_inverse=True)
+    klass, keys = uniq // n_orient, uniq % n_orient
+    order = np.lexsort((inverse, cand_img))
+    rot_ptr = np.zeros(n_img + 1, np.int64)
+    rot_ptr[1:] = np.cumsum(np.bincount(cand_img, minlength=n_img))
+    return (klass, keys, s.matrices(keys, level), rot_ptr,
+            inverse[order].astype(np.int64), cand_prior[order].astype(np.float64))
+
+
+def _refine_level(batch, inv_s2, rows, references, search: Search, prev: _Level, lv: int,
+                  prev_rot, prev_origin, centre, log_class, mask, cols, timings) -> _Level:
+    """Level lv: children of each image's significant orientations of the level above, and
+    (at the final level) of its significant translations."""
+    s = search.sampling
+    b = rows.size
+    t0 = time.perf_counter()
+    # distinct significant (image, slice) and (image, translation) pairs of the level above
+    n_s = prev.slice_key.size
+    pair = np.unique(prev.image.astype(np.int64) * n_s + prev.slice)
+    p_img, p_slice = pair // n_s, pair % n_s
+    child = s.children(prev.slice_key[p_slice], lv - 1)  # (P, c)
+    n_child = child.shape[1]
+    cand_img = np.repeat(p_img, n_child)
+    cand_cls = np.repeat(prev.slice_class[p_slice], n_child)
+    cand_key = child.ravel()
+    klass, keys, rotations, rot_ptr, rot_index, _ = _union(
+        s, lv, cand_img, cand_cls, cand_key, np.zeros(cand_img.size), b)
+    # priors per candidate in CSR order: class prior, and the local Gaussian on the rotation
+    img_sorted = np.repeat(np.arange(b), np.diff(rot_ptr))
+    rot_prior = log_class[klass[rot_index]]
+    if search.local_sigma is not None:
+        prev_r = prev_rot[rows][img_sorted]
+        if s.ndim == 3:
+            tr = np.einsum("nij,nij->n", rotations[rot_index], prev_r)
+            theta = np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+        else:
+            d = _psi_of(rotations[rot_index]) - _psi_of(prev_r)
+            theta = np.abs(np.mod(d + 180.0, 360.0) - 180.0)
+        rot_prior = rot_prior - theta**2 / (2.0 * search.local_sigma**2)
+    # translations
+    n_t = prev.shifts.shape[0]
+    tpair = np.unique(prev.image.astype(np.int64) * n_t + prev.shift)
+    t_img, t_idx = tpair // n_t, tpair % n_t
+    final = lv == search.levels
+    if final:
+        shifts = s.translations(oversampled=True)
+        t_child = (4 * t_idx[:, None] + np.arange(4)[None, :]).ravel()
+        t_img = np.repeat(t_img, 4)
+    else:
+        shifts = prev.shifts
+        t_child = t_idx
+    shift_ptr = np.zeros(b + 1, np.int64)
+    shift_ptr[1:] = np.cumsum(np.bincount(t_img, minlength=b))
+    shift_prior = np.zeros(t_child.size)
+    if search.offset_sigma is not None:
+        total = np.rint(prev_origin[rows][t_img]) + shifts[t_child]
+        shift_prior = -((total - centre[rows][t_img]) ** 2).sum(1) / (
+            2.0 * search.offset_sigma**2)
+    timings["candidates"] += time.perf_counter() - t0
+    level = _Level(lv, klass, keys, rotations, shifts)
+    coords = mask.coords[cols]
+    t0 = time.perf_counter()
+    slices = _project_level(references, level, coords)
+    timings["project"] += time.perf_counter() - t0
+    _score_subsets(level, batch.images[:, cols], batch.ctf[:, cols], inv_s2[:, cols], slices,
+                   coords, mask.box, rot_ptr, rot_index, rot_prior, shift_ptr,
+                   t_child.astype(np.int64), shift_prior, search.adaptive_fraction, timings)
+    return level
+
+
+def _project_level(references: list[projector.Reference], level: _Level,
+                   coords: np.ndarray) -> np.ndarray:
+    """Slices (S, J) of the level's union table, each from its class's reference."""
+    out = np.empty((level.slice_key.size, coords.shape[0]), np.complex64)
+    for k, ref in enumerate(references):
+        sel = np.flatnonzero(level.slice_class == k)
+        if sel.size:
+            out[sel] = projector.project(ref, level.rotations[sel], coords)
+    return out
+
+
+def _score_subsets(level: _Level, x, ctf, w, slices, coords, box, rot_ptr, rot_index,
+                   rot_prior, shift_ptr, shift_index, shift_prior, fraction, timings) -> None:
+    """Run the subset E-step and store the level's nonzero weights."""
+    t0 = time.perf_counter()
+    out = core.expectation_subsets(
+        np.ascontiguousarray(x, np.complex64), np.ascontiguousarray(ctf, np.float32),
+        np.ascontiguousarray(w, np.float32), np.ascontiguousarray(slices, np.complex64),
+        np.ascontiguousarray(coords, np.float32), np.ascontiguousarray(level.shifts, np.float64),
+        int(box), rot_ptr, rot_index, rot_prior, shift_ptr, shift_index,
+        np.ascontiguousarray(shift_prior, np.float64), float(fraction))
+    timings["estep"] += time.perf_counter() - t0
+    weights, bp = out["weights"], out["block_ptr"]
+    n_r, n_t = np.diff(rot_ptr), np.diff(shift_ptr)
+    nz = np.flatnonzero(weights)
+    img = np.searchsorted(bp, nz, side="right") - 1
+    local = nz - bp[img]
+    t_loc, r_loc = local // n_r[img], local % n_r[img]
+    level.image = img
+    level.shift = shift_index[shift_ptr[img] + t_loc]
+    level.slice = rot_index[rot_ptr[img] + r_loc]
+    level.weight = weights[nz].astype(np.float64)
+    level.slices = slices
+    level.log_marginal = out["log_marginal"]
+    level.n_scored = n_r * n_t
+
+
+# -- M-step weights and estimates ------------------------------------------------------------
+
+
+def _adjust_weights(level: _Level, k_cls: int, search: Search, b: int):
+    """The final level's weights as the M-step uses them: class temperature, hard class,
+    force max (docs/method.md, "Maximisation options"). Returns (image, slice, shift, weight)
+    sorted by image."""
+    img, sl, sh, w = level.image, level.slice, level.shift, level.weight.copy()
+    cls = level.slice_class[sl]
+    mass = np.zeros((b, k_cls))
+    np.add.at(mass, (img, cls), w)
+    if search.class_temperature != 1.0 and k_cls > 1:
+        tempered = np.power(np.maximum(mass, 1e-300), 1.0 / search.class_temperature)
+        tempered /= tempered.sum(1, keepdims=True)
+        w = w * tempered[img, cls] / np.maximum(mass[img, cls], 1e-300)
+        mass = tempered
+    if search.hard_class and k_cls > 1:
+        best = mass.argmax(1)
+        keep = cls == best[img]
+        w = np.where(keep, w / np.maximum(mass[img, cls], 1e-300), 0.0)
+        mass = np.zeros_like(mass)
+        mass[np.arange(b), best] = 1.0
+    if search.force_max:
+        # per (image, class): all its mass on its best (slice, shift)
+        key = img.astype(np.int64) * k_cls + cls
+        order = np.lexsort((-w, key))
+        first = order[np.r_[True, key[order][1:] != key[order][:-1]]]
+        w_new = np.zeros_like(w)
+        w_new[first] = mass[img[first], cls[first]]
+        w = w_new
+    keep = w > 0
+    return img[keep], sl[keep], sh[keep], w[keep]
+
+
+def _dense(b_idx, t_idx, s_idx, w, n_b, n_t, n_s) -> np.ndarray:
+    out = np.zeros((n_b, n_t, n_s), np.float32)
+    out[b_idx, t_idx, s_idx] = w
+    return out
+
+
+def _empty_estimates(n: int, k_cls: int) -> PoseEstimates:
+    return PoseEstimates(
+        class_prob=np.zeros((n, k_cls)), best_class=np.zeros(n, np.int64),
+        rotations=np.tile(np.eye(3), (n, 1, 1)), angles=np.zeros((n, 3)),
+        origins=np.zeros((n, 2)), max_prob=np.zeros(n), n_significant=np.zeros(n, np.int64),
+        log_likelihood=np.zeros(n), angular_spread=np.zeros(n), offset_spread=np.zeros(n),
+        n_samples=np.zeros(n, np.int64))
+
+
+def _store_estimates(est: PoseEstimates, rows, level: _Level, b_idx, s_idx, t_idx, w,
+                     k_cls: int, prev_origin, n_sig0) -> None:
+    """Best class (by mass), best pose within it, spreads, for the batch's images."""
+    b = rows.size
+    cls = level.slice_class[s_idx]
+    mass = np.zeros((b, k_cls))
+    np.add.at(mass, (b_idx, cls), w)
+    mass /= np.maximum(mass.sum(1, keepdims=True), 1e-300)
+    best_k = mass.argmax(1)
+    # best pose: largest weight within the best class
+    in_best = cls == best_k[b_idx]
+    order = np.lexsort((-np.where(in_best, w, -1.0), b_idx))
+    first = order[np.r_[True, b_idx[order][1:] != b_idx[order][:-1]]]
+    best_slice = np.zeros(b, np.int64)
+    best_shift = np.zeros(b, np.int64)
+    best_slice[b_idx[first]] = s_idx[first]
+    best_shift[b_idx[first]] = t_idx[first]
+    rot = level.rotations[best_slice]
+    est.class_prob[rows] = mass
+    est.best_class[rows] = best_k
+    est.rotations[rows] = rot
+    est.angles[rows] = np.stack(matrix_to_euler(rot), axis=1)
+    est.origins[rows] = np.rint(prev_origin[rows]) + level.shifts[best_shift]
+    wmax = np.zeros(b)
+    np.maximum.at(wmax, b_idx, w)
+    est.max_prob[rows] = wmax
+    est.n_significant[rows] = n_sig0
+    # spreads around the best pose (posterior RMS)
+    tr = np.einsum("nij,nij->n", level.rotations[s_idx], rot[b_idx])
+    theta = np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+    wsum = np.maximum(np.bincount(b_idx, weights=w, minlength=b), 1e-300)
+    est.angular_spread[rows] = np.sqrt(np.bincount(b_idx, weights=w * theta**2, minlength=b)
+                                       / wsum)
+    d2 = ((level.shifts[t_idx] - level.shifts[best_shift][b_idx]) ** 2).sum(1)
+    est.offset_spread[rows] = np.sqrt(np.bincount(b_idx, weights=w * d2, minlength=b) / wsum)
+    est.n_samples[rows] = level.n_scored
+    est.log_likelihood[rows] = level.log_marginal
+
+
+def rotations_from_angles(angles: np.ndarray) -> np.ndarray:
+    """(n, 3, 3) A matrices of (n, 3) Euler angles."""
+    return euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])

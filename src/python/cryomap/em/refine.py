@@ -1,0 +1,533 @@
+"""3D auto-refinement (RELION's auto-refine): a schedule of E/M passes over two independent
+half-sets, with the pose sampling made finer as the map improves.
+
+Each iteration, for each half-set: its current map is the reference of one engine pass
+(`engine.run_pass`, K = 1) over the half's particles; then sigma2 (docs/method.md eq. (15),
+pooled over both halves), the half-set FSC, tau2 from the FSC and both half maps (eq. (14)).
+
+The sampling schedule (`AutoSampling`, RELION's updateAngularSampling and checkConvergence):
+- start at --healpix_order with global searches and adaptive oversampling;
+- when the resolution has stopped improving and the best poses have stopped changing, raise
+  the HEALPix order by one (finer translations too); from --auto_local_healpix_order on, search
+  locally around each particle's previous pose with a Gaussian prior (sigma = 2 oversampled
+  steps, RELION's rule);
+- when the sampling is finer than the data can resolve (the angular step below 0.75 of the
+  posterior's accuracy) and neither resolution nor poses change, the run has converged: one
+  final iteration at the full image size, then the map from both halves together.
+A global search at an order above the starting one starts at the starting order's grid and
+follows each particle's significant samples down (adaptive oversampling over several levels),
+so it costs about as much as the coarse search.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from .. import fourier, projector
+from ..errors import InputError
+from ..euler import angular_distance, euler_to_matrix
+from ..masks import soft_sphere
+from ..particles import ParticleSet
+from ..sampling import PoseSampling, angular_step
+from .accuracy import expected_accuracy
+from .data import ImageSource
+from .engine import PassResult, Search, run_pass
+from .model import fsc, next_r_max, resolution_shell, ssnr_from_fsc, tau2_from_fsc
+from .noise import NoiseModel
+
+MAX_HEALPIX_ORDER = 8
+# RELION's minimum offset prior variance (--min_sigma2_offset, Å^2)
+MIN_SIGMA2_OFFSET = 2.0
+
+
+@dataclass
+class RefineOptions:
+    """Options of a refinement (RELION's names and defaults where RELION has them)."""
+
+    iterations: int | None = None  # None: auto-refine until converged; N: exactly N
+    healpix_order: int = 2
+    auto_local_healpix_order: int = 4
+    oversampling: int = 1
+    psi_step: float | None = None  # degrees at --healpix_order; default its angular step
+    offset_range: float = 6.0  # px
+    offset_step: float = 2.0  # px
+    offset_sigma: float = 10.0  # Å, initial std. dev. of the origin prior (RELION's --offset)
+    sigma_ang: float | None = None  # degrees: local searches from the input poses
+    ini_high: float = 40.0  # Å
+    particle_diameter: float | None = None  # Å; default (N - 5)·pix
+    mask_edge: float = 5.0  # px
+    tau2_fudge: float = 1.0
+    pad: int = 2
+    interp: str = "linear"
+    force_max: bool = False
+    adaptive_fraction: float = 0.999
+    noise_model: str = "shell"  # "shell" (RELION) or "pixel" (eq. (15) per pixel)
+    prior_model: str = "fsc"  # "fsc" (RELION) or "voxel" (eq. (16) per voxel)
+    incr_size: int = 10
+    use_ctf: bool = True
+    perturb: float = 0.5
+    seed: int = 0
+    max_iterations: int = 40  # auto-refine gives up converging after this many
+    batch_memory: int = 512 << 20  # bytes for one batch's posterior arrays
+    fixed_poses: bool = False  # known poses: reconstruct, no alignment
+
+    def validate(self) -> None:
+        """Every option in range (InputError naming the option and the range)."""
+        def bad(name: str, value, expected: str) -> None:
+            raise InputError(f"--{name} {value}: expected {expected}")
+
+        if self.iterations is not None and self.iterations < 1:
+            bad("iter", self.iterations, "at least 1 iteration")
+        if not 0 <= self.healpix_order <= MAX_HEALPIX_ORDER:
+            bad("healpix_order", self.healpix_order, f"0..{MAX_HEALPIX_ORDER}")
+        if not 0 <= self.auto_local_healpix_order <= MAX_HEALPIX_ORDER + 1:
+            bad("auto_local_healpix_order", self.auto_local_healpix_order,
+                f"0..{MAX_HEALPIX_ORDER + 1}")
+        if not 0 <= self.oversampling <= 3:
+            bad("oversampling", self.oversampling, "0..3")
+        if self.healpix_order + self.oversampling > MAX_HEALPIX_ORDER + 1:
+            bad("healpix_order", self.healpix_order,
+                f"order + oversampling <= {MAX_HEALPIX_ORDER + 1}")
+        if self.psi_step is not None and not 0 < self.psi_step <= 360:
+            bad("psi_step", self.psi_step, "a step in (0, 360] degrees")
+        if not (np.isfinite(self.offset_range) and self.offset_range >= 0):
+            bad("offset_range", self.offset_range, "a range >= 0 px")
+        if not (np.isfinite(self.offset_step) and self.offset_step > 0):
+            bad("offset_step", self.offset_step, "a step > 0 px")
+        if not (np.isfinite(self.offset_sigma) and self.offset_sigma > 0):
+            bad("offset_sigma", self.offset_sigma, "a standard deviation > 0 Å")
+        if self.sigma_ang is not None and not (np.isfinite(self.sigma_ang)
+                                               and 0 < self.sigma_ang <= 180):
+            bad("sigma_ang", self.sigma_ang, "a standard deviation in (0, 180] degrees")
+        if not (np.isfinite(self.ini_high) and self.ini_high > 0):
+            bad("ini_high", self.ini_high, "a resolution > 0 Å")
+        if self.particle_diameter is not None and not (np.isfinite(self.particle_diameter)
+                                                       and self.particle_diameter > 0):
+            bad("particle_diameter", self.particle_diameter, "a diameter > 0 Å")
+        if not (np.isfinite(self.mask_edge) and self.mask_edge >= 0):
+            bad("maskedge", self.mask_edge, "a width >= 0 px")
+        if not (np.isfinite(self.tau2_fudge) and self.tau2_fudge > 0):
+            bad("tau2_fudge", self.tau2_fudge, "a regularisation parameter > 0")
+        if self.pad not in (1, 2):
+            bad("pad", self.pad, "1 or 2")
+        if self.interp not in projector.INTERP:
+            bad("interp", self.interp, f"one of {sorted(projector.INTERP)}")
+        if not 0 < self.adaptive_fraction <= 1:
+            bad("adaptive_fraction", self.adaptive_fraction, "a fraction in (0, 1]")
+        if self.noise_model not in ("shell", "pixel"):
+            bad("noise-model", self.noise_model, "shell or pixel")
+        if self.prior_model not in ("fsc", "voxel"):
+            bad("prior-model", self.prior_model, "fsc or voxel")
+        if self.incr_size < 1:
+            bad("incr_size", self.incr_size, "at least 1 shell")
+        if not 0 <= self.perturb <= 1:
+            bad("perturb", self.perturb, "a fraction of a step in [0, 1]")
+        if self.max_iterations < 1:
+            bad("max_iterations", self.max_iterations, "at least 1")
+
+
+@dataclass
+class AutoSampling:
+    """The state of RELION's auto-sampling schedule (see the module docstring)."""
+
+    order: int  # current HEALPix order (before oversampling)
+    offset_step: float  # px, before oversampling
+    offset_range: float  # px
+    sigma_ang: float | None = None  # degrees: local searches when set
+    best_shell: int = 0  # best resolution so far (shell of SSNR = 1)
+    iter_wo_resolution_gain: int = 0
+    iter_wo_large_changes: int = 0
+    smallest_orientation_change: float = 999.0
+    smallest_offset_change: float = 999.0
+    fine_enough: bool = False
+    converged: bool = False
+    final_done: bool = False
+
+    @property
+    def local(self) -> bool:
+        return self.sigma_ang is not None
+
+    def search(self, options: RefineOptions, iteration: int, radius: int, diameter: float,
+               offset_sigma: float | None, fixed_poses: bool = False) -> Search:
+        """The engine's search for an iteration (its grid perturbed by a seeded draw)."""
+        rng = np.random.default_rng([options.seed, iteration, 17])
+        start = options.healpix_order
+        psi0 = options.psi_step if options.psi_step is not None else angular_step(start)
+        if self.local:
+            level0, levels = self.order, options.oversampling
+        else:
+            level0, levels = min(start, self.order), self.order - min(start, self.order) \
+                + options.oversampling
+        psi_step = psi0 / 2 ** (level0 - start) if level0 >= start else psi0
+        sampling = PoseSampling.create(3, level0, psi_step, self.offset_step, self.offset_range,
+                                       options.perturb, rng)
+        return Search(sampling, levels, radius, diameter, local_sigma=self.sigma_ang,
+                      fixed_poses=fixed_poses, offset_sigma=offset_sigma,
+                      adaptive_fraction=options.adaptive_fraction,
+                      force_max=options.force_max)
+
+    def fine_step(self, options: RefineOptions) -> float:
+        """The angular step after oversampling (degrees)."""
+        return angular_step(self.order + options.oversampling)
+
+    def update(self, shell: int, orientation_change: float, offset_change: float,
+               accuracy_rot: float, accuracy_trans: float, options: RefineOptions,
+               pixel_size: float) -> str | None:
+        """After an iteration: count iterations without resolution gain and without large
+        pose changes (RELION's 3 % / 40 % rule), then make the sampling finer or declare
+        convergence. Returns a log line when the sampling changes."""
+        if shell > self.best_shell:
+            self.best_shell, self.iter_wo_resolution_gain = shell, 0
+        else:
+            self.iter_wo_resolution_gain += 1
+        step = self.fine_step(options)
+        offset_fine = self.offset_step / 2**options.oversampling
+        small_orient = (orientation_change / step < 0.40
+                        or 1.03 * orientation_change >= self.smallest_orientation_change)
+        small_offset = (offset_change / offset_fine < 0.40
+                        or 1.03 * offset_change >= self.smallest_offset_change)
+        if small_orient and small_offset:
+            self.iter_wo_large_changes += 1
+        else:
+            self.iter_wo_large_changes = 0
+        self.smallest_orientation_change = min(self.smallest_orientation_change,
+                                               orientation_change)
+        self.smallest_offset_change = min(self.smallest_offset_change, offset_change)
+        message = None
+        if self.iter_wo_resolution_gain >= 1 and self.iter_wo_large_changes >= 1:
+            if step < 0.75 * accuracy_rot or self.order + 1 > MAX_HEALPIX_ORDER - \
+                    options.oversampling + 1:
+                self.fine_enough = True
+            else:
+                message = self._finer(offset_change, accuracy_trans, options, pixel_size)
+        if self.fine_enough and self.iter_wo_resolution_gain >= 1 \
+                and self.iter_wo_large_changes >= 1:
+            self.converged = True
+        return message
+
+    def _finer(self, offset_change: float, accuracy_trans: float, options: RefineOptions,
+               pixel_size: float) -> str:
+        """One HEALPix order up; translations from the observed accuracy and changes
+        (RELION's rules, in px)."""
+        over = 2**options.oversampling
+        # RELION's coarsest step after the first stage: 1.5 Å (before oversampling)
+        new_step = min(1.5 / pixel_size, 0.75 * accuracy_trans) * over
+        new_range = min(5.0 * offset_change, 1.3 * self.offset_range)
+        new_range = max(new_range, 1.5 * new_step)
+        if new_range > 4.0 * new_step:
+            new_range /= 2.0
+        if new_range > 4.0 * new_step:
+            new_step = new_range / 4.0
+        if new_step > self.offset_step:  # never coarser than before
+            new_step, new_range = self.offset_step, self.offset_range
+        self.order += 1
+        self.offset_step, self.offset_range = float(new_step), float(new_range)
+        if self.order >= options.auto_local_healpix_order:
+            self.sigma_ang = 2.0 * self.fine_step(options)
+        self.iter_wo_resolution_gain = self.iter_wo_large_changes = 0
+        self.smallest_orientation_change = self.smallest_offset_change = 999.0
+        return (f"sampling: HEALPix order {self.order} ({angular_step(self.order):.2f} deg, "
+                f"{self.fine_step(options):.2f} oversampled), offsets {self.offset_step:.2f} px "
+                f"in {self.offset_range:.2f} px, "
+                + (f"local searches (sigma {self.sigma_ang:.2f} deg)" if self.local
+                   else "global searches"))
+
+
+@dataclass
+class RefineState:
+    """Everything an iteration needs and produces (saved after each iteration)."""
+
+    iteration: int
+    volumes: np.ndarray  # (2, N, N, N) the half maps (current references)
+    sigma2: np.ndarray  # (groups, N, N//2+1)
+    subset: np.ndarray  # (n,) 1 or 2
+    angles: np.ndarray  # (n, 3) best Euler angles
+    origins_px: np.ndarray  # (n, 2)
+    max_prob: np.ndarray
+    n_significant: np.ndarray
+    log_likelihood: np.ndarray
+    angular_spread: np.ndarray  # (n,) degrees
+    offset_spread: np.ndarray  # (n,) px
+    r_max: int
+    offset_sigma: float  # px, std. dev. of the origin prior
+    schedule: AutoSampling
+    fsc: np.ndarray | None = None
+    tau2: np.ndarray | None = None
+    final_maps: np.ndarray | None = None  # (3, N, N, N) combined, half 1, half 2 (unfiltered)
+    history: list = field(default_factory=list)  # one dict of figures per iteration
+
+    @classmethod
+    def from_saved(cls, values: dict) -> RefineState:
+        values = dict(values)
+        values["schedule"] = AutoSampling(**values["schedule"])
+        for name in ("iteration", "r_max"):
+            values[name] = int(values[name])
+        values["offset_sigma"] = float(values["offset_sigma"])
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# -- one iteration -------------------------------------------------------------------------
+
+
+@dataclass
+class Refinement:
+    """The data and options an iteration works on (what is not state)."""
+
+    source: ImageSource
+    options: RefineOptions
+    mask_radius: float  # px, particle mask
+
+    @property
+    def box(self) -> int:
+        return self.source.box
+
+    @property
+    def pixel_size(self) -> float:
+        return self.source.pixel_size
+
+    @property
+    def diameter(self) -> float:
+        return 2.0 * self.mask_radius * self.pixel_size
+
+
+def mask_radius_px(options: RefineOptions, box: int, pix: float) -> float:
+    """Particle mask radius in px: diameter/2, default (N - 5)/2 - edge (RELION's default)."""
+    if options.particle_diameter is None:
+        return (box - 5) / 2.0 - options.mask_edge
+    return options.particle_diameter / (2.0 * pix)
+
+
+def lowpass(volume: np.ndarray, pixel_size: float, resolution: float,
+            width_shells: float = 2.0) -> np.ndarray:
+    """A map low-passed to `resolution` Å with a raised-cosine edge of `width_shells`."""
+    n = volume.shape[0]
+    ft = fourier.fft3_centered(volume)
+    kz, ky, kx = fourier.half_volume_freqs(n)
+    r = np.sqrt(kx * kx + ky * ky + kz * kz)
+    cut = n * pixel_size / resolution
+    t = np.clip((r - cut) / width_shells + 0.5, 0, 1)
+    return fourier.ifft3_centered(ft * (0.5 + 0.5 * np.cos(np.pi * t)), n)
+
+
+def split_halves(particles: ParticleSet, rng: np.random.Generator) -> np.ndarray:
+    """rlnRandomSubset if present and valid for every particle with both halves used, else a
+    random equal split (docs/conventions.md, "Half-sets")."""
+    df = particles.particles
+    if "rlnRandomSubset" in df.columns:
+        s = np.asarray(df["rlnRandomSubset"].to_numpy(), np.float64)
+        if np.all(np.isin(s, (1, 2))) and np.any(s == 1) and np.any(s == 2):
+            return s.astype(np.int64)
+    n = particles.n_particles
+    s = np.ones(n, np.int64)
+    s[rng.permutation(n)[: n // 2]] = 2
+    return s
+
+
+def initial_state(refinement: Refinement, reference: np.ndarray, angles: np.ndarray,
+                  origins_px: np.ndarray, subset: np.ndarray) -> RefineState:
+    """The reference low-passed to --ini_high in both halves, sigma2 from the images' power,
+    the given poses (n, 3) degrees and origins (n, 2) px, half-sets (n,) 1/2."""
+    o = refinement.options
+    box, pix = refinement.box, refinement.pixel_size
+    n = angles.shape[0]
+    ref = lowpass(np.asarray(reference, np.float64), pix, o.ini_high)
+    r0 = int(np.ceil(box * pix / o.ini_high))
+    noise = NoiseModel.from_images(refinement.source, o.noise_model == "pixel")
+    schedule = AutoSampling(order=o.healpix_order, offset_step=o.offset_step,
+                            offset_range=o.offset_range, sigma_ang=o.sigma_ang)
+    if o.sigma_ang is None and o.healpix_order >= o.auto_local_healpix_order \
+            and not o.fixed_poses:
+        schedule.sigma_ang = 2.0 * schedule.fine_step(o)
+    return RefineState(
+        iteration=0, volumes=np.stack([ref, ref.copy()]), sigma2=noise.sigma2,
+        subset=np.asarray(subset, np.int64), angles=np.array(angles, np.float64),
+        origins_px=np.array(origins_px, np.float64), max_prob=np.zeros(n),
+        n_significant=np.zeros(n, np.int64), log_likelihood=np.zeros(n),
+        angular_spread=np.zeros(n), offset_spread=np.zeros(n),
+        r_max=min(next_r_max(r0, box, o.incr_size), box // 2 - 1),
+        offset_sigma=o.offset_sigma / pix, schedule=schedule)
+
+
+def batch_size(search: Search, n_shifts: int, memory: int) -> int:
+    """Images per batch so that a batch's dense level-0 weights stay within `memory`."""
+    per_image = 4 * max(1, n_shifts) * search.sampling.n_orientations(0)
+    if search.local_sigma is not None or search.fixed_poses:
+        per_image = 4 * 4096 * max(1, n_shifts)  # windows of a few thousand samples at most
+    return int(max(8, min(2048, memory // max(per_image, 1))))
+
+
+def refine_iteration(state: RefineState, refinement: Refinement,
+                     progress: Callable[[int], None] | None = None) -> dict:
+    """One E/M iteration over both half-sets; updates `state` in place and returns the
+    iteration's figures (a dict for run.log and the history)."""
+    o, source = refinement.options, refinement.source
+    box, pix = refinement.box, refinement.pixel_size
+    t_start = time.perf_counter()
+    sched = state.schedule
+    final = sched.converged or (o.iterations is not None and state.iteration + 1 >= o.iterations)
+    radius = box // 2 if final else state.r_max
+    search = sched.search(o, state.iteration + 1, radius, refinement.diameter,
+                          state.offset_sigma, o.fixed_poses)
+    noise = NoiseModel(state.sigma2, o.noise_model == "pixel")
+    sphere = soft_sphere(box, refinement.mask_radius, o.mask_edge, 3)
+    previous = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
+    prev_origins = state.origins_px.copy()
+    results: list[PassResult] = []
+    bsize = batch_size(search, search.sampling.translations().shape[0], o.batch_memory)
+    for h in (1, 2):
+        members = np.flatnonzero(state.subset == h)
+        ref = projector.prepare_reference(state.volumes[h - 1] * sphere, o.pad, o.interp,
+                                          radius)
+        res = run_pass(source, members, [ref], search, noise, previous[members],
+                       prev_origins[members], batch_size=bsize, progress=progress)
+        e = res.estimates
+        state.angles[members] = e.angles
+        state.origins_px[members] = e.origins
+        state.max_prob[members] = e.max_prob
+        state.n_significant[members] = e.n_significant
+        state.log_likelihood[members] = e.log_likelihood
+        state.angular_spread[members] = e.angular_spread
+        state.offset_spread[members] = e.offset_spread
+        results.append(res)
+    t_pass = time.perf_counter()
+    # eq. (15): sigma2 pooled over both halves; the origin prior's width (RELION's M-step)
+    mask = fourier.pixel_mask(box, radius)
+    noise.update(results[0].residual + results[1].residual, results[0].count + results[1].count,
+                 mask)
+    state.sigma2 = noise.sigma2
+    n_img = max(1.0, float(results[0].count.sum() + results[1].count.sum()))
+    if not o.fixed_poses:
+        sigma2_off = (results[0].offset_sq + results[1].offset_sq) / (2.0 * n_img)
+        state.offset_sigma = float(np.sqrt(max(sigma2_off, MIN_SIGMA2_OFFSET / pix**2)))
+    # half-set FSC, tau2, half maps (eqs. (14), (16))
+    bps = [r.backprojectors[0] for r in results]
+    state.fsc, state.tau2 = half_set_fsc(bps, o, radius, box)
+    for h, bp in enumerate(bps):
+        t2 = state.tau2
+        if o.prior_model == "voxel":
+            t2 = voxel_tau2(state.volumes[h] * sphere, bp, o)
+        state.volumes[h] = bp.reconstruct(t2, o.tau2_fudge, radius) * _edge(box)
+    # pose changes and accuracies
+    new_rot = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
+    orientation_change = float(np.mean(angular_distance(previous, new_rot)))
+    offset_change = float(np.sqrt(np.mean((state.origins_px - prev_origins) ** 2)))
+    accuracy_rot, accuracy_trans = pose_accuracy(state, refinement, radius, noise)
+    ssnr_shell = resolution_shell(ssnr_from_fsc(state.fsc, o.tau2_fudge), 1.0)
+    ires = resolution_shell(state.fsc, 0.143)
+    ires05 = resolution_shell(state.fsc, 0.5)
+    state.iteration += 1
+    stage = (f"order {sched.order} ({angular_step(sched.order):.2f} deg, "
+             f"{sched.fine_step(o):.2f} oversampled), offsets {sched.offset_step:.2f} px in "
+             f"{sched.offset_range:.2f} px, " + (f"local (sigma {sched.sigma_ang:.2f} deg)"
+                                                 if sched.local else "global"))
+    message = None
+    if final:
+        state.final_maps = final_maps(bps, state.fsc, o, radius, box)
+        sched.final_done = True
+    elif not o.fixed_poses:
+        message = sched.update(ssnr_shell, orientation_change, offset_change, accuracy_rot,
+                               accuracy_trans, o, pix)
+        if state.iteration >= o.max_iterations and o.iterations is None:
+            sched.converged = True
+    high_fsc = float(state.fsc[min(radius, state.fsc.size - 1)]) > 0.2
+    grow = int(round(box / 8)) if (high_fsc and float(state.max_prob.mean()) > 0.1) \
+        else o.incr_size
+    state.r_max = min(next_r_max(ssnr_shell, box, grow), box // 2 - 1)
+    timings: dict = {}
+    for r in results:
+        for k, v in r.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    timings["reconstruct"] = time.perf_counter() - t_pass
+    samples = np.concatenate([r.estimates.n_samples for r in results])
+    stats = {
+        "iteration": state.iteration, "r_max": int(radius), "final": bool(final),
+        "stage": stage, "local": bool(sched.local and not final or search.local_sigma),
+        "healpix_order": int(search.sampling.healpix_order), "levels": int(search.levels),
+        "resolution_shell": int(ires), "resolution": float(box * pix / ires),
+        "resolution_05": float(box * pix / ires05), "ssnr_shell": int(ssnr_shell),
+        "log_likelihood": float(state.log_likelihood.sum()),
+        "average_pmax": float(state.max_prob.mean()),
+        "mean_n_significant": float(state.n_significant.mean()),
+        "mean_samples": float(samples.mean()),
+        "orientation_change": orientation_change, "offset_change": offset_change,
+        "accuracy_rot": accuracy_rot, "accuracy_trans": accuracy_trans,
+        "offset_sigma_angst": state.offset_sigma * pix,
+        "seconds": time.perf_counter() - t_start, "timings": timings, "message": message,
+    }
+    state.history.append(stats)
+    return stats
+
+
+def pose_accuracy(state: RefineState, refinement: Refinement, radius: int,
+                  noise: NoiseModel, n_per_half: int = 100) -> tuple[float, float]:
+    """RELION's expected accuracies (degrees, px) of up to n_per_half particles of each half
+    against its new map, averaged (see em/accuracy.py)."""
+    o = refinement.options
+    rng = np.random.default_rng([o.seed, state.iteration, 29])
+    sphere = soft_sphere(refinement.box, refinement.mask_radius, o.mask_edge, 3)
+    acc = []
+    for h in (1, 2):
+        members = np.flatnonzero(state.subset == h)
+        pick = np.sort(rng.choice(members, min(n_per_half, members.size), replace=False))
+        ref = projector.prepare_reference(state.volumes[h - 1] * sphere, o.pad, o.interp,
+                                          radius)
+        rot = euler_to_matrix(state.angles[pick, 0], state.angles[pick, 1],
+                              state.angles[pick, 2])
+        acc.append(expected_accuracy(ref, refinement.source, pick, rot, noise, radius, rng))
+    return float(np.mean([a[0] for a in acc])), float(np.mean([a[1] for a in acc]))
+
+
+def _edge(box: int) -> np.ndarray:
+    """The soft edge RELION gives a reconstruction at radius N/2."""
+    return soft_sphere(box, box / 2.0 - 1.0, 1.0, 3)
+
+
+def half_set_fsc(bps: list[projector.BackProjector], options: RefineOptions, r_max: int,
+                 box: int) -> tuple[np.ndarray, np.ndarray]:
+    """FSC between the unregularised half averages D/W (shells beyond r_max set to 0: they
+    were not searched) and tau2 from it (docs/method.md, "tau2 from the FSC")."""
+    h1, h2 = bps
+    n_shells = box // 2 + 1
+    curve = fsc(h1.unregularised(), h2.unregularised(), h1.shells(), n_shells)
+    curve[r_max + 1:] = 0.0
+    w_mean = 0.5 * (h1.shell_mean_weight() + h2.shell_mean_weight())
+    tau2 = tau2_from_fsc(curve, w_mean, options.pad, options.tau2_fudge)
+    tau2[r_max + 1:] = 0.0
+    return curve, tau2
+
+
+def voxel_tau2(volume: np.ndarray, bp: projector.BackProjector,
+               options: RefineOptions) -> np.ndarray:
+    """docs/method.md eq. (16) per voxel: tau2 = |V|^2 / 2 of the current map on the
+    back-projector's grid (the seed's literal prior model)."""
+    ref = projector.prepare_reference(volume, options.pad, options.interp, bp.r_max)
+    if ref.data.shape != bp.data.shape:
+        raise ValueError("voxel_tau2: reference and back-projector grids differ")
+    return (np.abs(ref.data.astype(np.complex128)) ** 2 / 2.0) / (
+        options.pad**3 * options.tau2_fudge)
+
+
+def final_maps(bps: list[projector.BackProjector], fsc_curve: np.ndarray,
+               options: RefineOptions, r_max: int, box: int) -> np.ndarray:
+    """(combined, half 1, half 2): the map from both halves' sums together with tau2 from the
+    FSC of the joined halves F' = sqrt(2F/(1+F)), and the unregularised half maps (RELION's
+    run_class001.mrc and run_half{1,2}_class001_unfil.mrc)."""
+    both = projector.BackProjector(box, options.pad, r_max, options.interp)
+    both.data = bps[0].data + bps[1].data
+    both.weight = bps[0].weight + bps[1].weight
+    both._folded = True
+    f = np.clip(fsc_curve, 0.0, 1.0)
+    joined = np.sqrt(2 * f / (1 + f))
+    tau2 = tau2_from_fsc(joined, both.shell_mean_weight(), options.pad, options.tau2_fudge)
+    tau2[r_max + 1:] = 0.0
+    combined = both.reconstruct(tau2, options.tau2_fudge, r_max) * _edge(box)
+    # unfiltered: no prior term (tau2 -> infinity), RELION's floor only
+    inf = np.full(box // 2 + 1, np.inf)
+    halves = [bp.reconstruct(inf, 1.0, r_max, minres_map=box) * _edge(box) for bp in bps]
+    return np.stack([combined] + halves)

@@ -1,0 +1,209 @@
+"""The refinement job: inputs checked, the auto-refine schedule run, RELION-layout outputs.
+
+Outputs in `outdir`: per iteration `run_itNNN_half{1,2}_class001.mrc`, `run_itNNN_model.star`,
+`run_itNNN_data.star` and `run_itNNN_state.npz` (exact state for --continue); at the end
+`run_class001.mrc` (both halves together), `run_half{1,2}_class001_unfil.mrc`,
+`run_model.star`, `run_data.star`, `run_fsc.png` and `run.log`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.mrc import read_map
+from ..particles import ParticleSet, load_particles
+from ..em.data import ImageSource
+from ..em.refine import (
+    RefineOptions,
+    RefineState,
+    Refinement,
+    initial_state,
+    mask_radius_px,
+    refine_iteration,
+    split_halves,
+)
+from ..em.model import ssnr_from_fsc
+from .base import Job, iteration_root, last_iteration, progress_bar
+from .output import (
+    ModelFigures,
+    model_blocks,
+    particle_table,
+    plot_fsc,
+    write_data_star,
+    write_model_star,
+    write_volume,
+)
+
+PIXEL_TOLERANCE = 0.001  # Å, as RELION
+
+
+def check_reference(reference: np.ndarray, ref_pixel: float, particles: ParticleSet,
+                    ref_path: str | Path) -> None:
+    """The reference's box and pixel size must match the particles."""
+    if reference.ndim != 3:
+        raise InputError(f"{ref_path}: expected a 3D map, got {reference.ndim} dimensions")
+    if reference.shape[0] != particles.box:
+        raise InputError(f"{ref_path}: box {reference.shape[0]} does not match the particles' "
+                         f"rlnImageSize {particles.box}")
+    if abs(ref_pixel - particles.pixel_size) > PIXEL_TOLERANCE:
+        raise InputError(f"{ref_path}: pixel size {ref_pixel:.4f} Å does not match the "
+                         f"particles' rlnImagePixelSize {particles.pixel_size:.4f} Å")
+
+
+def require_ctf(particles: ParticleSet, star: str | Path, use_ctf: bool) -> None:
+    """CTF correction needs defocus columns (one clear line otherwise)."""
+    if use_ctf and not particles.has_ctf:
+        raise InputError(f"{star}: no CTF columns (rlnDefocusU, rlnDefocusV); "
+                         "use --no-ctf for CTF-free data")
+
+
+def image_source(particles: ParticleSet, options) -> ImageSource:
+    """The particles' masked FTs for a job."""
+    return ImageSource(particles, mask_radius_px(options, particles.box, particles.pixel_size),
+                       options.mask_edge, options.use_ctf)
+
+
+class RefineJob(Job):
+    """Auto-refinement of one map against two half-sets of particles."""
+
+    kind = "refine"
+    state_class = RefineState
+
+    def __init__(self, particles: ParticleSet, star: str | Path, reference: np.ndarray | None,
+                 reference_path: str | Path | None, outdir: str | Path,
+                 options: RefineOptions, resume: bool = False,
+                 echo: Callable[[str], None] | None = print) -> None:
+        super().__init__(outdir, resume, echo)
+        self.particles, self.star = particles, Path(star)
+        self.reference, self.reference_path = reference, reference_path
+        self.options = options
+        self.refinement = Refinement(image_source(particles, options), options,
+                                     mask_radius_px(options, particles.box,
+                                                    particles.pixel_size))
+
+    def initial_state(self) -> RefineState:
+        o, p = self.options, self.particles
+        rng = np.random.default_rng(o.seed)
+        state = initial_state(self.refinement, self.reference, p.angles(), p.origins_px(),
+                              split_halves(p, rng))
+        self.write_job_file({"i": str(self.star.resolve()),
+                             "ref": None if self.reference_path is None
+                             else str(Path(self.reference_path).resolve()),
+                             "options": asdict(o)})
+        self.log(f"cryomap refine: {p.n_particles} particles, box {p.box}, "
+                 f"{p.pixel_size:.3f} Å/px, options {json.dumps(asdict(o))}")
+        return state
+
+    def finished(self, state: RefineState) -> bool:
+        return state.schedule.final_done
+
+    def iterate(self, state: RefineState) -> str:
+        bar = progress_bar(self.particles.n_particles, f"iteration {state.iteration + 1}")
+        s = refine_iteration(state, self.refinement, bar.update if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        t = s["timings"]
+        if s["message"]:
+            self.log(s["message"])
+        return (f"iteration {s['iteration']:3d}{' (final)' if s['final'] else ''}: {s['stage']}, "
+                f"{s['mean_samples']:.0f} samples/image; r_max {s['r_max']} px, resolution "
+                f"{s['resolution']:.2f} Å (FSC 0.143), {s['resolution_05']:.2f} Å (0.5); "
+                f"changes {s['orientation_change']:.2f} deg, {s['offset_change']:.2f} px; "
+                f"accuracy {s['accuracy_rot']:.2f} deg, {s['accuracy_trans']:.2f} px; <Pmax> "
+                f"{s['average_pmax']:.3f}, <nsig> {s['mean_n_significant']:.0f}; E-step "
+                f"{t.get('estep', 0):.1f} s, project {t.get('project', 0):.1f}, sums "
+                f"{t.get('sums', 0):.1f}, back-project {t.get('backproject', 0):.1f}, "
+                f"candidates {t.get('candidates', 0):.1f}, reconstruct "
+                f"{t.get('reconstruct', 0):.1f}")
+
+    def _figures(self, state: RefineState, names: list[str]) -> ModelFigures:
+        o, p = self.options, self.particles
+        box, pix = p.box, p.pixel_size
+        last = state.history[-1] if state.history else {}
+        n = box // 2 + 1
+        fsc = state.fsc if state.fsc is not None else np.zeros(n)
+        from ..em.noise import NoiseModel
+
+        noise = NoiseModel(state.sigma2)
+        return ModelFigures(
+            box=box, pixel_size=pix, class_names=names, class_distribution=np.ones(1),
+            class_resolution_shell=np.array([last.get("ssnr_shell", 1)]),
+            current_size=2 * int(last.get("r_max", state.r_max)),
+            ssnr=ssnr_from_fsc(fsc, o.tau2_fudge)[None],
+            tau2=(state.tau2 if state.tau2 is not None else np.zeros(n))[None],
+            sigma2=np.stack([noise.shell_spectrum(g) for g in range(noise.n_groups)]),
+            log_likelihood=float(state.log_likelihood.sum()),
+            average_pmax=float(state.max_prob.mean()), pad=o.pad, interp=o.interp,
+            tau2_fudge=o.tau2_fudge, offset_sigma=state.offset_sigma * pix, fsc=fsc[None],
+            accuracy_rotations=float(last.get("accuracy_rot", 999.0)),
+            accuracy_translations=float(last.get("accuracy_trans", 999.0)) * pix)
+
+    def _data_table(self, state: RefineState):
+        return particle_table(self.particles, state.angles, state.origins_px,
+                              self.particles.pixel_size, state.max_prob, state.n_significant,
+                              state.log_likelihood, subset=state.subset)
+
+    def write_iteration(self, root: Path, state: RefineState) -> None:
+        pix = self.particles.pixel_size
+        for h in (0, 1):
+            write_volume(Path(f"{root}_half{h + 1}_class001.mrc"), state.volumes[h], pix)
+        write_model_star(Path(f"{root}_model.star"),
+                         model_blocks(self._figures(state, [f"{root.name}_half1_class001.mrc"])))
+        write_data_star(Path(f"{root}_data.star"), self.particles, self._data_table(state))
+
+    def write_final(self, state: RefineState) -> None:
+        pix = self.particles.pixel_size
+        out = self.outdir
+        maps = state.final_maps
+        write_volume(out / "run_class001.mrc", maps[0], pix)
+        write_volume(out / "run_half1_class001_unfil.mrc", maps[1], pix)
+        write_volume(out / "run_half2_class001_unfil.mrc", maps[2], pix)
+        write_model_star(out / "run_model.star",
+                         model_blocks(self._figures(state, ["run_class001.mrc"])))
+        write_data_star(out / "run_data.star", self.particles, self._data_table(state))
+        res = state.history[-1]["resolution"] if state.history else float("nan")
+        plot_fsc(out / "run_fsc.png", state.fsc, self.particles.box, pix, res)
+        self.log(f"final resolution {res:.2f} Å (half-map FSC 0.143); map "
+                 f"{out / 'run_class001.mrc'}")
+
+
+def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Path,
+           options: RefineOptions, resume: bool = False,
+           echo: Callable[[str], None] | None = print) -> RefineState:
+    """Run (or, with resume=True, continue) a 3D refinement; returns the final state."""
+    options.validate()
+    particles = load_particles(star)
+    require_ctf(particles, star, options.use_ctf)
+    reference = None
+    if not (resume and last_iteration(Path(outdir)) is not None):
+        if reference_path is None:
+            raise InputError("--ref: an initial map is required")
+        reference, ref_pixel = read_map(reference_path)
+        check_reference(reference, ref_pixel, particles, reference_path)
+    job = RefineJob(particles, star, reference, reference_path, outdir, options, resume, echo)
+    try:
+        return job.run()
+    finally:
+        particles.close()
+
+
+def saved_job(outdir: str | Path) -> tuple[str, str | None, RefineOptions]:
+    """(particles STAR, reference, options) of the run in outdir, for --continue."""
+    path = Path(outdir) / "job.json"
+    if not path.exists():
+        raise InputError(f"{path}: no refinement to continue here (job.json missing)")
+    try:
+        job = json.loads(path.read_text())
+        return job["i"], job["ref"], RefineOptions(**job["options"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a readable refinement job file ({e})") from None
+
+
+__all__ = ["RefineJob", "refine", "saved_job", "check_reference", "require_ctf",
+           "image_source", "iteration_root"]
