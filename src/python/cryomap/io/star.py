@@ -1,4 +1,4 @@
-"""RELION STAR files (CONVENTIONS.md sections 8, 9), read and written with `starfile`.
+"""RELION STAR files (docs/conventions.md, "STAR files"), read and written with `starfile`.
 
 A STAR file is a dict of blocks, in file order: block name (the text after `data_`) -> a
 pandas DataFrame (a `loop_` table) or a dict (a list block, `_rlnLabel value` lines). Labels
@@ -33,7 +33,8 @@ import starfile
 from ..errors import InputError
 from .atomic import atomic_path
 
-__all__ = ["read_star", "write_star", "STAR_VERSION", "STRING_LABELS"]
+__all__ = ["read_star", "write_star", "STAR_VERSION", "STRING_LABELS", "as_table",
+           "numeric_column"]
 
 PathLike = str | os.PathLike
 
@@ -48,6 +49,8 @@ STRING_LABELS = [
     "rlnMicrographMetadata", "rlnMicrographGainName", "rlnMicrographDefectFile",
     "rlnMaskName", "rlnSolventMaskName", "rlnTomoName", "rlnTomoParticleName",
     "rlnCtfPowerSpectrum", "rlnMicrographNameNoDW", "rlnMtfFileName",
+    # vectors, written by RELION as "[a,b,c]"
+    "rlnOddZernike", "rlnEvenZernike",
 ]
 
 
@@ -72,6 +75,45 @@ def read_star(path: PathLike) -> dict[str, pd.DataFrame | dict]:
     if not blocks:
         raise InputError(f"{path}: not a STAR file (no data_ block found)")
     return {str(name): block for name, block in blocks.items()}
+
+
+def as_table(block: pd.DataFrame | dict) -> pd.DataFrame:
+    """A block as a table: a list block (`_rlnX value` lines) is a table of one row, as in
+    RELION, where both spellings describe the same MetaDataTable."""
+    if isinstance(block, pd.DataFrame):
+        return block
+    return pd.DataFrame({k: [v] for k, v in block.items()})
+
+
+def numeric_column(df: pd.DataFrame, label: str, where: str, finite: bool = True
+                   ) -> np.ndarray:
+    """Values of column `label` as float64, parsed strictly.
+
+    `where` names the file and block for messages (e.g. "run_data.star: data_particles").
+    Raises InputError naming the first bad row (1-based) for text that is not a number and,
+    with `finite`, for NaN/inf.
+    """
+    col = df[label]
+    if isinstance(col, pd.DataFrame):  # duplicated label
+        raise InputError(f"{where}: label {label} appears {col.shape[1]} times; expected once")
+    if col.dtype.kind in "iuf":
+        vals = col.to_numpy(dtype=np.float64)
+        not_number = np.zeros(vals.shape, bool)
+    else:
+        vals = pd.to_numeric(col.astype(str).str.strip(), errors="coerce").to_numpy(
+            dtype=np.float64)
+        # pd.to_numeric reads "nan"/"inf" as numbers; anything else that fails is text.
+        not_number = np.isnan(vals) & ~col.astype(str).str.strip().str.lower().isin(
+            ["nan", "+nan", "-nan"]).to_numpy()
+    if np.any(not_number):
+        r = int(np.argmax(not_number))
+        raise InputError(f"{where}, row {r + 1}: {label} = {col.iloc[r]!r} is not a number; "
+                         f"expected a number")
+    if finite and not np.all(np.isfinite(vals)):
+        r = int(np.argmax(~np.isfinite(vals)))
+        raise InputError(f"{where}, row {r + 1}: {label} = {vals[r]:g}; expected a finite "
+                         f"number")
+    return vals
 
 
 def _format_float(x: float) -> str:
