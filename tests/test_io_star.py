@@ -247,3 +247,13 @@ def test_as_table_reads_list_blocks_as_one_row():
     assert list(t.columns) == ["rlnVoltage", "rlnImageSize"] and len(t) == 1
     df = pd.DataFrame({"a": [1]})
     assert as_table(df) is df
+
+
+def test_corrected_file_is_read_again_after_a_failed_read(tmp_path):
+    # starfile caches lines (linecache) and keeps them after a parse error
+    path = tmp_path / "x.star"
+    path.write_text("\n# version 30001\n\ndata_optics\n\nl")
+    with pytest.raises(InputError):
+        read_star(path)
+    path.write_text(relion_block("optics", ["rlnVoltage"], [["300.0"]]))
+    assert read_star(path)["optics"]["rlnVoltage"].tolist() == [300.0]

@@ -128,10 +128,16 @@ def _same_file(a: Path, b: Path) -> bool:
 def _resolve_stack(name: str, search_dirs: Sequence[Path], where: str) -> Path | None:
     """The existing file `name` refers to, or None; InputError when two different files
     match (an ambiguous relative name)."""
+    def is_file(c: Path) -> bool:
+        try:
+            return c.is_file()
+        except (OSError, ValueError):  # e.g. a NUL byte or a name too long for the system
+            raise InputError(f"{where}: stack name {name!r} is not a valid path") from None
+
     p = Path(name)
     if p.is_absolute():
-        return p if p.is_file() else None
-    found = [d / p for d in search_dirs if (d / p).is_file()]
+        return p if is_file(p) else None
+    found = [d / p for d in search_dirs if is_file(d / p)]
     if not found:
         return None
     for other in found[1:]:

@@ -67,7 +67,8 @@ def read_cs(path: PathLike) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:  # np.load raises ValueError, OSError, EOFError, ... on bad files
-        raise InputError(f"{path}: not a cryoSPARC .cs file ({type(e).__name__}: {e})"
+        detail = " ".join(str(e).split())
+        raise InputError(f"{path}: not a cryoSPARC .cs file ({type(e).__name__}: {detail})"
                          ) from None
     if not isinstance(arr, np.ndarray) or arr.dtype.names is None or arr.ndim != 1:
         raise InputError(f"{path}: not a cryoSPARC .cs file (expected a 1D structured "

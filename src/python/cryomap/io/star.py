@@ -23,6 +23,7 @@ comment, and comment lines between the labels of a loop header end the header.
 
 from __future__ import annotations
 
+import linecache
 import os
 from pathlib import Path
 
@@ -65,12 +66,16 @@ def read_star(path: PathLike) -> dict[str, pd.DataFrame | dict]:
         raise InputError(f"{path}: file not found")
     if not path.is_file():
         raise InputError(f"{path}: not a regular file")
+    # starfile reads through linecache and clears it only after a successful parse: after a
+    # failed read, a corrected file at the same path would be parsed from the stale lines.
+    linecache.clearcache()
     try:
         blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_LABELS)
     except Exception as e:
         # starfile / pandas raise many types (e.g. TypeError for a data_ block with neither
         # loop_ nor labels); all mean "unparsable".
-        raise InputError(f"{path}: cannot parse as a STAR file ({type(e).__name__}: {e})"
+        detail = " ".join(str(e).split())  # pandas' messages span lines; ours are one line
+        raise InputError(f"{path}: cannot parse as a STAR file ({type(e).__name__}: {detail})"
                          ) from None
     if not blocks:
         raise InputError(f"{path}: not a STAR file (no data_ block found)")
