@@ -319,7 +319,7 @@ class ParticleSet:
         """Per-particle numbers (strictly parsed, finite) or `default` when absent."""
         if label not in self.particles.columns:
             return np.full(rows.size, default, dtype=np.float64)
-        return numeric_column(self.particles, label, self._where("data_particles"))[rows]
+        return numeric_column(self.particles, label, self._where("data_particles"), rows=rows)
 
     def _group_column(self, label: str, rows: np.ndarray) -> np.ndarray:
         if label not in self.optics.columns:
@@ -552,7 +552,7 @@ def check_ctf(particles: ParticleSet, indices: Indices = None) -> None:
     part_where = ps._where("data_particles")
     for label in ("rlnDefocusU", "rlnDefocusV") + tuple(CTF_PARTICLE_DEFAULTS):
         if label in ps.particles.columns:
-            vals = numeric_column(ps.particles, label, part_where)[rows]
+            vals = numeric_column(ps.particles, label, part_where, rows=rows)
             check_values(label, vals, part_where, rows=rows)
 
 

@@ -90,33 +90,36 @@ def as_table(block: pd.DataFrame | dict) -> pd.DataFrame:
     return pd.DataFrame({k: [v] for k, v in block.items()})
 
 
-def numeric_column(df: pd.DataFrame, label: str, where: str, finite: bool = True
-                   ) -> np.ndarray:
-    """Values of column `label` as float64, parsed strictly.
+def numeric_column(df: pd.DataFrame, label: str, where: str, finite: bool = True,
+                   rows: np.ndarray | None = None) -> np.ndarray:
+    """Values of column `label` (only `rows`, 0-based positions, when given) as float64,
+    parsed strictly.
 
     `where` names the file and block for messages (e.g. "run_data.star: data_particles").
     Raises InputError naming the first bad row (1-based) for text that is not a number and,
-    with `finite`, for NaN/inf.
+    with `finite`, for NaN/inf. Only the requested rows are parsed and checked, so that
+    per-batch reads of a large table cost time in proportion to the batch.
     """
     col = df[label]
     if isinstance(col, pd.DataFrame):  # duplicated label
         raise InputError(f"{where}: label {label} appears {col.shape[1]} times; expected once")
+    pos = np.arange(len(col)) if rows is None else np.asarray(rows, dtype=np.int64)
     if col.dtype.kind in "iuf":
-        vals = col.to_numpy(dtype=np.float64)
+        vals = col.to_numpy(dtype=np.float64)[pos]
         not_number = np.zeros(vals.shape, bool)
     else:
-        vals = pd.to_numeric(col.astype(str).str.strip(), errors="coerce").to_numpy(
-            dtype=np.float64)
+        text = (col if rows is None else col.iloc[pos]).astype(str).str.strip()
+        vals = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
         # pd.to_numeric reads "nan"/"inf" as numbers; anything else that fails is text.
-        not_number = np.isnan(vals) & ~col.astype(str).str.strip().str.lower().isin(
-            ["nan", "+nan", "-nan"]).to_numpy()
+        not_number = np.isnan(vals) & ~text.str.lower().isin(["nan", "+nan", "-nan"]
+                                                             ).to_numpy()
     if np.any(not_number):
-        r = int(np.argmax(not_number))
-        raise InputError(f"{where}, row {r + 1}: {label} = {col.iloc[r]!r} is not a number; "
-                         f"expected a number")
+        i = int(np.argmax(not_number))
+        raise InputError(f"{where}, row {pos[i] + 1}: {label} = {col.iloc[pos[i]]!r} is not a "
+                         f"number; expected a number")
     if finite and not np.all(np.isfinite(vals)):
-        r = int(np.argmax(~np.isfinite(vals)))
-        raise InputError(f"{where}, row {r + 1}: {label} = {vals[r]:g}; expected a finite "
+        i = int(np.argmax(~np.isfinite(vals)))
+        raise InputError(f"{where}, row {pos[i] + 1}: {label} = {vals[i]:g}; expected a finite "
                          f"number")
     return vals
 
