@@ -160,3 +160,11 @@ def test_info_multi_image_mrc_without_pixel_size(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MRC map" in out and "pixel size: 2.0000 A (--angpix; header: not set)" in out
     assert "box size: 12.00 A" in out
+
+
+def test_info_reports_an_unreadable_stack(particles_star, capsys):
+    (particles_star.parent / "stack.mrcs").write_bytes(b"\0" * 500)
+    assert main(["info", "--i", str(particles_star)]) == 0
+    out = capsys.readouterr().out
+    assert "first particle 000001@stack.mrcs: STACK UNREADABLE: " in out
+    assert "500 bytes; an MRC header needs 1024" in out

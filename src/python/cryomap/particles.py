@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .ctf import CTF_RANGES, CtfParams, check_values
+from .ctf import CtfParams, check_values
 from .errors import InputError
 from .io.mrc import PIXEL_SIZE_RANGE, Stack, check_pixel_size, open_stack, read_header
 from .io.star import as_table, numeric_column, read_star, write_star
@@ -704,9 +704,10 @@ def _convert_30(particles: pd.DataFrame, star_path: Path, block: str,
         raise InputError(f"{star_path}: {block} (RELION 3.0 file, no data_optics) has no "
                          f"pixel size; expected rlnPixelSize or rlnDetectorPixelSize and "
                          f"rlnMagnification, or give --angpix")
-    for r, v in enumerate(pix):
-        if not PIXEL_SIZE_RANGE[0] <= v <= PIXEL_SIZE_RANGE[1]:
-            check_pixel_size(v, f"{where}, row {r + 1}: pixel size")
+    bad = ~((pix >= PIXEL_SIZE_RANGE[0]) & (pix <= PIXEL_SIZE_RANGE[1]))
+    if np.any(bad):
+        r = int(np.argmax(bad))
+        check_pixel_size(pix[r], f"{where}, row {r + 1}: pixel size")
     pix = np.round(pix, 6)
 
     if "rlnDefocusU" in cols:
@@ -925,6 +926,3 @@ def write_particles(path: PathLike, optics: pd.DataFrame, particles: pd.DataFram
     """Write a RELION 3.1 particle file (data_optics then data_particles), atomically."""
     write_star(path, {"optics": optics, "particles": particles})
 
-
-# Keep the range table importable from here for callers that validate tables themselves.
-__all__ += ["CTF_RANGES"]

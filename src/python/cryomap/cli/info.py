@@ -102,7 +102,11 @@ def _particle_lines(ps: ParticleSet, notes: list[str]) -> list[str]:
             out.append(f"images: {what} particle {name}: STACK NOT FOUND (looked in "
                        f"{', '.join(str(d) for d in ps.search_dirs)})")
             continue
-        h = read_header(pth)
+        try:
+            h = read_header(pth)
+        except InputError as e:  # info reports; reading the images would stop here
+            out.append(f"images: {what} particle {name}: STACK UNREADABLE: {e}")
+            continue
         box = int(boxes[group[row]])
         line = (f"images: {what} particle {name}: stack found at {pth} ({h.nz} images of "
                 f"{h.nx} x {h.ny} px)")
