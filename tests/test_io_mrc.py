@@ -362,3 +362,26 @@ def test_multi_image_mrc_and_rectangular_tilt_series(tmp_path):
     with open_stack(tmp_path / "ts.st", require_square=False) as st:
         assert st.shape == (3, 4, 6)
         np.testing.assert_array_equal(st.read([1]), tilt[[1]].astype(np.float32))
+
+
+def test_folder_is_not_an_mrc_file(tmp_path):
+    (tmp_path / "folder.mrc").mkdir()
+    for reader in (read_map, open_stack):
+        with pytest.raises(InputError, match=r"folder\.mrc: not a regular file"):
+            reader(tmp_path / "folder.mrc")
+
+
+def test_unreadable_file_is_an_input_error(tmp_path):
+    import os
+
+    path = tmp_path / "locked.mrc"
+    write_map(path, np.zeros((4, 4, 4)), 1.0)
+    os.chmod(path, 0)
+    try:
+        if os.access(path, os.R_OK):  # running as root: permissions do not apply
+            pytest.skip("file permissions are not enforced for this user")
+        for reader in (read_map, open_stack):
+            with pytest.raises(InputError, match=r"locked\.mrc: cannot read the file"):
+                reader(path)
+    finally:
+        os.chmod(path, 0o644)

@@ -114,9 +114,12 @@ def read_header(path: PathLike) -> MrcHeader:
     """
     path = Path(path)
     _check_exists(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(_HEADER_BYTES)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(_HEADER_BYTES)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the file ({e.strerror or e})") from None
     if len(raw) < _HEADER_BYTES:
         raise _not_mrc(path, f"{len(raw)} bytes; an MRC header needs {_HEADER_BYTES}")
     order = "<"
@@ -177,7 +180,10 @@ def read_map(path: PathLike, angpix: float | None = None) -> tuple[np.ndarray, f
         raise InputError(f"{path}: map shape ({h.nz}, {h.ny}, {h.nx}) (z, y, x) is not "
                          f"supported; expected a {kind} (equal box size on every axis)")
     count = h.nx * h.ny * h.nz
-    data = np.fromfile(path, dtype=h.dtype, count=count, offset=h.data_offset)
+    try:
+        data = np.fromfile(path, dtype=h.dtype, count=count, offset=h.data_offset)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the voxels ({e})") from None
     data = data.astype(np.float32).reshape(h.shape)
     if h.nz == 1:
         data = data[0]  # a 2D image (or a one-image stack)
@@ -239,8 +245,11 @@ class Stack:
         # optics table, so 0.0 here means "not in the header (or outside 0.1..100 A)".
         lo, hi = PIXEL_SIZE_RANGE
         self.pixel_size: float = h.pixel_size if lo <= h.pixel_size <= hi else 0.0
-        self._data: np.ndarray | None = np.memmap(self.path, dtype=h.dtype, mode="r",
-                                                  offset=h.data_offset, shape=h.shape)
+        try:
+            self._data: np.ndarray | None = np.memmap(self.path, dtype=h.dtype, mode="r",
+                                                      offset=h.data_offset, shape=h.shape)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{self.path}: cannot map the images ({e})") from None
 
     @property
     def n_images(self) -> int:
