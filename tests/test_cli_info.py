@@ -115,3 +115,56 @@ def test_info_bad_particle_file(tmp_path, capsys):
     write_particles(path, opt, pd.DataFrame({"rlnImageName": ["1@s.mrcs"]}))
     assert main(["info", "--i", str(path)]) == 2
     _assert_one_line_error(capsys, "p.star: data_optics has no rlnImageSize column")
+
+
+def test_info_flags_stack_box_mismatch(tmp_path, capsys):
+    # an optics table claiming 300 px for a 30 px stack
+    write_stack(tmp_path / "s.mrcs", np.zeros((2, 30, 30), np.float32), 1.0)
+    parts = pd.DataFrame({"rlnImageName": ["1@s.mrcs", "2@s.mrcs"]})
+    write_particles(tmp_path / "p.star", make_optics_table(1.0, 300), parts)
+    assert main(["info", "--i", str(tmp_path / "p.star")]) == 0
+    out = capsys.readouterr().out
+    assert "box 300" in out
+    assert ("first particle 1@s.mrcs: stack found at " in out
+            and "(2 images of 30 x 30 px); MISMATCH: rlnImageSize of optics group 1 is 300 px, "
+                "the stack's images are 30 x 30 px" in out)
+
+
+def test_info_angpix_for_files_without_pixel_size(tmp_path, capsys):
+    write_stack(tmp_path / "s.mrcs", np.ones((2, 8, 8), np.float32), 1.0)
+    opt = make_optics_table(1.0, 8).drop(columns=["rlnImagePixelSize"])
+    write_particles(tmp_path / "p.star", opt, pd.DataFrame({"rlnImageName": ["1@s.mrcs"]}))
+    assert main(["info", "--i", str(tmp_path / "p.star")]) == 2
+    _assert_one_line_error(capsys, "no rlnImagePixelSize column")
+    assert main(["info", "--i", str(tmp_path / "p.star"), "--angpix", "1.7"]) == 0
+    assert "pixel 1.7000 A, box 8" in capsys.readouterr().out
+    assert main(["info", "--i", str(tmp_path / "p.star"), "--angpix", "0"]) == 2
+    _assert_one_line_error(capsys, "--angpix = 0: expected a pixel size in 0.1..100 A")
+
+
+def test_info_multi_image_mrc_without_pixel_size(tmp_path, capsys):
+    import mrcfile
+
+    path = tmp_path / "seven.mrc"
+    with mrcfile.new(path) as m:
+        m.set_data(np.arange(7 * 6 * 6, dtype=np.float32).reshape(7, 6, 6))
+    assert main(["info", "--i", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "MRC stack" in out and "images: 7" in out
+    assert "shape (n, y, x): (7, 6, 6), mode 2 (float32)" in out
+    assert "pixel size: not set in header (give --angpix)" in out
+    cube = tmp_path / "cube.mrc"
+    with mrcfile.new(cube) as m:
+        m.set_data(np.zeros((6, 6, 6), np.float32))
+    assert main(["info", "--i", str(cube), "--angpix", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "MRC map" in out and "pixel size: 2.0000 A (--angpix; header: not set)" in out
+    assert "box size: 12.00 A" in out
+
+
+def test_info_reports_an_unreadable_stack(particles_star, capsys):
+    (particles_star.parent / "stack.mrcs").write_bytes(b"\0" * 500)
+    assert main(["info", "--i", str(particles_star)]) == 0
+    out = capsys.readouterr().out
+    assert "first particle 000001@stack.mrcs: STACK UNREADABLE: " in out
+    assert "500 bytes; an MRC header needs 1024" in out

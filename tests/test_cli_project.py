@@ -165,3 +165,80 @@ def test_simulate_bad_map_box(clean_sim, tmp_path, capsys):
                "--n", "5", "--box", "64"])
     assert rc == 2
     assert "--box 64" in _error_line(capsys)
+
+
+def test_project_angpix_serves_a_map_without_pixel_size(clean_sim, tmp_path):
+    vol, _ = read_map(clean_sim / "truth_map.mrc")
+    path = tmp_path / "nopix.mrc"
+    with mrcfile.new(path) as m:
+        m.set_data(vol)  # cell 0: no pixel size in the header
+    args = ["project", "--i", str(path), "--ang", str(clean_sim / "truth.star")]
+    assert main(args + ["--o", str(tmp_path / "a.mrcs")]) == 2
+    assert main(args + ["--o", str(tmp_path / "b.mrcs"), "--angpix", "6"]) == 0
+    with mrcfile.open(tmp_path / "b.mrcs") as m:
+        assert m.voxel_size.x == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("block, label, value, pattern", [
+    ("optics", "rlnVoltage", 0.0, r"data_optics, row 1: rlnVoltage = 0; expected \[10, 3000\]"),
+    ("optics", "rlnVoltage", -200.0, r"rlnVoltage = -200"),
+    ("particles", "rlnDefocusU", -1000.0, r"data_particles, row 1: rlnDefocusU = -1000; "
+                                          r"expected > 0 A"),
+    ("particles", "rlnAngleTilt", "tilt", r"data_particles, row 1: rlnAngleTilt = 'tilt' is "
+                                          r"not a number"),
+])
+def test_project_bad_values_write_nothing(clean_sim, tmp_path, capsys, block, label, value,
+                                          pattern):
+    blocks = read_star(clean_sim / "truth.star")
+    blocks[block] = blocks[block].astype({label: object})
+    blocks[block].loc[0, label] = value
+    bad = tmp_path / "bad.star"
+    write_star(bad, blocks)
+    rc = main(["project", "--i", str(clean_sim / "truth_map.mrc"), "--ang", str(bad), "--o",
+               str(tmp_path / "x.mrcs"), "--ctf"])
+    assert rc == 2
+    line = _error_line(capsys)
+    assert str(bad) in line
+    assert __import__("re").search(pattern, line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.star"]
+
+
+@pytest.mark.parametrize("n", [64, 65])
+def test_project_places_the_map_centre_where_relion_project_does(tmp_path, n):
+    # A compact blob at voxel floor(N/2): relion_project puts it at pixel (ceil(N/2),
+    # ceil(N/2)) (inverse FFT, then CenterFFT(img, false)); for even N that is floor(N/2).
+    c = np.arange(n) - n // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    vol = np.exp(-(x * x + y * y + z * z) / (2 * 1.5**2)).astype(np.float32)
+    from cryomap.io.mrc import write_map
+
+    write_map(tmp_path / "dot.mrc", vol, 2.0)
+    write_star(tmp_path / "pose.star", {"": pd.DataFrame(
+        {"rlnAngleRot": [0.0, 40.0], "rlnAngleTilt": [0.0, 70.0], "rlnAnglePsi": [0.0, 15.0],
+         "rlnOriginXAngst": [0.0, 2.0 * 3], "rlnOriginYAngst": [0.0, -2.0 * 2]})})
+    assert main(["project", "--i", str(tmp_path / "dot.mrc"), "--ang",
+                 str(tmp_path / "pose.star"), "--o", str(tmp_path / "p.mrcs")]) == 0
+    img = mrcfile.read(tmp_path / "p.mrcs")
+    centre = n - n // 2
+    assert np.unravel_index(np.argmax(img[0]), img[0].shape) == (centre, centre)
+    # an origin (ox, oy) = (3, -2) px moves the particle to (centre - ox, centre - oy)
+    assert np.unravel_index(np.argmax(img[1]), img[1].shape) == (centre + 2, centre - 3)
+    # the simulator keeps cryomap's reading convention (floor(N/2)); same images for even N
+    sim = project_images(vol, [[0.0, 0.0, 0.0]])
+    assert np.unravel_index(np.argmax(sim[0]), sim[0].shape) == (n // 2, n // 2)
+    np.testing.assert_array_equal(
+        img[:1], project_images(vol, [[0.0, 0.0, 0.0]], image_origin="relion_project"))
+    assert np.array_equal(img[0], sim[0]) == (n % 2 == 0)
+
+
+def test_simulate_bad_microscope_options_write_nothing(tmp_path, capsys):
+    for opt, value, pattern in (("--voltage", "0", "--voltage 0: expected [10, 3000] kV"),
+                                ("--cs", "nan", "--cs nan: expected [-100, 100] mm"),
+                                ("--Q0", "1", "--Q0 1: expected [0, 1) (a fraction)"),
+                                ("--angpix", "1e-32", "--angpix = 1e-32: expected a pixel "
+                                                      "size in 0.1..100 A")):
+        rc = main(["simulate", "--o", str(tmp_path / "s"), "--n", "3", "--box", "16", opt,
+                   value])
+        assert rc == 2
+        assert pattern in _error_line(capsys)
+    assert not (tmp_path / "s").exists()

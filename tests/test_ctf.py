@@ -1,4 +1,4 @@
-"""Pins cryomap.ctf to RELION's CTF (CONVENTIONS.md section 4; ctf.cpp CTF::initialise,
+"""Pins cryomap.ctf to RELION's CTF (docs/conventions.md "CTF"; ctf.cpp CTF::initialise,
 ctf.h CTF::getCTF). The reference formulas are re-written here from the sheet."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def ref_wavelength(kv: float) -> float:
 
 
 def ref_gamma(sx, sy, u_def, v_def, az_deg, kv, cs_mm, q0, phase_deg):
-    """gamma(s) = -K1 (U u^2 + V v^2) + K2 |s|^4 - K5 - K3 (CONVENTIONS section 4)."""
+    """gamma(s) = -K1 (U u^2 + V v^2) + K2 |s|^4 - K5 - K3 (docs/conventions.md "CTF")."""
     lam = ref_wavelength(kv)
     k1 = math.pi * lam
     k2 = math.pi / 2 * cs_mm * 1e7 * lam**3

@@ -1,4 +1,4 @@
-"""Pins cryomap.euler to RELION's ZYZ Euler convention (CONVENTIONS.md section 1)."""
+"""Pins cryomap.euler to RELION's ZYZ Euler convention (docs/conventions.md "Euler angles")."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def random_angles(n: int, seed: int = 0) -> np.ndarray:
 
 
 def relion_matrix(rot: float, tilt: float, psi: float) -> np.ndarray:
-    """Euler_angles2matrix of euler.cpp, written out element by element (CONVENTIONS section 1)."""
+    """Euler_angles2matrix of euler.cpp, written out element by element (docs/conventions.md
+    "Euler angles")."""
     a, b, g = (math.radians(x) for x in (rot, tilt, psi))
     ca, sa, cb, sb, cg, sg = (math.cos(a), math.sin(a), math.cos(b), math.sin(b), math.cos(g),
                               math.sin(g))

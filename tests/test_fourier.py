@@ -1,4 +1,4 @@
-"""Pins cryomap.fourier to RELION's grid/FFT conventions (CONVENTIONS.md sections 0 and 5).
+"""Pins cryomap.fourier to RELION's grid/FFT conventions (docs/conventions.md "Grids").
 
 Every expected value here is computed independently of the module (brute-force DFTs, explicit
 enumerations), so a change of convention in fourier.py makes a test fail.
@@ -22,7 +22,7 @@ def relion_round(x: float) -> int:
 
 
 def ky_of_row(i: int, n: int) -> int:
-    """FFTW row -> ky (CONVENTIONS section 0): i if i <= N/2 else i - N."""
+    """FFTW row -> ky (docs/conventions.md "Grids"): i if i <= N/2 else i - N."""
     return i if i <= n // 2 else i - n
 
 
@@ -259,7 +259,7 @@ def test_symmetrize_kx0_plane_2d_layout():
 
 def brute_mask_pixels(n: int, r: int) -> list[tuple[int, int]]:
     """(kx, ky) of the half plane with 0 < ROUND|k| <= r, not (kx == 0 and ky < 0), in row-major
-    (ky row, kx) order: RELION's Mresol rule of CONVENTIONS section 5."""
+    (ky row, kx) order: RELION's Mresol rule (ml_optimiser.cpp)."""
     out = []
     for i in range(n):
         ky = ky_of_row(i, n)

@@ -232,3 +232,156 @@ def test_truncated_file(tmp_path, reader):
         f.truncate(path.stat().st_size - 100)
     with pytest.raises(InputError, match=r"cut\.mrcs: not a readable MRC file"):
         reader(path)
+
+
+# -- headers read as RELION reads them (rwMRC.h) -------------------------------------------------
+
+
+def raw_mrc(data: np.ndarray, mode: int, cell_a: float = 0.0, mx: int | None = None,
+            order: str = "<", map_id: bytes = b"MAP ", nsymbt: int = 0,
+            dims: tuple[int, int, int] | None = None) -> bytes:
+    """An MRC file built field by field (independently of mrcfile and of the reader)."""
+    import struct
+
+    nz, ny, nx = data.shape if dims is None else dims
+    head = bytearray(1024)
+    struct.pack_into(order + "4i", head, 0, nx, ny, nz, mode)
+    mx = nx if mx is None else mx
+    struct.pack_into(order + "3i", head, 28, mx, ny, nz)
+    struct.pack_into(order + "3f", head, 40, cell_a, cell_a, cell_a)
+    struct.pack_into(order + "3i", head, 64, 1, 2, 3)
+    struct.pack_into(order + "i", head, 92, nsymbt)
+    head[208:212] = map_id
+    return bytes(head) + b"\x07" * nsymbt + data.astype(data.dtype.newbyteorder(order)).tobytes()
+
+
+@pytest.mark.parametrize("mode, dtype", [(0, np.int8), (1, np.int16), (2, np.float32),
+                                         (6, np.uint16), (12, np.float16)])
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_reads_relion_modes_both_byte_orders_without_map_id(tmp_path, mode, dtype, order):
+    data = (np.arange(3 * 4 * 4) % 50).astype(dtype).reshape(3, 4, 4)
+    path = tmp_path / "s.mrcs"
+    path.write_bytes(raw_mrc(data, mode, cell_a=4 * 1.5, order=order, map_id=b"\0\0\0\0"))
+    with open_stack(path) as st:
+        assert st.shape == (3, 4, 4) and st.pixel_size == pytest.approx(1.5)
+        np.testing.assert_array_equal(st.read([2, 0]), data[[2, 0]].astype(np.float32))
+
+
+def test_extended_header_is_skipped(tmp_path):
+    data = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    path = tmp_path / "ext.mrcs"
+    path.write_bytes(raw_mrc(data, 2, nsymbt=96))
+    with open_stack(path) as st:
+        np.testing.assert_array_equal(st.read([0, 1]), data)
+
+
+@pytest.mark.parametrize("mode, why", [(3, "complex"), (4, "complex"), (101, "SerialEM 4-bit"),
+                                       (5, "unsupported"), (-2, "unsupported")])
+def test_unsupported_modes(tmp_path, mode, why):
+    path = tmp_path / "m.mrc"
+    path.write_bytes(raw_mrc(np.zeros((2, 4, 4), np.float32), mode))
+    with pytest.raises(InputError, match=rf"m\.mrc: not a readable MRC file \(header mode = "
+                                         rf"{mode} \({why}.*expected one of 0, 1, 2, 6, 12"):
+        open_stack(path)
+
+
+@pytest.mark.parametrize("dims, field", [((0, 4, 4), "nz = 0"), ((2, -4, 4), "ny = -4"),
+                                         ((2, 4, -3), "nx = -3")])
+def test_non_positive_dimensions(tmp_path, dims, field):
+    path = tmp_path / "d.mrc"
+    path.write_bytes(raw_mrc(np.zeros((2, 4, 4), np.float32), 2, dims=dims))
+    for reader in (read_map, open_stack):
+        with pytest.raises(InputError, match=rf"d\.mrc: not a readable MRC file \(header "
+                                             rf"{field}; expected >= 1\)"):
+            reader(path)
+    # |nx| > 65535 makes RELION (and cryomap) read the header as big-endian: still refused
+    path.write_bytes(raw_mrc(np.zeros((2, 4, 4), np.float32), 2, dims=(2, 4, -2**31)))
+    with pytest.raises(InputError, match=r"d\.mrc: not a readable MRC file"):
+        open_stack(path)
+
+
+def test_negative_extended_header(tmp_path):
+    path = tmp_path / "n.mrc"
+    raw = bytearray(raw_mrc(np.zeros((2, 4, 4), np.float32), 2))
+    raw[92:96] = (-8).to_bytes(4, "little", signed=True)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"header nsymbt = -8; expected >= 0"):
+        open_stack(path)
+
+
+def test_short_stack_is_an_error_not_fewer_images(tmp_path):
+    data = np.zeros((5, 4, 4), np.float32)
+    path = tmp_path / "short.mrcs"
+    path.write_bytes(raw_mrc(data, 2)[:-1])  # one byte short
+    with pytest.raises(InputError, match=r"short\.mrcs: not a readable MRC file \(header "
+                                         r"nx\*ny\*nz = 4\*4\*5 voxels .* need 1344 bytes; "
+                                         r"the file has 1343\)"):
+        open_stack(path)
+    # extra bytes at the end are ignored, as RELION ignores them
+    path.write_bytes(raw_mrc(data, 2) + b"\0" * 10)
+    with open_stack(path) as st:
+        assert st.n_images == 5
+
+
+@pytest.mark.parametrize("pix", [1e-32, 0.05, 150.0, 1e28])
+def test_map_pixel_size_outside_range_needs_override(tmp_path, pix):
+    vol = np.zeros((4, 4, 4), np.float32)
+    path = tmp_path / "p.mrc"
+    path.write_bytes(raw_mrc(vol, 2, cell_a=4 * pix))
+    with pytest.raises(InputError, match=r"p\.mrc: header pixel size .*expected a pixel size "
+                                         r"in 0\.1\.\.100 A"):
+        read_map(path)
+    data, got = read_map(path, angpix=1.7)
+    assert got == 1.7 and data.shape == (4, 4, 4)
+    with open_stack(path) as st:  # a stack's header pixel size is only informative
+        assert st.pixel_size == 0.0
+
+
+def test_map_without_pixel_size_reads_with_angpix(tmp_path):
+    path = tmp_path / "nopix.mrc"
+    path.write_bytes(raw_mrc(np.ones((4, 4, 4), np.float32), 2, cell_a=0.0))
+    with pytest.raises(InputError, match="pixel size missing in header.*give --angpix"):
+        read_map(path)
+    assert read_map(path, angpix=2.0)[1] == 2.0
+    for bad in (0.0, -1.0, float("nan"), 1e6):
+        with pytest.raises(InputError, match=r"--angpix = .*expected a pixel size in"):
+            read_map(path, angpix=bad)
+
+
+def test_multi_image_mrc_and_rectangular_tilt_series(tmp_path):
+    # a 7-image stack named .mrc without pixel size, and a non-square tilt series
+    seven = np.random.default_rng(0).normal(size=(7, 6, 6)).astype(np.float32)
+    (tmp_path / "seven.mrc").write_bytes(raw_mrc(seven, 2, map_id=b"\0\0\0\0"))
+    with open_stack(tmp_path / "seven.mrc") as st:
+        assert st.n_images == 7 and st.pixel_size == 0.0
+        np.testing.assert_array_equal(st.read(np.arange(7)), seven)
+    tilt = np.arange(3 * 4 * 6, dtype=np.int16).reshape(3, 4, 6)
+    (tmp_path / "ts.st").write_bytes(raw_mrc(tilt, 1, cell_a=6 * 2.0))
+    with pytest.raises(InputError, match=r"images are 6 x 4 px; expected square"):
+        open_stack(tmp_path / "ts.st")
+    with open_stack(tmp_path / "ts.st", require_square=False) as st:
+        assert st.shape == (3, 4, 6)
+        np.testing.assert_array_equal(st.read([1]), tilt[[1]].astype(np.float32))
+
+
+def test_folder_is_not_an_mrc_file(tmp_path):
+    (tmp_path / "folder.mrc").mkdir()
+    for reader in (read_map, open_stack):
+        with pytest.raises(InputError, match=r"folder\.mrc: not a regular file"):
+            reader(tmp_path / "folder.mrc")
+
+
+def test_unreadable_file_is_an_input_error(tmp_path):
+    import os
+
+    path = tmp_path / "locked.mrc"
+    write_map(path, np.zeros((4, 4, 4)), 1.0)
+    os.chmod(path, 0)
+    try:
+        if os.access(path, os.R_OK):  # running as root: permissions do not apply
+            pytest.skip("file permissions are not enforced for this user")
+        for reader in (read_map, open_stack):
+            with pytest.raises(InputError, match=r"locked\.mrc: cannot read the file"):
+                reader(path)
+    finally:
+        os.chmod(path, 0o644)

@@ -206,3 +206,54 @@ def test_float_formatting_keeps_type_and_relion_precision(tmp_path):
     assert back["a"]["rlnX"].iloc[1] == 24539.519531
     assert back["general"] == {"rlnPixelSize": 2.0, "rlnTau2FudgeFactor": 4}
     assert isinstance(back["general"]["rlnPixelSize"], float)
+
+
+def test_numeric_column_names_row_and_field():
+    from cryomap.io.star import numeric_column
+
+    df = pd.DataFrame({"rlnDefocusU": ["100.5", " 2e3", "abc", "7"],
+                       "rlnAngleRot": [1.0, np.inf, 2.0, 3.0],
+                       "rlnX": ["1", "nan", "-inf", "4"]})
+    with pytest.raises(InputError, match=r"^f\.star: data_particles, row 3: rlnDefocusU = "
+                                         r"'abc' is not a number; expected a number$"):
+        numeric_column(df, "rlnDefocusU", "f.star: data_particles")
+    np.testing.assert_array_equal(numeric_column(df.iloc[[0, 1, 3]], "rlnDefocusU", "w"),
+                                  [100.5, 2000.0, 7.0])
+    with pytest.raises(InputError, match=r"row 2: rlnAngleRot = inf; expected a finite"):
+        numeric_column(df, "rlnAngleRot", "w")
+    with pytest.raises(InputError, match=r"row 2: rlnX = nan; expected a finite"):
+        numeric_column(df, "rlnX", "w")
+    got = numeric_column(df, "rlnX", "w", finite=False)
+    assert np.isnan(got[1]) and got[2] == -np.inf and got[3] == 4.0
+    dup = pd.DataFrame([[1, 2]], columns=["rlnA", "rlnA"])
+    with pytest.raises(InputError, match="label rlnA appears 2 times"):
+        numeric_column(dup, "rlnA", "w")
+
+
+def test_text_in_numeric_column_read_from_file(tmp_path):
+    from cryomap.io.star import numeric_column
+
+    text = relion_block("particles", ["rlnImageName", "rlnDefocusU"],
+                        [["1@s.mrcs", "10000"], ["2@s.mrcs", "1O000"]])
+    df = read_star(_write(tmp_path, text))["particles"]
+    with pytest.raises(InputError, match=r"row 2: rlnDefocusU = '1O000' is not a number"):
+        numeric_column(df, "rlnDefocusU", "in.star: data_particles")
+
+
+def test_as_table_reads_list_blocks_as_one_row():
+    from cryomap.io.star import as_table
+
+    t = as_table({"rlnVoltage": 300.0, "rlnImageSize": 64})
+    assert list(t.columns) == ["rlnVoltage", "rlnImageSize"] and len(t) == 1
+    df = pd.DataFrame({"a": [1]})
+    assert as_table(df) is df
+
+
+def test_corrected_file_is_read_again_after_a_failed_read(tmp_path):
+    # starfile caches lines (linecache) and keeps them after a parse error
+    path = tmp_path / "x.star"
+    path.write_text("\n# version 30001\n\ndata_optics\n\nl")
+    with pytest.raises(InputError):
+        read_star(path)
+    path.write_text(relion_block("optics", ["rlnVoltage"], [["300.0"]]))
+    assert read_star(path)["optics"]["rlnVoltage"].tolist() == [300.0]

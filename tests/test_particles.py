@@ -14,6 +14,7 @@ from cryomap.particles import (
     ParticleSet,
     load_particles,
     make_optics_table,
+    random_subsets,
     write_particles,
 )
 
@@ -105,14 +106,46 @@ def test_stack_cache_is_bounded(project):
     assert len(ps._stacks) == 0
 
 
-def test_stacks_relative_to_project_folder_above_star(project, tmp_path):
-    # RELION job outputs sit in Refine3D/jobNNN/ with paths relative to the project folder.
+def test_stacks_relative_to_working_folder_as_relion(project, tmp_path, monkeypatch):
+    # RELION job outputs sit in Refine3D/jobNNN/ with paths relative to the project folder,
+    # which is RELION's working folder.
     star, expected = project
     job = tmp_path / "Refine3D" / "job010"
     job.mkdir(parents=True)
     (job / "run_data.star").write_text(star.read_text())
+    monkeypatch.chdir(tmp_path)
     with load_particles(job / "run_data.star") as ps:
         np.testing.assert_array_equal(ps.read_images([2]), expected[[2]])
+        assert ps.image_paths([0]) == [tmp_path / "Extract" / "a.mrcs"]
+
+
+def test_stacks_never_searched_in_other_ancestor_folders(project, tmp_path, monkeypatch):
+    # Outside the project folder, the STAR file's parents are not searched (a same-named
+    # stack elsewhere must not be picked up silently).
+    star, _ = project
+    job = tmp_path / "Refine3D" / "job010"
+    job.mkdir(parents=True)
+    (job / "run_data.star").write_text(star.read_text())
+    monkeypatch.chdir(job)
+    with load_particles(job / "run_data.star") as ps:
+        assert ps.image_paths([0]) == [None]
+        with pytest.raises(InputError, match=r"stack Extract/a\.mrcs not found \(looked for "
+                                             r".*job010/Extract/a\.mrcs"):
+            ps.read_images([0])
+
+
+def test_ambiguous_stack_is_an_error(project, tmp_path, monkeypatch):
+    star, expected = project
+    other = tmp_path / "elsewhere"
+    (other / "Extract").mkdir(parents=True)
+    write_stack(other / "Extract" / "a.mrcs", _stack_images(9, 3), 1.25)
+    monkeypatch.chdir(other)
+    with pytest.raises(InputError, match=r"stack Extract/a\.mrcs is ambiguous: .*elsewhere/"
+                                         r"Extract/a\.mrcs and .*Extract/a\.mrcs"):
+        load_particles(star).read_images([0])
+    # the same file reached both ways is not ambiguous
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(load_particles(star).read_images([0]), expected[[0]])
 
 
 def test_ctf_params_per_optics_group(project):
@@ -290,8 +323,8 @@ def test_error_missing_image_name(tmp_path):
         load_particles(path30)
 
 
-@pytest.mark.parametrize("field", ["rlnImagePixelSize", "rlnImageSize", "rlnVoltage",
-                                   "rlnSphericalAberration", "rlnAmplitudeContrast"])
+@pytest.mark.parametrize("field", ["rlnImagePixelSize", "rlnVoltage",
+                                   "rlnSphericalAberration"])
 def test_error_missing_optics_field(project, tmp_path, field):
     star, _ = project
     blocks = read_star(star)
@@ -314,7 +347,8 @@ def test_error_bad_pixel_size_value(tmp_path):
     rows = [r[:5] + ["0.000000"] + r[6:] for r in OPTICS_ROWS]
     path = _write_star(tmp_path, OPTICS_LABELS, rows, ["rlnImageName", "rlnOpticsGroup"],
                        [["1@x.mrcs", 1]])
-    with pytest.raises(InputError, match=r"bad\.star: data_optics rlnImagePixelSize .*positive"):
+    with pytest.raises(InputError, match=r"bad\.star: data_optics, row 1: rlnImagePixelSize "
+                                         r"= 0: expected a pixel size in 0\.1\.\.100 A"):
         load_particles(path)
 
 
@@ -396,3 +430,232 @@ def test_error_bad_image_name(project):
     ps.particles.loc[1, "rlnImageName"] = "0@Extract/a.mrcs"
     with pytest.raises(InputError, match=r"rlnImageName '0@Extract/a\.mrcs' of particle 2"):
         ps.read_images([0])
+
+
+# -- RELION defaults, per-group optics, checks ----------------------------------------------------
+
+
+def _drop_optics_column(star, tmp_path, label, name="p.star"):
+    blocks = read_star(star)
+    out = tmp_path / name
+    write_particles(out, blocks["optics"].drop(columns=[label]), blocks["particles"])
+    return out
+
+
+def test_missing_image_size_comes_from_the_stacks(project, tmp_path):
+    star, expected = project
+    notes = []
+    ps = load_particles(_drop_optics_column(star, tmp_path, "rlnImageSize"), log=notes.append)
+    assert ps.boxes.tolist() == [BOX, BOX]
+    assert any("box size 8, 8 px from the image stacks" in n for n in notes)
+    np.testing.assert_array_equal(ps.read_images([0, 3]), expected[[0, 3]])
+
+
+def test_image_size_checked_against_the_stack_at_load(project, tmp_path):
+    star, _ = project
+    blocks = read_star(star)
+    blocks["optics"]["rlnImageSize"] = [BOX, 300]
+    write_particles(tmp_path / "bad.star", blocks["optics"], blocks["particles"])
+    with pytest.raises(InputError, match=r"bad\.star: stack .*a\.mrcs \(particle 2\) has 8 x 8 "
+                                         r"px images; expected rlnImageSize = 300 of optics "
+                                         r"group 2"):
+        load_particles(tmp_path / "bad.star")
+    ps = load_particles(tmp_path / "bad.star", check_stacks=False)  # e.g. for cryomap info
+    with pytest.raises(InputError, match="particles 1 and 2 have different boxes"):
+        ps.read_images([0, 1])
+
+
+def test_missing_amplitude_contrast_is_relion_import_default(project, tmp_path):
+    star, _ = project
+    notes = []
+    ps = load_particles(_drop_optics_column(star, tmp_path, "rlnAmplitudeContrast"),
+                        log=notes.append)
+    np.testing.assert_allclose(ps.ctf_params().amplitude_contrast, 0.1)
+    assert notes == [f"{tmp_path / 'p.star'}: no rlnAmplitudeContrast; using 0.1 "
+                     f"(relion_import's default)"]
+    assert ps.notes == notes
+
+
+def test_pixel_size_from_detector_or_angpix(project, tmp_path):
+    star, expected = project
+    path = _drop_optics_column(star, tmp_path, "rlnImagePixelSize")
+    with pytest.raises(InputError, match=r"p\.star: data_optics has no rlnImagePixelSize "
+                                         r"column.*or give --angpix"):
+        load_particles(path)
+    ps = load_particles(path, angpix=1.3, log=None)
+    np.testing.assert_allclose(ps.pixel_sizes, [1.3, 1.3])
+    np.testing.assert_allclose(ps.origins_px([0]), [[2.5 / 1.3, -1.25 / 1.3]])
+    blocks = read_star(path)
+    blocks["optics"]["rlnDetectorPixelSize"] = [5.0, 5.0]
+    blocks["optics"]["rlnMagnification"] = [40000.0, 25000.0]
+    write_particles(tmp_path / "det.star", blocks["optics"], blocks["particles"])
+    ps = load_particles(tmp_path / "det.star", log=None)
+    np.testing.assert_allclose(ps.pixel_sizes, [1.25, 2.0])
+    # --angpix replaces a pixel size that is there, with a note
+    notes = []
+    ps = load_particles(star, angpix=1.0, log=notes.append)
+    assert ps.pixel_size == 1.0 and "replaced by --angpix 1" in notes[0]
+    for bad in (0.0, -1.0, 1e28):
+        with pytest.raises(InputError, match=r"--angpix = .*expected a pixel size in 0\.1"):
+            load_particles(star, angpix=bad)
+
+
+def test_groups_with_different_pixel_sizes_and_boxes(project, tmp_path):
+    star, expected = project
+    # group 2 (particles 2 and 4) gets its own 16 px stack at 1.24 A, as in a merged data set
+    blocks = read_star(star)
+    big = _stack_images(7, 2).repeat(2, axis=1).repeat(2, axis=2)
+    write_stack(tmp_path / "Extract" / "c.mrcs", big, 1.24)
+    parts = blocks["particles"].copy()
+    parts.loc[[1, 3], "rlnImageName"] = ["000002@Extract/c.mrcs", "000001@Extract/c.mrcs"]
+    optics = blocks["optics"].copy()
+    optics["rlnImagePixelSize"] = [1.25, 1.24]
+    optics["rlnImageSize"] = [BOX, 16]
+    write_particles(tmp_path / "merged.star", optics, parts)
+    ps = load_particles(tmp_path / "merged.star")
+    np.testing.assert_allclose(ps.pixel_sizes, [1.25, 1.24])
+    assert ps.boxes.tolist() == [BOX, 16]
+    np.testing.assert_allclose(ps.particle_pixel_sizes(), [1.25, 1.24, 1.25, 1.24])
+    assert ps.particle_boxes([3, 0]).tolist() == [16, BOX]
+    np.testing.assert_allclose(ps.origins_px([1])[0], [0.0, 3.75 / 1.24])
+    np.testing.assert_array_equal(ps.read_images([1, 3]), big[[1, 0]])
+    np.testing.assert_array_equal(ps.read_images([2, 0]), expected[[2, 0]])
+    for prop in ("pixel_size", "box"):
+        with pytest.raises(InputError, match=r"optics groups have different .*needs one"):
+            getattr(ps, prop)
+
+
+def test_ctf_values_checked_at_load(project, tmp_path):
+    star, _ = project
+    cases = [("optics", "rlnVoltage", [300.0, 0.0],
+              r"data_optics, row 2: rlnVoltage = 0; expected \[10, 3000\] kV"),
+             ("optics", "rlnAmplitudeContrast", [0.1, 1.5],
+              r"data_optics, row 2: rlnAmplitudeContrast = 1\.5; expected \[0, 1\)"),
+             ("particles", "rlnDefocusU", [10000.0, -5.0, 1.0, 1.0],
+              r"data_particles, row 2: rlnDefocusU = -5; expected > 0 A \(positive = "
+              r"underfocus\)"),
+             ("particles", "rlnDefocusV", [1.0, 1.0, 0.0, 1.0],
+              r"data_particles, row 3: rlnDefocusV = 0; expected > 0"),
+             ("particles", "rlnCtfScalefactor", [1.0, 1.0, 1.0, 0.0],
+              r"row 4: rlnCtfScalefactor = 0; expected > 0"),
+             ("particles", "rlnAngleTilt", [1.0, np.nan, 1.0, 1.0],
+              r"data_particles, row 2: rlnAngleTilt = nan; expected a finite number"),
+             ("particles", "rlnOriginXAngst", ["1", "1", "x1", "1"],
+              r"data_particles, row 3: rlnOriginXAngst = 'x1' is not a number"),
+             ("particles", "rlnOpticsGroup", [1, 2, 3, 1],
+              r"rlnOpticsGroup 3 of particle 3 is not valid; expected 1\.\.2")]
+    for block, label, values, pattern in cases:
+        blocks = read_star(star)
+        blocks[block] = blocks[block].copy()
+        blocks[block][label] = values
+        write_particles(tmp_path / "c.star", blocks["optics"], blocks["particles"])
+        with pytest.raises(InputError, match=r"c\.star: .*" + pattern):
+            load_particles(tmp_path / "c.star")
+
+
+def test_ctf_params_rechecks_edited_values(project):
+    star, _ = project
+    ps = load_particles(star)
+    ps.particles["rlnDefocusU"] = [1.0, 1.0, -1.0, 1.0]
+    ps.ctf_params([0, 1])  # only the rows asked for are used (and checked)
+    with pytest.raises(InputError, match="row 3: rlnDefocusU = -1"):
+        ps.ctf_params([2])
+
+
+def test_duplicate_label_is_an_error(project, tmp_path):
+    star, _ = project
+    text = star.read_text().replace("_rlnFooBar #13", "_rlnDefocusU #13")
+    (tmp_path / "dup.star").write_text(text)
+    with pytest.raises(InputError, match=r"dup\.star"):
+        load_particles(tmp_path / "dup.star")
+
+
+def test_aberrations_read_per_optics_group(project, tmp_path):
+    star, _ = project
+    blocks = read_star(star)
+    optics = blocks["optics"].copy()
+    optics["rlnBeamTiltX"] = [0.5, -1.0]
+    optics["rlnBeamTiltY"] = [0.25, 0.0]
+    optics["rlnOddZernike"] = ["[1.5,-2,30]", "[0,0]"]
+    optics["rlnEvenZernike"] = ["[0.1,0,0,40]", "[]"]
+    optics["rlnMagMat00"] = [1.01, 1.0]
+    optics["rlnMagMat01"] = [0.01, 0.0]
+    optics["rlnMagMat10"] = [-0.01, 0.0]
+    optics["rlnMagMat11"] = [0.99, 1.0]
+    write_particles(tmp_path / "ab.star", optics, blocks["particles"])
+    text = (tmp_path / "ab.star").read_text()
+    assert "[1.5,-2,30]" in text  # vectors written back as RELION writes them
+    ps = load_particles(tmp_path / "ab.star")
+    ctf = ps.ctf_params([0, 1])
+    np.testing.assert_allclose(ctf.beam_tilt, [[0.5, 0.25], [-1.0, 0.0]])
+    np.testing.assert_allclose(ctf.odd_zernike, [[1.5, -2.0, 30.0], [0, 0, 0]])
+    np.testing.assert_allclose(ctf.even_zernike, [[0.1, 0, 0, 40.0], [0, 0, 0, 0]])
+    np.testing.assert_allclose(ctf.mag_matrix, [[[1.01, 0.01], [-0.01, 0.99]], np.eye(2)])
+    # evaluate/phase_factor use them: group 1 differs from the same particle without them
+    plain = CtfParams(ctf.defocus_u, ctf.defocus_v, ctf.defocus_angle, ctf.voltage, ctf.cs,
+                      ctf.amplitude_contrast, ctf.phase_shift)
+    kx, ky = np.arange(4.0), np.arange(4.0)
+    assert not np.allclose(ctf.evaluate(kx, ky, BOX, 1.25)[0], plain.evaluate(kx, ky, BOX,
+                                                                               1.25)[0])
+    assert ctf.has_phase_aberrations
+    blocks = read_star(tmp_path / "ab.star")
+    blocks["optics"]["rlnOddZernike"] = ["[1,x]", "[]"]
+    write_particles(tmp_path / "bad.star", blocks["optics"], blocks["particles"])
+    with pytest.raises(InputError, match=r"data_optics, row 1: rlnOddZernike = '\[1,x\]'; "
+                                         r"expected a list of numbers"):
+        load_particles(tmp_path / "bad.star")
+
+
+# -- half sets ----------------------------------------------------------------------------------
+
+
+def _with_subsets(ps, values):
+    parts = ps.particles.copy()
+    if values is None:
+        parts = parts.drop(columns=["rlnRandomSubset"], errors="ignore")
+    else:
+        parts["rlnRandomSubset"] = values
+    return ParticleSet(ps.optics, parts, ps.star_path)
+
+
+def test_random_subsets_kept_when_valid(project):
+    star, _ = project
+    ps = _with_subsets(load_particles(star), [2, 1, 1, 2])
+    logged = []
+    s = random_subsets(ps, np.random.default_rng(0), log=logged.append)
+    assert s.tolist() == [2, 1, 1, 2] and s.dtype == np.int64 and logged == []
+
+
+@pytest.mark.parametrize("values, reason", [(None, "no rlnRandomSubset column"),
+                                            ([0, 0, 0, 0], "is 0 for every particle")])
+def test_random_subsets_split_when_absent_or_all_zero(project, values, reason):
+    star, _ = project
+    ps = _with_subsets(load_particles(star), values)
+    logged = []
+    s = random_subsets(ps, np.random.default_rng(3), log=logged.append)
+    assert sorted(s.tolist()) == [1, 1, 2, 2]
+    assert len(logged) == 1 and reason in logged[0] and "split at random" in logged[0]
+    again = random_subsets(ps, np.random.default_rng(3), log=None)
+    assert again.tolist() == s.tolist()  # seeded
+
+
+@pytest.mark.parametrize("values, pattern", [
+    ([1, 2, 3, 1], r"row 3: rlnRandomSubset = 3; expected 1 or 2"),
+    ([1, 0, 2, 1], r"row 2: rlnRandomSubset = 0 while other particles have 1 or 2"),
+    ([1, 1, 1, 1], r"rlnRandomSubset is 1 for every particle; expected both half sets"),
+    ([2, 2, 2, 2], r"rlnRandomSubset is 2 for every particle"),
+    (["1", "2", "a", "1"], r"row 3: rlnRandomSubset = 'a' is not a number"),
+])
+def test_random_subsets_invalid_like_relion(project, values, pattern):
+    # RELION stops with an error in these cases (divideParticlesInRandomHalves); with
+    # resplit_invalid the particles are split again, with a log line saying why.
+    star, _ = project
+    ps = _with_subsets(load_particles(star), values)
+    with pytest.raises(InputError, match=r"particles\.star: data_particles.*" + pattern):
+        random_subsets(ps, np.random.default_rng(0))
+    if "not a number" in pattern:
+        return
+    logged = []
+    s = random_subsets(ps, np.random.default_rng(0), log=logged.append, resplit_invalid=True)
+    assert sorted(s.tolist()) == [1, 1, 2, 2]
+    assert len(logged) == 1 and "split at random" in logged[0]

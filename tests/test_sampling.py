@@ -1,4 +1,4 @@
-"""Pins cryomap.sampling to RELION's HealpixSampling (CONVENTIONS.md section 7)."""
+"""Pins cryomap.sampling to RELION's HealpixSampling (docs/conventions.md "Pose sampling")."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ ANGLES = np.stack([RNG.uniform(-180, 180, 5), np.rad2deg(np.arccos(RNG.uniform(-
 
 def real_space_projection(vol: np.ndarray, angles: np.ndarray, transpose: bool = True
                           ) -> np.ndarray:
-    """P(x, y) = sum_z V(A^T (x, y, z)) (CONVENTIONS section 2), cubic-spline resampling,
+    """P(x, y) = sum_z V(A^T (x, y, z)) (docs/conventions.md "Projection"), cubic-spline resampling,
     origin floor(N/2), arrays (z, y, x). transpose=False uses A instead (a wrong convention,
     to show the comparison can fail)."""
     n = vol.shape[0]

@@ -1,4 +1,4 @@
-"""RELION's ZYZ Euler angles (CONVENTIONS.md section 1). The one owner of the convention.
+"""RELION's ZYZ Euler angles (docs/conventions.md, "Euler angles"). The one owner of the convention.
 
 A = Euler(rot, tilt, psi) rotates the reference into the observation: the image's Fourier
 pixel k = (kx, ky, 0) samples the reference at A^T k; row 3 of A is the projection direction.

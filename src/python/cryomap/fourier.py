@@ -1,6 +1,9 @@
-"""Fourier-grid conventions (RELION's; CONVENTIONS.md section 0). The one owner of them.
+"""Fourier-grid conventions (RELION's; docs/conventions.md, "Grids"). The one owner of them.
 
-- Real-space origin (rotation centre) is the 0-based index floor(N/2) on every axis.
+- Real-space origin (rotation centre) is the 0-based index floor(N/2) on every axis, for
+  maps and for particle images. relion_project writes odd-N images one pixel further along
+  +x and +y (origin at index ceil(N/2)); `project_image_origin` and `ifft2_at_origin` write
+  images that way where relion_project's output is to be matched (docs/conventions.md).
 - Forward transforms are normalised by the number of real samples and put the phase origin
   at that centre: F(k) = N^-d sum_r x[r] exp(-2 pi i k.(r - c)/N).
 - Half-plane ("rfft") layout: images are (N, N//2+1) arrays indexed [ky row, kx]; volumes are
@@ -167,7 +170,7 @@ class PixelMask:
     """Half-plane pixels inside a radius: the pixel set J every kernel works on.
 
     Holds pixels with 0 < round(|k|) <= r_max, the DC term and the redundant ky < 0 half of
-    the kx = 0 column excluded (RELION's Mresol rule, CONVENTIONS section 5), so below Nyquist
+    the kx = 0 column excluded (RELION's Mresol rule, docs/conventions.md "Grids"), so below Nyquist
     each independent complex Fourier coefficient appears exactly once (an even box at
     r_max = N/2 keeps RELION's duplicate pairs in the kx = N/2 column).
     """
@@ -213,3 +216,108 @@ def pixel_mask(box: int, r_max: float) -> PixelMask:
     flat = np.flatnonzero(keep)
     coords = np.stack([kx.ravel()[flat], ky.ravel()[flat]], axis=1).astype(np.float32)
     return PixelMask(box, r, flat, np.ascontiguousarray(coords), shell.ravel()[flat])
+
+
+# -- images written like relion_project ---------------------------------------------------------
+
+
+def project_image_origin(n: int) -> int:
+    """Index of the real-space origin in the images relion_project writes: ceil(n/2).
+
+    relion_project inverse-transforms the projection (origin at index 0) and then calls
+    CenterFFT(image, false), a cyclic shift by -floor(n/2), which moves index 0 to
+    n - floor(n/2) = ceil(n/2). That is floor(n/2) for even n (the usual centre) and one
+    pixel more for odd n. Maps and particle images are read with the origin at floor(n/2).
+    """
+    return n - n // 2
+
+
+def ifft2_at_origin(ft: np.ndarray, n: int, origin_index: int) -> np.ndarray:
+    """Inverse of fft2_centered for box n, with the real-space origin placed at index
+    `origin_index` on both axes instead of floor(n/2) (a cyclic shift of the result)."""
+    x = np.fft.irfft2(ft * float(n * n), s=(n, n), axes=(-2, -1))
+    return np.roll(x, (origin_index, origin_index), axis=(-2, -1))
+
+
+# -- optics groups with other boxes / pixel sizes ---------------------------------------------
+
+
+def grid_scale(n_img: int, pix_img: float, n_ref: int, pix_ref: float) -> float:
+    """(n_ref pix_ref) / (n_img pix_img): an image pixel k sits at grid_scale * k on the
+    reference's Fourier grid (both are the same spatial frequency k / (n_img pix_img))."""
+    return (float(n_ref) * float(pix_ref)) / (float(n_img) * float(pix_img))
+
+
+def _half_plane_sample(ft: np.ndarray, n: int, kx: np.ndarray, ky: np.ndarray) -> np.ndarray:
+    """Bilinear samples of half-plane FT(s) (..., n, n//2+1) at real (kx, ky); kx < 0 via the
+    Friedel mate; zero where any corner lies beyond the stored grid (|k| > n/2)."""
+    sign = np.where(kx < 0, -1.0, 1.0)
+    kx, ky = kx * sign, ky * sign
+    x0, y0 = np.floor(kx).astype(np.int64), np.floor(ky).astype(np.int64)
+    fx, fy = kx - x0, ky - y0
+    half = n // 2
+    out = np.zeros(ft.shape[:-2] + kx.shape, dtype=np.complex128)
+    for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                      (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        xi, yi = x0 + dx, y0 + dy
+        # Corner (xi, yi) with xi possibly < 0 after the mate above: use its own mate.
+        mate = xi < 0
+        xs, ys = np.where(mate, -xi, xi), np.where(mate, -yi, yi)
+        ok = (xs <= half) & (np.abs(ys) <= half) & (w > 0)
+        if n % 2 == 0:
+            ok &= ys != -half  # -n/2 is stored as the +n/2 row
+        rows = np.where(ok, ys % n, 0)
+        cols = np.where(ok, xs, 0)
+        v = ft[..., rows, cols]
+        v = np.where(mate, np.conj(v), v)
+        out += np.where(ok, w * v, 0.0)
+    return np.where(sign < 0, np.conj(out), out)
+
+
+def resample_half_plane(ft: np.ndarray, n1: int, pix1: float, n2: int, pix2: float,
+                        rtol: float = 1e-6) -> np.ndarray:
+    """Bring half-plane FT(s) of an image of box n1, pixel pix1 onto the grid of box n2,
+    pixel pix2: output pixel k2 holds the input at the same spatial frequency
+    s = k2 / (n2 pix2), i.e. at k1 = k2 * (n1 pix1) / (n2 pix2) of the input grid.
+
+    ft: (..., n1, n1//2+1) -> (..., n2, n2//2+1) complex128.
+
+    - Same physical box (n1 pix1 = n2 pix2 within rtol): RELION's Fourier cropping
+      (windowFourierTransform) or zero-padding. Values are copied; frequencies beyond the
+      input's Nyquist are zero; the input's Nyquist row (ky = +n1/2 of an even n1) is
+      copied to +n1/2 only.
+    - Otherwise k1 is not an integer: the input is oversampled twice (its real-space image
+      zero-padded to 2 n1, as RELION pads references) and interpolated bilinearly, and the
+      values are multiplied by ((n1 pix1) / (n2 pix2))^2, so that the result is the
+      N^-2-normalised FT of the same particle (zero outside its box) sampled at the new
+      pixels; a frequency beyond the input's Nyquist is zero. RELION itself leaves the
+      images alone and scales the projection matrix by grid_scale instead (the same
+      frequencies, interpolated in the reference).
+    """
+    ft = np.asarray(ft)
+    if ft.shape[-2:] != (n1, n1 // 2 + 1):
+        raise ValueError(f"resample_half_plane: expected (..., {n1}, {n1 // 2 + 1}), got "
+                         f"{ft.shape}")
+    if min(n1, n2) < 1 or not (pix1 > 0 and pix2 > 0):
+        raise ValueError("resample_half_plane: boxes and pixel sizes must be positive")
+    ratio = (n1 * pix1) / (n2 * pix2)
+    ky2, kx2 = half_plane_freqs(n2)
+    half1 = n1 // 2
+    if abs(ratio - 1.0) <= rtol:
+        out = np.zeros(ft.shape[:-2] + (n2, n2 // 2 + 1), dtype=np.complex128)
+        ok = (kx2 <= half1) & (np.abs(ky2) <= half1)
+        if n1 % 2 == 0:
+            ok &= ky2 != -half1  # the input stores -n1/2 as +n1/2 only
+        out[..., ok] = ft[..., ky2[ok] % n1, kx2[ok]]
+        return out
+    # Twice oversampled input: zero-pad the real-space image (origin kept at the centre).
+    m = 2 * n1
+    x = ifft2_centered(ft, n1)
+    padded = np.zeros(x.shape[:-2] + (m, m))
+    off = origin(m) - origin(n1)
+    padded[..., off:off + n1, off:off + n1] = x
+    fine = fft2_centered(padded) * 4.0  # back to the n1^-2 normalisation
+    kx1, ky1 = kx2 * ratio, ky2 * ratio
+    out = _half_plane_sample(fine, m, 2.0 * kx1, 2.0 * ky1) * ratio**2
+    inside = (np.abs(kx1) <= half1) & (np.abs(ky1) <= half1)
+    return np.where(inside, out, 0.0)

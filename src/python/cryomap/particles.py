@@ -1,50 +1,68 @@
-"""Particle sets: RELION particle STAR files and their image stacks (CONVENTIONS.md 3, 4, 8, 9).
+"""Particle sets: RELION particle STAR files, cryoSPARC .cs files and their image stacks.
 
-A `ParticleSet` holds the optics table and the particle table of a RELION 3.1+ file, both as
-pandas DataFrames with RELION's labels as column names (no leading underscore), and reads
-particle images lazily from memory-mapped stacks.
+Conventions are in docs/conventions.md ("Particle files", "Image paths", "Optics groups",
+"RELION defaults applied", "Half sets").
+
+A `ParticleSet` holds the optics table and the particle table, both as pandas DataFrames with
+RELION's labels as column names (no leading underscore), and reads particle images lazily
+from memory-mapped stacks.
 
 - rlnImageName is `n@stack.mrcs` with n 1-based (no `@`: a single-image file). A relative
-  stack path is looked up relative to the STAR file's folder first; if it is not there, relative
-  to the current directory and then to each parent folder of the STAR file (RELION writes paths
-  relative to its project folder, which is usually two levels above `Refine3D/job012/*.star`).
+  stack path is looked up where RELION looks: relative to the working folder (RELION's
+  project folder) first, then relative to the STAR file's folder. No other folder is
+  searched; when both candidates exist and are different files the name is ambiguous (error).
 - rlnOpticsGroup (1-based) is a row number in the optics table: groups are numbered 1..N in
   row order, as RELION does (obs_model.cpp: getOpticsGroup).
+- Optics groups may differ in pixel size and box: `pixel_sizes` / `boxes` (per group) and
+  `particle_pixel_sizes` / `particle_boxes` (per particle); `pixel_size` / `box` are the
+  single value shared by all groups and raise when the groups differ.
 - Origins are rlnOriginX/YAngst in Angstrom; `origins_px` divides by the particle's optics
   group pixel size.
 - RELION 3.0 files (no data_optics) are converted as RELION does on reading: one optics group
   per distinct (voltage, Cs, Q0, pixel size), rlnOriginX/Y (px) -> rlnOriginX/YAngst.
+- Every value a computation uses is checked when the file is loaded (and CTF values again in
+  `ctf_params`), so that bad input is reported in one line before anything is written.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .ctf import CtfParams
+from .ctf import CtfParams, check_values
 from .errors import InputError
-from .io.mrc import Stack, open_stack
-from .io.star import read_star, write_star
+from .io.mrc import PIXEL_SIZE_RANGE, Stack, check_pixel_size, open_stack, read_header
+from .io.star import as_table, numeric_column, read_star, write_star
 
-__all__ = ["ParticleSet", "load_particles", "write_particles", "make_optics_table"]
+__all__ = ["ParticleSet", "load_particles", "write_particles", "make_optics_table",
+           "random_subsets", "check_ctf", "stack_search_dirs", "AMPLITUDE_CONTRAST_DEFAULT"]
 
 PathLike = str | os.PathLike
 Indices = Sequence[int] | np.ndarray | None
+Log = Callable[[str], None] | None
 
-#: Optics-table labels every particle file needs (obs_model.cpp: getBoxSize, getPixelSize).
-REQUIRED_OPTICS = ("rlnImagePixelSize", "rlnImageSize")
 #: Optics-table labels needed when the particles carry CTF parameters (ctf.cpp).
 CTF_OPTICS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+#: Per-particle CTF labels (with the defaults RELION uses when they are absent).
+CTF_PARTICLE_DEFAULTS = {"rlnDefocusAngle": 0.0, "rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0,
+                         "rlnCtfScalefactor": 1.0}
+#: Q0 used when a file has CTF parameters but no rlnAmplitudeContrast: relion_import's and
+#: the RELION GUI's default (apps/import.cpp --Q0, pipeline_jobs.cpp). RELION itself reads a
+#: missing Q0 as 0 (ctf.cpp: CTF::read) and refinement refuses the file (setValuesByGroup).
+AMPLITUDE_CONTRAST_DEFAULT = 0.1
 #: Particle labels that RELION 3.0 stored per particle and 3.1 moved to the optics table.
 _LEGACY_OPTICS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast",
-                  "rlnPixelSize", "rlnDetectorPixelSize", "rlnMagnification")
-# Relative tolerance for "same pixel size" (RELION compares pixel sizes to 0.001 A).
+                  "rlnPixelSize", "rlnDetectorPixelSize", "rlnMagnification",
+                  "rlnBeamTiltX", "rlnBeamTiltY")
+_MAG_LABELS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
+# Absolute tolerance (A) for "same pixel size" (RELION compares pixel sizes to 0.001 A).
 _PIX_TOL = 1e-3
 
 
@@ -69,8 +87,8 @@ def _show(value: object) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _parse_image_names(names: pd.Series, star_path: Path) -> tuple[np.ndarray, np.ndarray,
-                                                                   list[str]]:
+def _parse_image_names(names: pd.Series, where: str) -> tuple[np.ndarray, np.ndarray,
+                                                              list[str]]:
     """rlnImageName values -> (0-based image index, code into file list, file list)."""
     s = names.astype(str).str.strip()
     parts = s.str.partition("@")
@@ -78,61 +96,113 @@ def _parse_image_names(names: pd.Series, star_path: Path) -> tuple[np.ndarray, n
     num_txt = parts[0].where(has_at, "1")
     files = parts[2].where(has_at, parts[0])
     nums = pd.to_numeric(num_txt, errors="coerce")
-    bad = nums.isna() | (nums < 1) | (nums != np.floor(nums)) | (files == "")
+    bad = (nums.isna() | (nums < 1) | (nums != np.floor(nums)) | (nums > 2**31)
+           | (files == ""))
     if bad.any():
         row = int(np.argmax(bad.to_numpy()))
-        raise InputError(f"{star_path}: rlnImageName {s.iloc[row]!r} of particle {row + 1} is "
+        raise InputError(f"{where}: rlnImageName {s.iloc[row]!r} of particle {row + 1} is "
                          f"not valid; expected n@stack.mrcs with n >= 1")
     codes, uniques = pd.factorize(files, sort=False)
     return (nums.to_numpy(dtype=np.int64) - 1, codes.astype(np.int64),
             [str(u) for u in uniques])
 
 
-def _stack_candidates(star_path: Path, name: str) -> list[Path]:
-    """Where a stack named in a STAR file may be, in the order they are tried."""
+# -- image paths ------------------------------------------------------------------------------
+
+
+def stack_search_dirs(star_path: PathLike, cwd: PathLike | None = None) -> list[Path]:
+    """Folders a relative stack name in a STAR file is looked up in, in order: the working
+    folder (RELION's project folder), then the STAR file's folder (absolute(), not resolve():
+    a symlinked STAR file is relative to where the link is)."""
+    work = Path.cwd() if cwd is None else Path(cwd).absolute()
+    return list(dict.fromkeys([work, Path(star_path).absolute().parent]))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _resolve_stack(name: str, search_dirs: Sequence[Path], where: str) -> Path | None:
+    """The existing file `name` refers to, or None; InputError when two different files
+    match (an ambiguous relative name)."""
+    def is_file(c: Path) -> bool:
+        try:
+            return c.is_file()
+        except (OSError, ValueError):  # e.g. a NUL byte or a name too long for the system
+            raise InputError(f"{where}: stack name {name!r} is not a valid path") from None
+
     p = Path(name)
     if p.is_absolute():
-        return [p]
-    # absolute(), not resolve(): a symlinked STAR file is relative to where the link is.
-    folder = star_path.absolute().parent
-    cands = [folder / p, Path.cwd() / p] + [anc / p for anc in folder.parents]
-    return list(dict.fromkeys(cands))  # drop duplicates, keep the order
+        return p if is_file(p) else None
+    found = [d / p for d in search_dirs if is_file(d / p)]
+    if not found:
+        return None
+    for other in found[1:]:
+        if not _same_file(found[0], other):
+            raise InputError(f"{where}: stack {name} is ambiguous: {found[0]} and {other} "
+                             f"are different files; expected one match (run from the "
+                             f"project folder, or use absolute paths)")
+    return found[0]
 
 
-def _resolve_stack(star_path: Path, name: str) -> Path | None:
-    """Path of an existing stack file named `name` in `star_path`, or None."""
-    for c in _stack_candidates(star_path, name):
-        if c.is_file():
-            return c
-    return None
+def _missing_stack_error(where: str, row: int, image_name: str, stack: str,
+                         search_dirs: Sequence[Path]) -> InputError:
+    looked = " and ".join(str(d / stack) for d in search_dirs) if not Path(stack).is_absolute() \
+        else stack
+    return InputError(f"{where}: particle {row + 1} (rlnImageName {image_name}): stack "
+                      f"{stack} not found (looked for {looked})")
 
 
-def _missing_stack_error(star_path: Path, row: int, image_name: str, stack: str) -> InputError:
-    where = star_path.absolute().parent / stack
-    return InputError(f"{star_path}: particle {row + 1} (rlnImageName {image_name}): stack "
-                      f"{stack} not found (looked for {where}, and relative to the current "
-                      f"folder and the STAR file's parent folders)")
+# -- strict column access -----------------------------------------------------------------------
+
+
+def _vector(text: object, where: str, label: str) -> np.ndarray:
+    """A RELION vector value "[a,b,c]" (also without brackets) as float64."""
+    s = str(text).strip()
+    if s.startswith("[") and s.endswith("]"):
+        s = s[1:-1]
+    s = s.strip()
+    if not s:
+        return np.zeros(0)
+    try:
+        vals = np.array([float(t) for t in re.split(r"[,\s]+", s) if t], dtype=np.float64)
+    except ValueError:
+        raise InputError(f"{where}: {label} = {str(text)!r}; expected a list of numbers "
+                         f"[a,b,...]") from None
+    if not np.all(np.isfinite(vals)):
+        raise InputError(f"{where}: {label} = {str(text)!r}; expected finite numbers")
+    return vals
 
 
 @dataclass(eq=False)  # DataFrames have no single truth value: compare by identity
 class ParticleSet:
-    """Particles of a RELION 3.1+ STAR file: optics table, particle table and image access.
+    """Particles of a RELION 3.1+ file: optics table, particle table and image access.
 
-    Build one with `load_particles`; `star_path` is the file the image paths are relative to.
-    Per-particle methods take 0-based row positions in `particles` (None = all particles).
+    Build one with `load_particles`; `star_path` names the file in messages and, with
+    `search_dirs` (default: the current folder, then the STAR file's folder), locates the
+    stacks. Per-particle methods take 0-based row positions in `particles` (None = all).
     Open stacks are cached (at most `max_open_stacks` at a time); call `close()` when done.
+    `notes` lists the RELION defaults applied on loading (one line each).
     """
 
     optics: pd.DataFrame
     particles: pd.DataFrame
     star_path: Path
     max_open_stacks: int = 64
+    search_dirs: list[Path] | None = None
+    notes: list[str] = field(default_factory=list)
     _stacks: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
     _refs: tuple | None = field(default=None, init=False, repr=False)
     _paths: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.star_path = Path(self.star_path)
+        if self.search_dirs is None:
+            self.search_dirs = stack_search_dirs(self.star_path)
+        self.search_dirs = [Path(d) for d in self.search_dirs]
         # Positional indexing everywhere: drop any index the caller's DataFrames carry.
         self.optics = self.optics.reset_index(drop=True)
         self.particles = self.particles.reset_index(drop=True)
@@ -145,27 +215,58 @@ class ParticleSet:
         """Number of particles (rows of the particle table)."""
         return len(self.particles)
 
-    def _optics_value(self, label: str, what: str) -> float:
-        """The single value of an optics label shared by all groups (error if they differ)."""
+    @property
+    def n_groups(self) -> int:
+        """Number of optics groups (rows of the optics table)."""
+        return len(self.optics)
+
+    def _where(self, block: str) -> str:
+        return f"{self.star_path}: {block}"
+
+    def _optics_numbers(self, label: str, what: str) -> np.ndarray:
         if label not in self.optics.columns:
             raise InputError(f"{self.star_path}: data_optics has no {label} column; expected "
                              f"the {what} of each optics group")
-        vals = self.optics[label].to_numpy(dtype=np.float64)
-        if not np.allclose(vals, vals[0], rtol=0, atol=_PIX_TOL * max(1.0, abs(vals[0]))):
+        return numeric_column(self.optics, label, self._where("data_optics"))
+
+    @property
+    def pixel_sizes(self) -> np.ndarray:
+        """Pixel size (A) of each optics group: float64 (n_groups,) (rlnImagePixelSize)."""
+        return self._optics_numbers("rlnImagePixelSize", "pixel size")
+
+    @property
+    def boxes(self) -> np.ndarray:
+        """Image size (px) of each optics group: int64 (n_groups,) (rlnImageSize)."""
+        return np.round(self._optics_numbers("rlnImageSize", "image size")).astype(np.int64)
+
+    def _single(self, values: np.ndarray, label: str, what: str, tol: float) -> float:
+        if not np.allclose(values, values[0], rtol=0, atol=tol * max(1.0, abs(values[0]))):
             raise InputError(f"{self.star_path}: optics groups have different {label} "
-                             f"({', '.join(f'{v:g}' for v in vals)}); several {what}s in one "
-                             f"particle set are not supported yet")
-        return float(vals[0])
+                             f"({', '.join(f'{v:g}' for v in values)}); this step needs one "
+                             f"{what} for all particles (several {what}s in one particle set "
+                             f"are not supported yet here)")
+        return float(values[0])
 
     @property
     def box(self) -> int:
-        """Image size in pixels (rlnImageSize; all optics groups must agree)."""
-        return int(round(self._optics_value("rlnImageSize", "image size")))
+        """Image size in pixels shared by all optics groups (InputError if they differ; see
+        `boxes` for per-group values)."""
+        return int(round(self._single(self.boxes.astype(np.float64), "rlnImageSize",
+                                      "image size", 0.0)))
 
     @property
     def pixel_size(self) -> float:
-        """Pixel size in Angstrom (rlnImagePixelSize; all optics groups must agree)."""
-        return self._optics_value("rlnImagePixelSize", "pixel size")
+        """Pixel size (A) shared by all optics groups (InputError if they differ by more than
+        0.001 A; see `pixel_sizes` for per-group values)."""
+        return self._single(self.pixel_sizes, "rlnImagePixelSize", "pixel size", _PIX_TOL)
+
+    def particle_pixel_sizes(self, indices: Indices = None) -> np.ndarray:
+        """Pixel size (A) of each particle's optics group: float64 (n,)."""
+        return self.pixel_sizes[self._group[self._rows(indices)]]
+
+    def particle_boxes(self, indices: Indices = None) -> np.ndarray:
+        """Image size (px) of each particle's optics group: int64 (n,)."""
+        return self.boxes[self._group[self._rows(indices)]]
 
     @property
     def has_ctf(self) -> bool:
@@ -182,13 +283,16 @@ class ParticleSet:
                 return np.zeros(self.n_particles, dtype=np.int64)
             raise InputError(f"{self.star_path}: data_particles has no rlnOpticsGroup column; "
                              f"expected one with {n_opt} optics groups")
-        g = pd.to_numeric(self.particles["rlnOpticsGroup"], errors="coerce").to_numpy(
-            dtype=np.float64)
+        col = self.particles["rlnOpticsGroup"]
+        if isinstance(col, pd.DataFrame):
+            raise InputError(f"{self.star_path}: data_particles has rlnOpticsGroup "
+                             f"{col.shape[1]} times; expected once")
+        g = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(g) | (g < 1) | (g > n_opt) | (g != np.round(g))
         if np.any(bad):
             row = int(np.argmax(bad))
             raise InputError(f"{self.star_path}: rlnOpticsGroup "
-                             f"{_show(self.particles['rlnOpticsGroup'].iloc[row])} of particle "
+                             f"{_show(col.iloc[row])} of particle "
                              f"{row + 1} is not valid; expected 1..{n_opt} (a row of "
                              f"data_optics)")
         return g.astype(np.int64) - 1
@@ -212,26 +316,68 @@ class ParticleSet:
         return idx
 
     def _column(self, label: str, rows: np.ndarray, default: float) -> np.ndarray:
+        """Per-particle numbers (strictly parsed, finite) or `default` when absent."""
         if label not in self.particles.columns:
             return np.full(rows.size, default, dtype=np.float64)
-        return self.particles[label].to_numpy(dtype=np.float64)[rows]
+        return numeric_column(self.particles, label, self._where("data_particles"), rows=rows)
 
     def _group_column(self, label: str, rows: np.ndarray) -> np.ndarray:
         if label not in self.optics.columns:
+            if label == "rlnAmplitudeContrast":
+                return np.full(rows.size, AMPLITUDE_CONTRAST_DEFAULT)
             raise InputError(f"{self.star_path}: data_optics has no {label} column; expected "
                              f"it for every optics group")
-        return self.optics[label].to_numpy(dtype=np.float64)[self._group[rows]]
+        return numeric_column(self.optics, label, self._where("data_optics"))[self._group[rows]]
+
+    # -- aberrations (per optics group) ---------------------------------------------------------
+
+    def _group_vectors(self, label: str) -> np.ndarray | None:
+        """(n_groups, K) zero-padded coefficients of a vector label, or None when absent."""
+        if label not in self.optics.columns:
+            return None
+        vecs = [_vector(v, f"{self.star_path}: data_optics, row {g + 1}", label)
+                for g, v in enumerate(self.optics[label])]
+        k = max((v.size for v in vecs), default=0)
+        out = np.zeros((len(vecs), k))
+        for g, v in enumerate(vecs):
+            out[g, : v.size] = v
+        return out
+
+    def aberrations(self) -> dict[str, np.ndarray | None]:
+        """Per optics group: 'even_zernike' (G, Ke), 'odd_zernike' (G, Ko), 'beam_tilt'
+        (G, 2) mrad and 'mag_matrix' (G, 2, 2); None for what the optics table lacks."""
+        where = self._where("data_optics")
+        tilt = None
+        if "rlnBeamTiltX" in self.optics.columns or "rlnBeamTiltY" in self.optics.columns:
+            tilt = np.zeros((self.n_groups, 2))
+            for j, label in enumerate(("rlnBeamTiltX", "rlnBeamTiltY")):
+                if label in self.optics.columns:
+                    tilt[:, j] = numeric_column(self.optics, label, where)
+        mag = None
+        if any(lab in self.optics.columns for lab in _MAG_LABELS):
+            mag = np.tile(np.eye(2), (self.n_groups, 1, 1))
+            for (i, j), label in zip(((0, 0), (0, 1), (1, 0), (1, 1)), _MAG_LABELS,
+                                     strict=True):
+                if label in self.optics.columns:
+                    mag[:, i, j] = numeric_column(self.optics, label, where)
+        return {"even_zernike": self._group_vectors("rlnEvenZernike"),
+                "odd_zernike": self._group_vectors("rlnOddZernike"),
+                "beam_tilt": tilt, "mag_matrix": mag}
 
     def ctf_params(self, indices: Indices = None) -> CtfParams:
-        """CTF parameters of the particles: voltage, Cs, Q0 from each particle's optics group,
-        defocus U/V/angle, phase shift, B-factor and scale per particle (defaults: V = U,
-        angle 0, phase shift 0, B 0, scale 1)."""
+        """CTF parameters of the particles: voltage, Cs, Q0 and aberrations from each
+        particle's optics group, defocus U/V/angle, phase shift, B-factor and scale per
+        particle (defaults: V = U, angle 0, phase shift 0, B 0, scale 1). Values are checked
+        (check_ctf) first."""
         rows = self._rows(indices)
         if not self.has_ctf:
             raise InputError(f"{self.star_path}: data_particles has no rlnDefocusU column; "
                              f"expected CTF parameters (rlnDefocusU/V, rlnDefocusAngle)")
+        check_ctf(self, rows)
         du = self._column("rlnDefocusU", rows, 0.0)
         dv = self._column("rlnDefocusV", rows, 0.0) if "rlnDefocusV" in self.particles else du
+        ab = self.aberrations()
+        g = self._group[rows]
         return CtfParams(
             defocus_u=du,
             defocus_v=dv.copy(),
@@ -242,12 +388,13 @@ class ParticleSet:
             phase_shift=self._column("rlnPhaseShift", rows, 0.0),
             bfactor=self._column("rlnCtfBfactor", rows, 0.0),
             scale=self._column("rlnCtfScalefactor", rows, 1.0),
+            **{k: (None if v is None else v[g]) for k, v in ab.items()},
         )
 
     def origins_px(self, indices: Indices = None) -> np.ndarray:
         """(n, 2) float64 origins (x, y) in pixels: rlnOriginX/YAngst / group pixel size."""
         rows = self._rows(indices)
-        pix = self._group_column("rlnImagePixelSize", rows)
+        pix = self.pixel_sizes[self._group[rows]]
         ox = self._column("rlnOriginXAngst", rows, 0.0)
         oy = self._column("rlnOriginYAngst", rows, 0.0)
         return np.stack([ox / pix, oy / pix], axis=1)
@@ -272,7 +419,8 @@ class ParticleSet:
             if "rlnImageName" not in self.particles.columns:
                 raise InputError(f"{self.star_path}: data_particles has no rlnImageName "
                                  f"column; expected n@stack.mrcs image references")
-            self._refs = _parse_image_names(self.particles["rlnImageName"], self.star_path)
+            self._refs = _parse_image_names(self.particles["rlnImageName"],
+                                            str(self.star_path))
         return self._refs
 
     def image_paths(self, indices: Indices = None) -> list[Path | None]:
@@ -283,7 +431,8 @@ class ParticleSet:
 
     def _stack_path(self, code: int, files: list[str]) -> Path | None:
         if code not in self._paths:
-            self._paths[code] = _resolve_stack(self.star_path, files[code])
+            self._paths[code] = _resolve_stack(files[code], self.search_dirs,
+                                               str(self.star_path))
         return self._paths[code]
 
     def _open(self, code: int, row: int) -> Stack:
@@ -294,9 +443,9 @@ class ParticleSet:
         _, _, files = self._image_refs()
         path = self._stack_path(code, files)
         if path is None:
-            raise _missing_stack_error(self.star_path, row,
+            raise _missing_stack_error(str(self.star_path), row,
                                        str(self.particles["rlnImageName"].iloc[row]),
-                                       files[code])
+                                       files[code], self.search_dirs)
         st = open_stack(path)
         self._stacks[code] = st
         # Bounded cache: a data set can have one stack per micrograph (thousands of files),
@@ -309,16 +458,24 @@ class ParticleSet:
     def read_images(self, indices: Indices) -> np.ndarray:
         """Images of the particles at `indices`, in that order: float32 (n, box, box).
 
-        Each stack is memory-mapped once and only the requested images are read. Raises
-        InputError (naming the STAR file, the particle and the stack) for a missing stack, an
-        image number beyond the stack, a stack whose box differs from rlnImageSize, or NaN/Inf
-        pixels.
+        The particles must share one box (their optics groups' rlnImageSize); read groups of
+        different boxes separately. Each stack is memory-mapped once and only the requested
+        images are read. Raises InputError (naming the STAR file, the particle and the
+        stack) for a missing stack, an image number beyond the stack, a stack whose box
+        differs from rlnImageSize, or NaN/Inf pixels.
         """
         rows = self._rows(indices)
-        box = self.box
-        out = np.empty((rows.size, box, box), dtype=np.float32)
         if rows.size == 0:
-            return out
+            return np.empty((0, self.boxes[0], self.boxes[0]), dtype=np.float32)
+        boxes = self.boxes[self._group[rows]]
+        if np.any(boxes != boxes[0]):
+            r = int(rows[np.argmax(boxes != boxes[0])])
+            raise InputError(f"{self.star_path}: particles {rows[0] + 1} and {r + 1} have "
+                             f"different boxes ({boxes[0]} and {self.boxes[self._group[r]]} "
+                             f"px); expected one box per read (read each optics group "
+                             f"separately)")
+        box = int(boxes[0])
+        out = np.empty((rows.size, box, box), dtype=np.float32)
         nums, codes, files = self._image_refs()
         sel_codes = codes[rows]
         names = self.particles["rlnImageName"]
@@ -361,6 +518,118 @@ class ParticleSet:
             pass
 
 
+# -- checks -------------------------------------------------------------------------------------
+
+
+def check_ctf(particles: ParticleSet, indices: Indices = None) -> None:
+    """Check the CTF values of the particles (all when indices is None) against
+    ctf.CTF_RANGES: voltage, Cs, Q0, beam tilt and magnification matrix per optics group;
+    defocus U/V, angle, phase shift, B-factor and scale per particle.
+
+    Defocus <= 0 is refused: RELION's sign convention makes positive defocus underfocus and
+    cryomap, unlike RELION, takes zero or overfocus as an input error. Raises InputError
+    naming the file, block, row, field and range.
+    """
+    ps = particles
+    rows = ps._rows(indices)
+    opt_where = ps._where("data_optics")
+    used = np.unique(ps._group[rows])
+    for label in CTF_OPTICS + ("rlnBeamTiltX", "rlnBeamTiltY") + _MAG_LABELS:
+        if label in ps.optics.columns:
+            check_values(label, numeric_column(ps.optics, label, opt_where)[used], opt_where,
+                         rows=used)
+        elif label in CTF_OPTICS[:2]:
+            raise InputError(f"{ps.star_path}: data_optics has no {label} column; expected "
+                             f"it (CTF parameters)")
+    ab = ps.aberrations()
+    if ab["mag_matrix"] is not None:
+        det = np.linalg.det(ab["mag_matrix"][used])
+        if np.any(det <= 0):
+            g = int(used[np.argmax(det <= 0)])
+            raise InputError(f"{opt_where}, row {g + 1}: rlnMagMat00/01/10/11 has determinant "
+                             f"{det[np.argmax(det <= 0)]:g}; expected > 0 (a matrix close to "
+                             f"the identity)")
+    part_where = ps._where("data_particles")
+    for label in ("rlnDefocusU", "rlnDefocusV") + tuple(CTF_PARTICLE_DEFAULTS):
+        if label in ps.particles.columns:
+            vals = numeric_column(ps.particles, label, part_where, rows=rows)
+            check_values(label, vals, part_where, rows=rows)
+
+
+def _check_loaded(ps: ParticleSet) -> None:
+    """Every number a computation will use, checked once when the file is loaded."""
+    opt_where = ps._where("data_optics")
+    pix = ps.pixel_sizes
+    for g, p in enumerate(pix):
+        check_pixel_size(p, f"{opt_where}, row {g + 1}: rlnImagePixelSize")
+    boxes = ps._optics_numbers("rlnImageSize", "image size")
+    bad = (boxes < 1) | (boxes != np.round(boxes))
+    if np.any(bad):
+        g = int(np.argmax(bad))
+        raise InputError(f"{opt_where}, row {g + 1}: rlnImageSize = {boxes[g]:g}; expected a "
+                         f"whole number of pixels >= 1")
+    part_where = ps._where("data_particles")
+    for label in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
+                  "rlnOriginYAngst"):
+        if label in ps.particles.columns:
+            numeric_column(ps.particles, label, part_where)
+    # Parsed, not cached: callers may still edit the table before reading images.
+    _parse_image_names(ps.particles["rlnImageName"], str(ps.star_path))
+    ps.aberrations()
+    if ps.has_ctf:
+        check_ctf(ps)
+
+
+def random_subsets(particles: ParticleSet, rng: np.random.Generator, log: Log = print,
+                   resplit_invalid: bool = False) -> np.ndarray:
+    """Half-set (1 or 2) of every particle: int64 (n_particles,).
+
+    As RELION (exp_model.cpp: divideParticlesInRandomHalves): rlnRandomSubset is used when
+    every value is 1 or 2 and both halves are non-empty; when the column is absent or all 0,
+    the particles are split at random (with a log line). RELION stops with an error for a
+    value other than 0/1/2, for 0 mixed with non-0 and for an empty half; cryomap raises
+    InputError in those cases, or, with resplit_invalid=True, logs why and re-splits.
+    The random split is an exact half (n//2 particles in half 2), where RELION draws each
+    particle's half independently.
+    """
+    n = particles.n_particles
+    where = particles._where("data_particles")
+
+    def split(reason: str) -> np.ndarray:
+        s = np.ones(n, np.int64)
+        s[rng.permutation(n)[: n // 2]] = 2
+        if log is not None:
+            log(f"{particles.star_path}: {reason}; particles split at random into two halves "
+                f"({int(np.sum(s == 1))} + {int(np.sum(s == 2))})")
+        return s
+
+    if n < 2:
+        raise InputError(f"{where}: {n} particle(s); expected at least 2 for two half sets")
+    if "rlnRandomSubset" not in particles.particles.columns:
+        return split("no rlnRandomSubset column")
+    vals = numeric_column(particles.particles, "rlnRandomSubset", where, finite=False)
+    problem = None
+    if np.all(vals == 0):
+        return split("rlnRandomSubset is 0 for every particle")
+    bad = ~np.isin(vals, (0.0, 1.0, 2.0))
+    if np.any(bad):
+        r = int(np.argmax(bad))
+        problem = (f"{where}, row {r + 1}: rlnRandomSubset = {vals[r]:g}; expected 1 or 2 "
+                   f"(or 0 for every particle)")
+    elif np.any(vals == 0):
+        r = int(np.argmax(vals == 0))
+        problem = (f"{where}, row {r + 1}: rlnRandomSubset = 0 while other particles have "
+                   f"1 or 2; expected all 0 or all 1/2")
+    elif np.all(vals == vals[0]):
+        problem = (f"{where}: rlnRandomSubset is {vals[0]:g} for every particle; expected "
+                   f"both half sets 1 and 2 to be non-empty")
+    if problem is None:
+        return vals.astype(np.int64)
+    if not resplit_invalid:
+        raise InputError(problem)
+    return split(problem.split(": ", 1)[1] if ": " in problem else problem)
+
+
 # -- loading ----------------------------------------------------------------------------------
 
 
@@ -372,53 +641,86 @@ def _require(df: pd.DataFrame, labels: Sequence[str], star_path: Path, block: st
                              f"({why})")
 
 
-def _check_positive(df: pd.DataFrame, label: str, star_path: Path, block: str) -> None:
-    vals = pd.to_numeric(df[label], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(vals) | (vals <= 0)
-    if np.any(bad):
-        row = int(np.argmax(bad))
-        raise InputError(f"{star_path}: {block} {label} = {_show(df[label].iloc[row])} in row "
-                         f"{row + 1}; expected a positive number")
+def _check_duplicates(df: pd.DataFrame, star_path: Path, block: str) -> None:
+    dup = df.columns[df.columns.duplicated()]
+    if len(dup):
+        raise InputError(f"{star_path}: {block} has the label {dup[0]} more than once; "
+                         f"expected each label once")
 
 
-def _convert_30(particles: pd.DataFrame, star_path: Path, block: str
+def _detector_pixel_size(df: pd.DataFrame, where: str) -> np.ndarray | None:
+    """rlnDetectorPixelSize (um) * 10000 / rlnMagnification, or None when either is absent
+    (star_converter.cpp: unifyPixelSize)."""
+    if not ("rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns):
+        return None
+    det = numeric_column(df, "rlnDetectorPixelSize", where)
+    mag = numeric_column(df, "rlnMagnification", where)
+    for label, v in (("rlnDetectorPixelSize", det), ("rlnMagnification", mag)):
+        if np.any(v <= 0):
+            r = int(np.argmax(v <= 0))
+            raise InputError(f"{where}, row {r + 1}: {label} = {v[r]:g}; expected > 0")
+    return det * 1e4 / mag
+
+
+def _stack_box(star_path: Path, names: pd.Series, row: int, search_dirs: Sequence[Path],
+               why: str) -> int:
+    """Box of the stack of particle `row` (header only)."""
+    _, codes, files = _parse_image_names(names, str(star_path))
+    name = files[codes[row]]
+    path = _resolve_stack(name, search_dirs, str(star_path))
+    if path is None:
+        raise InputError(f"{star_path}: {why}, and stack {name} of particle {row + 1} was not "
+                         f"found (looked for "
+                         f"{' and '.join(str(d / name) for d in search_dirs)})")
+    h = read_header(path)
+    if h.nx != h.ny:
+        raise InputError(f"{path}: images are {h.nx} x {h.ny} px; expected square images")
+    return h.nx
+
+
+def _convert_30(particles: pd.DataFrame, star_path: Path, block: str,
+                angpix: float | None, search_dirs: Sequence[Path], notes: list[str]
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """RELION 3.0 particle table -> (optics, particles) in the 3.1 layout
     (star_converter.cpp: convert_3p0_particlesTo_3p1)."""
     p = particles.copy()
     cols = p.columns
-    has_det = "rlnDetectorPixelSize" in cols and "rlnMagnification" in cols
-    if "rlnPixelSize" in cols:
-        _check_positive(p, "rlnPixelSize", star_path, block)
-        pix = p["rlnPixelSize"].to_numpy(dtype=np.float64)
-        if has_det:
-            _check_positive(p, "rlnDetectorPixelSize", star_path, block)
-            _check_positive(p, "rlnMagnification", star_path, block)
-            pix2 = (p["rlnDetectorPixelSize"].to_numpy(dtype=np.float64) * 1e4
-                    / p["rlnMagnification"].to_numpy(dtype=np.float64))
-            bad = np.abs(pix - pix2) > _PIX_TOL
+    where = f"{star_path}: {block}"
+    pix_det = _detector_pixel_size(p, where)
+    if angpix is not None:
+        pix = np.full(len(p), float(angpix))
+    elif "rlnPixelSize" in cols:
+        pix = numeric_column(p, "rlnPixelSize", where)
+        if pix_det is not None:
+            bad = np.abs(pix - pix_det) > _PIX_TOL
             if np.any(bad):
                 row = int(np.argmax(bad))
                 raise InputError(f"{star_path}: inconsistent pixel size in row {row + 1}: "
                                  f"rlnPixelSize = {pix[row]:g} but rlnDetectorPixelSize * "
-                                 f"10000 / rlnMagnification = {pix2[row]:g}")
-    elif has_det:
-        _check_positive(p, "rlnDetectorPixelSize", star_path, block)
-        _check_positive(p, "rlnMagnification", star_path, block)
-        pix = (p["rlnDetectorPixelSize"].to_numpy(dtype=np.float64) * 1e4
-               / p["rlnMagnification"].to_numpy(dtype=np.float64))
+                                 f"10000 / rlnMagnification = {pix_det[row]:g}")
+    elif pix_det is not None:
+        pix = pix_det
     else:
         raise InputError(f"{star_path}: {block} (RELION 3.0 file, no data_optics) has no "
                          f"pixel size; expected rlnPixelSize or rlnDetectorPixelSize and "
-                         f"rlnMagnification")
+                         f"rlnMagnification, or give --angpix")
+    bad = ~((pix >= PIXEL_SIZE_RANGE[0]) & (pix <= PIXEL_SIZE_RANGE[1]))
+    if np.any(bad):
+        r = int(np.argmax(bad))
+        check_pixel_size(pix[r], f"{where}, row {r + 1}: pixel size")
     pix = np.round(pix, 6)
 
-    ctf_cols = [c for c in CTF_OPTICS if c in cols]
     if "rlnDefocusU" in cols:
-        _require(p, CTF_OPTICS, star_path, block, "CTF parameters of a RELION 3.0 file")
-    # One optics group per distinct (voltage, Cs, Q0, pixel size), numbered in order of
-    # first appearance.
-    keys = pd.DataFrame({c: p[c].to_numpy(dtype=np.float64) for c in ctf_cols})
+        _require(p, CTF_OPTICS[:2], star_path, block, "CTF parameters of a RELION 3.0 file")
+        if "rlnAmplitudeContrast" not in cols:
+            p["rlnAmplitudeContrast"] = AMPLITUDE_CONTRAST_DEFAULT
+            notes.append(f"{star_path}: no rlnAmplitudeContrast; using "
+                         f"{AMPLITUDE_CONTRAST_DEFAULT:g} (relion_import's default)")
+    group_cols = [c for c in CTF_OPTICS + ("rlnBeamTiltX", "rlnBeamTiltY")
+                  if c in p.columns]
+    # One optics group per distinct (voltage, Cs, Q0, beam tilt, pixel size), numbered in
+    # order of first appearance.
+    keys = pd.DataFrame({c: numeric_column(p, c, where) for c in group_cols})
     keys["pix"] = pix
     group = keys.groupby(list(keys.columns), sort=False).ngroup().to_numpy() + 1
     n_groups = int(group.max())
@@ -428,21 +730,14 @@ def _convert_30(particles: pd.DataFrame, star_path: Path, block: str
         "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, n_groups + 1)],
         "rlnOpticsGroup": np.arange(1, n_groups + 1),
     })
-    for c in ctf_cols:
+    for c in group_cols:
         optics[c] = keys[c].to_numpy()[first]
     optics["rlnImagePixelSize"] = pix[first]
-
     # The box size of each group comes from the header of its first particle's stack.
-    _, codes, files = _parse_image_names(p["rlnImageName"], star_path)
-    boxes = []
-    for row in first:
-        path = _resolve_stack(star_path, files[codes[row]])
-        if path is None:
-            raise _missing_stack_error(star_path, row, str(p["rlnImageName"].iloc[row]),
-                                       files[codes[row]])
-        with open_stack(path) as st:
-            boxes.append(st.box)
-    optics["rlnImageSize"] = np.asarray(boxes, dtype=np.int64)
+    optics["rlnImageSize"] = np.asarray(
+        [_stack_box(star_path, p["rlnImageName"], row, search_dirs,
+                    "no data_optics (RELION 3.0 file) to give the box size") for row in first],
+        dtype=np.int64)
     optics["rlnImageDimensionality"] = 2
 
     # Origins were in pixels in 3.0; 3.1 stores Angstrom.
@@ -451,7 +746,7 @@ def _convert_30(particles: pd.DataFrame, star_path: Path, block: str
                      ("rlnOriginYPrior", "rlnOriginYPriorAngst")):
         if old in p.columns and new not in p.columns:
             pos = p.columns.get_loc(old)
-            vals = p[old].to_numpy(dtype=np.float64) * pix
+            vals = numeric_column(p, old, where) * pix
             p = p.drop(columns=[old])
             p.insert(pos, new, vals)
     p = p.drop(columns=[c for c in _LEGACY_OPTICS if c in p.columns])
@@ -459,31 +754,147 @@ def _convert_30(particles: pd.DataFrame, star_path: Path, block: str
     return optics, p
 
 
-def load_particles(star_path: PathLike) -> ParticleSet:
-    """Read a RELION particle STAR file (3.1+: data_optics + data_particles; or 3.0: a single
-    particle table, converted to the 3.1 layout).
+def _complete_optics(optics: pd.DataFrame, particles: pd.DataFrame, star_path: Path,
+                     angpix: float | None, search_dirs: Sequence[Path], notes: list[str]
+                     ) -> pd.DataFrame:
+    """Fill in what a 3.1 optics table may lack where RELION has a default (docs/
+    conventions.md, "RELION defaults applied")."""
+    optics = optics.copy()
+    where = f"{star_path}: data_optics"
+    if angpix is not None:
+        if "rlnImagePixelSize" in optics.columns:
+            old = numeric_column(optics, "rlnImagePixelSize", where, finite=False)
+            if np.any(np.abs(old - angpix) > _PIX_TOL):
+                notes.append(f"{star_path}: rlnImagePixelSize "
+                             f"({', '.join(f'{v:g}' for v in old)}) replaced by --angpix "
+                             f"{angpix:g}")
+        optics["rlnImagePixelSize"] = float(angpix)
+    elif "rlnImagePixelSize" not in optics.columns:
+        det = _detector_pixel_size(optics, where)
+        if det is None:
+            raise InputError(f"{star_path}: data_optics has no rlnImagePixelSize column; "
+                             f"expected the pixel size of each optics group (or "
+                             f"rlnDetectorPixelSize and rlnMagnification), or give --angpix")
+        optics["rlnImagePixelSize"] = np.round(det, 6)
+        notes.append(f"{star_path}: rlnImagePixelSize = rlnDetectorPixelSize * 10000 / "
+                     f"rlnMagnification ({', '.join(f'{v:g}' for v in det)} A)")
 
-    Raises InputError for a missing file, no particle table, no rlnImageName column, missing
-    optics fields (rlnImagePixelSize, rlnImageSize; rlnVoltage, rlnSphericalAberration,
-    rlnAmplitudeContrast when rlnDefocusU is present), an empty particle table, invalid
-    rlnOpticsGroup values or an inconsistent pixel size.
+    if "rlnImageSize" not in optics.columns:
+        groups = _group_numbers(particles, len(optics), star_path)
+        boxes = []
+        for g in range(len(optics)):
+            members = np.flatnonzero(groups == g)
+            if members.size == 0:
+                boxes.append(0)
+                continue
+            boxes.append(_stack_box(star_path, particles["rlnImageName"], int(members[0]),
+                                    search_dirs, "data_optics has no rlnImageSize column"))
+        if 0 in boxes:  # groups without particles: any box of the others
+            known = [b for b in boxes if b]
+            boxes = [b or known[0] for b in boxes]
+        optics["rlnImageSize"] = np.asarray(boxes, dtype=np.int64)
+        notes.append(f"{star_path}: no rlnImageSize; box size "
+                     f"{', '.join(map(str, boxes))} px from the image stacks")
+    if "rlnDefocusU" in particles.columns and "rlnAmplitudeContrast" not in optics.columns:
+        optics["rlnAmplitudeContrast"] = AMPLITUDE_CONTRAST_DEFAULT
+        notes.append(f"{star_path}: no rlnAmplitudeContrast; using "
+                     f"{AMPLITUDE_CONTRAST_DEFAULT:g} (relion_import's default)")
+    return optics
+
+
+def _group_numbers(particles: pd.DataFrame, n_opt: int, star_path: Path) -> np.ndarray:
+    """0-based optics group of every particle (validated as in ParticleSet)."""
+    if "rlnOpticsGroup" not in particles.columns:
+        return np.zeros(len(particles), np.int64)
+    g = pd.to_numeric(particles["rlnOpticsGroup"], errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(g) | (g < 1) | (g > n_opt) | (g != np.round(g))
+    if np.any(bad):
+        row = int(np.argmax(bad))
+        raise InputError(f"{star_path}: rlnOpticsGroup "
+                         f"{_show(particles['rlnOpticsGroup'].iloc[row])} of particle "
+                         f"{row + 1} is not valid; expected 1..{n_opt} (a row of data_optics)")
+    return g.astype(np.int64) - 1
+
+
+def _check_stack_boxes(ps: ParticleSet) -> None:
+    """The first particle's stack of each optics group (when it exists) must have the
+    group's rlnImageSize."""
+    groups = ps.optics_group_index()
+    boxes = ps.boxes
+    _, codes, files = ps._image_refs()
+    for g in range(ps.n_groups):
+        members = np.flatnonzero(groups == g)
+        if members.size == 0:
+            continue
+        path = ps._stack_path(int(codes[members[0]]), files)
+        if path is None:
+            continue  # reported when the images are read
+        h = read_header(path)
+        if (h.nx, h.ny) != (boxes[g], boxes[g]):
+            raise InputError(f"{ps.star_path}: stack {path} (particle {members[0] + 1}) has "
+                             f"{h.nx} x {h.ny} px images; expected rlnImageSize = {boxes[g]} "
+                             f"of optics group {g + 1}")
+
+
+def load_particles(star_path: PathLike, angpix: float | None = None,
+                   project_dir: PathLike | None = None, log: Log = print,
+                   check_stacks: bool = True) -> ParticleSet:
+    """Read a particle file: RELION STAR (3.1+: data_optics + data_particles; 3.0: a single
+    particle table, converted to the 3.1 layout) or cryoSPARC `.cs` (by suffix).
+
+    angpix: pixel size (A) that replaces the file's (--angpix); needed when the file has
+        none. RELION's defaults are applied where a field is missing (docs/conventions.md,
+        "RELION defaults applied"): rlnImageSize from the stack headers, rlnImagePixelSize
+        from rlnDetectorPixelSize * 10000 / rlnMagnification, rlnAmplitudeContrast 0.1;
+        each is reported through `log` (None: silent) and kept in `ParticleSet.notes`.
+    project_dir: for `.cs` files, the cryoSPARC project folder the blob paths are relative
+        to (see io.cryosparc). STAR image paths are relative to the working folder, then to
+        the STAR file's folder.
+    check_stacks: compare each optics group's box with its first existing stack (header
+        only) and raise InputError on a mismatch.
+
+    Raises InputError (one line naming the file, row, field and expected range) for anything
+    RELION would refuse and for values cryomap cannot compute with (see check_ctf).
     """
     path = Path(star_path)
+    if angpix is not None:
+        angpix = check_pixel_size(angpix, "--angpix")
+    if path.suffix.lower() == ".cs":
+        from .io.cryosparc import load_cryosparc
+
+        ps = load_cryosparc(path, project_dir=project_dir, angpix=angpix, log=log)
+    else:
+        ps = _load_star(path, angpix, log)
+    if check_stacks:
+        _check_stack_boxes(ps)
+        # Parsed names and resolved paths are re-derived on first use: callers may still
+        # edit the particle table before reading images.
+        ps._refs, ps._paths = None, {}
+    return ps
+
+
+def _load_star(path: Path, angpix: float | None, log: Log) -> ParticleSet:
     blocks = read_star(path)
-    loops = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    loops = {k: as_table(v) for k, v in blocks.items()
+             if isinstance(v, pd.DataFrame) or (k in ("optics", "particles") and v)}
+    search_dirs = stack_search_dirs(path)
+    notes: list[str] = []
+    for name, table in loops.items():
+        _check_duplicates(table, path, f"data_{name}")
     if "optics" in loops:
         if "particles" not in loops:
             raise InputError(f"{path}: no data_particles block (blocks: "
                              f"{', '.join('data_' + k for k in blocks)}); expected a particle "
                              f"table after data_optics")
         optics, particles = loops["optics"], loops["particles"]
-        block = "data_particles"
         if len(particles) == 0:
             raise InputError(f"{path}: no particles in {path} (data_particles is empty)")
-        _require(particles, ["rlnImageName"], path, block, "n@stack.mrcs image references")
-        _require(optics, REQUIRED_OPTICS, path, "data_optics", "RELION 3.1 optics table")
-        if "rlnDefocusU" in particles.columns:
-            _require(optics, CTF_OPTICS, path, "data_optics", "CTF parameters")
+        _require(particles, ["rlnImageName"], path, "data_particles",
+                 "n@stack.mrcs image references")
+        if len(optics) == 0:
+            raise InputError(f"{path}: data_optics has no rows; expected at least one optics "
+                             f"group")
+        optics = _complete_optics(optics, particles, path, angpix, search_dirs, notes)
     else:
         # RELION 3.0: the first loop with image names (usually data_ or data_images).
         cands = [k for k, v in loops.items() if "rlnImageName" in v.columns] or list(loops)
@@ -496,12 +907,22 @@ def load_particles(star_path: PathLike) -> ParticleSet:
         if len(particles) == 0:
             raise InputError(f"{path}: no particles in {path} ({block} is empty)")
         _require(particles, ["rlnImageName"], path, block, "n@stack.mrcs image references")
-        optics, particles = _convert_30(particles, path, block)
-    for label in REQUIRED_OPTICS:
-        _check_positive(optics, label, path, "data_optics")
-    return ParticleSet(optics=optics, particles=particles, star_path=path)
+        optics, particles = _convert_30(particles, path, block, angpix, search_dirs, notes)
+    ps = ParticleSet(optics=optics, particles=particles, star_path=path,
+                     search_dirs=search_dirs, notes=notes)
+    if "rlnDefocusU" in ps.particles.columns:
+        for label in CTF_OPTICS[:2]:
+            if label not in ps.optics.columns:
+                raise InputError(f"{path}: data_optics has no {label} column; expected it "
+                                 f"(CTF parameters)")
+    _check_loaded(ps)
+    if log is not None:
+        for note in notes:
+            log(note)
+    return ps
 
 
 def write_particles(path: PathLike, optics: pd.DataFrame, particles: pd.DataFrame) -> None:
     """Write a RELION 3.1 particle file (data_optics then data_particles), atomically."""
     write_star(path, {"optics": optics, "particles": particles})
+

@@ -1,4 +1,5 @@
-"""Reference preparation and Fourier-slice projection / back-projection (CONVENTIONS §2).
+"""Reference preparation and Fourier-slice projection / back-projection (docs/conventions.md,
+"Projection").
 
 A map of box N is zero-padded to pN, pre-corrected for the interpolation kernel's real-space
 attenuation (gridding correction), transformed with `fourier.fft3_centered` and rescaled so that
@@ -151,7 +152,8 @@ def map_from_reference_ft(centred: np.ndarray, box: int, pad: int, interp: str) 
 def shift_images(images_ft: np.ndarray, coords: np.ndarray, shifts: np.ndarray,
                  box: int) -> np.ndarray:
     """Translate masked image FTs (B, J) by shifts (B, 2) pixels: X(k) exp(-2 pi i k.s / N)
-    (RELION's sign: an image is translated by +origin before comparison, CONVENTIONS §3)."""
+    (RELION's sign: an image is translated by +origin before comparison; docs/conventions.md,
+    "Shifts")."""
     return core.phase_shift(np.ascontiguousarray(images_ft, dtype=np.complex64),
                             np.ascontiguousarray(coords, dtype=np.float32),
                             np.ascontiguousarray(shifts, dtype=np.float64), int(box))

@@ -1,4 +1,5 @@
-"""Pose sampling (CONVENTIONS.md section 7): HEALPix directions, in-plane angles, shifts."""
+"""Pose sampling: HEALPix directions, in-plane angles, shifts (docs/conventions.md, "Pose
+sampling")."""
 
 from __future__ import annotations
 

@@ -1,23 +1,25 @@
 """Simulated particle images: Fourier central-slice projection, CTF, shifts and noise.
 
-Projection follows relion_project (CONVENTIONS sections 2-4): the image FT at pixel k is the
+Projection follows relion_project (docs/conventions.md, "Projection", "Shifts", "CTF"): the
+image FT at pixel k is the
 reference FT at A^T k (sum-projection scale), multiplied by the CTF, then the projection is
-shifted by -origin, so the particle centre lies at pixel (N/2 - ox, N/2 - oy) of the image
-(x = last axis, y = row). Frequencies with |k| > N/2 are zero, as in RELION's projector.
+shifted by -origin, so the particle centre lies at pixel (floor(N/2) - ox, floor(N/2) - oy)
+of the image (x = last axis, y = row). Frequencies with |k| > N/2 are zero, as in RELION's
+projector. With image_origin="relion_project", odd-N images are written one pixel further
+along +x and +y, exactly as relion_project writes them (fourier.project_image_origin).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import fourier
-from .ctf import CtfParams
+from .ctf import CtfParams, check_ctf_params
 from .euler import euler_to_matrix, matrix_to_euler
 from .io.mrc import write_map, write_stack
 from .particles import make_optics_table, write_particles
@@ -51,17 +53,17 @@ def projection_pixels(box: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _ctf_subset(ctf: CtfParams, idx: slice | np.ndarray, n: int) -> CtfParams:
     """The CtfParams of images idx out of n (scalar fields broadcast)."""
-    values = {}
-    for f in fields(ctf):
-        v = np.asarray(getattr(ctf, f.name), dtype=np.float64)
-        values[f.name] = np.broadcast_to(v, (n,))[idx] if v.ndim else v
-    return replace(ctf, **values)
+    return ctf.subset(idx)
+
+
+#: Where project_images puts the real-space origin of the images it writes.
+IMAGE_ORIGINS = ("floor", "relion_project")
 
 
 def project_images(volume: np.ndarray | Reference, angles_deg: np.ndarray,
                    origins_px: np.ndarray | None = None, ctf: CtfParams | None = None,
                    pixel_size: float | None = None, pad: int = 2, interp: str = "linear",
-                   batch: int | None = None) -> np.ndarray:
+                   batch: int | None = None, image_origin: str = "floor") -> np.ndarray:
     """Projections of a map, as relion_project makes them: float32 (n, N, N).
 
     Parameters
@@ -74,9 +76,14 @@ def project_images(volume: np.ndarray | Reference, angles_deg: np.ndarray,
     pixel_size : A/px, needed with ctf.
     pad, interp : projector padding factor and interpolation ("linear" or "nearest").
     batch : images per batch (memory bound); default from default_batch.
+    image_origin : "floor" (default): the map's centre voxel floor(N/2) projects to pixel
+        floor(N/2), the origin cryomap reads particle images with; "relion_project": to
+        pixel ceil(N/2), where relion_project puts it (differs for odd N only; see
+        fourier.project_image_origin and docs/conventions.md, "Grids").
 
     Scale: with no CTF the image is the map's sum-projection along the viewing direction
-    (P(x, y) = sum_z V(A^T (x, y, z)), CONVENTIONS section 2), band-limited to |k| <= N/2.
+    (P(x, y) = sum_z V(A^T (x, y, z)), docs/conventions.md "Projection"), band-limited to
+    |k| <= N/2.
     """
     ref = volume if isinstance(volume, Reference) else prepare_reference(
         np.asarray(volume), pad=pad, interp=interp)
@@ -91,11 +98,16 @@ def project_images(volume: np.ndarray | Reference, angles_deg: np.ndarray,
         origins = np.asarray(origins_px, dtype=np.float64).reshape(-1, 2)
         if origins.shape[0] != n:
             raise ValueError(f"origins_px: expected {n} rows, got {origins.shape[0]}")
+    if image_origin not in IMAGE_ORIGINS:
+        raise ValueError(f"image_origin: expected one of {IMAGE_ORIGINS}, got {image_origin!r}")
     if ctf is not None:
         if pixel_size is None or not pixel_size > 0:
             raise ValueError("project_images: a positive pixel_size is needed with a CTF")
         if len(ctf) not in (1, n):
             raise ValueError(f"ctf: expected {n} images, got {len(ctf)}")
+        check_ctf_params(ctf, "project_images: CTF parameters")
+    origin_index = (fourier.project_image_origin(n_box) if image_origin == "relion_project"
+                    else fourier.origin(n_box))
     batch = default_batch(n_box) if batch is None else max(1, int(batch))
 
     flat, coords = projection_pixels(n_box)
@@ -117,7 +129,8 @@ def project_images(volume: np.ndarray | Reference, angles_deg: np.ndarray,
             slices = shift_images(slices, coords, -origins[sl], n_box)
         ft = np.zeros((b, half), dtype=np.complex128)
         ft[:, flat] = slices
-        out[sl] = fourier.ifft2_centered(ft.reshape(b, n_box, n_box // 2 + 1), n_box)
+        out[sl] = fourier.ifft2_at_origin(ft.reshape(b, n_box, n_box // 2 + 1), n_box,
+                                          origin_index)
     return out
 
 
@@ -164,9 +177,9 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
     signal_variance / snr, where signal_variance is the mean over the n clean (CTF-modulated)
     images of their pixel variance over the WHOLE box. snr=None (or inf) adds no noise.
 
-    stack_name is the stack path written into rlnImageName. cryomap looks it up relative to
-    the STAR file's folder; RELION relative to its project folder, so for a RELION run from
-    the parent folder use e.g. "sim/particles.mrcs".
+    stack_name is the stack path written into rlnImageName. cryomap, like RELION, looks it up
+    relative to the working folder and then (cryomap only) relative to the STAR file's folder,
+    so for a RELION run from the parent folder use e.g. "sim/particles.mrcs".
 
     Each quantity has its own random stream derived from seed, so snr=None with the same seed
     returns exactly the clean images of a noisy simulation.
@@ -206,6 +219,7 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
     ctf_params = CtfParams(defocus_u=mean_df + astig / 2, defocus_v=mean_df - astig / 2,
                            defocus_angle=rng_ctf.uniform(0, 180, size=n), voltage=voltage,
                            cs=cs, amplitude_contrast=amplitude_contrast, bfactor=bfactor)
+    check_ctf_params(ctf_params, "simulate_particles: CTF parameters")
     classes = rng_class.choice(k, size=n, p=fr / fr.sum()) if k > 1 else np.zeros(n, int)
 
     images = np.empty((n, box, box), dtype=np.float32)

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..ctf import CTF_RANGES, check_values
 from ..errors import InputError
+from ..io.star import numeric_column
 
 COMMAND = "project"
 HELP = "project a map at the poses of a STAR file (like relion_project)"
@@ -16,8 +18,12 @@ DESCRIPTION = """\
 Make one projection per particle row of --ang (rlnAngleRot/Tilt/Psi in degrees, optional
 rlnOriginXAngst/YAngst; missing origins are 0), as relion_project does: Fourier central slice
 (sum-projection scale), multiplied by the CTF with --ctf (rlnDefocusU/V/Angle per row; voltage,
-Cs and Q0 from the optics table or the row), shifted by -origin. The pixel size is the map's
-(or --angpix); an optics table's rlnImagePixelSize must agree within 0.001 A.
+Cs and Q0 from the optics table or the row; Q0 0.1 when absent), shifted by -origin. The pixel
+size is the map's (or --angpix, which also serves maps without one); an optics table's
+rlnImagePixelSize must agree within 0.001 A. Images are placed as relion_project places them:
+for an odd box the centre of the map lands on pixel (N+1)/2, one pixel further along +x and
++y than floor(N/2) (docs/conventions.md, "Grids"). Every row is checked before anything is
+written.
 Writes the stack --o (.mrcs; a name without .mrcs is a root, as for relion_project) and, next
 to it, a STAR file (same name, .star) with the input rows and rlnImageName pointing into the
 stack (by file name, relative to the STAR file's folder).
@@ -76,15 +82,13 @@ def read_pose_table(path: Path) -> tuple[pd.DataFrame | None, pd.DataFrame]:
 
 
 def _numeric(df: pd.DataFrame, label: str, path: Path, block: str) -> np.ndarray:
-    """A numeric column (InputError naming the file and field if absent or not numbers)."""
+    """A numeric column (InputError naming the file, row and field if absent, not numbers,
+    not finite, or outside its range for CTF fields)."""
     if label not in df.columns:
         raise InputError(f"{path}: {block} has no {label} column")
-    vals = pd.to_numeric(df[label], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(vals)
-    if np.any(bad):
-        row = int(np.argmax(bad))
-        raise InputError(f"{path}: {block} {label} = {df[label].iloc[row]!r} in row "
-                         f"{row + 1}; expected a finite number")
+    vals = numeric_column(df, label, f"{path}: {block}")
+    if label in CTF_RANGES:
+        check_values(label, vals, f"{path}: {block}")
     return vals
 
 
@@ -119,11 +123,11 @@ def ctf_from_rows(optics: pd.DataFrame | None, rows: pd.DataFrame, group: np.nda
                   path: Path):
     """CtfParams of the rows (RELION defaults: V = U, angle 0, B 0, scale 1, no phase shift)."""
     from ..ctf import CtfParams
+    from ..particles import AMPLITUDE_CONTRAST_DEFAULT
 
     du = _per_row("rlnDefocusU", optics, rows, group, path)
-    q0 = _per_row("rlnAmplitudeContrast", optics, rows, group, path)
-    if np.any((q0 < 0) | (q0 > 1)):
-        raise InputError(f"{path}: rlnAmplitudeContrast outside [0, 1]; expected a fraction")
+    q0 = _per_row("rlnAmplitudeContrast", optics, rows, group, path,
+                  default=AMPLITUDE_CONTRAST_DEFAULT)
     return CtfParams(
         defocus_u=du,
         defocus_v=(_numeric(rows, "rlnDefocusV", path, "data_particles")
@@ -202,13 +206,11 @@ def run(args: argparse.Namespace) -> int:
         out = out.with_name(out.name + ".mrcs")
     if args.add_noise and not args.snr > 0:
         raise InputError(f"--snr {args.snr}: expected > 0 with --add-noise")
-    vol, map_pix = read_map(args.i)
+    # --angpix first: it must serve maps whose header has no pixel size.
+    vol, pix = read_map(args.i, angpix=args.angpix)
     if vol.ndim != 3:
         raise InputError(f"{args.i}: a 2D image; expected a cubic 3D map")
     box = vol.shape[0]
-    pix = map_pix if args.angpix is None else float(args.angpix)
-    if not pix > 0:
-        raise InputError(f"--angpix {args.angpix}: expected a positive pixel size (A)")
 
     optics, rows = read_pose_table(ang_path)
     group = _group_index(optics, rows, ang_path)
@@ -223,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
             origins[:, j] = _numeric(rows, old, ang_path, "data_particles")
     ctf = ctf_from_rows(optics, rows, group, ang_path) if args.ctf else None
 
-    images = project_images(vol, angles, origins, ctf, pix, pad=args.pad, interp=args.interp)
+    images = project_images(vol, angles, origins, ctf, pix, pad=args.pad, interp=args.interp,
+                            image_origin="relion_project")
     if args.add_noise:
         signal_var = float(np.mean(np.var(images, axis=(1, 2), dtype=np.float64)))
         rng = np.random.default_rng(args.seed)

@@ -6,7 +6,9 @@ import argparse
 
 import numpy as np
 
+from ..ctf import CTF_RANGES
 from ..errors import InputError
+from ..io.mrc import check_pixel_size
 
 COMMAND = "simulate"
 HELP = "simulate particle images of a map (or the built-in phantom) with known poses"
@@ -68,8 +70,7 @@ def _load_maps(args: argparse.Namespace) -> tuple[list[np.ndarray], float, bool]
         pix = 3.0 if args.angpix is None else args.angpix
         if box < 8:
             raise InputError(f"--box {box}: expected >= 8 px")
-        if not pix > 0:
-            raise InputError(f"--angpix {pix}: expected a positive pixel size (A)")
+        pix = check_pixel_size(pix, "--angpix")
         if not 1 <= args.variants <= len(VARIANTS):
             raise InputError(f"--variants {args.variants}: expected 1..{len(VARIANTS)}")
         return [make_phantom_variant(k, box, pix, args.seed) for k in range(args.variants)], \
@@ -78,7 +79,7 @@ def _load_maps(args: argparse.Namespace) -> tuple[list[np.ndarray], float, bool]
         raise InputError("--variants: only with the built-in phantom (no --i)")
     maps, pix = [], None
     for path in args.i:
-        vol, p = read_map(path)
+        vol, p = read_map(path, angpix=args.angpix)
         if vol.ndim != 3:
             raise InputError(f"{path}: a 2D image; expected a 3D map")
         if maps and vol.shape != maps[0].shape:
@@ -92,10 +93,6 @@ def _load_maps(args: argparse.Namespace) -> tuple[list[np.ndarray], float, bool]
     if args.box is not None and args.box != maps[0].shape[0]:
         raise InputError(f"{args.i[0]}: box {maps[0].shape[0]} differs from --box {args.box}; "
                          f"resample the map or drop --box")
-    if args.angpix is not None:
-        if not args.angpix > 0:
-            raise InputError(f"--angpix {args.angpix}: expected a positive pixel size (A)")
-        pix = args.angpix
     return maps, float(pix), False
 
 
@@ -105,13 +102,24 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise InputError(f"--n {args.n}: expected >= 1 particles")
-    if not 0 < args.defocus_min <= args.defocus_max:
+    if not 0 < args.defocus_min <= args.defocus_max < np.inf:
         raise InputError(f"--defocus-min {args.defocus_min:g} / --defocus-max "
                          f"{args.defocus_max:g}: expected 0 < min <= max (A)")
-    if args.max_shift < 0 or args.astigmatism < 0:
-        raise InputError("--max-shift, --astigmatism: expected >= 0")
-    if not 0 <= args.q0 <= 1:
-        raise InputError(f"--Q0 {args.q0}: expected a fraction in [0, 1]")
+    if not (0 <= args.max_shift < np.inf and 0 <= args.astigmatism < np.inf):
+        raise InputError("--max-shift, --astigmatism: expected finite values >= 0")
+    if np.isnan(args.snr):
+        raise InputError("--snr nan: expected a number (0 or negative: no noise)")
+    # The microscope options, checked against the same ranges as STAR files.
+    for opt, label, value in (("--voltage", "rlnVoltage", args.voltage),
+                              ("--cs", "rlnSphericalAberration", args.cs),
+                              ("--Q0", "rlnAmplitudeContrast", args.q0),
+                              ("--bfactor", "rlnCtfBfactor", args.bfactor)):
+        if CTF_RANGES[label].bad(value):
+            raise InputError(f"{opt} {value:g}: expected {CTF_RANGES[label].text()}")
+    if args.ctf and not args.defocus_min > args.astigmatism / 2:
+        raise InputError(f"--defocus-min {args.defocus_min:g} / --astigmatism "
+                         f"{args.astigmatism:g}: expected defocus-min > astigmatism / 2 (so "
+                         f"that every defocus V is positive)")
     maps, pix, phantom = _load_maps(args)
     snr = args.snr if args.snr > 0 else None
     images, optics, particles, truth = simulate_particles(

@@ -1,4 +1,4 @@
-"""RELION STAR files (CONVENTIONS.md sections 8, 9), read and written with `starfile`.
+"""RELION STAR files (docs/conventions.md, "STAR files"), read and written with `starfile`.
 
 A STAR file is a dict of blocks, in file order: block name (the text after `data_`) -> a
 pandas DataFrame (a `loop_` table) or a dict (a list block, `_rlnLabel value` lines). Labels
@@ -23,6 +23,7 @@ comment, and comment lines between the labels of a loop header end the header.
 
 from __future__ import annotations
 
+import linecache
 import os
 from pathlib import Path
 
@@ -33,7 +34,8 @@ import starfile
 from ..errors import InputError
 from .atomic import atomic_path
 
-__all__ = ["read_star", "write_star", "STAR_VERSION", "STRING_LABELS"]
+__all__ = ["read_star", "write_star", "STAR_VERSION", "STRING_LABELS", "as_table",
+           "numeric_column"]
 
 PathLike = str | os.PathLike
 
@@ -48,6 +50,8 @@ STRING_LABELS = [
     "rlnMicrographMetadata", "rlnMicrographGainName", "rlnMicrographDefectFile",
     "rlnMaskName", "rlnSolventMaskName", "rlnTomoName", "rlnTomoParticleName",
     "rlnCtfPowerSpectrum", "rlnMicrographNameNoDW", "rlnMtfFileName",
+    # vectors, written by RELION as "[a,b,c]"
+    "rlnOddZernike", "rlnEvenZernike",
 ]
 
 
@@ -62,16 +66,62 @@ def read_star(path: PathLike) -> dict[str, pd.DataFrame | dict]:
         raise InputError(f"{path}: file not found")
     if not path.is_file():
         raise InputError(f"{path}: not a regular file")
+    # starfile reads through linecache and clears it only after a successful parse: after a
+    # failed read, a corrected file at the same path would be parsed from the stale lines.
+    linecache.clearcache()
     try:
         blocks = starfile.read(path, always_dict=True, parse_as_string=STRING_LABELS)
     except Exception as e:
         # starfile / pandas raise many types (e.g. TypeError for a data_ block with neither
         # loop_ nor labels); all mean "unparsable".
-        raise InputError(f"{path}: cannot parse as a STAR file ({type(e).__name__}: {e})"
+        detail = " ".join(str(e).split())  # pandas' messages span lines; ours are one line
+        raise InputError(f"{path}: cannot parse as a STAR file ({type(e).__name__}: {detail})"
                          ) from None
     if not blocks:
         raise InputError(f"{path}: not a STAR file (no data_ block found)")
     return {str(name): block for name, block in blocks.items()}
+
+
+def as_table(block: pd.DataFrame | dict) -> pd.DataFrame:
+    """A block as a table: a list block (`_rlnX value` lines) is a table of one row, as in
+    RELION, where both spellings describe the same MetaDataTable."""
+    if isinstance(block, pd.DataFrame):
+        return block
+    return pd.DataFrame({k: [v] for k, v in block.items()})
+
+
+def numeric_column(df: pd.DataFrame, label: str, where: str, finite: bool = True,
+                   rows: np.ndarray | None = None) -> np.ndarray:
+    """Values of column `label` (only `rows`, 0-based positions, when given) as float64,
+    parsed strictly.
+
+    `where` names the file and block for messages (e.g. "run_data.star: data_particles").
+    Raises InputError naming the first bad row (1-based) for text that is not a number and,
+    with `finite`, for NaN/inf. Only the requested rows are parsed and checked, so that
+    per-batch reads of a large table cost time in proportion to the batch.
+    """
+    col = df[label]
+    if isinstance(col, pd.DataFrame):  # duplicated label
+        raise InputError(f"{where}: label {label} appears {col.shape[1]} times; expected once")
+    pos = np.arange(len(col)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if col.dtype.kind in "iuf":
+        vals = col.to_numpy(dtype=np.float64)[pos]
+        not_number = np.zeros(vals.shape, bool)
+    else:
+        text = (col if rows is None else col.iloc[pos]).astype(str).str.strip()
+        vals = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+        # pd.to_numeric reads "nan"/"inf" as numbers; anything else that fails is text.
+        not_number = np.isnan(vals) & ~text.str.lower().isin(["nan", "+nan", "-nan"]
+                                                             ).to_numpy()
+    if np.any(not_number):
+        i = int(np.argmax(not_number))
+        raise InputError(f"{where}, row {pos[i] + 1}: {label} = {col.iloc[pos[i]]!r} is not a "
+                         f"number; expected a number")
+    if finite and not np.all(np.isfinite(vals)):
+        i = int(np.argmax(~np.isfinite(vals)))
+        raise InputError(f"{where}, row {pos[i] + 1}: {label} = {vals[i]:g}; expected a finite "
+                         f"number")
+    return vals
 
 
 def _format_float(x: float) -> str:
