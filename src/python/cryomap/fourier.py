@@ -121,33 +121,41 @@ def to_centred(ft: np.ndarray, m: int) -> np.ndarray:
     """Crop a half-plane (n, n//2+1) or half-volume (n, n, n//2+1) FT to the centred layout.
 
     Returns (1, 2m+1, m+1) for 2D input and (2m+1, 2m+1, m+1) for 3D input, complex64.
+    Frequencies beyond what the box holds (m > max_centred_radius(n)) are zero, so that the
+    kernels' interpolation footprint never leaves the array.
     """
     n = ft.shape[-2]
-    if m > max_centred_radius(n):
-        raise ValueError(f"centred radius {m} too large for box {n}")
-    idx = np.arange(-m, m + 1) % n
-    if ft.ndim == 2:
-        out = ft[idx][:, : m + 1][None]
-    elif ft.ndim == 3:
-        out = ft[np.ix_(idx, idx, np.arange(m + 1))]
-    else:
+    if ft.ndim not in (2, 3):
         raise ValueError("expected a 2D half-plane or 3D half-volume")
+    m0 = min(m, max_centred_radius(n))
+    idx = np.arange(-m0, m0 + 1) % n
+    if ft.ndim == 2:
+        inner = ft[idx][:, : m0 + 1][None]
+        out = np.zeros((1, 2 * m + 1, m + 1), np.complex64)
+        out[0, m - m0:m + m0 + 1, : m0 + 1] = inner[0]
+    else:
+        inner = ft[np.ix_(idx, idx, np.arange(m0 + 1))]
+        out = np.zeros((2 * m + 1, 2 * m + 1, m + 1), np.complex64)
+        out[m - m0:m + m0 + 1, m - m0:m + m0 + 1, : m0 + 1] = inner
     return np.ascontiguousarray(out, dtype=np.complex64)
 
 
 def from_centred(centred: np.ndarray, n: int) -> np.ndarray:
     """Place a centred half-volume (or (1, 2m+1, m+1) half-plane) into the rfft layout of box n.
 
-    Frequencies outside the centred crop are zero. Returns (n, n//2+1) for 2D input.
+    Frequencies outside the centred crop are zero; those beyond max_centred_radius(n) are
+    dropped. Returns (n, n//2+1) for 2D input.
     """
     m = centred.shape[-1] - 1
-    idx = np.arange(-m, m + 1) % n
+    m0 = min(m, max_centred_radius(n))
+    idx = np.arange(-m0, m0 + 1) % n
+    c = slice(m - m0, m + m0 + 1)
     if centred.shape[0] == 1:
         out = np.zeros((n, n // 2 + 1), dtype=np.complex128)
-        out[idx, : m + 1] = centred[0]
+        out[idx, : m0 + 1] = centred[0][c, : m0 + 1]
         return out
     out = np.zeros((n, n, n // 2 + 1), dtype=np.complex128)
-    out[np.ix_(idx, idx, np.arange(m + 1))] = centred
+    out[np.ix_(idx, idx, np.arange(m0 + 1))] = centred[c, c, : m0 + 1]
     return out
 
 

@@ -79,8 +79,9 @@ class Reference:
 def reference_radius(box: int, pad: int, r_max: float | None) -> int:
     """Centred crop radius m on the padded grid covering image shells up to r_max."""
     r = box // 2 if r_max is None else min(float(r_max), box / 2)
-    m = int(np.ceil(pad * r)) + 2  # +2: trilinear footprint and rounding
-    return min(m, fourier.max_centred_radius(pad * box))
+    # pixels of shell r reach |k| < r + 1/2; +2 keeps their trilinear footprint inside the
+    # array (the kernels' bounds-check-free path), zeros beyond the padded box's Nyquist
+    return int(np.ceil(pad * (r + 0.5))) + 2
 
 
 def prepare_reference(volume: np.ndarray, pad: int = 2, interp: str = "linear",

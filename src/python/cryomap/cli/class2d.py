@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InputError
-from .class3d import add_class_arguments, class_options_from_args
+from .class3d import add_class_arguments, class_options
 
 COMMAND = "class2d"
 HELP = "2D classification (class averages) by EM with class marginalisation"
@@ -16,48 +16,45 @@ Class2D): posteriors over class x in-plane angle (--psi_step, default 10 degrees
 average per class updated as V = D/(W + 1/tau2) with tau2 from the average's power, the class
 distribution and noise spectra updated every iteration. Classes start as averages of random
 subsets of the particles at random in-plane angles (--seed), unless --ref gives them (an image
-for all classes, or a .mrcs stack with one image per class).
-Outputs go to --o in RELION's layout: run_itNNN_classes.mrcs (class k is k@file),
+for all classes, or a .mrcs stack with one image per class). See docs/method.md.
+Outputs in --o, RELION's layout: run_itNNN_classes.mrcs (class k is k@file),
 run_itNNN_model.star (rlnClassDistribution, rlnEstimatedResolution per class),
-run_itNNN_data.star (rlnClassNumber, rlnAnglePsi, rlnOriginX/YAngst,
-rlnMaxValueProbDistribution), and at the end run_classes.mrcs, run_model.star, run_data.star,
-run_classes.png (the averages sorted by class size, labelled with size and resolution) and
-run.log. Defaults as RELION's GUI: --K 50, --iter 25, --tau2_fudge 2.
+run_itNNN_data.star (rlnClassNumber, rlnAnglePsi, rlnOriginX/YAngst), and at the end
+run_classes.mrcs, run_model.star, run_data.star, run_classes.png (the averages sorted by class
+size) and run.log. Defaults as RELION's GUI: --K 50, --iter 25, --tau2_fudge 2.
 
 example:
-  cryomap class2d --i particles.star --o Class2D/job001 --K 50 --particle_diameter 180 \\
+  cryomap class2d --i particles.star --o Class2D/job001 --K 50 --particle_diameter 250 \\
       --psi_step 10 --offset_range 5 --offset_step 1 --iter 25 --center_classes
   cryomap class2d --o Class2D/job001 --continue      # resume after the last finished iteration
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_class_arguments(p, n_classes=50, tau2_fudge=2.0)
+    add_class_arguments(p, n_classes=50, tau2_fudge=2.0, psi_step=10.0)
     p.add_argument("--center_classes", "--center-classes", dest="center_classes",
                    action="store_true",
                    help="keep the averages centred: move each one's centre of mass to the box "
                         "centre every iteration")
     p.add_argument("--subset_size", "--subset-size", type=int, default=None,
                    help="particles averaged per initial class (default: all, split K ways)")
-    p.set_defaults(psi_step=10.0)
 
 
 def run(args: argparse.Namespace) -> int:
     from .._kernels import set_threads
-    from ..em.class2d import classify2d
-    from ..em.classify import saved_job
+    from ..jobs.classify import classify2d, saved_job
 
     set_threads(args.threads)
     if args.resume and args.i is None:
         star, ref, options = saved_job(args.o)
         if options.ndim != 2:
             raise InputError(f"{args.o}: the run there is a 3D classification; use class3d")
-        options.iterations = max(options.iterations, args.iter or 0)
-        classify2d(star, args.o, options, ref, resume=True)
+        if args.iterations is not None:
+            options.iterations = args.iterations
+        classify2d(star, args.o, options, ref, resume=True, max_memory=args.max_memory)
         return 0
     if args.i is None:
-        raise InputError("--i (particles STAR) is required")
-    options = class_options_from_args(args, 2, center_classes=args.center_classes,
-                                      subset_size=args.subset_size)
-    classify2d(args.i, args.o, options, args.ref, resume=args.resume)
+        raise InputError("--i (particles) is required")
+    classify2d(args.i, args.o, class_options(args, 2), args.ref, resume=args.resume,
+               angpix=args.angpix, max_memory=args.max_memory)
     return 0

@@ -28,6 +28,11 @@ def _subcommand_modules() -> list:
     return sorted(mods, key=lambda m: m.COMMAND)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                    argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every option's default in its help."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
     from .. import __version__
@@ -41,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for mod in _subcommand_modules():
         p = sub.add_parser(mod.COMMAND, help=mod.HELP, description=mod.DESCRIPTION,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

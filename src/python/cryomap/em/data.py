@@ -25,6 +25,12 @@ class Batch:
     ctf: np.ndarray  # (B, J) float32 (ones without CTF)
     group: np.ndarray  # (B,) 0-based optics group
 
+    def select(self, rows: np.ndarray) -> Batch:
+        """The images `rows` of the batch."""
+        if rows.size == self.indices.size:
+            return self
+        return Batch(self.indices[rows], self.images[rows], self.ctf[rows], self.group[rows])
+
 
 class ImageSource:
     """Masked particle FTs for a ParticleSet, optionally cached in memory."""

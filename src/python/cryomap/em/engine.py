@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import fourier, projector
+from .._kernels import core
 from ..euler import euler_to_matrix, matrix_to_euler
 from ..sampling import PoseSampling, coarse_radius
 from .data import Batch, ImageSource
 from .estep import expectation
 from .noise import NoiseModel
 from .sums import maximization_sums
-from .._kernels import core
 
 # Floor of a class prior: an empty class keeps a finite log prior.
 MIN_CLASS_PRIOR = 1e-30
@@ -62,6 +62,8 @@ class Search:
     force_max: the M-step uses only each class's best pose (with the class's mass).
     hard_class: the M-step uses only each image's most probable class.
     class_temperature: class posterior raised to 1/T before the M-step (1: plain posterior).
+    image_class: (n,) for each image of the pass the one class it may take, or -1 (any); e.g.
+        RELION's random seeds of the first classification iteration.
     """
 
     sampling: PoseSampling
@@ -76,6 +78,7 @@ class Search:
     force_max: bool = False
     hard_class: bool = False
     class_temperature: float = 1.0
+    image_class: np.ndarray | None = None  # (n,) per pass image: its only class, -1 for any
 
     @property
     def levels(self) -> int:
@@ -144,13 +147,15 @@ class _Level:
 def run_pass(source: ImageSource, indices: np.ndarray, references: list[projector.Reference],
              search: Search, noise: NoiseModel, previous_rotations: np.ndarray,
              previous_origins: np.ndarray, offset_prior: np.ndarray | None = None,
-             batch_size: int = 256, progress: Callable[[int], None] | None = None
-             ) -> PassResult:
+             batch_size: int = 256, slice_memory: int = 512 << 20,
+             progress: Callable[[int], None] | None = None) -> PassResult:
     """E-step and M-step sums of the images `indices` against `references` (one per class).
 
     previous_rotations (n, 3, 3) and previous_origins (n, 2) px are the images' current poses
     (rows follow `indices`): translations are searched around rint(origin), local searches
     around the rotation. offset_prior (n, 2) px is the centre of the origin prior (default 0).
+    batch_size images share level 0 (and the projection of its slices); below it, images are
+    processed in groups whose candidate slices take at most about slice_memory bytes.
     """
     box, pix = source.box, source.pixel_size
     k_cls = len(references)
@@ -194,6 +199,8 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
         acc_data = np.zeros(level0_table[3].shape, np.complex64)
         acc_weight = np.zeros(level0_table[3].shape, np.float32)
 
+    # candidate slices of the levels below level 0 held at once (slices, sums: ~24 B/pixel)
+    max_slices = max(256, int(slice_memory // (24 * mask.n_pixels)))
     order = _batch_order(previous_rotations, search)
     for start in range(0, n, batch_size):
         rows = order[start:start + batch_size]
@@ -201,45 +208,37 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
         batch = source.batch(indices[rows], mask, previous_origins[rows])
         inv_s2 = noise.inv_sigma2(batch.group, mask)
         timings["io"] += time.perf_counter() - t0
-        level = _level_zero(batch, inv_s2, rows, references, search, level0_table,
-                            previous_rotations, previous_origins, centre, log_class,
-                            mask, columns[0], timings)
-        n_sig0 = np.bincount(level.image, minlength=rows.size)
-        for lv in range(1, search.levels + 1):
-            level = _refine_level(batch, inv_s2, rows, references, search, level, lv,
-                                  previous_rotations, previous_origins, centre, log_class,
-                                  mask, columns[lv], timings)
-        # M-step weights
-        b_idx, s_idx, t_idx, w = _adjust_weights(level, k_cls, search, rows.size)
-        _store_estimates(est, rows, level, b_idx, s_idx, t_idx, w, k_cls, previous_origins,
-                         n_sig0)
-        class_mass += np.bincount(level.slice_class[s_idx], weights=w, minlength=k_cls)
-        total = np.rint(previous_origins[rows][b_idx]) + level.shifts[t_idx]
-        offset_sq += float(np.sum(w * ((total - centre[rows][b_idx]) ** 2).sum(1)))
-        t0 = time.perf_counter()
-        if shared_final:
-            rp = maximization_sums(batch.images, batch.ctf, inv_s2, level0_table[3],
-                                   level.shifts, box, _dense(b_idx, t_idx, s_idx, w, rows.size,
-                                                             level.shifts.shape[0],
-                                                             level0_table[3].shape[0]),
-                                   bins, n_bins, acc_data, acc_weight, coords=mask.coords)
-            timings["sums"] += time.perf_counter() - t0
-        else:
-            slices = level.slices
-            data_s = np.zeros(slices.shape, np.complex64)
-            weight_s = np.zeros(slices.shape, np.float32)
-            rp = core.maximization_sums_coo(
-                batch.images, batch.ctf, inv_s2, slices, mask.coords, level.shifts, box,
-                b_idx, t_idx, s_idx, w.astype(np.float32), bins, n_bins, data_s, weight_s, 0)
-            t1 = time.perf_counter()
-            timings["sums"] += t1 - t0
-            used = np.unique(s_idx)
-            for k in range(k_cls):
-                sel = used[level.slice_class[used] == k]
-                if sel.size:
-                    bps[k].add_slices(data_s[sel], weight_s[sel], level.rotations[sel],
-                                      mask.coords)
-            timings["backproject"] += time.perf_counter() - t1
+        level0 = _level_zero(batch, inv_s2, rows, references, search, level0_table,
+                             previous_rotations, previous_origins, centre, log_class,
+                             mask, columns[0], timings)
+        n_sig0 = np.bincount(level0.image, minlength=rows.size)
+        rp = np.zeros((rows.size, n_bins))
+        # the levels below are per image: process them in groups of images whose candidate
+        # slices fit the memory budget
+        for chunk in _chunks(level0, search, max_slices):
+            level, sub = _select_images(level0, chunk), batch.select(chunk)
+            s2 = inv_s2[chunk]
+            for lv in range(1, search.levels + 1):
+                level = _refine_level(sub, s2, rows[chunk], references, search, level, lv,
+                                      previous_rotations, previous_origins, centre,
+                                      log_class, mask, columns[lv], timings)
+            b_idx, s_idx, t_idx, w = _adjust_weights(level, k_cls, search, chunk.size)
+            _store_estimates(est, rows[chunk], level, b_idx, s_idx, t_idx, w, k_cls,
+                             previous_origins, n_sig0[chunk])
+            class_mass += np.bincount(level.slice_class[s_idx], weights=w, minlength=k_cls)
+            total = np.rint(previous_origins[rows[chunk]][b_idx]) + level.shifts[t_idx]
+            offset_sq += float(np.sum(w * ((total - centre[rows[chunk]][b_idx]) ** 2).sum(1)))
+            t0 = time.perf_counter()
+            if shared_final:
+                rp[chunk] = maximization_sums(
+                    sub.images, sub.ctf, s2, level0_table[3], level.shifts, box,
+                    _dense(b_idx, t_idx, s_idx, w, chunk.size, level.shifts.shape[0],
+                           level0_table[3].shape[0]),
+                    bins, n_bins, acc_data, acc_weight, coords=mask.coords)
+                timings["sums"] += time.perf_counter() - t0
+            else:
+                rp[chunk] = _sums_and_backproject(sub, s2, level, b_idx, s_idx, t_idx, w, bps,
+                                                  mask, bins, n_bins, timings)
         np.add.at(residual, batch.group, rp)
         np.add.at(count, batch.group, 1)
         if progress is not None:
@@ -255,6 +254,67 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
     for bp in bps:
         bp.finish()
     return PassResult(est, bps, residual, count, class_mass, offset_sq, timings)
+
+
+def _chunks(level0: _Level, search: Search, max_slices: int) -> list[np.ndarray]:
+    """Groups of the batch's images (indices into it) whose expected final-level slices
+    (children of their distinct significant level-0 orientations) stay below max_slices."""
+    b = level0.log_marginal.size
+    if search.levels == 0:
+        return [np.arange(b)]
+    n_s = level0.slice_key.size
+    pair = np.unique(level0.image.astype(np.int64) * n_s + level0.slice)
+    per_image = np.bincount(pair // n_s, minlength=b) * (
+        8 if search.sampling.ndim == 3 else 2) ** search.levels
+    out, start, total = [], 0, 0
+    for i in range(b):
+        if i > start and total + per_image[i] > max_slices:
+            out.append(np.arange(start, i))
+            start, total = i, 0
+        total += per_image[i]
+    out.append(np.arange(start, b))
+    return out
+
+
+def _select_images(level: _Level, chunk: np.ndarray) -> _Level:
+    """The level's entries of the images `chunk` (indices into the batch), renumbered."""
+    if chunk.size == level.log_marginal.size:
+        return level
+    renumber = np.full(level.log_marginal.size, -1, np.int64)
+    renumber[chunk] = np.arange(chunk.size)
+    keep = renumber[level.image] >= 0
+    return _Level(level.level, level.slice_class, level.slice_key, level.rotations,
+                  level.shifts, renumber[level.image[keep]], level.shift[keep],
+                  level.slice[keep], level.weight[keep], level.slices,
+                  level.log_marginal[chunk], level.n_scored[chunk])
+
+
+def _sums_and_backproject(batch: Batch, inv_s2: np.ndarray, level: _Level, b_idx, s_idx,
+                          t_idx, w, bps: list[projector.BackProjector], mask, bins, n_bins,
+                          timings) -> np.ndarray:
+    """M-step sums over the final level's used slices, back-projected into each class's
+    back-projector; returns the residual power (B, bins)."""
+    t0 = time.perf_counter()
+    used, s_loc = np.unique(s_idx, return_inverse=True)
+    slices = level.slices if used.size == level.slices.shape[0] else level.slices[used]
+    data_s = np.zeros(slices.shape, np.complex64)
+    weight_s = np.zeros(slices.shape, np.float32)
+    rp = core.maximization_sums_coo(
+        batch.images, batch.ctf, inv_s2, slices, mask.coords, level.shifts, mask.box,
+        b_idx, t_idx, s_loc.astype(np.int64), w.astype(np.float32), bins, n_bins, data_s,
+        weight_s, 0)
+    t1 = time.perf_counter()
+    timings["sums"] += t1 - t0
+    cls = level.slice_class[used]
+    rot = level.rotations[used]
+    for k, bp in enumerate(bps):
+        sel = np.flatnonzero(cls == k)
+        if sel.size == used.size:
+            bp.add_slices(data_s, weight_s, rot, mask.coords)
+        elif sel.size:
+            bp.add_slices(data_s[sel], weight_s[sel], rot[sel], mask.coords)
+    timings["backproject"] += time.perf_counter() - t1
+    return rp
 
 
 # -- levels --------------------------------------------------------------------------------
@@ -292,17 +352,29 @@ def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
     x, ctf, w = batch.images[:, cols], batch.ctf[:, cols], inv_s2[:, cols]
     coords = mask.coords[cols]
     box = mask.box
-    if table is not None:  # global
+    allowed = _allowed_classes(search, rows, k_cls)
+    if table is not None:  # global: the dense kernel over the shared grid
         shifts = s.translations(oversampled=False)
         lps = _shift_log_prior(prev_origin[rows], shifts, centre[rows], search.offset_sigma)
         t0 = time.perf_counter()
-        post = expectation(x, ctf, w, table[3], shifts, box, log_class[table[0]], lps,
-                           search.adaptive_fraction, coords=coords)
+        n_per = table[3].shape[0] // k_cls
+        parts = []  # images restricted to one class see only that class's block
+        log_marg, scored = np.zeros(b), np.zeros(b, np.int64)
+        for a in np.unique(allowed):
+            sel = np.flatnonzero(allowed == a)
+            block = slice(None) if a < 0 else slice(a * n_per, (a + 1) * n_per)
+            offset = 0 if a < 0 else a * n_per
+            post = expectation(x[sel], ctf[sel], w[sel], table[3][block], shifts, box,
+                               log_class[table[0][block]], lps[sel], search.adaptive_fraction,
+                               coords=coords)
+            bi, ti, si = np.nonzero(post.weights)
+            parts.append((sel[bi], ti, si + offset, post.weights[bi, ti, si]))
+            log_marg[sel] = post.log_marginal
+            scored[sel] = shifts.shape[0] * post.weights.shape[2]
         timings["estep"] += time.perf_counter() - t0
-        bi, ti, si = np.nonzero(post.weights)
+        bi, ti, si, wv = (np.concatenate(z) for z in zip(*parts, strict=True))
         return _Level(0, table[0], table[1], table[2], shifts, bi, ti, si,
-                      post.weights[bi, ti, si].astype(np.float64), table[3],
-                      post.log_marginal, np.full(b, shifts.shape[0] * table[3].shape[0]))
+                      wv.astype(np.float64), table[3], log_marg, scored)
     t0 = time.perf_counter()
     if search.fixed_poses:
         # one candidate per class: the image's pose; translation = the origin's fraction
@@ -311,7 +383,8 @@ def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
         rotations = np.repeat(prev_rot[rows], k_cls, axis=0)
         rot_ptr = np.arange(b + 1, dtype=np.int64) * k_cls
         rot_index = np.arange(b * k_cls, dtype=np.int64)
-        rot_prior = log_class[klass]
+        rot_prior = np.where((allowed[keys] < 0) | (allowed[keys] == klass), log_class[klass],
+                             -np.inf)
         shifts = prev_origin[rows] - np.rint(prev_origin[rows])
         shift_ptr = np.arange(b + 1, dtype=np.int64)
         shift_index = np.arange(b, dtype=np.int64)
@@ -326,6 +399,9 @@ def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
         cand_cls = np.tile(np.arange(k_cls), wkeys.size)
         cand_key = np.repeat(wkeys, k_cls)
         cand_prior = np.repeat(wprior, k_cls) + log_class[cand_cls]
+        ok = (allowed[cand_img] < 0) | (allowed[cand_img] == cand_cls)
+        cand_img, cand_cls, cand_key, cand_prior = (cand_img[ok], cand_cls[ok], cand_key[ok],
+                                                    cand_prior[ok])
         klass, keys, rotations, rot_ptr, rot_index, rot_prior = _union(
             s, 0, cand_img, cand_cls, cand_key, cand_prior, b)
         shifts = s.translations(oversampled=False)
@@ -342,6 +418,13 @@ def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
     _score_subsets(level, x, ctf, w, slices, coords, box, rot_ptr, rot_index, rot_prior,
                    shift_ptr, shift_index, shift_prior, search.adaptive_fraction, timings)
     return level
+
+
+def _allowed_classes(search: Search, rows: np.ndarray, k_cls: int) -> np.ndarray:
+    """(B,) the one class each image of the batch may take, -1 for any."""
+    if search.image_class is None or k_cls == 1:
+        return np.full(rows.size, -1, np.int64)
+    return np.asarray(search.image_class, np.int64)[rows]
 
 
 def _psi_of(rotations: np.ndarray) -> np.ndarray:
@@ -427,6 +510,8 @@ def _refine_level(batch, inv_s2, rows, references, search: Search, prev: _Level,
 def _project_level(references: list[projector.Reference], level: _Level,
                    coords: np.ndarray) -> np.ndarray:
     """Slices (S, J) of the level's union table, each from its class's reference."""
+    if len(references) == 1:
+        return projector.project(references[0], level.rotations, coords)
     out = np.empty((level.slice_key.size, coords.shape[0]), np.complex64)
     for k, ref in enumerate(references):
         sel = np.flatnonzero(level.slice_class == k)
@@ -552,3 +637,46 @@ def _store_estimates(est: PoseEstimates, rows, level: _Level, b_idx, s_idx, t_id
 def rotations_from_angles(angles: np.ndarray) -> np.ndarray:
     """(n, 3, 3) A matrices of (n, 3) Euler angles."""
     return euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a run (MemAvailable; 8 GiB when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def estimate_memory(n_particles: int, box: int, pixel_size: float, n_classes: int,
+                    search: Search, ndim: int, pad: int, batch_size: int, slice_memory: int,
+                    threads: int, cache_bytes: int) -> dict[str, int]:
+    """Estimated peak bytes of a pass, by part: the cached image transforms, the level-0
+    slices of a global search, one batch's dense level-0 weights, the candidate slices of the
+    levels below (bounded by slice_memory), the back-projectors and reconstruction."""
+    s = search.sampling
+    n_half = box * (box // 2 + 1)
+    images = n_particles * n_half * 8
+    cached = images if images <= cache_bytes else 0
+    j = int(np.pi * search.radius**2 / 2) + 1
+    parts = {"images": cached}
+    global0 = not (search.fixed_poses or search.local_sigma is not None)
+    n_t = s.translations().shape[0]
+    if global0:
+        r0 = search.level_radius(0, box, pixel_size)
+        j0 = int(np.pi * min(r0, search.radius) ** 2 / 2) + 1
+        n_slices = n_classes * s.n_orientations(0)
+        parts["level-0 slices"] = n_slices * (j0 * 8 + 72) * (2 if search.levels == 0 else 1)
+        parts["level-0 weights"] = min(batch_size, n_particles) * n_t * n_slices * 4
+    else:
+        parts["level-0 weights"] = min(batch_size, n_particles) * n_t * 4096 * 4
+    parts["candidate slices"] = 3 * slice_memory if search.levels else 0
+    parts["batch images"] = min(batch_size, n_particles) * j * 20
+    m = projector.reference_radius(box, pad, search.radius)
+    grid = (1 if ndim == 2 else 2 * m + 1) * (2 * m + 1) * (m + 1)
+    parts["back-projectors"] = n_classes * grid * 12 * (1 + max(threads - 1, 0)) + grid * 64
+    parts["maps"] = n_classes * 2 * box**ndim * 8
+    return parts

@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from .data import ImageSource
-from .refine import RefineOptions, RefineState, Refinement, initial_state, refine_iteration
+from .refine import Refinement, RefineOptions, RefineState, initial_state, refine_iteration
 
 
 def reconstruct_known_poses(source: ImageSource, angles: np.ndarray, origins_px: np.ndarray,

@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from .. import fourier, projector
-from ..errors import InputError
 from ..euler import angular_distance, euler_to_matrix
 from ..masks import soft_sphere
 from ..particles import ParticleSet
@@ -39,96 +37,34 @@ from .data import ImageSource
 from .engine import PassResult, Search, run_pass
 from .model import fsc, next_r_max, resolution_shell, ssnr_from_fsc, tau2_from_fsc
 from .noise import NoiseModel
+from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
 
-MAX_HEALPIX_ORDER = 8
 # RELION's minimum offset prior variance (--min_sigma2_offset, Å^2)
 MIN_SIGMA2_OFFSET = 2.0
 
 
 @dataclass
-class RefineOptions:
-    """Options of a refinement (RELION's names and defaults where RELION has them)."""
+class RefineOptions(EMOptions):
+    """Options of a refinement: the shared ones (RELION's defaults) and the schedule's."""
 
     iterations: int | None = None  # None: auto-refine until converged; N: exactly N
-    healpix_order: int = 2
     auto_local_healpix_order: int = 4
-    oversampling: int = 1
-    psi_step: float | None = None  # degrees at --healpix_order; default its angular step
-    offset_range: float = 6.0  # px
-    offset_step: float = 2.0  # px
-    offset_sigma: float = 10.0  # Å, initial std. dev. of the origin prior (RELION's --offset)
-    sigma_ang: float | None = None  # degrees: local searches from the input poses
-    ini_high: float = 40.0  # Å
-    particle_diameter: float | None = None  # Å; default (N - 5)·pix
-    mask_edge: float = 5.0  # px
-    tau2_fudge: float = 1.0
-    pad: int = 2
-    interp: str = "linear"
-    force_max: bool = False
-    adaptive_fraction: float = 0.999
-    noise_model: str = "shell"  # "shell" (RELION) or "pixel" (eq. (15) per pixel)
     prior_model: str = "fsc"  # "fsc" (RELION) or "voxel" (eq. (16) per voxel)
-    incr_size: int = 10
-    use_ctf: bool = True
-    perturb: float = 0.5
-    seed: int = 0
     max_iterations: int = 40  # auto-refine gives up converging after this many
-    batch_memory: int = 512 << 20  # bytes for one batch's posterior arrays
     fixed_poses: bool = False  # known poses: reconstruct, no alignment
 
     def validate(self) -> None:
         """Every option in range (InputError naming the option and the range)."""
-        def bad(name: str, value, expected: str) -> None:
-            raise InputError(f"--{name} {value}: expected {expected}")
-
+        super().validate()
         if self.iterations is not None and self.iterations < 1:
-            bad("iter", self.iterations, "at least 1 iteration")
-        if not 0 <= self.healpix_order <= MAX_HEALPIX_ORDER:
-            bad("healpix_order", self.healpix_order, f"0..{MAX_HEALPIX_ORDER}")
+            raise bad_option("iter", self.iterations, "at least 1 iteration")
         if not 0 <= self.auto_local_healpix_order <= MAX_HEALPIX_ORDER + 1:
-            bad("auto_local_healpix_order", self.auto_local_healpix_order,
-                f"0..{MAX_HEALPIX_ORDER + 1}")
-        if not 0 <= self.oversampling <= 3:
-            bad("oversampling", self.oversampling, "0..3")
-        if self.healpix_order + self.oversampling > MAX_HEALPIX_ORDER + 1:
-            bad("healpix_order", self.healpix_order,
-                f"order + oversampling <= {MAX_HEALPIX_ORDER + 1}")
-        if self.psi_step is not None and not 0 < self.psi_step <= 360:
-            bad("psi_step", self.psi_step, "a step in (0, 360] degrees")
-        if not (np.isfinite(self.offset_range) and self.offset_range >= 0):
-            bad("offset_range", self.offset_range, "a range >= 0 px")
-        if not (np.isfinite(self.offset_step) and self.offset_step > 0):
-            bad("offset_step", self.offset_step, "a step > 0 px")
-        if not (np.isfinite(self.offset_sigma) and self.offset_sigma > 0):
-            bad("offset_sigma", self.offset_sigma, "a standard deviation > 0 Å")
-        if self.sigma_ang is not None and not (np.isfinite(self.sigma_ang)
-                                               and 0 < self.sigma_ang <= 180):
-            bad("sigma_ang", self.sigma_ang, "a standard deviation in (0, 180] degrees")
-        if not (np.isfinite(self.ini_high) and self.ini_high > 0):
-            bad("ini_high", self.ini_high, "a resolution > 0 Å")
-        if self.particle_diameter is not None and not (np.isfinite(self.particle_diameter)
-                                                       and self.particle_diameter > 0):
-            bad("particle_diameter", self.particle_diameter, "a diameter > 0 Å")
-        if not (np.isfinite(self.mask_edge) and self.mask_edge >= 0):
-            bad("maskedge", self.mask_edge, "a width >= 0 px")
-        if not (np.isfinite(self.tau2_fudge) and self.tau2_fudge > 0):
-            bad("tau2_fudge", self.tau2_fudge, "a regularisation parameter > 0")
-        if self.pad not in (1, 2):
-            bad("pad", self.pad, "1 or 2")
-        if self.interp not in projector.INTERP:
-            bad("interp", self.interp, f"one of {sorted(projector.INTERP)}")
-        if not 0 < self.adaptive_fraction <= 1:
-            bad("adaptive_fraction", self.adaptive_fraction, "a fraction in (0, 1]")
-        if self.noise_model not in ("shell", "pixel"):
-            bad("noise-model", self.noise_model, "shell or pixel")
+            raise bad_option("auto_local_healpix_order", self.auto_local_healpix_order,
+                             f"0..{MAX_HEALPIX_ORDER + 1}")
         if self.prior_model not in ("fsc", "voxel"):
-            bad("prior-model", self.prior_model, "fsc or voxel")
-        if self.incr_size < 1:
-            bad("incr_size", self.incr_size, "at least 1 shell")
-        if not 0 <= self.perturb <= 1:
-            bad("perturb", self.perturb, "a fraction of a step in [0, 1]")
+            raise bad_option("prior-model", self.prior_model, "fsc or voxel")
         if self.max_iterations < 1:
-            bad("max_iterations", self.max_iterations, "at least 1")
+            raise bad_option("max_iterations", self.max_iterations, "at least 1")
 
 
 @dataclass

@@ -116,6 +116,24 @@ def _jsonable(value):
     return value
 
 
+def check_memory(parts: dict[str, int], max_memory_gib: float | None) -> int:
+    """Refuse (InputError, one line) a run whose estimated peak memory (`parts`, bytes) is
+    over --max_memory (GiB; default 80 % of the available memory). Returns the estimate."""
+    from ..em.engine import available_memory
+
+    total = int(sum(parts.values()))
+    limit = 0.8 * available_memory() if max_memory_gib is None else max_memory_gib * 2**30
+    if max_memory_gib is not None and not (np.isfinite(max_memory_gib) and max_memory_gib > 0):
+        raise InputError(f"--max_memory {max_memory_gib}: expected a size > 0 GiB")
+    if total > limit:
+        big = max(parts, key=parts.get)
+        raise InputError(f"--max_memory: the run needs about {total / 2**30:.1f} GiB (largest "
+                         f"part: {big}, {parts[big] / 2**30:.1f} GiB) but "
+                         f"{limit / 2**30:.1f} GiB are allowed; use a lower --healpix_order, "
+                         f"a smaller --offset_range or raise --max_memory")
+    return total
+
+
 # -- the job -------------------------------------------------------------------------------
 
 

@@ -15,21 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..io.mrc import read_map
-from ..particles import ParticleSet, load_particles
 from ..em.data import ImageSource
+from ..em.model import ssnr_from_fsc
 from ..em.refine import (
+    Refinement,
     RefineOptions,
     RefineState,
-    Refinement,
     initial_state,
     mask_radius_px,
     refine_iteration,
     split_halves,
 )
-from ..em.model import ssnr_from_fsc
-from .base import Job, iteration_root, last_iteration, progress_bar
+from ..errors import InputError
+from ..io.mrc import read_map
+from ..particles import ParticleSet, load_particles
+from .base import Job, check_memory, iteration_root, last_iteration, progress_bar
 from .output import (
     ModelFigures,
     model_blocks,
@@ -175,22 +175,42 @@ class RefineJob(Job):
 
 def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Path,
            options: RefineOptions, resume: bool = False,
-           echo: Callable[[str], None] | None = print) -> RefineState:
-    """Run (or, with resume=True, continue) a 3D refinement; returns the final state."""
+           echo: Callable[[str], None] | None = print, angpix: float | None = None,
+           max_memory: float | None = None) -> RefineState:
+    """Run (or, with resume=True, continue) a 3D refinement; returns the final state.
+    Everything is checked before anything is written in `outdir`."""
     options.validate()
-    particles = load_particles(star)
-    require_ctf(particles, star, options.use_ctf)
-    reference = None
-    if not (resume and last_iteration(Path(outdir)) is not None):
-        if reference_path is None:
-            raise InputError("--ref: an initial map is required")
-        reference, ref_pixel = read_map(reference_path)
-        check_reference(reference, ref_pixel, particles, reference_path)
-    job = RefineJob(particles, star, reference, reference_path, outdir, options, resume, echo)
+    particles = load_particles(star, angpix=angpix)
     try:
+        require_ctf(particles, star, options.use_ctf)
+        reference = None
+        if not (resume and last_iteration(Path(outdir)) is not None):
+            if reference_path is None:
+                raise InputError("--ref: an initial map is required")
+            reference, ref_pixel = read_map(reference_path)
+            check_reference(reference, ref_pixel, particles, reference_path)
+        check_memory(refine_memory(particles, options), max_memory)
+        job = RefineJob(particles, star, reference, reference_path, outdir, options, resume,
+                        echo)
         return job.run()
     finally:
         particles.close()
+
+
+def refine_memory(particles: ParticleSet, options: RefineOptions) -> dict[str, int]:
+    """Estimated peak memory of a refinement by part (its first stage at the full radius)."""
+    from .._kernels import core
+    from ..em.engine import estimate_memory
+    from ..em.refine import AutoSampling, batch_size
+
+    box, pix = particles.box, particles.pixel_size
+    sched = AutoSampling(options.healpix_order, options.offset_step, options.offset_range,
+                         options.sigma_ang)
+    search = sched.search(options, 1, box // 2, 2 * mask_radius_px(options, box, pix) * pix,
+                          None, options.fixed_poses)
+    bsize = batch_size(search, search.sampling.translations().shape[0], options.batch_memory)
+    return estimate_memory(particles.n_particles, box, pix, 1, search, 3, options.pad, bsize,
+                           options.batch_memory, core.max_threads(), 2 << 30)
 
 
 def saved_job(outdir: str | Path) -> tuple[str, str | None, RefineOptions]:

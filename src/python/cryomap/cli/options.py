@@ -1,0 +1,88 @@
+"""Command-line options shared by refine, class3d and class2d (RELION's spellings, with
+dash-style aliases), and their conversion to the options dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from ..em.options import EMOptions
+from ..errors import InputError
+
+
+def add_em_arguments(p: argparse.ArgumentParser, defaults: EMOptions) -> None:
+    """Inputs, outputs, sampling, model and run options of every E/M command."""
+    d = defaults
+    p.add_argument("--i", help="particles: RELION STAR file (3.0 or 3.1+) or cryoSPARC .cs")
+    p.add_argument("--o", required=True, help="output folder")
+    p.add_argument("--ref", help="initial reference (MRC); box and pixel size as the particles")
+    p.add_argument("--angpix", type=float, default=None,
+                   help="pixel size (Å) of particles whose files lack one")
+    p.add_argument("--healpix_order", "--healpix-order", type=int, default=d.healpix_order,
+                   help="HEALPix order of the orientation grid (2 = 15 degrees)")
+    p.add_argument("--oversampling", type=int, default=d.oversampling,
+                   help="adaptive oversampling: levels of finer samples around the "
+                        "significant ones (RELION's --oversampling)")
+    p.add_argument("--psi_step", "--psi-step", type=float, default=d.psi_step,
+                   help="in-plane angular step in degrees (default: the HEALPix step in 3D, "
+                        "10 in 2D)")
+    p.add_argument("--offset_range", "--offset-range", type=float, default=d.offset_range,
+                   help="translation search range (px)")
+    p.add_argument("--offset_step", "--offset-step", type=float, default=d.offset_step,
+                   help="translation search step (px)")
+    p.add_argument("--offset", "--offset_sigma", "--offset-sigma", dest="offset_sigma",
+                   type=float, default=d.offset_sigma,
+                   help="initial std. dev. of the Gaussian prior on origins (Å), learned "
+                        "every iteration as RELION does")
+    p.add_argument("--sigma_ang", "--sigma-ang", type=float, default=d.sigma_ang,
+                   help="local searches: std. dev. (degrees) of the Gaussian prior around each "
+                        "particle's input pose (searched to 3 sigma)")
+    p.add_argument("--ini_high", "--ini-high", type=float, default=d.ini_high,
+                   help="low-pass the initial reference to this resolution (Å)")
+    p.add_argument("--particle_diameter", "--particle-diameter", type=float, default=None,
+                   help="particle mask diameter (Å); default (box - 5) px")
+    p.add_argument("--maskedge", dest="mask_edge", type=float, default=d.mask_edge,
+                   help="width of the mask's soft edge (px)")
+    p.add_argument("--tau2_fudge", "--tau2-fudge", type=float, default=d.tau2_fudge,
+                   help="regularisation parameter T")
+    p.add_argument("--pad", type=int, default=d.pad, help="padding factor (1 or 2)")
+    p.add_argument("--interp", default=d.interp, help="Fourier interpolation: nearest, linear")
+    p.add_argument("--force-max", "--force_max", dest="force_max", action="store_true",
+                   help="take the best pose instead of marginalising over poses")
+    p.add_argument("--adaptive_fraction", "--adaptive-fraction", type=float,
+                   default=d.adaptive_fraction,
+                   help="posterior mass kept per particle (significant samples)")
+    p.add_argument("--noise-model", "--noise_model", dest="noise_model", default=d.noise_model,
+                   help="sigma2 per resolution shell (shell, RELION) or per pixel (pixel)")
+    p.add_argument("--incr_size", "--incr-size", type=int, default=d.incr_size,
+                   help="Fourier shells beyond the current resolution used in the E-step")
+    p.add_argument("--perturb", type=float, default=d.perturb,
+                   help="random offset of the sampling grids each iteration, in steps")
+    p.add_argument("--sym", default="C1", help="point-group symmetry")
+    p.add_argument("--ctf", action="store_true", default=True,
+                   help="correct for the CTF (the default; RELION's flag, accepted)")
+    p.add_argument("--no-ctf", "--no_ctf", dest="use_ctf", action="store_false",
+                   help="data without CTF (no defocus columns needed)")
+    p.add_argument("--j", "--threads", dest="threads", type=int, default=None,
+                   help="OpenMP threads (default: all cores)")
+    p.add_argument("--max_memory", "--max-memory", type=float, default=None,
+                   help="refuse a run whose estimated peak memory exceeds this (GiB; default "
+                        "80%% of the memory available)")
+    p.add_argument("--seed", "--random_seed", type=int, default=d.seed, help="random seed")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="continue the run in --o from its last finished iteration")
+
+
+def options_from_args(cls: type, args: argparse.Namespace, **extra):
+    """An options dataclass from parsed arguments: every field that the arguments name, plus
+    `extra`; validated (InputError on a value out of range)."""
+    if args.sym.upper() != "C1":
+        raise InputError(f"--sym {args.sym}: only C1 is implemented so far")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--j {args.threads}: expected at least 1 thread")
+    names = {f.name for f in fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(extra)
+    options = cls(**values)
+    options.validate()
+    return options

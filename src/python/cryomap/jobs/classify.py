@@ -1,0 +1,375 @@
+"""The classification jobs (class3d, class2d): inputs checked, initial references, iterations
+of `em.classify`, RELION-layout outputs.
+
+Outputs in `outdir`: per iteration the class maps (`run_itNNN_classNNN.mrc` in 3D,
+`run_itNNN_classes.mrcs` in 2D), `run_itNNN_model.star` (rlnClassDistribution, per-class
+SSNR, tau2 and resolution), `run_itNNN_data.star` (rlnClassNumber 1-based, best pose) and
+`run_itNNN_state.npz` (--continue); at the end the same under `run_`, plus `run_classes.png`
+(2D: the averages sorted by class size) and `run.log`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .. import fourier, projector
+from ..em.classify import (
+    ClassOptions,
+    ClassState,
+    class_iteration,
+    equal_split,
+)
+from ..em.data import ImageSource
+from ..em.noise import NoiseModel
+from ..em.refine import lowpass
+from ..errors import InputError
+from ..euler import euler_to_matrix
+from ..io.atomic import atomic_path
+from ..io.mrc import open_stack, read_map, write_stack
+from ..particles import ParticleSet, load_particles
+from .base import Job, check_memory, last_iteration, progress_bar
+from .output import (
+    ModelFigures,
+    model_blocks,
+    particle_table,
+    write_data_star,
+    write_model_star,
+    write_volume,
+)
+from .refine import PIXEL_TOLERANCE, check_reference, image_source, require_ctf
+
+
+def check_classes(n_classes: int, particles: ParticleSet, star: str | Path) -> None:
+    """1 <= K <= number of particles."""
+    if n_classes < 1:
+        raise InputError(f"--K {n_classes}: expected at least 1 class")
+    if n_classes > particles.n_particles:
+        raise InputError(f"--K {n_classes}: more classes than the {particles.n_particles} "
+                         f"particles in {star}")
+
+
+#: initialise(source, sigma2, seed_class, rng) -> ((K, N, N[, N]) initial references, the
+#: first iteration's class per image or None); seed_class is a random equal division
+Initialiser = Callable[[ImageSource, np.ndarray, np.ndarray, np.random.Generator],
+                       tuple[np.ndarray, np.ndarray | None]]
+
+
+class ClassifyJob(Job):
+    """K classes in 2D or 3D."""
+
+    state_class = ClassState
+
+    def __init__(self, particles: ParticleSet, star: str | Path, reference_path, outdir,
+                 options: ClassOptions, initialise: Initialiser | None, resume: bool = False,
+                 echo: Callable[[str], None] | None = print) -> None:
+        super().__init__(outdir, resume, echo)
+        self.kind = "class2d" if options.ndim == 2 else "class3d"
+        self.particles, self.star, self.reference_path = particles, Path(star), reference_path
+        self.options, self.initialise = options, initialise
+        self.source = image_source(particles, options)
+
+    def initial_state(self) -> ClassState:
+        o, p = self.options, self.particles
+        rng = np.random.default_rng(o.seed)
+        noise = NoiseModel.from_images(self.source, o.noise_model == "pixel")
+        seed_class = equal_split(p.n_particles, o.n_classes, rng)
+        references, seed_class = self.initialise(self.source, noise.sigma2, seed_class, rng)
+        from ..em.classify import initial_state
+
+        state = initial_state(self.source, o, references, p.angles(), p.origins_px(),
+                              seed_class)
+        self.write_job_file({"i": str(self.star.resolve()),
+                             "ref": None if self.reference_path is None
+                             else str(Path(self.reference_path).resolve()),
+                             "options": asdict(o)})
+        self.log(f"cryomap {self.kind}: {p.n_particles} particles, box {p.box}, "
+                 f"{p.pixel_size:.3f} Å/px, K = {o.n_classes}, options {json.dumps(asdict(o))}")
+        return state
+
+    def finished(self, state: ClassState) -> bool:
+        return state.iteration >= self.options.iterations
+
+    def iterate(self, state: ClassState) -> str:
+        o = self.options
+        hard = o.hard_last and state.iteration + 1 == o.iterations
+        bar = progress_bar(self.particles.n_particles, f"iteration {state.iteration + 1}")
+        s = class_iteration(state, self.source, o, hard, bar.update if bar else None)
+        if bar is not None:
+            bar.close()
+        t = s["timings"]
+        dist = " ".join(f"{d:.3f}" for d in s["distribution"])
+        split = "".join(f", class {k + 1} re-seeded from class {b + 1}"
+                        for k, b in s["reseeded"])
+        return (f"iteration {s['iteration']:3d}{' (hard)' if hard else ''}: r_max {s['r_max']:3d}"
+                f" px, best class {s['resolution']:.1f} Å (SSNR 1), classes [{dist}]{split}, "
+                f"changed {100 * s['changed_fraction']:.1f}%, log-lik {s['log_likelihood']:.6e}, "
+                f"<Pmax> {s['average_pmax']:.3f}, <nsig> {s['mean_n_significant']:.1f}, "
+                f"{s['mean_samples']:.0f} samples/image; E-step {t.get('estep', 0):.1f} s, "
+                f"project {t.get('project', 0):.1f}, sums {t.get('sums', 0):.1f}, back-project "
+                f"{t.get('backproject', 0):.1f}, reconstruct {t.get('reconstruct', 0):.1f}")
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def write_maps(self, root: Path, state: ClassState) -> list[str]:
+        """The class maps; returns the names for rlnReferenceImage."""
+        pix = self.particles.pixel_size
+        if self.options.ndim == 2:
+            path = Path(f"{root}_classes.mrcs")
+            write_stack(path, state.references, pix)
+            return [f"{k + 1:06d}@{path.name}" for k in range(state.n_classes)]
+        names = []
+        for k, volume in enumerate(state.references):
+            path = Path(f"{root}_class{k + 1:03d}.mrc")
+            write_volume(path, volume, pix)
+            names.append(path.name)
+        return names
+
+    def write_tables(self, root: Path, state: ClassState, names: list[str]) -> None:
+        o, p = self.options, self.particles
+        box, pix = p.box, p.pixel_size
+        n = box // 2 + 1
+        k = state.n_classes
+        noise = NoiseModel(state.sigma2)
+        figures = ModelFigures(
+            box=box, pixel_size=pix, class_names=names, class_distribution=state.distribution,
+            class_resolution_shell=state.class_resolution_shell
+            if state.class_resolution_shell is not None else np.ones(k, np.int64),
+            current_size=2 * state.r_max,
+            ssnr=state.class_ssnr if state.class_ssnr is not None else np.zeros((k, n)),
+            tau2=state.class_tau2 if state.class_tau2 is not None else np.zeros((k, n)),
+            sigma2=np.stack([noise.shell_spectrum(g) for g in range(noise.n_groups)]),
+            log_likelihood=float(state.log_likelihood.sum()),
+            average_pmax=float(state.max_prob.mean()), pad=o.pad, interp=o.interp,
+            tau2_fudge=o.tau2_fudge, ref_dim=o.ndim, offset_sigma=state.offset_sigma * pix)
+        write_model_star(Path(f"{root}_model.star"), model_blocks(figures))
+        table = particle_table(p, state.angles, state.origins_px, pix, state.max_prob,
+                               state.n_significant, state.log_likelihood,
+                               class_number=state.class_number + 1)
+        if o.ndim == 2:  # 2D poses are in-plane only: keep any input rot/tilt
+            for col in ("rlnAngleRot", "rlnAngleTilt"):
+                if col in p.particles.columns:
+                    table[col] = p.particles[col].to_numpy()
+                else:
+                    table = table.drop(columns=col)
+        write_data_star(Path(f"{root}_data.star"), p, table)
+
+    def write_iteration(self, root: Path, state: ClassState) -> None:
+        self.write_tables(root, state, self.write_maps(root, state))
+
+    def write_final(self, state: ClassState) -> None:
+        root = self.outdir / "run"
+        self.write_tables(root, state, self.write_maps(root, state))
+        if self.options.ndim == 2:
+            plot_gallery(self.outdir / "run_classes.png", state, self.particles.pixel_size)
+        sizes = np.bincount(state.class_number, minlength=state.n_classes)
+        self.log(f"final classes (particles): {' '.join(str(int(s)) for s in sizes)}; outputs "
+                 f"in {self.outdir}")
+
+
+# -- initial references ----------------------------------------------------------------------
+
+
+def perturbed_references(reference: np.ndarray, pixel_size: float, resolution: float,
+                         n_classes: int, strength: float, rng: np.random.Generator
+                         ) -> np.ndarray:
+    """K copies of the reference low-passed to `resolution` Å, each plus an independent random
+    field low-passed the same way with `strength` x the low-passed map's standard deviation
+    (K = 1: the low-passed reference unchanged). Returns (K, N, N, N) float64."""
+    low = lowpass(np.asarray(reference, np.float64), pixel_size, resolution)
+    if n_classes == 1 or strength == 0:
+        return np.repeat(low[None], n_classes, axis=0)
+    out = np.empty((n_classes,) + low.shape)
+    for k in range(n_classes):
+        noise = lowpass(rng.standard_normal(low.shape), pixel_size, resolution)
+        out[k] = low + strength * low.std() / max(noise.std(), 1e-30) * noise
+    return out
+
+
+def read_references_2d(path: str | Path, particles: ParticleSet, n_classes: int
+                       ) -> np.ndarray:
+    """2D references for --ref: an image (`.mrc`, used for every class) or a stack (`.mrcs`,
+    one image per class). Box and pixel size must match the particles. Returns (K, N, N)."""
+    path = Path(path)
+    if path.suffix == ".mrcs":
+        with open_stack(path) as stack:
+            images, pix = stack.read(np.arange(stack.n_images)), stack.pixel_size
+    else:
+        data, pix = read_map(path)
+        if data.ndim == 3:
+            raise InputError(f"{path}: a 3D map; 2D classification needs 2D references (an "
+                             f"image, or a .mrcs stack with one image per class)")
+        images = data[None]
+    if images.shape[-1] != particles.box:
+        raise InputError(f"{path}: box {images.shape[-1]} does not match the particles' "
+                         f"rlnImageSize {particles.box}")
+    if abs(pix - particles.pixel_size) > PIXEL_TOLERANCE:
+        raise InputError(f"{path}: pixel size {pix:.4f} Å does not match the particles' "
+                         f"rlnImagePixelSize {particles.pixel_size:.4f} Å")
+    if images.shape[0] == 1:
+        return np.repeat(images.astype(np.float64), n_classes, axis=0)
+    if images.shape[0] != n_classes:
+        raise InputError(f"{path}: {images.shape[0]} references for --K {n_classes}; expected "
+                         f"one image or {n_classes}")
+    return images.astype(np.float64)
+
+
+def random_subset_averages(source: ImageSource, sigma2: np.ndarray, subsets: np.ndarray,
+                           rng: np.random.Generator, pad: int = 2, interp: str = "linear",
+                           subset_size: int | None = None) -> np.ndarray:
+    """Initial class averages: class k is the average of the images with subsets == k (at most
+    `subset_size` of them, chosen at random), each back-projected at a random in-plane angle,
+    CTF-weighted (sum CTF X / sigma2 / sum CTF^2 / sigma2). Returns (K, N, N) float64."""
+    box = source.box
+    mask = fourier.pixel_mask(box, box // 2 - 1)
+    noise = NoiseModel(sigma2)
+    n_classes = int(subsets.max()) + 1
+    origins = source.particles.origins_px()
+    out = np.empty((n_classes, box, box))
+    for k in range(n_classes):
+        idx = np.flatnonzero(subsets == k)
+        if subset_size is not None and idx.size > subset_size:
+            idx = np.sort(rng.choice(idx, subset_size, replace=False))
+        batch = source.batch(idx, mask, origins[idx])
+        inv_s2 = noise.inv_sigma2(batch.group, mask)
+        rot = euler_to_matrix(0.0, 0.0, rng.uniform(0.0, 360.0, idx.size))
+        bp = projector.BackProjector(box, pad, mask.r_max, interp, ndim=2)
+        bp.add_slices(batch.ctf * batch.images * inv_s2, batch.ctf**2 * inv_s2, rot,
+                      mask.coords)
+        bp.finish()
+        # plain average D/W inside the searched radius (no prior term)
+        out[k] = bp.reconstruct(np.full(box // 2 + 1, np.inf), 1.0, mask.r_max,
+                                minres_map=box)
+    return out
+
+
+def plot_gallery(path: Path, state: ClassState, pixel_size: float, columns: int = 10) -> None:
+    """PNG of the class averages sorted by class size (largest first), each labelled with its
+    number, particle count, fraction and resolution (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = state.n_classes
+    sizes = np.bincount(state.class_number, minlength=k)
+    order = np.lexsort((-state.distribution, -sizes))
+    box = state.references.shape[-1]
+    res = (box * pixel_size / np.asarray(state.class_resolution_shell, float)
+           if state.class_resolution_shell is not None else np.full(k, np.nan))
+    ncol = min(columns, k)
+    nrow = int(np.ceil(k / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(1.8 * ncol, 2.2 * nrow), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, c in enumerate(order):
+        ax = axes.ravel()[i]
+        ax.imshow(state.references[c], cmap="gray", origin="lower")
+        ax.set_title(f"class {c + 1}: {sizes[c]} ptcls\n{100 * state.distribution[c]:.1f}%, "
+                     f"{res[c]:.1f} Å", fontsize=7)
+    fig.tight_layout(pad=0.6)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+# -- the two commands -------------------------------------------------------------------------
+
+
+def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOptions,
+         initialise, resume: bool, echo) -> ClassState:
+    job = ClassifyJob(particles, star, reference_path, outdir, options, initialise, resume,
+                      echo)
+    try:
+        return job.run()
+    finally:
+        particles.close()
+
+
+def classify3d(star: str | Path, reference_path: str | Path | None, outdir: str | Path,
+               options: ClassOptions, resume: bool = False,
+               echo: Callable[[str], None] | None = print, angpix: float | None = None,
+               max_memory: float | None = None) -> ClassState:
+    """Run (or, with resume=True, continue) a 3D classification; returns the final state."""
+    if options.ndim != 3:
+        raise ValueError("classify3d: options.ndim must be 3")
+    options.validate()
+    particles = load_particles(star, angpix=angpix)
+    check_classes(options.n_classes, particles, star)
+    require_ctf(particles, star, options.use_ctf)
+    reference = None
+    if not (resume and last_iteration(Path(outdir)) is not None):
+        if reference_path is None:
+            raise InputError("--ref: an initial map is required")
+        reference, ref_pixel = read_map(reference_path)
+        check_reference(reference, ref_pixel, particles, reference_path)
+    check_memory(class_memory(particles, options), max_memory)
+
+    def initialise(source, sigma2, seed_class, rng):
+        refs = perturbed_references(reference, source.pixel_size, options.ini_high,
+                                    options.n_classes, options.perturbation, rng)
+        return refs, seed_class
+
+    return _run(particles, star, reference_path, outdir, options, initialise, resume, echo)
+
+
+def classify2d(star: str | Path, outdir: str | Path, options: ClassOptions,
+               reference_path: str | Path | None = None, resume: bool = False,
+               echo: Callable[[str], None] | None = print, angpix: float | None = None,
+               max_memory: float | None = None) -> ClassState:
+    """Run (or, with resume=True, continue) a 2D classification; returns the final state."""
+    if options.ndim != 2:
+        raise ValueError("classify2d: options.ndim must be 2")
+    options.validate()
+    particles = load_particles(star, angpix=angpix)
+    check_classes(options.n_classes, particles, star)
+    require_ctf(particles, star, options.use_ctf)
+    references = None
+    if reference_path is not None and not (resume and last_iteration(Path(outdir)) is not None):
+        references = read_references_2d(reference_path, particles, options.n_classes)
+    check_memory(class_memory(particles, options), max_memory)
+
+    def initialise(source, sigma2, seed_class, rng):
+        if references is not None:  # one per class: no seeds (several copies: seeds)
+            distinct = len({r.tobytes() for r in references}) > 1
+            return references, None if distinct else seed_class
+        averages = random_subset_averages(source, sigma2, seed_class, rng, options.pad,
+                                          options.interp, options.subset_size)
+        return averages, seed_class
+
+    return _run(particles, star, reference_path, outdir, options, initialise, resume, echo)
+
+
+def class_memory(particles: ParticleSet, options: ClassOptions) -> dict[str, int]:
+    """Estimated peak memory of a classification by part."""
+    from .._kernels import core
+    from ..em.classify import class_batch_size, class_search
+    from ..em.engine import estimate_memory
+    from ..em.refine import mask_radius_px
+
+    box, pix = particles.box, particles.pixel_size
+    k = options.n_classes
+    search = class_search(options, 1, box // 2 - 1, 2 * mask_radius_px(options, box, pix) * pix)
+    bsize = class_batch_size(search, k, options.batch_memory)
+    return estimate_memory(particles.n_particles, box, pix, k, search, options.ndim,
+                           options.pad, bsize, options.batch_memory, core.max_threads(), 2 << 30)
+
+
+def saved_job(outdir: str | Path) -> tuple[str, str | None, ClassOptions]:
+    """(particles STAR, reference or None, options) of the classification in outdir."""
+    path = Path(outdir) / "job.json"
+    if not path.exists():
+        raise InputError(f"{path}: no classification to continue here (job.json missing)")
+    try:
+        job = json.loads(path.read_text())
+        if "class" not in job.get("kind", ""):
+            raise InputError(f"{path}: the run in {outdir} is not a classification")
+        return job["i"], job["ref"], ClassOptions(**job["options"])
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{path}: not a readable classification job file ({e})") from None
