@@ -407,7 +407,7 @@ def symmetrize_sums(data: np.ndarray, weight: np.ndarray, name: str | PointGroup
     back-projected over the asymmetric unit and summed here they stand for a search over all
     directions. Returns new arrays of the input dtypes.
 
-    Pure NumPy, one core: about 70 ns per voxel and operator (docs/symmetry.md has timings).
+    Pure NumPy, one core: about 100 ns per voxel and operator (timings in docs/symmetry.md).
     """
     g = point_group(name)
     data = np.asarray(data)
