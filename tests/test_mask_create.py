@@ -10,8 +10,9 @@ from scipy import ndimage
 
 from cryomap import fourier
 from cryomap.cli.main import main
+from cryomap.errors import InputError
 from cryomap.io.mrc import read_map, write_map
-from cryomap.masks import distance_transform, make_mask
+from cryomap.masks import check_mask, distance_transform, make_mask, solvent_flatten
 
 
 def radius_grid(n: int) -> np.ndarray:
@@ -119,6 +120,21 @@ def test_lowpass_weights_are_relions_raised_cosine():
     edge = (r > 9) & (r < 11)
     np.testing.assert_allclose(w[edge], 0.5 + 0.5 * np.cos(np.pi * (r[edge] - 9) / 2))
     assert w[(kx == 10) & (ky == 0) & (kz == 0)][0] == pytest.approx(0.5)
+
+
+def test_solvent_mask_check_and_flattening():
+    rad = radius_grid(16)
+    mask = make_mask((rad <= 4).astype(float), 0.5, soft_edge=3)
+    check_mask(mask, (16, 16, 16), "mask.mrc")
+    v = np.random.default_rng(0).normal(size=(16, 16, 16))
+    flat = solvent_flatten(v, mask)
+    np.testing.assert_array_equal(flat, v * mask)  # RELION: reference x mask, solvent -> 0
+    assert (flat[mask == 0] == 0).all() and (flat[mask == 1] == v[mask == 1]).all()
+    for bad, needle in ((mask[:8], "mask box"), (mask * 1.1, "mask values"),
+                        (mask - 0.5, "mask values"), (mask * 0.3, "reaches 0.5")):
+        with pytest.raises(InputError, match=needle) as e:
+            check_mask(bad, (16, 16, 16), "mask.mrc")
+        assert str(e.value).startswith("mask.mrc: ") and "\n" not in str(e.value)
 
 
 # --- CLI -------------------------------------------------------------------------------------

@@ -105,3 +105,29 @@ def make_mask(volume: np.ndarray, threshold: float, extend: float = 0.0,
         edge = ~binary & (d < soft_edge)
         mask[edge] = 0.5 + 0.5 * np.cos(np.pi * d[edge] / soft_edge)
     return mask
+
+
+def check_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> None:
+    """InputError unless `mask` has the map's shape and values in [0, 1] (RELION's tolerance
+    1e-6) with some value >= 0.5. `name` (a file or option) starts the message."""
+    from .errors import InputError
+
+    m = np.asarray(mask)
+    if m.shape != tuple(shape):
+        raise InputError(f"{name}: mask box {m.shape} differs from the map's {tuple(shape)}; "
+                         f"expected a mask of the same box")
+    lo, hi = float(m.min()), float(m.max())
+    if lo < -1e-6 or hi > 1.0 + 1e-6:
+        raise InputError(f"{name}: mask values {lo:.6g}..{hi:.6g}; expected values in [0, 1] "
+                         f"(1 = molecule, 0 = solvent)")
+    if hi < 0.5:
+        raise InputError(f"{name}: no mask value reaches 0.5 (max {hi:.6g}); expected a mask "
+                         f"with 1 on the molecule")
+
+
+def solvent_flatten(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """RELION's solvent flattening of a reference (--solvent_mask with --flatten_solvent):
+    the map times the mask, so the solvent becomes 0. RELION applies it to the reconstructed
+    references every iteration but the last (the final maps stay unmasked). Check the mask
+    first with check_mask."""
+    return np.asarray(volume, dtype=np.float64) * np.asarray(mask, dtype=np.float64)

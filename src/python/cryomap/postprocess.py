@@ -25,6 +25,7 @@ import numpy as np
 
 from . import fourier
 from .errors import InputError
+from .masks import check_mask
 
 #: The FSC threshold of the final resolution (gold standard).
 FSC_THRESHOLD = 0.143
@@ -230,22 +231,13 @@ class PostprocessResult:
 def check_inputs(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray,
                  names: tuple[str, str, str] = ("half1", "half2", "mask")) -> None:
     """InputError unless the halves are cubic maps of one box and the mask has that box and
-    values in [0, 1] (RELION's tolerance 1e-6)."""
+    values in [0, 1] (masks.check_mask)."""
     if half1.ndim != 3 or len(set(half1.shape)) != 1:
         raise InputError(f"{names[0]}: map shape {half1.shape}; expected a cubic 3D map")
     if half2.shape != half1.shape:
         raise InputError(f"{names[1]}: box {half2.shape[0]} px differs from {names[0]} "
                          f"({half1.shape[0]} px); expected two half maps of one box")
-    if mask.shape != half1.shape:
-        raise InputError(f"{names[2]}: mask box {mask.shape} differs from the half maps' "
-                         f"{half1.shape}; expected a mask of the same box")
-    lo, hi = float(mask.min()), float(mask.max())
-    if lo < -1e-6 or hi > 1.0 + 1e-6:
-        raise InputError(f"{names[2]}: mask values {lo:.6g}..{hi:.6g}; expected values in "
-                         f"[0, 1] (1 = molecule, 0 = solvent)")
-    if hi < 0.5:
-        raise InputError(f"{names[2]}: no mask value reaches 0.5 (max {hi:.6g}); expected a "
-                         f"mask with 1 on the molecule")
+    check_mask(mask, half1.shape, names[2])
 
 
 def postprocess(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, pixel_size: float,

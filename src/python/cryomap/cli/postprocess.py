@@ -219,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
     """Check every input, compute, then write the outputs (nothing is written on error)."""
     from ..io.mrc import read_map, write_map
     from ..io.star import write_star
+    from ..masks import check_mask
     from ..postprocess import PostprocessOptions, postprocess
 
     _check_options(args)
@@ -243,16 +244,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{h2_path}: pixel size {pix2:g} A differs from {h1_path} "
                          f"({pix1:g} A); expected half maps of one pixel size (or set --angpix)")
     pix = args.angpix if args.angpix > 0 else pix1
-    if mask.shape != h1.shape:
-        raise InputError(f"{mask_path}: mask box {mask.shape} differs from the half maps "
-                         f"{h1.shape}; expected a mask of the same box")
-    lo, hi = float(mask.min()), float(mask.max())
-    if lo < -1e-6 or hi > 1.0 + 1e-6:
-        raise InputError(f"{mask_path}: mask values {lo:.6g}..{hi:.6g}; expected values in "
-                         f"[0, 1] (1 = molecule, 0 = solvent)")
-    if hi < 0.5:
-        raise InputError(f"{mask_path}: no mask value reaches 0.5 (max {hi:.6g}); expected a "
-                         f"mask with 1 on the molecule")
+    check_mask(mask, h1.shape, str(mask_path))
     if args.low_pass > 0 and args.low_pass < 2 * pix:
         raise InputError(f"--low_pass {args.low_pass:g}: beyond Nyquist ({2 * pix:g} A); "
                          f"expected >= {2 * pix:g} A, 0 or negative")
