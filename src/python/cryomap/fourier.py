@@ -329,3 +329,41 @@ def resample_half_plane(ft: np.ndarray, n1: int, pix1: float, n2: int, pix2: flo
     out = _half_plane_sample(fine, m, 2.0 * kx1, 2.0 * ky1) * ratio**2
     inside = (np.abs(kx1) <= half1) & (np.abs(ky1) <= half1)
     return np.where(inside, out, 0.0)
+
+
+def lowpass_weights(n: int, shell: float, edge_width: int = 2, ndim: int = 3) -> np.ndarray:
+    """RELION's raised-cosine low-pass filter on the half grid ((n, n//2+1) or (n, n, n//2+1)).
+
+    1 below shell - w/2, 0 above shell + w/2, ½ + ½cos(π(|k| - lo)/(hi - lo)) in between, with
+    w = edge_width shells (integer halving as RELION: w = 2 gives a 2-shell edge), lo =
+    max(0, shell - w//2), hi = shell + w//2 (fftw.cpp lowPassFilterMap; docs/postprocess.md).
+    """
+    if ndim == 3:
+        kz, ky, kx = half_volume_freqs(n)
+        r = np.sqrt(kx * kx + ky * ky + kz * kz, dtype=np.float64)
+    elif ndim == 2:
+        ky, kx = half_plane_freqs(n)
+        r = np.hypot(kx, ky).astype(np.float64)
+    else:
+        raise ValueError(f"ndim: expected 2 or 3, got {ndim}")
+    half = int(edge_width) // 2
+    lo = max(0.0, float(shell) - half)
+    hi = float(shell) + half
+    if hi <= lo:  # no edge: a hard cut at the shell
+        return (r <= lo).astype(np.float64)
+    t = np.clip((r - lo) / (hi - lo), 0.0, 1.0)
+    return 0.5 + 0.5 * np.cos(np.pi * t)
+
+
+def lowpass_map(volume: np.ndarray, resolution: float, pixel_size: float,
+                edge_width: int = 2) -> np.ndarray:
+    """A cubic map (or square image) low-pass filtered at `resolution` Å with RELION's
+    raised-cosine edge: filter shell round(N * pixel_size / resolution) (lowpass_weights)."""
+    v = np.asarray(volume, dtype=np.float64)
+    n = v.shape[-1]
+    shell = np.floor(n * pixel_size / resolution + 0.5)
+    if v.ndim == 3:
+        return ifft3_centered(fft3_centered(v) * lowpass_weights(n, shell, edge_width, 3), n)
+    if v.ndim == 2:
+        return ifft2_centered(fft2_centered(v) * lowpass_weights(n, shell, edge_width, 2), n)
+    raise ValueError(f"expected a square image or a cubic map, got shape {v.shape}")
