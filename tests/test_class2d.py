@@ -19,15 +19,8 @@ from scipy.ndimage import rotate
 
 from cryomap.cli.main import main
 from cryomap.ctf import CtfParams
-from cryomap.em.classify import (
-    adjust_weights,
-    best_poses,
-    center_image,
-    center_of_mass_shift,
-    class_log_prior,
-    class_masses,
-    equal_split,
-)
+from cryomap.em.classify import center_image, center_of_mass_shift, equal_split
+from cryomap.em.engine import m_step_weights
 from cryomap.io.mrc import write_map, write_stack
 from cryomap.io.star import read_star
 from cryomap.particles import make_optics_table
@@ -249,37 +242,54 @@ def test_bad_input_is_one_line_error(small, case, capsys):
 
 
 def _random_weights(rng, b=6, t=3, k=4, r=5):
-    w = rng.random((b, t, k * r)).astype(np.float32) ** 8  # peaked, like posteriors
-    return w / w.sum(axis=(1, 2), keepdims=True)
+    w = rng.random((b, t, k, r)) ** 8  # peaked, like posteriors
+    return w / w.sum(axis=(1, 2, 3), keepdims=True)
 
 
-def test_adjust_weights():
+def _sparse(w):
+    """(image, shift, class, pose, weight) entries of a dense (B, T, K, R) array."""
+    b, t, k, r = np.nonzero(w)
+    return b, t, k, r, w[b, t, k, r]
+
+
+def _masses(img, cls, w, n, k):
+    out = np.zeros((n, k))
+    np.add.at(out, (img, cls), w)
+    return out
+
+
+def test_m_step_weights():
     rng = np.random.default_rng(0)
-    w = _random_weights(rng)
-    masses = class_masses(w, 4)
-    np.testing.assert_allclose(masses.sum(1), 1, atol=1e-6)
-    assert adjust_weights(w, 4) is w
-    hard = adjust_weights(w, 4, hard=True)
-    h4 = hard.reshape(6, 3, 4, 5)
+    dense = _random_weights(rng)
+    img, t, cls, r, w = _sparse(dense)
+    masses = _masses(img, cls, w, 6, 4)
+    np.testing.assert_allclose(masses.sum(1), 1, atol=1e-12)
+    np.testing.assert_array_equal(m_step_weights(img, cls, w, 6, 4), w)
+    hard = m_step_weights(img, cls, w, 6, 4, hard=True)
     best = masses.argmax(1)
     for i in range(6):  # only the most probable class, its pose posterior unchanged
-        assert np.all(np.delete(h4[i], best[i], axis=1) == 0)
-        within = w.reshape(6, 3, 4, 5)[i, :, best[i]]
-        np.testing.assert_allclose(h4[i, :, best[i]], within / within.sum(), rtol=1e-5)
-    fm = adjust_weights(w, 4, force_max=True)
-    np.testing.assert_allclose(class_masses(fm, 4), masses, rtol=1e-5)  # classes marginalised
-    assert np.all((fm.reshape(6, 3, 4, 5) > 0).sum(axis=(1, 3)) == 1)  # one pose per class
-    both = adjust_weights(w, 4, force_max=True, hard=True)
-    assert np.all((both > 0).reshape(6, -1).sum(1) == 1) and np.allclose(both.max((1, 2)), 1)
-    probs, k, t, r, pmax = best_poses(hard, 4)
-    assert np.array_equal(k, best) and np.all(probs.max(1) == 1.0)
-    assert np.allclose(hard[np.arange(6), t, k * 5 + r], pmax)
+        mine = img == i
+        assert np.all(hard[mine & (cls != best[i])] == 0)
+        sel = mine & (cls == best[i])
+        np.testing.assert_allclose(hard[sel], w[sel] / w[sel].sum(), rtol=1e-12)
+    fm = m_step_weights(img, cls, w, 6, 4, force_max=True)
+    np.testing.assert_allclose(_masses(img, cls, fm, 6, 4), masses, rtol=1e-12)  # marginalised
+    for i in range(6):
+        for k in range(4):  # one pose per class: its best
+            sel = (img == i) & (cls == k)
+            assert (fm[sel] > 0).sum() == 1 and np.argmax(fm[sel]) == np.argmax(w[sel])
+    both = m_step_weights(img, cls, w, 6, 4, force_max=True, hard=True)
+    assert np.all(np.bincount(img[both > 0], minlength=6) == 1)
+    np.testing.assert_allclose(np.bincount(img, weights=both, minlength=6), 1)
+    # a class temperature flattens the class posterior, keeps the poses' relative weights
+    warm = m_step_weights(img, cls, w, 6, 4, temperature=2.0)
+    expect = np.sqrt(masses) / np.sqrt(masses).sum(1, keepdims=True)
+    np.testing.assert_allclose(_masses(img, cls, warm, 6, 4), expect, rtol=1e-10)
+    sel = (img == 0) & (cls == 1)
+    np.testing.assert_allclose(warm[sel] / warm[sel].sum(), w[sel] / w[sel].sum(), rtol=1e-10)
 
 
-def test_class_prior_and_split():
-    lp = class_log_prior(np.array([0.5, 0.25, 0.25, 0.0]), 3)
-    assert lp.shape == (12,) and np.allclose(np.exp(lp[::3][:3]), [0.5, 0.25, 0.25])
-    assert np.isfinite(lp).all() and lp[-1] < -60  # an empty class: excluded, not -inf
+def test_equal_split():
     s = equal_split(103, 4, np.random.default_rng(1))
     assert set(np.bincount(s)) <= {25, 26} and s.size == 103
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cryomap.cli.main import main
-from cryomap.em.class3d import perturbed_references
+from cryomap.jobs.classify import perturbed_references
 from cryomap.io.mrc import write_map
 from cryomap.io.star import read_star
 from cryomap.phantom import make_phantom_variant

@@ -216,8 +216,13 @@ def test_to_centred_3d_values_and_round_trip(n, m):
 @pytest.mark.parametrize("n, m", [(8, 3), (9, 4), (64, 31)])
 def test_max_centred_radius_excludes_nyquist(n, m):
     assert F.max_centred_radius(n) == m
-    with pytest.raises(ValueError):
-        F.to_centred(np.zeros((n, n // 2 + 1), complex), m + 1)
+    # a larger crop is zero beyond what the box holds (the kernels' margin), and maps back
+    rng = np.random.default_rng(n)
+    ft = rng.normal(size=(n, n, n // 2 + 1)) + 1j * rng.normal(size=(n, n, n // 2 + 1))
+    big = F.to_centred(ft, m + 2)
+    np.testing.assert_array_equal(big[2:-2, 2:-2, : m + 1], F.to_centred(ft, m))
+    assert not big[:2].any() and not big[:, :, m + 1:].any()
+    np.testing.assert_array_equal(F.from_centred(big, n), F.from_centred(F.to_centred(ft, m), n))
 
 
 def test_symmetrize_kx0_plane_is_hermitian_sum():

@@ -6,12 +6,11 @@ import pytest
 
 from cryomap import fourier, projector
 from cryomap.em.data import ImageSource
-from cryomap.em.mstep import padded_shells, regularised_ratio, tau2_per_voxel
-from cryomap.em.refine3d import RefineOptions, accumulate_half, initial_state, update_noise
-from cryomap.euler import euler_to_matrix
+from cryomap.em.engine import Search, run_pass
+from cryomap.em.noise import NoiseModel
 from cryomap.particles import load_particles
 from cryomap.phantom import make_phantom
-from cryomap.sampling import orientations_3d, translations
+from cryomap.sampling import PoseSampling
 from cryomap.simulate import simulate_particles, write_simulation
 
 
@@ -69,90 +68,99 @@ def dense_em_step(x, ctf, inv_s2, volume, rotations, shifts, coords, box):
     return data, weight, sigma2, log_marg
 
 
+def tau2_per_voxel(volume_ft: np.ndarray) -> np.ndarray:
+    """Seed eq. 16 per voxel: tau2 = |V|^2 / 2 (variance of each of Re and Im)."""
+    return np.abs(volume_ft.astype(np.complex128)) ** 2 / 2.0
+
+
 def tiny_problem(tmp_path, box: int, n: int, snr: float, seed: int):
-    """Particles of the phantom (no shifts) and a refinement state with the seed's literal
-    models on a fixed Fourier grid: pad 1, nearest, per-pixel σ², dense posteriors, one set.
-    Returns (truth, particles, source, state, mask)."""
+    """Particles of the phantom (no shifts) and the seed's literal models on a fixed Fourier
+    grid: pad 1, nearest, per-pixel sigma2, dense posteriors, one set.
+    Returns (truth, particles, source, noise, mask)."""
     pix = 16.0
     truth = make_phantom(box, pix)
     write_simulation(tmp_path, *simulate_particles(truth, pix, n, snr=snr, seed=seed,
                                                    max_shift_px=0.0), pixel_size=pix)
     particles = load_particles(tmp_path / "particles.star")
-    options = RefineOptions(pad=1, interp="nearest", noise_model="pixel", prior_model="voxel",
-                            significant_fraction=1.0, ini_high=2 * pix)
     source = ImageSource(particles, box / 2 - 1, 1.0)
-    state = initial_state(particles, truth, source, options)
-    state.subset[:] = 1
-    return truth, particles, source, state, fourier.pixel_mask(box, box // 2 - 1)
+    noise = NoiseModel.from_images(source, per_pixel=True)
+    return truth, particles, source, noise, fourier.pixel_mask(box, box // 2 - 1)
+
+
+def em_step(source, noise, reference, psi_step, mask):
+    """One pass of the engine: dense posteriors over a fixed grid (HEALPix order 0, in-plane
+    step psi_step, translations within 1 px), no perturbation, no oversampling."""
+    sampling = PoseSampling.create(3, 0, psi_step, 1.0, 1.0)
+    search = Search(sampling, 0, mask.r_max, 1.0, adaptive_fraction=1.0)
+    n = source.particles.n_particles
+    res = run_pass(source, np.arange(n), [reference], search, noise,
+                   np.tile(np.eye(3), (n, 1, 1)), np.zeros((n, 2)))
+    return res, sampling
 
 
 @pytest.mark.parametrize("box", [10, 12])
 def test_pipeline_matches_dense_seed_updates(tmp_path, box):
-    truth, particles, source, state, mask = tiny_problem(tmp_path, box, 10, 2.0, 3)
+    truth, particles, source, noise, mask = tiny_problem(tmp_path, box, 10, 2.0, 3)
     r_max = mask.r_max
-    grid = orientations_3d(0, psi_step=90.0)
-    shifts = translations(1.0, 1.0)
     reference = projector.prepare_reference(truth, 1, "nearest", r_max)
-    batch = source.batch(np.arange(particles.n_particles), mask, state.origins_px)
-    nxh = box // 2 + 1
-    inv_s2 = 1.0 / state.sigma2[0][mask.flat_index // nxh, mask.flat_index % nxh]
-    inv_s2 = np.broadcast_to(inv_s2, batch.ctf.shape)
+    batch = source.batch(np.arange(particles.n_particles), mask, np.zeros((10, 2)))
+    inv_s2 = noise.inv_sigma2(batch.group, mask)
 
-    resid, count, _ = accumulate_half(state, source, 0, reference, grid, shifts, mask)
-    update_noise(state, resid, count, mask)
-    shells = padded_shells(reference.data.shape, 1)
+    res, sampling = em_step(source, noise, reference, 90.0, mask)
+    noise.update(res.residual, res.count, mask)
+    bp = res.backprojectors[0]
     tau2 = tau2_per_voxel(reference.data)  # seed eq. 16 from the previous map
-    v_new = regularised_ratio(state.half[0].data, state.half[0].weight, tau2, 1, 1.0, shells,
-                              box // 2 + 1)
+    v_new = bp.reconstruct_ft(tau2, 1.0, r_max + 1, minres_map=0)
 
+    keys = np.arange(sampling.n_orientations(0))
     data, weight, sigma2, log_marg = dense_em_step(
         batch.images.astype(complex), batch.ctf.astype(float), inv_s2.astype(float),
-        reference.data.astype(complex), euler_to_matrix(*grid.angles.T), shifts,
+        reference.data.astype(complex), sampling.matrices(keys, 0), sampling.translations(),
         mask.coords.astype(float), box)
     scale = np.abs(data).max()
-    np.testing.assert_allclose(state.half[0].data, data, atol=1e-4 * scale)
-    np.testing.assert_allclose(state.half[0].weight, weight, atol=1e-4 * weight.max())
-    inside = (shells < box // 2 + 1) & (tau2 > 0)
+    np.testing.assert_allclose(bp.data, data, atol=1e-4 * scale)
+    np.testing.assert_allclose(bp.weight, weight, atol=1e-4 * weight.max())
+    inside = tau2 > 0
     want = np.where(inside, data / (weight + 1.0 / np.where(inside, tau2, 1.0)), 0)  # eq. 14
     np.testing.assert_allclose(v_new, want, atol=1e-4 * np.abs(want).max())
-    got_s2 = state.sigma2[0][mask.flat_index // nxh, mask.flat_index % nxh]
+    nxh = box // 2 + 1
+    got_s2 = noise.sigma2[0][mask.flat_index // nxh, mask.flat_index % nxh]
     np.testing.assert_allclose(got_s2, sigma2, rtol=1e-4)
-    # log marginal: the kernel adds the Gaussian normalisation Σ log(1/(2πσ²))
+    # log marginal: the kernel adds the Gaussian normalisation sum log(1/(2 pi sigma2))
     norm = np.log(inv_s2 / (2 * np.pi)).sum(axis=1)
-    np.testing.assert_allclose(state.log_likelihood, log_marg + norm, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(res.estimates.log_likelihood, log_marg + norm, rtol=1e-5,
+                               atol=1e-3)
 
 
 def _log_prior(volume_ft: np.ndarray, tau2: np.ndarray) -> float:
-    """Σ log N(V_l; 0, τ²_l) for complex V with variance τ² per component (voxels with τ² > 0)."""
+    """sum log N(V_l; 0, tau2_l) for complex V with variance tau2 per component (tau2 > 0)."""
     ok = tau2 > 0
     return float(np.sum(-np.abs(volume_ft[ok]) ** 2 / (2 * tau2[ok])
                         - np.log(2 * np.pi * tau2[ok])))
 
 
 def _objective_trace(tmp_path, n_iter: int, update_sigma2: bool, update_tau2: bool):
-    """MAP objective log p(X | V, σ²) + log p(V | τ²) over iterations of the seed's updates on
-    a fixed Fourier grid (pad 1, nearest, fixed r_max, dense posteriors)."""
+    """MAP objective log p(X | V, sigma2) + log p(V | tau2) over iterations of the seed's
+    updates on a fixed Fourier grid (pad 1, nearest, fixed r_max, dense posteriors)."""
     box = 12
-    truth, _, source, state, mask = tiny_problem(tmp_path, box, 40, 0.5, 4)
+    truth, _, source, noise, mask = tiny_problem(tmp_path, box, 40, 0.5, 4)
     r_max = mask.r_max
-    grid = orientations_3d(0, psi_step=60.0)
-    shifts = translations(1.0, 1.0)
     # start from a wrong map: the truth blurred and perturbed
     rng = np.random.default_rng(0)
     start = projector.prepare_reference(truth, 1, "nearest", r_max).data
     volume = (start * (0.5 + rng.uniform(size=start.shape))).astype(np.complex64)
-    shells = padded_shells(volume.shape, 1)
+    shells = projector.padded_shells(volume.shape, 1)
     tau2 = tau2_per_voxel(projector.prepare_reference(truth, 1, "nearest", r_max).data)
     tau2 = np.where(shells <= r_max, np.maximum(tau2, 1e-6 * tau2.max()), 0.0)
     trace = []
     for _ in range(n_iter):
         reference = projector.Reference(volume, box, 1, "nearest")
-        resid, count, _ = accumulate_half(state, source, 0, reference, grid, shifts, mask)
-        trace.append(float(state.log_likelihood.sum()) + _log_prior(volume, tau2))
+        res, _ = em_step(source, noise, reference, 60.0, mask)
+        trace.append(float(res.estimates.log_likelihood.sum()) + _log_prior(volume, tau2))
         if update_sigma2:
-            update_noise(state, resid, count, mask)  # seed eq. 15 (with V_old, as the seed)
-        volume = regularised_ratio(state.half[0].data, state.half[0].weight, tau2, 1, 1.0,
-                                   shells, box // 2 + 1)  # seed eq. 14
+            noise.update(res.residual, res.count, mask)  # seed eq. 15 (with V_old)
+        volume = res.backprojectors[0].reconstruct_ft(tau2, 1.0, r_max + 1,
+                                                      minres_map=0)  # seed eq. 14
         if update_tau2:
             tau2 = np.where(tau2 > 0, np.maximum(tau2_per_voxel(volume), 1e-12), 0.0)  # eq. 16
     return np.array(trace)

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import healpy
 import numpy as np
 
 from .euler import euler_to_matrix, matrix_to_euler
+
+
+def _healpy():
+    """healpy, imported on first use (it takes about a second to import)."""
+    import healpy
+
+    return healpy
 
 
 def healpix_nside(order: int) -> int:
@@ -29,7 +35,7 @@ def healpix_directions(order: int) -> tuple[np.ndarray, np.ndarray]:
     rot = phi normalised to [-180, 180], tilt = theta in [0, 180].
     """
     nside = healpix_nside(order)
-    theta, phi = healpy.pix2ang(nside, np.arange(healpy.nside2npix(nside)), nest=True)
+    theta, phi = _healpy().pix2ang(nside, np.arange(12 * nside * nside), nest=True)
     rot = np.rad2deg(phi)
     rot = np.where(rot > 180.0, rot - 360.0, rot)
     return rot, np.rad2deg(theta)
@@ -197,7 +203,7 @@ class PoseSampling:
             return np.stack([zeros, zeros, self.psi_values(keys, level) + self.psi_offset], 1)
         n_psi = self.n_psi_at(level)
         nside = 1 << (self.healpix_order + level)
-        theta, phi = healpy.pix2ang(nside, keys // n_psi, nest=True)
+        theta, phi = _healpy().pix2ang(nside, keys // n_psi, nest=True)
         rot = np.rad2deg(phi)
         rot = np.where(rot > 180.0, rot - 360.0, rot)
         return np.stack([rot, np.rad2deg(theta), self.psi_values(keys % n_psi, level)], 1)
@@ -253,10 +259,10 @@ class PoseSampling:
         for prev in np.asarray(previous, np.float64).reshape(-1, 3, 3):
             # grid direction a3 (unperturbed) ~ Q d_prev, since rows transform as a3 Q = d
             centre = self.rotation @ prev[2]
-            pix = healpy.query_disc(nside, centre, radius, nest=True)
+            pix = _healpy().query_disc(nside, centre, radius, nest=True)
             if pix.size == 0:
-                pix = np.array([healpy.vec2pix(nside, *centre, nest=True)])
-            theta, phi = healpy.pix2ang(nside, pix, nest=True)
+                pix = np.array([_healpy().vec2pix(nside, *centre, nest=True)])
+            theta, phi = _healpy().pix2ang(nside, pix, nest=True)
             a0 = euler_to_matrix(np.rad2deg(phi), np.rad2deg(theta), 0.0)  # (P, 3, 3)
             m = a0 @ self.rotation @ prev.T  # A' prev^T with A' = Rz(-psi) A0 Q
             # tr(Rz(-psi) M) = cos psi (M00 + M11) + sin psi (M10 - M01) + M22

@@ -12,15 +12,16 @@ import numpy as np
 COMMAND = "demo"
 HELP = "simulate particles of the built-in phantom and refine them (no input files)"
 DESCRIPTION = """\
-The whole method on built-in data: the phantom (an asymmetric test molecule) is projected at
-random poses with CTF and noise; a refinement starts from a deliberately wrong reference (the
-phantom low-passed to 40 A plus a random low-frequency perturbation); outputs are written in
+The whole method on built-in data: the phantom (an asymmetric test molecule, scaled to fill
+the particle mask) is projected at random poses with CTF and noise; an auto-refinement starts
+from a deliberately wrong reference (the phantom low-passed to 40 A plus a random
+low-frequency perturbation); outputs are written in
 RELION's layout with run_fsc.png and sections.png (central sections of truth vs result). Prints
 the final half-map resolution and the resolution of the FSC against the ground truth.
 
 example:
   cryomap demo --o demo                       # 1000 particles, box 48, about a minute
-  cryomap demo --o demo --n 500 --iter 4      # quicker
+  cryomap demo --o demo --n 500 --iter 4      # quicker: four iterations
 """
 
 
@@ -30,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--angpix", type=float, default=3.5, help="pixel size (A)")
     p.add_argument("--n", type=int, default=1000, help="number of particles")
     p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio of the images")
-    p.add_argument("--iter", type=int, default=8, help="refinement iterations")
+    p.add_argument("--iter", type=int, default=None,
+                   help="a fixed number of refinement iterations (default: until converged)")
     p.add_argument("--healpix_order", "--healpix-order", type=int, default=2,
                    help="HEALPix order of the orientation search")
     p.add_argument("--ini_high", "--ini-high", type=float, default=40.0,
@@ -44,7 +46,7 @@ def wrong_start(volume: np.ndarray, pixel_size: float, resolution: float,
                 rng: np.random.Generator, strength: float = 0.5) -> np.ndarray:
     """The map low-passed to `resolution` plus a random field low-passed the same way, with
     `strength` times the low-passed map's standard deviation."""
-    from ..em.refine3d import lowpass
+    from ..em.refine import lowpass
 
     low = lowpass(volume, pixel_size, resolution)
     noise = lowpass(rng.standard_normal(volume.shape), pixel_size, resolution)
@@ -76,21 +78,23 @@ def save_sections(path: Path, truth: np.ndarray, result: np.ndarray) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._kernels import set_threads
-    from ..em.output import plot_fsc
-    from ..em.refine3d import RefineOptions
-    from ..em.refine_job import refine
+    from ..em.refine import RefineOptions
     from ..em.validation import angular_errors, fsc_maps, fsc_resolution
     from ..io.mrc import read_map, write_map
     from ..io.star import read_star
-    from ..phantom import make_phantom
-    from ..sampling import angular_step
+    from ..jobs.output import plot_fsc
+    from ..jobs.refine import refine
+    from ..phantom import RIBOSOME_SCALE, make_phantom
     from ..simulate import simulate_particles, write_simulation
 
     set_threads(args.threads)
     out = Path(args.o)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    truth = make_phantom(args.box, args.angpix, seed=args.seed)
+    diameter = 0.8 * args.box * args.angpix
+    # the built-in molecule scaled to fill the particle mask (a ribosome at 256 Å)
+    truth = make_phantom(args.box, args.angpix, seed=args.seed,
+                         scale=RIBOSOME_SCALE * diameter / 256.0)
     sim = simulate_particles(truth, args.angpix, args.n, snr=args.snr, seed=args.seed,
                              max_shift_px=2.0)
     write_simulation(out / "particles", *sim, pixel_size=args.angpix, truth_maps=truth)
@@ -99,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
     write_map(out / "initial_reference.mrc", start.astype(np.float32), args.angpix)
     print(f"simulated {args.n} particles (box {args.box}, {args.angpix} A/px, SNR {args.snr}) "
           f"in {time.perf_counter() - t0:.1f} s; refining from a {args.ini_high:.0f} A start")
-    diameter = 0.8 * args.box * args.angpix
     options = RefineOptions(iterations=args.iter, healpix_order=args.healpix_order,
                             offset_range=3.0, offset_step=1.0, ini_high=args.ini_high,
                             particle_diameter=diameter, seed=args.seed)
+    options.validate()
     if (out / "refine").exists():  # the demo owns this folder: start it afresh
         shutil.rmtree(out / "refine")
     state = refine(out / "particles" / "particles.star", out / "initial_reference.mrc",
@@ -110,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     result, _ = read_map(out / "refine" / "run_class001.mrc")
     curve = fsc_maps(result.astype(np.float64), truth.astype(np.float64))
     res_truth = fsc_resolution(curve, args.box, args.angpix, 0.143)
-    res_half = state.history[-1].resolution
+    res_truth05 = fsc_resolution(curve, args.box, args.angpix, 0.5, interpolate=True)
+    res_half = state.history[-1]["resolution"]
     truth_df = read_star(out / "particles" / "truth.star")["particles"]
     true_angles = truth_df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     err = angular_errors(state.angles, true_angles)
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
              fsc_truth=curve)
     save_sections(out / "sections.png", truth, result)
     print(f"final resolution {res_half:.1f} A (half-map FSC 0.143); FSC vs ground truth "
-          f"{res_truth:.1f} A (0.143); median orientation error {np.median(err):.1f} deg "
-          f"(angular step {angular_step(args.healpix_order):.1f} deg); "
+          f"{res_truth:.1f} A (0.143), {res_truth05:.1f} A (0.5); median orientation error "
+          f"{np.median(err):.1f} deg after {len(state.history)} iterations; "
           f"total {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return 0

@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import fourier, projector
-from .._kernels import core
 from ..euler import euler_to_matrix, matrix_to_euler
 from ..sampling import PoseSampling, coarse_radius
 from .data import Batch, ImageSource
-from .estep import expectation
+from .estep import expectation, expectation_subsets
 from .noise import NoiseModel
-from .sums import maximization_sums
+from .sums import maximization_sums, maximization_sums_sparse
 
 # Floor of a class prior: an empty class keeps a finite log prior.
 MIN_CLASS_PRIOR = 1e-30
@@ -64,6 +63,9 @@ class Search:
     class_temperature: class posterior raised to 1/T before the M-step (1: plain posterior).
     image_class: (n,) for each image of the pass the one class it may take, or -1 (any); e.g.
         RELION's random seeds of the first classification iteration.
+    max_significant: an image with more significant samples than this at level 0 is not
+        oversampled (its posterior is too broad for finer samples to matter); cryomap's use
+        of RELION's --maxsig, which RELION instead applies by keeping the most significant.
     """
 
     sampling: PoseSampling
@@ -79,6 +81,7 @@ class Search:
     hard_class: bool = False
     class_temperature: float = 1.0
     image_class: np.ndarray | None = None  # (n,) per pass image: its only class, -1 for any
+    max_significant: int = 200
 
     @property
     def levels(self) -> int:
@@ -215,10 +218,10 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
         rp = np.zeros((rows.size, n_bins))
         # the levels below are per image: process them in groups of images whose candidate
         # slices fit the memory budget
-        for chunk in _chunks(level0, search, max_slices):
+        for chunk, oversample in _chunks(level0, search, max_slices):
             level, sub = _select_images(level0, chunk), batch.select(chunk)
             s2 = inv_s2[chunk]
-            for lv in range(1, search.levels + 1):
+            for lv in range(1, search.levels + 1 if oversample else 1):
                 level = _refine_level(sub, s2, rows[chunk], references, search, level, lv,
                                       previous_rotations, previous_origins, centre,
                                       log_class, mask, columns[lv], timings)
@@ -238,7 +241,7 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
                 timings["sums"] += time.perf_counter() - t0
             else:
                 rp[chunk] = _sums_and_backproject(sub, s2, level, b_idx, s_idx, t_idx, w, bps,
-                                                  mask, bins, n_bins, timings)
+                                                  references, mask, bins, n_bins, timings)
         np.add.at(residual, batch.group, rp)
         np.add.at(count, batch.group, 1)
         if progress is not None:
@@ -256,23 +259,32 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
     return PassResult(est, bps, residual, count, class_mass, offset_sq, timings)
 
 
-def _chunks(level0: _Level, search: Search, max_slices: int) -> list[np.ndarray]:
-    """Groups of the batch's images (indices into it) whose expected final-level slices
-    (children of their distinct significant level-0 orientations) stay below max_slices."""
+def _chunks(level0: _Level, search: Search, max_slices: int
+            ) -> list[tuple[np.ndarray, bool]]:
+    """Groups of the batch's images (indices into it), each with whether its images are
+    oversampled: those whose level-0 posterior has more than `max_significant` significant
+    samples are not (their coarse posterior is used as it is: it is too broad for finer
+    samples to change it), the others in groups whose expected final-level slices (children of
+    their distinct significant level-0 orientations) stay below max_slices."""
     b = level0.log_marginal.size
     if search.levels == 0:
-        return [np.arange(b)]
+        return [(np.arange(b), False)]
+    n_sig = np.bincount(level0.image, minlength=b)
+    broad = n_sig > search.max_significant
+    out = [(np.flatnonzero(broad), False)] if broad.any() else []
     n_s = level0.slice_key.size
     pair = np.unique(level0.image.astype(np.int64) * n_s + level0.slice)
     per_image = np.bincount(pair // n_s, minlength=b) * (
         8 if search.sampling.ndim == 3 else 2) ** search.levels
-    out, start, total = [], 0, 0
-    for i in range(b):
-        if i > start and total + per_image[i] > max_slices:
-            out.append(np.arange(start, i))
-            start, total = i, 0
+    group, total = [], 0
+    for i in np.flatnonzero(~broad):
+        if group and total + per_image[i] > max_slices:
+            out.append((np.array(group), True))
+            group, total = [], 0
+        group.append(i)
         total += per_image[i]
-    out.append(np.arange(start, b))
+    if group:
+        out.append((np.array(group), True))
     return out
 
 
@@ -290,19 +302,29 @@ def _select_images(level: _Level, chunk: np.ndarray) -> _Level:
 
 
 def _sums_and_backproject(batch: Batch, inv_s2: np.ndarray, level: _Level, b_idx, s_idx,
-                          t_idx, w, bps: list[projector.BackProjector], mask, bins, n_bins,
+                          t_idx, w, bps: list[projector.BackProjector],
+                          references: list[projector.Reference], mask, bins, n_bins,
                           timings) -> np.ndarray:
     """M-step sums over the final level's used slices, back-projected into each class's
-    back-projector; returns the residual power (B, bins)."""
+    back-projector; returns the residual power (B, bins). Slices scored at a smaller radius
+    (images that were not oversampled) are projected again at the full one."""
     t0 = time.perf_counter()
     used, s_loc = np.unique(s_idx, return_inverse=True)
-    slices = level.slices if used.size == level.slices.shape[0] else level.slices[used]
+    if level.slices.shape[1] != mask.n_pixels:
+        sub = _Level(level.level, level.slice_class[used], level.slice_key[used],
+                     level.rotations[used], level.shifts)
+        slices = _project_level(references, sub, mask.coords)
+        timings["project"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+    elif used.size == level.slices.shape[0]:
+        slices = level.slices
+    else:
+        slices = level.slices[used]
     data_s = np.zeros(slices.shape, np.complex64)
     weight_s = np.zeros(slices.shape, np.float32)
-    rp = core.maximization_sums_coo(
-        batch.images, batch.ctf, inv_s2, slices, mask.coords, level.shifts, mask.box,
-        b_idx, t_idx, s_loc.astype(np.int64), w.astype(np.float32), bins, n_bins, data_s,
-        weight_s, 0)
+    rp = maximization_sums_sparse(batch.images, batch.ctf, inv_s2, slices, level.shifts,
+                                  mask.box, b_idx, t_idx, s_loc, w, bins, n_bins, data_s,
+                                  weight_s, coords=mask.coords)
     t1 = time.perf_counter()
     timings["sums"] += t1 - t0
     cls = level.slice_class[used]
@@ -524,14 +546,11 @@ def _score_subsets(level: _Level, x, ctf, w, slices, coords, box, rot_ptr, rot_i
                    rot_prior, shift_ptr, shift_index, shift_prior, fraction, timings) -> None:
     """Run the subset E-step and store the level's nonzero weights."""
     t0 = time.perf_counter()
-    out = core.expectation_subsets(
-        np.ascontiguousarray(x, np.complex64), np.ascontiguousarray(ctf, np.float32),
-        np.ascontiguousarray(w, np.float32), np.ascontiguousarray(slices, np.complex64),
-        np.ascontiguousarray(coords, np.float32), np.ascontiguousarray(level.shifts, np.float64),
-        int(box), rot_ptr, rot_index, rot_prior, shift_ptr, shift_index,
-        np.ascontiguousarray(shift_prior, np.float64), float(fraction))
+    post = expectation_subsets(x, ctf, w, slices, level.shifts, box, rot_ptr, rot_index,
+                               rot_prior, shift_ptr, shift_index, shift_prior, fraction,
+                               coords=coords)
     timings["estep"] += time.perf_counter() - t0
-    weights, bp = out["weights"], out["block_ptr"]
+    weights, bp = post.weights, post.block_ptr
     n_r, n_t = np.diff(rot_ptr), np.diff(shift_ptr)
     nz = np.flatnonzero(weights)
     img = np.searchsorted(bp, nz, side="right") - 1
@@ -542,7 +561,7 @@ def _score_subsets(level: _Level, x, ctf, w, slices, coords, box, rot_ptr, rot_i
     level.slice = rot_index[rot_ptr[img] + r_loc]
     level.weight = weights[nz].astype(np.float64)
     level.slices = slices
-    level.log_marginal = out["log_marginal"]
+    level.log_marginal = post.log_marginal
     level.n_scored = n_r * n_t
 
 
@@ -550,34 +569,47 @@ def _score_subsets(level: _Level, x, ctf, w, slices, coords, box, rot_ptr, rot_i
 
 
 def _adjust_weights(level: _Level, k_cls: int, search: Search, b: int):
-    """The final level's weights as the M-step uses them: class temperature, hard class,
-    force max (docs/method.md, "Maximisation options"). Returns (image, slice, shift, weight)
-    sorted by image."""
-    img, sl, sh, w = level.image, level.slice, level.shift, level.weight.copy()
-    cls = level.slice_class[sl]
-    mass = np.zeros((b, k_cls))
-    np.add.at(mass, (img, cls), w)
-    if search.class_temperature != 1.0 and k_cls > 1:
-        tempered = np.power(np.maximum(mass, 1e-300), 1.0 / search.class_temperature)
-        tempered /= tempered.sum(1, keepdims=True)
-        w = w * tempered[img, cls] / np.maximum(mass[img, cls], 1e-300)
+    """The final level's nonzero M-step weights (image, slice, shift, weight)."""
+    w = m_step_weights(level.image, level.slice_class[level.slice], level.weight, b, k_cls,
+                       search.force_max, search.hard_class, search.class_temperature)
+    keep = w > 0
+    return level.image[keep], level.slice[keep], level.shift[keep], w[keep]
+
+
+def m_step_weights(image: np.ndarray, klass: np.ndarray, weight: np.ndarray, n_images: int,
+                   n_classes: int, force_max: bool = False, hard: bool = False,
+                   temperature: float = 1.0) -> np.ndarray:
+    """The posterior weights as the M-step uses them (docs/method.md, "Maximisation").
+
+    image, klass, weight: one entry per sample (image index, its class, its posterior
+    weight, summing to 1 per image). temperature: the class posterior raised to 1/T and
+    renormalised (poses within a class keep their relative weights). hard: each image keeps
+    only its most probable class (the seed's hard classification). force_max: within each
+    class, its whole mass on its best sample (maximising over poses, marginalising over
+    classes). Returns the new weights, one per entry (zeros where dropped).
+    """
+    w = np.asarray(weight, np.float64).copy()
+    mass = np.zeros((n_images, n_classes))
+    np.add.at(mass, (image, klass), w)
+    if temperature != 1.0 and n_classes > 1:
+        tempered = np.power(np.maximum(mass, 1e-300), 1.0 / temperature) * (mass > 0)
+        tempered /= np.maximum(tempered.sum(1, keepdims=True), 1e-300)
+        w = w * tempered[image, klass] / np.maximum(mass[image, klass], 1e-300)
         mass = tempered
-    if search.hard_class and k_cls > 1:
+    if hard and n_classes > 1:
         best = mass.argmax(1)
-        keep = cls == best[img]
-        w = np.where(keep, w / np.maximum(mass[img, cls], 1e-300), 0.0)
+        keep = klass == best[image]
+        w = np.where(keep, w / np.maximum(mass[image, klass], 1e-300), 0.0)
         mass = np.zeros_like(mass)
-        mass[np.arange(b), best] = 1.0
-    if search.force_max:
-        # per (image, class): all its mass on its best (slice, shift)
-        key = img.astype(np.int64) * k_cls + cls
+        mass[np.arange(n_images), best] = 1.0
+    if force_max:
+        key = image.astype(np.int64) * n_classes + klass
         order = np.lexsort((-w, key))
         first = order[np.r_[True, key[order][1:] != key[order][:-1]]]
         w_new = np.zeros_like(w)
-        w_new[first] = mass[img[first], cls[first]]
+        w_new[first] = mass[image[first], klass[first]]
         w = w_new
-    keep = w > 0
-    return img[keep], sl[keep], sh[keep], w[keep]
+    return w
 
 
 def _dense(b_idx, t_idx, s_idx, w, n_b, n_t, n_s) -> np.ndarray:

@@ -141,3 +141,67 @@ def choose_batch_size(n_shifts: int, n_rot: int, memory_bytes: int = 512 * 2**20
     """
     per_image = max(1, int(n_shifts)) * max(1, int(n_rot)) * 4
     return max(1, int(memory_bytes) // per_image)
+
+
+@dataclass
+class SubsetPosterior:
+    """E-step result over per-image pose subsets (see `expectation_subsets`)."""
+
+    weights: np.ndarray  # (sum_i T_i R_i,) float32; image i's (T_i, R_i) block at block_ptr[i]
+    block_ptr: np.ndarray  # (B+1,) int64
+    best_r: np.ndarray  # (B,) int64 index into the slices
+    best_t: np.ndarray  # (B,) int64 index into the shifts
+    max_prob: np.ndarray  # (B,) float64
+    n_significant: np.ndarray  # (B,) int64
+    log_marginal: np.ndarray  # (B,) float64
+    min_diff2: np.ndarray  # (B,) float64
+
+    def block(self, i: int, n_shifts: int) -> np.ndarray:
+        """Image i's weights as a (T_i, R_i) array."""
+        w = self.weights[self.block_ptr[i]:self.block_ptr[i + 1]]
+        return w.reshape(n_shifts, -1)
+
+
+def expectation_subsets(
+    images: np.ndarray,
+    ctf: np.ndarray,
+    inv_sigma2: np.ndarray,
+    slices: np.ndarray,
+    shifts: np.ndarray,
+    box: int,
+    rot_ptr: np.ndarray,
+    rot_index: np.ndarray,
+    rot_log_prior: np.ndarray,
+    shift_ptr: np.ndarray,
+    shift_index: np.ndarray,
+    shift_log_prior: np.ndarray,
+    significant_fraction: float = 0.999,
+    *,
+    coords: np.ndarray | None = None,
+) -> SubsetPosterior:
+    """Posterior over per-image pose subsets (docs/method.md eq. (17)).
+
+    Image i is scored against the product of its orientations
+    slices[rot_index[rot_ptr[i]:rot_ptr[i+1]]] (each with its log prior rot_log_prior[...])
+    and its translations shifts[shift_index[shift_ptr[i]:shift_ptr[i+1]]] (each with
+    shift_log_prior[...]), by one matrix product per image. Everything else (diff2, pruning,
+    log marginal, precision) as `expectation`. The lists are int64 CSR arrays; a prior of -inf
+    excludes a candidate; every image needs at least one allowed pose.
+    """
+    images = np.ascontiguousarray(images, dtype=np.complex64)
+    if images.ndim != 2:
+        raise ValueError(f"images: expected 2 dimensions (B, J), got shape {images.shape}")
+    out = core.expectation_subsets(
+        images, np.ascontiguousarray(ctf, dtype=np.float32),
+        np.ascontiguousarray(inv_sigma2, dtype=np.float32),
+        np.ascontiguousarray(slices, dtype=np.complex64),
+        pixel_coords(box, images.shape[1], coords),
+        np.ascontiguousarray(shifts, dtype=np.float64), int(box),
+        np.ascontiguousarray(rot_ptr, dtype=np.int64),
+        np.ascontiguousarray(rot_index, dtype=np.int64),
+        np.ascontiguousarray(rot_log_prior, dtype=np.float64),
+        np.ascontiguousarray(shift_ptr, dtype=np.int64),
+        np.ascontiguousarray(shift_index, dtype=np.int64),
+        np.ascontiguousarray(shift_log_prior, dtype=np.float64),
+        float(significant_fraction))
+    return SubsetPosterior(**out)

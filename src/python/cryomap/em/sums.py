@@ -84,3 +84,46 @@ def maximization_sums(
         weight_slices,
         code,
     )
+
+
+def maximization_sums_sparse(
+    images: np.ndarray,
+    ctf: np.ndarray,
+    inv_sigma2: np.ndarray,
+    slices: np.ndarray,
+    shifts: np.ndarray,
+    box: int,
+    image_index: np.ndarray,
+    shift_index: np.ndarray,
+    slice_index: np.ndarray,
+    weights: np.ndarray,
+    pixel_shell: np.ndarray,
+    n_shells: int,
+    data_slices: np.ndarray,
+    weight_slices: np.ndarray,
+    *,
+    coords: np.ndarray | None = None,
+    method: str = "auto",
+) -> np.ndarray:
+    """`maximization_sums` with the weights given as a sparse list: weights[e] of image
+    image_index[e] at translation shift_index[e] and slice slice_index[e] (each triple at most
+    once; zeros are ignored). Returns residual_power (B, n_shells)."""
+    try:
+        code = METHODS[method]
+    except KeyError:
+        raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}") from None
+    images = np.ascontiguousarray(images, dtype=np.complex64)
+    if images.ndim != 2:
+        raise ValueError(f"images: expected 2 dimensions (B, J), got shape {images.shape}")
+    return core.maximization_sums_coo(
+        images, np.ascontiguousarray(ctf, dtype=np.float32),
+        np.ascontiguousarray(inv_sigma2, dtype=np.float32),
+        np.ascontiguousarray(slices, dtype=np.complex64),
+        pixel_coords(box, images.shape[1], coords),
+        np.ascontiguousarray(shifts, dtype=np.float64), int(box),
+        np.ascontiguousarray(image_index, dtype=np.int64),
+        np.ascontiguousarray(shift_index, dtype=np.int64),
+        np.ascontiguousarray(slice_index, dtype=np.int64),
+        np.ascontiguousarray(weights, dtype=np.float32),
+        np.ascontiguousarray(pixel_shell, dtype=np.int64), int(n_shells), data_slices,
+        weight_slices, code)

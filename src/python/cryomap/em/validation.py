@@ -17,9 +17,21 @@ def fsc_maps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def fsc_resolution(curve: np.ndarray, box: int, pixel_size: float,
-                   threshold: float = 0.143) -> float:
-    """Resolution in Å where an FSC curve drops below threshold (RELION's rule)."""
-    return float(box * pixel_size / resolution_shell(curve, threshold))
+                   threshold: float = 0.143, interpolate: bool = False) -> float:
+    """Resolution in Å where an FSC curve drops below threshold: the last shell before it
+    (RELION's rule), or with interpolate=True the frequency where the curve crosses the
+    threshold, linearly interpolated between the two shells around the first crossing."""
+    if not interpolate:
+        return float(box * pixel_size / resolution_shell(curve, threshold))
+    below = np.nonzero(curve[1:] < threshold)[0]
+    if below.size == 0:
+        return float(box * pixel_size / (curve.size - 1))
+    s = int(below[0]) + 1  # first shell below
+    if s == 1:
+        return float(box * pixel_size / 1.0)
+    f0, f1 = curve[s - 1], curve[s]
+    x = (s - 1) + (f0 - threshold) / (f0 - f1)
+    return float(box * pixel_size / x)
 
 
 def angular_errors(angles: np.ndarray, true_angles: np.ndarray) -> np.ndarray:
