@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from cryomap.cli.main import main
-from cryomap.jobs.classify import perturbed_references
 from cryomap.io.mrc import write_map
 from cryomap.io.star import read_star
+from cryomap.jobs.classify import perturbed_references
 from cryomap.phantom import make_phantom_variant
 from cryomap.simulate import simulate_particles, write_simulation
 

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from cryomap import fourier
-from cryomap import projector
+from cryomap import fourier, projector
 from cryomap.em import model
 from cryomap.masks import soft_sphere
 
