@@ -30,12 +30,14 @@ PYBIND11_MODULE(CRYOMAP_MODULE_NAME, m) {
           py::arg("slices"), py::arg("coords"), py::arg("shifts"), py::arg("box"),
           py::arg("log_prior_rot"), py::arg("log_prior_shift"), py::arg("significant_fraction"),
           py::arg("block_rows") = 0, py::arg("block_cols") = 0,
+          py::arg("slice_group") = py::array_t<int64_t>(0), py::arg("min_group_mass") = 0.0,
           "E-step: posterior over (shift, orientation) poses of each image.\n"
           "images (B,J) c64, ctf (B,J) f32, inv_sigma2 (B,J) f32 (>= 0; 0 drops a pixel), "
           "slices (R,J) c64, coords (J,2) f32 (kx,ky), shifts (T,2) f64 px, box, "
           "log_prior_rot (R,) f64, log_prior_shift (B,T) f64 (-inf excludes a pose), "
           "significant_fraction in (0,1] (1 = dense); block_rows/block_cols: GEMM tile sizes "
-          "(0 = automatic).\nReturns a dict: weights (B,T,R) f32 (sum 1 per image), best_r, "
+          "(0 = automatic); slice_group (R,) i64 or empty: per-group (class) pruning, groups "
+          "below min_group_mass of the total dropped.\nReturns a dict: weights (B,T,R) f32 (sum 1 per image), best_r, "
           "best_t, n_significant (B,) i64, max_prob, log_marginal, min_diff2 (B,) f64.");
     m.def("maximization_sums", &maximization_sums, py::arg("images"), py::arg("ctf"),
           py::arg("inv_sigma2"), py::arg("slices"), py::arg("coords"), py::arg("shifts"),
@@ -50,7 +52,8 @@ PYBIND11_MODULE(CRYOMAP_MODULE_NAME, m) {
           py::arg("inv_sigma2"), py::arg("slices"), py::arg("coords"), py::arg("shifts"),
           py::arg("box"), py::arg("rot_ptr"), py::arg("rot_index"), py::arg("rot_log_prior"),
           py::arg("shift_ptr"), py::arg("shift_index"), py::arg("shift_log_prior"),
-          py::arg("significant_fraction"),
+          py::arg("significant_fraction"), py::arg("slice_group") = py::array_t<int64_t>(0),
+          py::arg("min_group_mass") = 0.0,
           "E-step over per-image pose subsets: image i against the product of its orientations "
           "slices[rot_index[rot_ptr[i]:rot_ptr[i+1]]] and translations "
           "shifts[shift_index[shift_ptr[i]:shift_ptr[i+1]]] (CSR lists, i64; log priors f64 per "

@@ -110,6 +110,10 @@ struct PruneScratch {
     std::vector<int64_t> count = std::vector<int64_t>(kBins + 4);
     std::vector<uint16_t> bin;
     std::vector<Entry> entries;
+    // per-group pruning: each group's mass, its entries' flat indices and values
+    std::vector<double> group_mass;
+    std::vector<int64_t> group_start, group_index;
+    std::vector<float> group_values;
 };
 
 // v if keep, else +0 (bit mask; a select on computed values would not vectorise).
@@ -216,6 +220,45 @@ double prune(float* w, py::ssize_t n, double total, double fraction, PruneScratc
     return cum;
 }
 
+// prune() within each group of columns (classes): a group whose mass is below
+// min_mass * total is dropped (except the best pose's), each other group keeps the smallest
+// set of its largest weights holding `fraction` of its own mass. Returns the kept sum.
+double prune_by_group(float* s, py::ssize_t T, py::ssize_t R, const int32_t* group,
+                      int n_groups, double total, double fraction, double min_mass,
+                      int best_group, PruneScratch& sc, int64_t& n_kept) {
+    sc.group_mass.assign((size_t)n_groups, 0.0);
+    sc.group_start.assign((size_t)n_groups + 1, 0);
+    for (py::ssize_t t = 0; t < T; ++t)
+        for (py::ssize_t r = 0; r < R; ++r) {
+            sc.group_mass[group[r]] += s[t * R + r];
+            ++sc.group_start[group[r] + 1];
+        }
+    for (int g = 0; g < n_groups; ++g) sc.group_start[g + 1] += sc.group_start[g];
+    sc.group_index.resize((size_t)(T * R));
+    std::vector<int64_t> fill(sc.group_start.begin(), sc.group_start.end() - 1);
+    for (py::ssize_t t = 0; t < T; ++t)
+        for (py::ssize_t r = 0; r < R; ++r) sc.group_index[fill[group[r]]++] = t * R + r;
+    double kept = 0.0;
+    n_kept = 0;
+    for (int g = 0; g < n_groups; ++g) {
+        const int64_t a = sc.group_start[g], b = sc.group_start[g + 1];
+        if (a == b) continue;
+        if (g != best_group && sc.group_mass[g] < min_mass * total) {
+            for (int64_t k = a; k < b; ++k) s[sc.group_index[k]] = 0.f;
+            continue;
+        }
+        sc.group_values.resize((size_t)(b - a));
+        for (int64_t k = a; k < b; ++k) sc.group_values[k - a] = s[sc.group_index[k]];
+        int64_t nk = 0;
+        float threshold;
+        kept += prune(sc.group_values.data(), b - a, sc.group_mass[g], fraction, sc, nk,
+                      threshold);
+        for (int64_t k = a; k < b; ++k) s[sc.group_index[k]] = sc.group_values[k - a];
+        n_kept += nk;
+    }
+    return kept;
+}
+
 // Turn one image's scores s (T x R, row-major) into its posterior in place (seed eq. 17):
 // g(t,r) = exp(s + log_prior_rot[r] + log_prior_shift[t] - max) / sum, the max subtracted in
 // float64 so that the best pose has weight exactly 1 before normalising (sum >= 1). With
@@ -223,7 +266,8 @@ double prune(float* w, py::ssize_t n, double total, double fraction, PruneScratc
 // kept (ties broken by lower flat index t*R+r) and renormalised.
 ImageStats image_posterior(float* s, py::ssize_t T, py::ssize_t R, const double* lpr,
                            const double* lps, double c_i, double log_norm, double fraction,
-                           PruneScratch& scratch) {
+                           PruneScratch& scratch, const int32_t* group = nullptr,
+                           int n_groups = 0, double min_group_mass = 0.0) {
     ImageStats st;
     double m = kNegInf, s_max = kNegInf;
     float check = 0.f;
@@ -257,7 +301,10 @@ ImageStats image_posterior(float* s, py::ssize_t T, py::ssize_t R, const double*
             total += row_weights(s + t * R, lpr, lps[t], m, R, st.n_significant);
     }
     double kept = total;
-    if (fraction < 1.0) {
+    if (fraction < 1.0 && group != nullptr && n_groups > 1) {
+        kept = prune_by_group(s, T, R, group, n_groups, total, fraction, min_group_mass,
+                              group[st.best_r], scratch, st.n_significant);
+    } else if (fraction < 1.0) {
         float threshold;
         kept = prune(s, T * R, total, fraction, scratch, st.n_significant, threshold);
     }
@@ -301,6 +348,25 @@ ImageTerms image_terms(const ModelData& d) {
         t.log_norm[i] = ln;
     }
     return t;
+}
+
+// Optional column groups (classes) for per-group pruning: an int64 array of one group per
+// slice (or empty: none). Returns int32 groups and their count.
+std::vector<int32_t> parse_groups(const py::array& slice_group, py::ssize_t n_rot,
+                                  int& n_groups) {
+    n_groups = 0;
+    if (slice_group.size() == 0) return {};
+    require<int64_t>(slice_group, "slice_group", 1);
+    require_dim(slice_group, "slice_group", 0, n_rot);
+    const int64_t* g = static_cast<const int64_t*>(slice_group.data());
+    std::vector<int32_t> out((size_t)n_rot);
+    for (py::ssize_t r = 0; r < n_rot; ++r) {
+        if (g[r] < 0 || g[r] >= (1 << 20))
+            throw py::value_error("slice_group: expected values in [0, 2^20)");
+        out[r] = (int32_t)g[r];
+        n_groups = std::max(n_groups, (int)g[r] + 1);
+    }
+    return out;
 }
 
 }  // namespace
@@ -367,7 +433,8 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
                      const py::array& slices, const py::array& coords, const py::array& shifts,
                      int box, const py::array& log_prior_rot, const py::array& log_prior_shift,
                      double significant_fraction, py::ssize_t block_rows,
-                     py::ssize_t block_cols) {
+                     py::ssize_t block_cols, const py::array& slice_group,
+                     double min_group_mass) {
     const ModelData d = check_model_data(images, ctf, inv_sigma2, slices, coords, shifts, box);
     const py::ssize_t B = d.n_img, T = d.n_shift, R = d.n_rot, J = d.n_pix;
     require<double>(log_prior_rot, "log_prior_rot", 1);
@@ -390,6 +457,10 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
         throw py::value_error("significant_fraction: expected a value in (0, 1]");
     if (block_rows < 0 || block_cols < 0)
         throw py::value_error("block sizes: expected >= 0 (0 = automatic)");
+    int n_groups = 0;
+    const std::vector<int32_t> groups = parse_groups(slice_group, R, n_groups);
+    if (!(min_group_mass >= 0.0 && min_group_mass <= 1.0))
+        throw py::value_error("min_group_mass: expected a fraction in [0, 1]");
     const EStepBlocking blk{block_rows > 0 ? block_rows : 512, block_cols > 0 ? block_cols : 512};
 
     py::array_t<float> weights({B, T, R});
@@ -415,9 +486,10 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
             PruneScratch scratch;
 #pragma omp for schedule(dynamic)
             for (py::ssize_t i = 0; i < B; ++i) {
-                const ImageStats st = image_posterior(w + i * T * R, T, R, lpr, lps + i * T,
-                                                      c[i], log_norm[i], significant_fraction,
-                                                      scratch);
+                const ImageStats st = image_posterior(
+                    w + i * T * R, T, R, lpr, lps + i * T, c[i], log_norm[i],
+                    significant_fraction, scratch, groups.empty() ? nullptr : groups.data(),
+                    n_groups, min_group_mass);
                 if (!st.finite) {
 #pragma omp atomic write
                     scores_finite = false;
@@ -500,8 +572,13 @@ py::dict expectation_subsets(const py::array& images, const py::array& ctf,
                              const py::array& rot_ptr, const py::array& rot_index,
                              const py::array& rot_log_prior, const py::array& shift_ptr,
                              const py::array& shift_index, const py::array& shift_log_prior,
-                             double significant_fraction) {
+                             double significant_fraction, const py::array& slice_group,
+                             double min_group_mass) {
     const ModelData d = check_model_data(images, ctf, inv_sigma2, slices, coords, shifts, box);
+    int n_groups = 0;
+    const std::vector<int32_t> groups = parse_groups(slice_group, d.n_rot, n_groups);
+    if (!(min_group_mass >= 0.0 && min_group_mass <= 1.0))
+        throw py::value_error("min_group_mass: expected a fraction in [0, 1]");
     const py::ssize_t B = d.n_img, J = d.n_pix;
     const ImageLists rl = check_image_lists(rot_ptr, rot_index, rot_log_prior, B, d.n_rot, "rot");
     const ImageLists sl =
@@ -538,6 +615,7 @@ py::dict expectation_subsets(const py::array& images, const py::array& ctf,
         {
             PruneScratch scratch;
             std::vector<float> asub, asq, nrm;
+            std::vector<int32_t> grp;
             std::vector<cfloat> y((size_t)(max_t * J));
 #pragma omp for schedule(dynamic)
             for (py::ssize_t i = 0; i < B; ++i) {
@@ -580,9 +658,14 @@ py::dict expectation_subsets(const py::array& images, const py::array& ctf,
                 MutMap(s, T, R).noalias() +=
                     ConstMap(reinterpret_cast<const float*>(y.data()), T, 2 * J) *
                     ConstMap(A, R, 2 * J).transpose();
-                const ImageStats st =
-                    image_posterior(s, T, R, rl.log_prior + r0, sl.log_prior + t0, it.c[i],
-                                    it.log_norm[i], significant_fraction, scratch);
+                if (n_groups > 1) {
+                    grp.resize((size_t)R);
+                    for (int64_t k = 0; k < R; ++k) grp[k] = groups[rl.index[r0 + k]];
+                }
+                const ImageStats st = image_posterior(
+                    s, T, R, rl.log_prior + r0, sl.log_prior + t0, it.c[i], it.log_norm[i],
+                    significant_fraction, scratch, n_groups > 1 ? grp.data() : nullptr,
+                    n_groups, min_group_mass);
                 if (!st.finite) {
 #pragma omp atomic write
                     scores_finite = false;

@@ -100,13 +100,16 @@ struct EStepBlocking {
     py::ssize_t cols = 0;  // orientations per tile
 };
 
-// The E-step. Returns a dict with weights (B,T,R) float32, best_r, best_t, n_significant
+// slice_group (R,) int64 or empty: with several groups (classes) and significant_fraction < 1,
+// each group keeps its own significant set (a group below min_group_mass of the total is
+// dropped). The E-step. Returns a dict with weights (B,T,R) float32, best_r, best_t, n_significant
 // (B,) int64, max_prob, log_marginal, min_diff2 (B,) float64. See bindings.cpp.
 py::dict expectation(const py::array& images, const py::array& ctf, const py::array& inv_sigma2,
                      const py::array& slices, const py::array& coords, const py::array& shifts,
                      int box, const py::array& log_prior_rot, const py::array& log_prior_shift,
                      double significant_fraction, py::ssize_t block_rows,
-                     py::ssize_t block_cols);
+                     py::ssize_t block_cols, const py::array& slice_group,
+                     double min_group_mass);
 
 // The E-step over per-image pose subsets: image i is scored against the product of its
 // orientations slices[rot_index[rot_ptr[i]:rot_ptr[i+1]]] and its translations
@@ -120,6 +123,7 @@ py::dict expectation_subsets(const py::array& images, const py::array& ctf,
                              const py::array& rot_ptr, const py::array& rot_index,
                              const py::array& rot_log_prior, const py::array& shift_ptr,
                              const py::array& shift_index, const py::array& shift_log_prior,
-                             double significant_fraction);
+                             double significant_fraction, const py::array& slice_group,
+                             double min_group_mass);
 
 }  // namespace cryomap

@@ -113,11 +113,13 @@ def _domains(seed: int) -> list[_Domain]:
 
 
 def atom_model(seed: int = 0, drop_domain: int | Sequence[int] | None = None,
-               domain_shift: Mapping[int, Sequence[float]] | None = None, scale: float = 1.0
-               ) -> tuple[np.ndarray, np.ndarray]:
+               domain_shift: Mapping[int, Sequence[float]] | None = None, scale: float = 1.0,
+               remove_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Atom centres (n, 3) as (x, y, z) in A relative to the full molecule's centre of mass,
     and each atom's domain index (n,). Variants drop domains or move them by (dx, dy, dz) A
-    (before `scale`, which enlarges the whole molecule)."""
+    (before `scale`, which enlarges the whole molecule), or lose a compact piece holding
+    `remove_share` of the atoms (of the mass): the atoms nearest to the surface atom farthest
+    along (1, 1, 0.5), as when a subunit or a ligand-bound domain is absent."""
     doms = _domains(seed)
     xyz = np.concatenate([np.asarray(d.centre) + d.points for d in doms])
     dom = np.concatenate([np.full(d.n_atoms, i) for i, d in enumerate(doms)])
@@ -132,6 +134,14 @@ def atom_model(seed: int = 0, drop_domain: int | Sequence[int] | None = None,
         for k in drop:
             _check_domain(int(k))
         keep = ~np.isin(dom, drop)
+        xyz, dom = xyz[keep], dom[keep]
+    if remove_share:
+        if not 0 < remove_share < 1:
+            raise ValueError(f"remove_share: expected a fraction in (0, 1), got {remove_share}")
+        anchor = xyz[np.argmax(xyz @ np.array([1.0, 1.0, 0.5]))]
+        k = int(round(remove_share * len(xyz)))
+        keep = np.ones(len(xyz), bool)
+        keep[np.argsort(((xyz - anchor) ** 2).sum(1), kind="stable")[:k]] = False
         xyz, dom = xyz[keep], dom[keep]
     return xyz * float(scale), dom
 
@@ -168,7 +178,7 @@ def render_atoms(xyz: np.ndarray, box: int, pixel_size: float, sigma: float,
 def make_phantom(box: int = 64, pixel_size: float = 3.0, seed: int = 0,
                  drop_domain: int | Sequence[int] | None = None,
                  domain_shift: Mapping[int, Sequence[float]] | None = None,
-                 scale: float = 1.0) -> np.ndarray:
+                 scale: float = 1.0, remove_share: float = 0.0) -> np.ndarray:
     """The built-in chiral test molecule on a (box, box, box) grid, (z, y, x) float32.
 
     Parameters
@@ -179,6 +189,7 @@ def make_phantom(box: int = 64, pixel_size: float = 3.0, seed: int = 0,
     domain_shift : {domain index: (dx, dy, dz) A} moves of single domains (variants).
     scale : size factor of the molecule (RIBOSOME_SCALE: about 250 A across, a ribosome's
         size; the atoms keep their width).
+    remove_share : a compact piece holding this share of the mass removed (see atom_model).
 
     Density is positive and scaled so the full molecule's maximum is 1 (variants keep that
     scale, and the full molecule's centring, so they are directly comparable).
@@ -195,10 +206,10 @@ def make_phantom(box: int = 64, pixel_size: float = 3.0, seed: int = 0,
     full_xyz, _ = atom_model(seed, scale=scale)
     full = render_atoms(full_xyz, box, pixel_size, sigma) * amp
     norm = 1.0 / full.max()
-    if drop_domain is None and not domain_shift:
+    if drop_domain is None and not domain_shift and not remove_share:
         vol = full
     else:
-        xyz, _ = atom_model(seed, drop_domain, domain_shift, scale)
+        xyz, _ = atom_model(seed, drop_domain, domain_shift, scale, remove_share)
         vol = render_atoms(xyz, box, pixel_size, sigma) * amp
     return (vol * norm).astype(np.float32)
 

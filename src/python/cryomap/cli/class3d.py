@@ -18,7 +18,9 @@ as V = D/(W + 1/tau2) with tau2 from the class map's power, the class distributi
 spectra and Fourier radius (from the best class's SSNR) updated every iteration; no half-set
 split. Classes start from the reference low-passed to --ini_high, each with its own random
 perturbation, and in the first iteration each particle stays in a random class (RELION's
-seeds). See docs/method.md.
+seeds); --ref may instead list K maps in a STAR file (rlnReferenceImage), used as they are.
+--skip_align classifies at the poses in --i (e.g. a refinement's run_data.star).
+See docs/method.md.
 Outputs in --o, RELION's layout: run_itNNN_classNNN.mrc, run_itNNN_model.star
 (rlnClassDistribution), run_itNNN_data.star (rlnClassNumber); run_classNNN.mrc, run_model.star,
 run_data.star and run.log at the end. Defaults as RELION's GUI: --K 4, --iter 25,
@@ -64,6 +66,8 @@ def class_options(args: argparse.Namespace, ndim: int) -> ClassOptions:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_class_arguments(p, n_classes=4, tau2_fudge=4.0, psi_step=None)
+    p.add_argument("--skip_align", "--skip-align", dest="skip_align", action="store_true",
+                   help="classify without alignment: every particle at its pose in --i")
     p.add_argument("--init_perturbation", "--init-perturbation", dest="perturbation",
                    type=float, default=ClassOptions().perturbation,
                    help="random low-resolution perturbation of each initial class, in units "

@@ -58,6 +58,7 @@ class ClassOptions(EMOptions):
     reseed_fraction: float = 0.1
     # Å: never use frequencies beyond this in the E-step (RELION's --strict_highres_exp)
     highres_limit: float | None = None
+    skip_align: bool = False  # poses from the input, only classes estimated (RELION's)
 
     def validate(self) -> None:
         """Every option in range (InputError naming the option and the range)."""
@@ -212,9 +213,10 @@ def class_search(options: ClassOptions, iteration: int, radius: int, diameter: f
                                    options.offset_step, options.offset_range, options.perturb,
                                    rng)
     return Search(sampling, options.oversampling, radius, diameter,
-                  local_sigma=options.sigma_ang, offset_sigma=offset_sigma,
-                  class_prior=class_prior, adaptive_fraction=options.adaptive_fraction,
-                  force_max=options.force_max, hard_class=hard, image_class=image_class)
+                  local_sigma=options.sigma_ang, fixed_poses=options.skip_align,
+                  offset_sigma=offset_sigma, class_prior=class_prior,
+                  adaptive_fraction=options.adaptive_fraction, force_max=options.force_max,
+                  hard_class=hard, image_class=image_class)
 
 
 def class_batch_size(search: Search, n_classes: int, memory: int) -> int:
@@ -258,8 +260,9 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
     mask = fourier.pixel_mask(box, radius)
     noise.update(res.residual, res.count, mask)
     state.sigma2 = noise.sigma2
-    state.offset_sigma = float(np.sqrt(max(res.offset_sq / (2.0 * max(n, 1)),
-                                           MIN_SIGMA2_OFFSET / pix**2)))
+    if not o.skip_align:
+        state.offset_sigma = float(np.sqrt(max(res.offset_sq / (2.0 * max(n, 1)),
+                                               MIN_SIGMA2_OFFSET / pix**2)))
     state.distribution = res.class_mass / max(res.class_mass.sum(), 1e-300)
     ssnr = np.zeros((k_cls, n_shells))
     for k, bp in enumerate(res.backprojectors):

@@ -66,6 +66,10 @@ class Search:
     max_significant: an image with more significant samples than this at level 0 is not
         oversampled (its posterior is too broad for finer samples to matter); cryomap's use
         of RELION's --maxsig, which RELION instead applies by keeping the most significant.
+    min_class_mass: with several classes, every level above the final one keeps the
+        significant samples of each class holding at least this share of an image's
+        posterior (RELION keeps the most significant of all classes together, so a class
+        that loses on the coarse grid is never refined).
     """
 
     sampling: PoseSampling
@@ -82,6 +86,7 @@ class Search:
     class_temperature: float = 1.0
     image_class: np.ndarray | None = None  # (n,) per pass image: its only class, -1 for any
     max_significant: int = 200
+    min_class_mass: float = 1e-6
 
     @property
     def levels(self) -> int:
@@ -388,7 +393,7 @@ def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
             offset = 0 if a < 0 else a * n_per
             post = expectation(x[sel], ctf[sel], w[sel], table[3][block], shifts, box,
                                log_class[table[0][block]], lps[sel], search.adaptive_fraction,
-                               coords=coords)
+                               coords=coords, **_class_pruning(search, table[0][block], 0))
             bi, ti, si = np.nonzero(post.weights)
             parts.append((sel[bi], ti, si + offset, post.weights[bi, ti, si]))
             log_marg[sel] = post.log_marginal
@@ -438,7 +443,7 @@ def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
     slices = _project_level(references, level, coords)
     timings["project"] += time.perf_counter() - t0
     _score_subsets(level, x, ctf, w, slices, coords, box, rot_ptr, rot_index, rot_prior,
-                   shift_ptr, shift_index, shift_prior, search.adaptive_fraction, timings)
+                   shift_ptr, shift_index, shift_prior, search, timings)
     return level
 
 
@@ -525,7 +530,7 @@ def _refine_level(batch, inv_s2, rows, references, search: Search, prev: _Level,
     timings["project"] += time.perf_counter() - t0
     _score_subsets(level, batch.images[:, cols], batch.ctf[:, cols], inv_s2[:, cols], slices,
                    coords, mask.box, rot_ptr, rot_index, rot_prior, shift_ptr,
-                   t_child.astype(np.int64), shift_prior, search.adaptive_fraction, timings)
+                   t_child.astype(np.int64), shift_prior, search, timings)
     return level
 
 
@@ -542,13 +547,22 @@ def _project_level(references: list[projector.Reference], level: _Level,
     return out
 
 
+def _class_pruning(search: Search, slice_class: np.ndarray, level: int) -> dict:
+    """Per-class pruning above the final level when there are several classes."""
+    if level >= search.levels or slice_class.size == 0 or slice_class.max() == 0:
+        return {}
+    return {"slice_class": slice_class, "min_class_mass": search.min_class_mass}
+
+
 def _score_subsets(level: _Level, x, ctf, w, slices, coords, box, rot_ptr, rot_index,
-                   rot_prior, shift_ptr, shift_index, shift_prior, fraction, timings) -> None:
+                   rot_prior, shift_ptr, shift_index, shift_prior, search: Search,
+                   timings) -> None:
     """Run the subset E-step and store the level's nonzero weights."""
     t0 = time.perf_counter()
     post = expectation_subsets(x, ctf, w, slices, level.shifts, box, rot_ptr, rot_index,
-                               rot_prior, shift_ptr, shift_index, shift_prior, fraction,
-                               coords=coords)
+                               rot_prior, shift_ptr, shift_index, shift_prior,
+                               search.adaptive_fraction, coords=coords,
+                               **_class_pruning(search, level.slice_class, level.level))
     timings["estep"] += time.perf_counter() - t0
     weights, bp = post.weights, post.block_ptr
     n_r, n_t = np.diff(rot_ptr), np.diff(shift_ptr)

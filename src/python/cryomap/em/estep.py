@@ -71,6 +71,8 @@ def expectation(
     coords: np.ndarray | None = None,
     block_rows: int = 0,
     block_cols: int = 0,
+    slice_class: np.ndarray | None = None,
+    min_class_mass: float = 0.0,
 ) -> Posterior:
     """Posterior over poses of a batch of images.
 
@@ -88,6 +90,10 @@ def expectation(
         coords: (J, 2) (kx, ky) of the pixels; default: those of `fourier.pixel_mask(box, r)`
             with J pixels.
         block_rows, block_cols: GEMM tile sizes (0 = automatic), for tuning only.
+        slice_class: (R,) class of each slice; with several classes the significant set is
+            chosen within each class (of its own mass), and a class holding less than
+            min_class_mass of the image's posterior is dropped, so that a class that loses at
+            a coarse level is still refined when it is plausible.
 
     Returns:
         A Posterior. log_marginal = log sum_{t,r} exp(-diff2 + priors)
@@ -130,8 +136,16 @@ def expectation(
         float(significant_fraction),
         int(block_rows),
         int(block_cols),
+        _groups(slice_class),
+        float(min_class_mass),
     )
     return Posterior(**out)
+
+
+def _groups(slice_class: np.ndarray | None) -> np.ndarray:
+    if slice_class is None:
+        return np.zeros(0, np.int64)
+    return np.ascontiguousarray(slice_class, dtype=np.int64)
 
 
 def choose_batch_size(n_shifts: int, n_rot: int, memory_bytes: int = 512 * 2**20) -> int:
@@ -178,6 +192,8 @@ def expectation_subsets(
     significant_fraction: float = 0.999,
     *,
     coords: np.ndarray | None = None,
+    slice_class: np.ndarray | None = None,
+    min_class_mass: float = 0.0,
 ) -> SubsetPosterior:
     """Posterior over per-image pose subsets (docs/method.md eq. (17)).
 
@@ -185,8 +201,8 @@ def expectation_subsets(
     slices[rot_index[rot_ptr[i]:rot_ptr[i+1]]] (each with its log prior rot_log_prior[...])
     and its translations shifts[shift_index[shift_ptr[i]:shift_ptr[i+1]]] (each with
     shift_log_prior[...]), by one matrix product per image. Everything else (diff2, pruning,
-    log marginal, precision) as `expectation`. The lists are int64 CSR arrays; a prior of -inf
-    excludes a candidate; every image needs at least one allowed pose.
+    log marginal, precision, per-class pruning) as `expectation`. The lists are int64 CSR
+    arrays; a prior of -inf excludes a candidate; every image needs at least one allowed pose.
     """
     images = np.ascontiguousarray(images, dtype=np.complex64)
     if images.ndim != 2:
@@ -203,5 +219,5 @@ def expectation_subsets(
         np.ascontiguousarray(shift_ptr, dtype=np.int64),
         np.ascontiguousarray(shift_index, dtype=np.int64),
         np.ascontiguousarray(shift_log_prior, dtype=np.float64),
-        float(significant_fraction))
+        float(significant_fraction), _groups(slice_class), float(min_class_mass))
     return SubsetPosterior(**out)

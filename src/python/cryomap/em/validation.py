@@ -39,3 +39,21 @@ def angular_errors(angles: np.ndarray, true_angles: np.ndarray) -> np.ndarray:
     a = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
     b = euler_to_matrix(true_angles[:, 0], true_angles[:, 1], true_angles[:, 2])
     return angular_distance(a, b)
+
+
+def bayes_accuracy(map_a: np.ndarray, map_b: np.ndarray, angles: np.ndarray,
+                   origins_px: np.ndarray, ctf, pixel_size: float, noise_sigma: float
+                   ) -> np.ndarray:
+    """Per image, the best possible probability of telling two known maps apart from its
+    image at its true pose (equal priors, white Gaussian noise of std. dev. noise_sigma per
+    pixel): Phi(d / (2 sigma)), d = ||P_A - P_B|| of the two noiseless CTF-modulated
+    projections. The mean over images is the Bayes-optimal classification accuracy."""
+    from math import erf, sqrt
+
+    from ..simulate import project_images
+
+    pa = project_images(map_a, angles, origins_px, ctf, pixel_size)
+    pb = project_images(map_b, angles, origins_px, ctf, pixel_size)
+    d = np.sqrt(((pa.astype(np.float64) - pb) ** 2).sum(axis=(1, 2)))
+    z = d / (2.0 * noise_sigma)
+    return np.array([0.5 * (1.0 + erf(v / sqrt(2.0))) for v in z])

@@ -31,6 +31,7 @@ from ..errors import InputError
 from ..euler import euler_to_matrix
 from ..io.atomic import atomic_path
 from ..io.mrc import open_stack, read_map, write_stack
+from ..io.star import read_star
 from ..particles import ParticleSet, load_particles
 from .base import Job, check_memory, last_iteration, progress_bar
 from .output import (
@@ -190,6 +191,41 @@ def perturbed_references(reference: np.ndarray, pixel_size: float, resolution: f
     return out
 
 
+def read_references_3d(path: str | Path, particles: ParticleSet, n_classes: int
+                       ) -> list[np.ndarray]:
+    """3D references for --ref: one map (RELION's single reference: every class starts from
+    it) or a STAR file listing K maps in rlnReferenceImage (paths as image paths: relative to
+    the working folder, then to the STAR file's folder). Each map's box and pixel size must
+    match the particles."""
+    path = Path(path)
+    if path.suffix != ".star":
+        ref, pix = read_map(path)
+        check_reference(ref, pix, particles, path)
+        return [np.asarray(ref, np.float64)]
+    table = read_star(path)
+    loops = [b for b in table.values() if hasattr(b, "columns")
+             and "rlnReferenceImage" in b.columns]
+    if not loops:
+        raise InputError(f"{path}: no rlnReferenceImage column; expected a STAR list of the "
+                         f"K reference maps")
+    names = [str(v) for v in loops[0]["rlnReferenceImage"]]
+    if len(names) != n_classes:
+        raise InputError(f"{path}: {len(names)} reference maps for --K {n_classes}; expected "
+                         f"{n_classes}")
+    maps = []
+    for name in names:
+        cands = [Path(name)] if Path(name).is_absolute() else [Path.cwd() / name,
+                                                             path.absolute().parent / name]
+        found = next((c for c in cands if c.is_file()), None)
+        if found is None:
+            raise InputError(f"{path}: rlnReferenceImage {name}: file not found (looked in the "
+                             f"working folder and in {path.absolute().parent})")
+        ref, pix = read_map(found)
+        check_reference(ref, pix, particles, found)
+        maps.append(np.asarray(ref, np.float64))
+    return maps
+
+
 def read_references_2d(path: str | Path, particles: ParticleSet, n_classes: int
                        ) -> np.ndarray:
     """2D references for --ref: an image (`.mrc`, used for every class) or a stack (`.mrcs`,
@@ -301,16 +337,18 @@ def classify3d(star: str | Path, reference_path: str | Path | None, outdir: str 
     particles = load_particles(star, angpix=angpix)
     check_classes(options.n_classes, particles, star)
     require_ctf(particles, star, options.use_ctf)
-    reference = None
+    references = None
     if not (resume and last_iteration(Path(outdir)) is not None):
         if reference_path is None:
             raise InputError("--ref: an initial map is required")
-        reference, ref_pixel = read_map(reference_path)
-        check_reference(reference, ref_pixel, particles, reference_path)
+        references = read_references_3d(reference_path, particles, options.n_classes)
     check_memory(class_memory(particles, options), max_memory)
 
     def initialise(source, sigma2, seed_class, rng):
-        refs = perturbed_references(reference, source.pixel_size, options.ini_high,
+        if len(references) > 1:  # K distinct maps: used as they are, no seeds
+            return np.stack([lowpass(r, source.pixel_size, options.ini_high)
+                             for r in references]), None
+        refs = perturbed_references(references[0], source.pixel_size, options.ini_high,
                                     options.n_classes, options.perturbation, rng)
         return refs, seed_class
 
