@@ -90,8 +90,7 @@ def test_symmetric_refinement_reaches_c1_with_fewer_orientations(runs):
     n_c1 = st_c1.history[0]["orientations_level0"]
     samples = [np.mean([h["mean_samples"] for h in s.history]) for s in (st_sym, st_c1)]
     true_angles, _ = _true_poses(runs["truth_df"])
-    errors = symmetry.angular_distance(
-        euler_to_matrix(*st_sym.angles.T), euler_to_matrix(*true_angles.T), sym)
+    errors = angular_errors(st_sym.angles, true_angles, sym)
     print(f"\n{sym}: {r_sym:.2f} Å (FSC 0.5 vs truth), C1 {r_c1:.2f} Å, true poses with {sym} "
           f"{r_oracle:.2f} Å; level-0 orientations {n_sym} vs {n_c1}; samples/image "
           f"{samples[0]:.0f} vs {samples[1]:.0f}; median error {np.median(errors):.1f} deg "
@@ -146,8 +145,7 @@ def test_local_searches_find_poses_given_as_other_symmetry_copies(runs, tmp_path
     state = refine(out / "start_poses.star", out / sym / "run_class001.mrc", tmp_path / "local",
                    options, echo=None)
     assert all(h["local"] for h in state.history)
-    final = euler_to_matrix(*state.angles.T)
-    errors = symmetry.angular_distance(final, euler_to_matrix(*true_angles.T), sym)
+    errors = angular_errors(state.angles, true_angles, sym)
     moved = np.median(angular_errors(state.angles, np.stack([rot, tilt, psi], 1)))
     print(f"\nlocal {sym}: error median {np.median(errors):.2f} deg, 95th percentile "
           f"{np.percentile(errors, 95):.2f} deg from starts 3 deg off (global search: 9 deg); "

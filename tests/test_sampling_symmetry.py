@@ -207,3 +207,17 @@ def test_good_symmetry_options():
     EMOptions(sym="i1", healpix_order=2).validate()
     EMOptions(sym="d7").validate()
     ClassOptions(ndim=2).validate()
+
+
+def test_angular_errors_up_to_symmetry():
+    from cryomap.em.validation import angular_errors
+    from cryomap.euler import matrix_to_euler
+
+    rng = np.random.default_rng(6)
+    truth = random_rotations(40, rng)
+    ops = symmetry.operators("D3")
+    copies = truth @ ops[rng.integers(1, len(ops), 40)]  # another equivalent pose each
+    t_angles = np.stack(matrix_to_euler(truth), 1)
+    c_angles = np.stack(matrix_to_euler(copies), 1)
+    assert angular_errors(c_angles, t_angles, "D3").max() < 1e-4
+    assert angular_errors(c_angles, t_angles).min() > 100.0  # 120 or 180 degrees apart
