@@ -53,9 +53,19 @@ def _true_poses(truth_df):
             truth_df[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / PIX)
 
 
+_RUNS: dict[str, dict] = {}  # per group, made once for the module's tests
+
+
 @pytest.fixture(scope="module", params=["C4", "D2"])
 def runs(request, tmp_path_factory):
-    sym = request.param
+    return _runs(request.param, tmp_path_factory)
+
+
+def _runs(sym: str, tmp_path_factory) -> dict:
+    """The group's data set, its refinements with the group and with C1, and the true-pose
+    reconstruction with the group."""
+    if sym in _RUNS:
+        return _RUNS[sym]
     out = tmp_path_factory.mktemp(f"sym_{sym}")
     truth = symmetry.symmetrize_volume(
         make_phantom(BOX, PIX, scale=RIBOSOME_SCALE * DIAMETER / 256), sym)
@@ -76,6 +86,7 @@ def runs(request, tmp_path_factory):
     result["oracle"] = reconstruct_known_poses(source, angles, origins,
                                                result[sym][0].subset, options)
     particles.close()
+    _RUNS[sym] = result
     return result
 
 
@@ -119,12 +130,11 @@ def test_symmetric_map_is_symmetric_to_float_precision(runs):
     assert f"symmetry {sym}" in log and "post-process with: cryomap postprocess --i" in log
 
 
-def test_local_searches_find_poses_given_as_other_symmetry_copies(runs, tmp_path):
+def test_local_searches_find_poses_given_as_other_symmetry_copies(tmp_path_factory, tmp_path):
     """Input poses moved to random symmetry copies (outside the asymmetric unit for most) and
     perturbed by a few degrees: local searches around every copy bring them back."""
+    runs = _runs("C4", tmp_path_factory)
     sym, out = runs["sym"], runs["out"]
-    if sym != "C4":
-        pytest.skip("one group is enough for the local-search path")
     rng = np.random.default_rng(3)
     df = runs["truth_df"].copy()
     true_angles, _ = _true_poses(df)
@@ -157,10 +167,9 @@ def test_local_searches_find_poses_given_as_other_symmetry_copies(runs, tmp_path
     assert moved > 45.0  # most poses were found around a copy in the asymmetric unit
 
 
-def test_class3d_maps_are_symmetric(runs, tmp_path):
+def test_class3d_maps_are_symmetric(tmp_path_factory, tmp_path):
+    runs = _runs("D2", tmp_path_factory)
     sym, out = runs["sym"], runs["out"]
-    if sym != "D2":
-        pytest.skip("one group is enough for classification")
     options = ClassOptions(n_classes=2, iterations=2, healpix_order=1, offset_range=2.0,
                            offset_step=2.0, particle_diameter=DIAMETER, sym=sym)
     state = classify3d(out / "particles.star", out / "start.mrc", tmp_path / "cls", options,
