@@ -113,16 +113,20 @@ def test_local_windows_match_brute_force_over_symmetry_copies(sym):
         assert expect.size > 0
 
 
-def test_local_window_falls_back_to_the_nearest_orientation():
-    s = _grid(1, "D2")
-    prev = random_rotations(5, np.random.default_rng(3))
-    ptr, keys, _ = s.local_orientations(prev, sigma=0.1)  # window smaller than the grid step
-    assert np.all(np.diff(ptr) >= 1)
+@pytest.mark.parametrize("sym, order", [("D2", 1), ("I2", 2)])
+def test_local_window_falls_back_to_the_nearest_orientation(sym, order):
+    """A window smaller than the grid step holds the nearest orientation (up to symmetry);
+    I2 at order 2 keeps 2 directions, so for some poses no kept direction lies within a step
+    of any copy."""
+    s = _grid(order, sym, perturb=0.5)
+    prev = random_rotations(60, np.random.default_rng(3))
+    ptr, keys, _ = s.local_orientations(prev, sigma=0.1)
+    assert np.all(np.diff(ptr) == 1)
     grid = s.matrices(np.arange(s.n_orientations(0)), 0)
-    for i in range(5):
+    for i in range(prev.shape[0]):
         theta = symmetry.angular_distance(grid, np.repeat(prev[i:i + 1], grid.shape[0], 0),
-                                          "D2")
-        assert keys[ptr[i]] == int(np.argmin(theta))
+                                          sym)
+        assert theta[keys[ptr[i]]] == pytest.approx(theta.min(), abs=1e-9)
 
 
 def test_rotation_angle_is_the_distance_to_the_nearest_copy():

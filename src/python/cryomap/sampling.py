@@ -384,12 +384,15 @@ class PoseSampling:
                 if pix.size:
                     keys.append((index[pix][:, None] * n_psi + q_psi[None, :]).ravel())
                     theta.append(self._window_angles(nside, pix, copy, cs).ravel())
-            if not keys:  # no kept direction near any copy: the nearest one
-                dots = (copies[:, 2, :] @ self.rotation.T) @ allowed_vec.T
-                g, j = np.unravel_index(int(np.argmax(dots)), dots.shape)
-                keys.append(index[allowed[j]] * n_psi + q_psi)
-                theta.append(self._window_angles(nside, allowed[j:j + 1], copies[g], cs)
-                             .ravel())
+            if not keys:  # no kept direction near any copy (sparse corners of the unit)
+                # the nearest orientation is at most half a psi step further than the
+                # nearest direction: score every direction that close against every copy
+                dots = ((copies[:, 2, :] @ self.rotation.T) @ allowed_vec.T).max(0)
+                dist = np.rad2deg(np.arccos(np.clip(dots, -1.0, 1.0)))
+                pix = allowed[dist <= dist.min() + 360.0 / n_psi]
+                for copy in copies:
+                    keys.append((index[pix][:, None] * n_psi + q_psi[None, :]).ravel())
+                    theta.append(self._window_angles(nside, pix, copy, cs).ravel())
             keys, theta = np.concatenate(keys), np.concatenate(theta)
             srt = np.lexsort((theta, keys))  # per key, its nearest copy first
             keys, theta = keys[srt], theta[srt]
