@@ -175,6 +175,7 @@ class BackProjector:
         self.r_max = box // 2 if r_max is None else float(r_max)
         self.data, self.weight = empty_sums(box, pad, self.r_max, ndim)
         self._folded = False
+        self.symmetry = "C1"  # the point group the sums were summed over (symmetrise)
 
     def add_slices(self, data_slices: np.ndarray, weight_slices: np.ndarray,
                    rotations: np.ndarray, coords: np.ndarray) -> None:
@@ -190,6 +191,31 @@ class BackProjector:
             self.data = fourier.symmetrize_kx0_plane(self.data)
             self.weight = fourier.symmetrize_kx0_plane(self.weight)
             self._folded = True
+        return self
+
+    def symmetrise(self, name: str) -> BackProjector:
+        """Sum the data and weight over a point group's operators (RELION symmetrises the
+        BackProjector before reconstruct; `symmetry.symmetrize_sums`): sums of slices searched
+        over one asymmetric unit then stand for a search over all directions. After `finish`
+        (the Hermitian fold), once; voxels up to round(r_max * pad) on the padded grid, as
+        RELION. C1 does nothing. Returns self."""
+        from .symmetry import point_group, symmetrize_sums
+
+        g = point_group(name)
+        if g.order == 1:
+            return self
+        if self.ndim != 3:
+            raise ValueError(f"BackProjector.symmetrise: {g.name} needs 3D sums")
+        if not self._folded:
+            raise RuntimeError("BackProjector.symmetrise: call finish() first (the kx = 0 "
+                               "plane must be folded)")
+        if self.symmetry != "C1":
+            raise RuntimeError(f"BackProjector.symmetrise: already summed over "
+                               f"{self.symmetry}")
+        m = self.data.shape[2] - 1
+        radius = min(round(self.r_max * self.pad), m - 1)
+        self.data, self.weight = symmetrize_sums(self.data, self.weight, g, radius)
+        self.symmetry = g.name
         return self
 
     def add(self, other: BackProjector) -> None:

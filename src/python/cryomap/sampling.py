@@ -3,6 +3,7 @@ sampling")."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,6 +115,17 @@ class PoseSampling:
     The whole grid is randomly perturbed each iteration (RELION's --perturb): every orientation
     A becomes A @ `rotation` (a rotation of the whole set, so the grid stays uniform), 2D
     in-plane angles move by `psi_offset` degrees, translations by `offset_shift` px.
+
+    Point-group symmetry (3D, `symmetry` other than C1; docs/symmetry.md): level 0 holds only
+    the HEALPix directions of the group's asymmetric unit (`directions`, RELION's
+    removeSymmetryEquivalentPoints) x all in-plane angles, and its keys enumerate only those:
+    key = i * n_psi + psi_index with `directions[i]` the pixel. The levels below keep the usual
+    keys (NEST children of the kept pixels), so their key space is the whole sphere's. The
+    perturbation rotates the kept set like the full one (A @ `rotation`, as RELION), so its
+    symmetry copies tile the sphere up to a seam of at most the perturbation. Local searches
+    and the local prior look at every symmetry copy A R of the previous pose and take the
+    nearest (`rotation_angle`; RELION's selectOrientationsWithNonZeroPriorProbability): a
+    pose near a border of the unit keeps its whole window, part of it found around a copy.
     """
 
     ndim: int
@@ -124,15 +136,32 @@ class PoseSampling:
     rotation: np.ndarray = field(default_factory=lambda: np.eye(3))
     psi_offset: float = 0.0
     offset_shift: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    symmetry: str = "C1"  # canonical point-group name (symmetry.point_group)
+    directions: np.ndarray | None = None  # level-0 HEALPix pixels kept, ascending; None: all
 
     @staticmethod
     def create(ndim: int, healpix_order: int, psi_step: float | None, offset_step: float,
                offset_range: float, perturb: float = 0.0,
-               rng: np.random.Generator | None = None) -> PoseSampling:
+               rng: np.random.Generator | None = None, symmetry: str = "C1") -> PoseSampling:
         """The grid of an order (3D) and in-plane step (default: the order's angular step in
-        3D, 10 degrees in 2D), perturbed by a random fraction (up to +-perturb) of its steps."""
+        3D, 10 degrees in 2D), perturbed by a random fraction (up to +-perturb) of its steps.
+        With a point group (3D only) level 0 is restricted to its asymmetric unit; ValueError
+        if that holds no direction at this order (icosahedral groups below order 2)."""
         if ndim not in (2, 3):
             raise ValueError("ndim: expected 2 or 3")
+        name, directions = "C1", None
+        if str(symmetry).upper() != "C1":
+            from .symmetry import point_group
+
+            g = point_group(symmetry)
+            if ndim != 3:
+                raise ValueError(f"symmetry {g.name}: only 3D grids have point-group symmetry")
+            name = g.name
+            if g.order > 1:
+                directions = asymmetric_unit_pixels(int(healpix_order), name)
+                if directions.size == 0:
+                    raise ValueError(f"symmetry {name}: the asymmetric unit holds no HEALPix "
+                                     f"direction at order {healpix_order}")
         step = psi_step if psi_step is not None else (
             angular_step(healpix_order) if ndim == 3 else 10.0)
         n_psi = psi_angles(step).size
@@ -148,18 +177,48 @@ class PoseSampling:
                 offset_shift = perturb * offset_step * rng.uniform(-1.0, 1.0, size=2)
         return PoseSampling(ndim, int(healpix_order) if ndim == 3 else 0, int(n_psi),
                             float(offset_step), float(offset_range), rotation,
-                            float(psi_offset), offset_shift)
+                            float(psi_offset), offset_shift, name, directions)
 
     # -- orientations -----------------------------------------------------------------------
+
+    @property
+    def restricted(self) -> bool:
+        """True when level 0 holds only an asymmetric unit's directions."""
+        return self.directions is not None
+
+    def operators(self) -> np.ndarray | None:
+        """The point group's rotation matrices (order, 3, 3), None for C1."""
+        if self.symmetry == "C1":
+            return None
+        from .symmetry import operators
+
+        return operators(self.symmetry)
 
     def n_psi_at(self, level: int) -> int:
         """In-plane angles per direction at a level."""
         return self.n_psi << level
 
     def n_orientations(self, level: int = 0) -> int:
-        """Number of orientations of a level."""
+        """Number of orientations of level 0 (the asymmetric unit's with symmetry); for the
+        levels below, the size of their key space (all directions of the finer order)."""
+        if self.ndim == 3 and level == 0 and self.restricted:
+            return int(self.directions.size) * self.n_psi
         n_dir = 12 * 4 ** (self.healpix_order + level) if self.ndim == 3 else 1
         return n_dir * self.n_psi_at(level)
+
+    def _pixels(self, keys: np.ndarray, level: int) -> np.ndarray:
+        """HEALPix pixel (order healpix_order + level) of 3D orientation keys."""
+        pix = np.asarray(keys, np.int64) // self.n_psi_at(level)
+        return self.directions[pix] if level == 0 and self.restricted else pix
+
+    def allowed_pixels(self, level: int) -> np.ndarray:
+        """The HEALPix pixels (NEST, order healpix_order + level, ascending) a level may hold:
+        the asymmetric unit's and their descendants, or all of them without symmetry."""
+        n_pix = 12 * 4 ** (self.healpix_order + level)
+        if not self.restricted:
+            return np.arange(n_pix, dtype=np.int64)
+        sub = 4**level
+        return (self.directions[:, None] * sub + np.arange(sub)[None, :]).ravel()
 
     def angular_step(self, level: int = 0) -> float:
         """Angular step in degrees at a level (the HEALPix step in 3D, the psi step in 2D)."""
@@ -183,7 +242,7 @@ class PoseSampling:
         if self.ndim == 2:
             return 2 * keys[:, None] + psi_children[None, :]
         n_psi = self.n_psi_at(level)
-        pix, q = keys // n_psi, keys % n_psi
+        pix, q = self._pixels(keys, level), keys % n_psi
         child_pix = 4 * pix[:, None, None] + np.arange(4)[None, :, None]
         child_q = 2 * q[:, None, None] + psi_children[None, None, :]
         return (child_pix * (2 * n_psi) + child_q).reshape(keys.size, 8)
@@ -194,7 +253,14 @@ class PoseSampling:
         if self.ndim == 2:
             return keys // 2
         n_psi = self.n_psi_at(level)
-        return (keys // n_psi // 4) * (n_psi // 2) + (keys % n_psi) // 2
+        pix = keys // n_psi // 4
+        if level == 1 and self.restricted:
+            pos = np.searchsorted(self.directions, pix)
+            if np.any(pos >= self.directions.size) or np.any(
+                    self.directions[np.minimum(pos, self.directions.size - 1)] != pix):
+                raise ValueError("parents: a key's parent is outside the asymmetric unit")
+            pix = pos
+        return pix * (n_psi // 2) + (keys % n_psi) // 2
 
     def _unperturbed_angles(self, keys: np.ndarray, level: int) -> np.ndarray:
         keys = np.asarray(keys, np.int64)
@@ -203,7 +269,7 @@ class PoseSampling:
             return np.stack([zeros, zeros, self.psi_values(keys, level) + self.psi_offset], 1)
         n_psi = self.n_psi_at(level)
         nside = 1 << (self.healpix_order + level)
-        theta, phi = _healpy().pix2ang(nside, keys // n_psi, nest=True)
+        theta, phi = _healpy().pix2ang(nside, self._pixels(keys, level), nest=True)
         rot = np.rad2deg(phi)
         rot = np.where(rot > 180.0, rot - 360.0, rot)
         return np.stack([rot, np.rad2deg(theta), self.psi_values(keys % n_psi, level)], 1)
@@ -228,7 +294,9 @@ class PoseSampling:
         """Per image, the orientations of a level within sigma_cutoff * sigma degrees of its
         previous orientation (RELION's local searches), with the Gaussian log prior
         -theta^2 / (2 sigma^2) on the rotation angle theta between the two (an isotropic prior
-        on rotations; RELION puts sigma on rot, tilt and psi separately).
+        on rotations; RELION puts sigma on rot, tilt and psi separately). With symmetry, theta
+        is the angle to the nearest symmetry copy A R of the previous pose, and the window
+        holds the grid's orientations around every copy (see the class docstring).
 
         previous: (B, 3, 3) previous A matrices (3D) or (B,) previous psi in degrees (2D).
         Returns CSR lists (ptr (B+1,), keys, log_prior), each image with at least its nearest
@@ -255,20 +323,18 @@ class PoseSampling:
         radius = np.deg2rad(limit + angular_step(order))
         q_psi = np.arange(n_psi)
         psi = np.deg2rad(self.psi_values(q_psi, level))
-        c, s = np.cos(psi), np.sin(psi)
-        for prev in np.asarray(previous, np.float64).reshape(-1, 3, 3):
+        cs = np.cos(psi), np.sin(psi)
+        previous = np.asarray(previous, np.float64).reshape(-1, 3, 3)
+        ops = self.operators()
+        if ops is not None:
+            return self._local_symmetric(previous, ops, sigma, limit, level, radius, cs)
+        for prev in previous:
             # grid direction a3 (unperturbed) ~ Q d_prev, since rows transform as a3 Q = d
             centre = self.rotation @ prev[2]
             pix = _healpy().query_disc(nside, centre, radius, nest=True)
             if pix.size == 0:
                 pix = np.array([_healpy().vec2pix(nside, *centre, nest=True)])
-            theta, phi = _healpy().pix2ang(nside, pix, nest=True)
-            a0 = euler_to_matrix(np.rad2deg(phi), np.rad2deg(theta), 0.0)  # (P, 3, 3)
-            m = a0 @ self.rotation @ prev.T  # A' prev^T with A' = Rz(-psi) A0 Q
-            # tr(Rz(-psi) M) = cos psi (M00 + M11) + sin psi (M10 - M01) + M22
-            tr = (c[None, :] * (m[:, 0, 0] + m[:, 1, 1])[:, None]
-                  + s[None, :] * (m[:, 1, 0] - m[:, 0, 1])[:, None] + m[:, 2, 2][:, None])
-            theta_deg = np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+            theta_deg = self._window_angles(nside, pix, prev, cs)
             keep = theta_deg <= limit
             if not keep.any():  # sampling coarser than the window: the nearest orientation
                 keep = theta_deg == theta_deg.min()
@@ -277,6 +343,80 @@ class PoseSampling:
             prior_out.append(-(theta_deg[p_idx, q_idx] ** 2) / (2 * sigma**2))
             counts.append(p_idx.size)
         return _csr(counts, keys_out, prior_out)
+
+    def _window_angles(self, nside: int, pix: np.ndarray, prev: np.ndarray,
+                       cs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """(P, n_psi) rotation angles (degrees) between the grid orientations of pixels `pix`
+        (every in-plane angle, cos/sin in cs) and the pose prev (3, 3)."""
+        c, s = cs
+        theta, phi = _healpy().pix2ang(nside, pix, nest=True)
+        a0 = euler_to_matrix(np.rad2deg(phi), np.rad2deg(theta), 0.0)  # (P, 3, 3)
+        m = a0 @ self.rotation @ prev.T  # A' prev^T with A' = Rz(-psi) A0 Q
+        # tr(Rz(-psi) M) = cos psi (M00 + M11) + sin psi (M10 - M01) + M22
+        tr = (c[None, :] * (m[:, 0, 0] + m[:, 1, 1])[:, None]
+              + s[None, :] * (m[:, 1, 0] - m[:, 0, 1])[:, None] + m[:, 2, 2][:, None])
+        return np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+
+    def _local_symmetric(self, previous: np.ndarray, ops: np.ndarray, sigma: float,
+                         limit: float, level: int, radius: float,
+                         cs: tuple[np.ndarray, np.ndarray]
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """local_orientations under a point group: the union of the windows around every
+        symmetry copy of each previous pose, restricted to the level's allowed pixels, each
+        orientation with its angle to the nearest copy."""
+        hp = _healpy()
+        order = self.healpix_order + level
+        nside = 1 << order
+        n_psi = self.n_psi_at(level)
+        q_psi = np.arange(n_psi)
+        allowed = self.allowed_pixels(level)
+        # pixel -> its key's direction part (level 0: index among the kept pixels)
+        index = np.full(12 * nside * nside, -1, np.int64)
+        index[allowed] = np.arange(allowed.size) if level == 0 and self.restricted else allowed
+        allowed_vec = np.stack(hp.pix2vec(nside, allowed, nest=True), axis=1)
+        keys_out, prior_out, counts = [], [], []
+        for prev in previous:
+            copies = prev[None] @ ops  # every equivalent pose A R
+            keys, theta = [], []
+            for copy in copies:
+                pix = hp.query_disc(nside, self.rotation @ copy[2], radius, nest=True)
+                pix = pix[index[pix] >= 0]
+                if pix.size:
+                    keys.append((index[pix][:, None] * n_psi + q_psi[None, :]).ravel())
+                    theta.append(self._window_angles(nside, pix, copy, cs).ravel())
+            if not keys:  # no kept direction near any copy (sparse corners of the unit)
+                # the nearest orientation is at most half a psi step further than the
+                # nearest direction: score every direction that close against every copy
+                dots = ((copies[:, 2, :] @ self.rotation.T) @ allowed_vec.T).max(0)
+                dist = np.rad2deg(np.arccos(np.clip(dots, -1.0, 1.0)))
+                pix = allowed[dist <= dist.min() + 360.0 / n_psi]
+                for copy in copies:
+                    keys.append((index[pix][:, None] * n_psi + q_psi[None, :]).ravel())
+                    theta.append(self._window_angles(nside, pix, copy, cs).ravel())
+            keys, theta = np.concatenate(keys), np.concatenate(theta)
+            srt = np.lexsort((theta, keys))  # per key, its nearest copy first
+            keys, theta = keys[srt], theta[srt]
+            first = np.r_[True, keys[1:] != keys[:-1]]
+            keys, theta = keys[first], theta[first]
+            keep = theta <= limit
+            if not keep.any():  # sampling coarser than the window: the nearest orientation
+                keep = theta == theta.min()
+            keys_out.append(keys[keep])
+            prior_out.append(-(theta[keep] ** 2) / (2 * sigma**2))
+            counts.append(int(keep.sum()))
+        return _csr(counts, keys_out, prior_out)
+
+    def rotation_angle(self, rotations: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        """(n,) angle in degrees between rotations (n, 3, 3) and previous (n, 3, 3): of the
+        rotation between them, or with symmetry between each rotation and the nearest
+        symmetry copy previous @ R (the local searches' prior)."""
+        ops = self.operators()
+        if ops is None:
+            tr = np.einsum("nij,nij->n", rotations, previous)
+            return np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+        from .symmetry import angular_distance
+
+        return angular_distance(rotations, previous, self.symmetry)
 
     # -- translations -----------------------------------------------------------------------
 
@@ -288,6 +428,23 @@ class PoseSampling:
             return coarse
         d = np.array([[-1, -1], [1, -1], [-1, 1], [1, 1]], np.float64) * self.offset_step / 4
         return (coarse[:, None, :] + d[None]).reshape(-1, 2)
+
+
+@functools.lru_cache(maxsize=32)
+def _asymmetric_unit_cached(order: int, name: str) -> np.ndarray:
+    from .symmetry import asymmetric_unit_directions
+
+    out = asymmetric_unit_directions(order, name)
+    out.setflags(write=False)
+    return out
+
+
+def asymmetric_unit_pixels(order: int, name: str) -> np.ndarray:
+    """The HEALPix pixels (NEST, ascending, read-only) of a point group's asymmetric unit at
+    an order (`symmetry.asymmetric_unit_directions`, cached: it takes up to seconds)."""
+    from .symmetry import point_group
+
+    return _asymmetric_unit_cached(int(order), point_group(name).name)
 
 
 def _csr(counts: list[int], keys: list[np.ndarray], prior: list[np.ndarray]

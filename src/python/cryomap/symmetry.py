@@ -43,7 +43,7 @@ from .euler import euler_to_matrix, projection_direction
 from .sampling import OrientationGrid, angular_step, healpix_directions, healpix_nside, psi_angles
 
 __all__ = [
-    "PointGroup", "point_group", "operators", "equivalent_rotations",
+    "PointGroup", "point_group", "operators", "equivalent_rotations", "angular_distance",
     "asymmetric_unit_directions", "asymmetric_unit_orientations", "rotate_volume",
     "symmetrize_volume", "symmetrize_sums",
 ]
@@ -189,6 +189,17 @@ def equivalent_rotations(matrices: np.ndarray, name: str | PointGroup) -> np.nda
     operator R, shape (..., order, 3, 3). A symmetric map projects identically at all of them."""
     a = np.asarray(matrices, dtype=np.float64)
     return np.einsum("...ij,rjk->...rik", a, operators(name))
+
+
+def angular_distance(a: np.ndarray, b: np.ndarray, name: str | PointGroup) -> np.ndarray:
+    """Angle in degrees between poses a and b (..., 3, 3) up to the group: the smallest
+    rotation angle between a and any equivalent pose b @ R (`equivalent_rotations`). The
+    angular error of a pose estimated under symmetry; for C1 `euler.angular_distance`."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    # tr(a (b R)^T) = sum_ij a_ij (b R)_ij, the largest over R is the nearest copy
+    tr = np.einsum("...ij,...ik,rkj->...r", a, b, operators(name)).max(axis=-1)
+    return np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
 
 
 # --- asymmetric unit of projection directions ---------------------------------------------

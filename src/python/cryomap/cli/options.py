@@ -58,7 +58,9 @@ def add_em_arguments(p: argparse.ArgumentParser, defaults: EMOptions) -> None:
                    help="Fourier shells beyond the current resolution used in the E-step")
     p.add_argument("--perturb", type=float, default=d.perturb,
                    help="random offset of the sampling grids each iteration, in steps")
-    p.add_argument("--sym", default="C1", help="point-group symmetry")
+    p.add_argument("--sym", default="C1",
+                   help="point-group symmetry (RELION's names: C<n>, D<n>, T, O, I, I1-I4; "
+                        "docs/symmetry.md)")
     p.add_argument("--ctf", action="store_true", default=True,
                    help="correct for the CTF (the default; RELION's flag, accepted)")
     p.add_argument("--no-ctf", "--no_ctf", dest="use_ctf", action="store_false",
@@ -76,8 +78,6 @@ def add_em_arguments(p: argparse.ArgumentParser, defaults: EMOptions) -> None:
 def options_from_args(cls: type, args: argparse.Namespace, **extra):
     """An options dataclass from parsed arguments: every field that the arguments name, plus
     `extra`; validated (InputError on a value out of range)."""
-    if args.sym.upper() != "C1":
-        raise InputError(f"--sym {args.sym}: only C1 is implemented so far")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--j {args.threads}: expected at least 1 thread")
     names = {f.name for f in fields(cls)}
@@ -85,4 +85,7 @@ def options_from_args(cls: type, args: argparse.Namespace, **extra):
     values.update(extra)
     options = cls(**values)
     options.validate()
+    from ..symmetry import point_group  # imports healpy: only when a command runs
+
+    options.sym = point_group(options.sym).name  # canonical spelling in job.json and logs
     return options

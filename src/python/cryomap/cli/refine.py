@@ -20,13 +20,17 @@ finest useful sampling, one last iteration at the full image size gives the fina
 docs/method.md.
 Outputs in --o, RELION's layout: run_itNNN_half{1,2}_class001.mrc, run_itNNN_model.star,
 run_itNNN_data.star; run_class001.mrc, run_half{1,2}_class001_unfil.mrc, run_model.star,
-run_data.star, run_fsc.png, run.log.
+run_data.star, run_fsc.png, run.log. With --sym, orientations are searched in the group's
+asymmetric unit and the maps summed over the group (docs/symmetry.md). At the end the
+`cryomap postprocess` command for the half maps is printed (docs/postprocess.md).
 
 example:
   cryomap refine --i particles.star --ref initial.mrc --o Refine3D/job001 \\
       --particle_diameter 250 --ini_high 40
   cryomap refine --i Refine3D/job001/run_data.star --ref Refine3D/job001/run_class001.mrc \\
       --o Refine3D/job002 --healpix_order 4 --sigma_ang 2     # local refinement
+  cryomap refine --i particles.star --ref initial.mrc --o Refine3D/job003 --sym D2 \
+      --solvent_mask mask.mrc --solvent_correct_fsc
   cryomap refine --o Refine3D/job001 --continue      # resume after the last finished iteration
 """
 
@@ -42,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior-model", "--prior_model", dest="prior_model",
                    default=d.prior_model,
                    help="tau2 from the half-map FSC (fsc, RELION) or per voxel (voxel)")
+    p.add_argument("--solvent_mask", "--solvent-mask", default=None, metavar="MASK",
+                   help="solvent mask (MRC, the particles' box, values in [0, 1]): the "
+                        "references are multiplied by it every iteration (RELION's solvent "
+                        "flattening), instead of the spherical mask")
+    p.add_argument("--solvent_correct_fsc", "--solvent-correct-fsc", action="store_true",
+                   help="with --solvent_mask: the half-set FSC behind tau2 and the resolution "
+                        "is the masked FSC corrected by phase randomisation (as "
+                        "relion_postprocess)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -211,7 +211,7 @@ def class_search(options: ClassOptions, iteration: int, radius: int, diameter: f
     rng = np.random.default_rng([options.seed, iteration, 1])
     sampling = PoseSampling.create(options.ndim, options.healpix_order, options.psi_step,
                                    options.offset_step, options.offset_range, options.perturb,
-                                   rng)
+                                   rng, symmetry=options.sym)  # [symmetry hook]
     return Search(sampling, options.oversampling, radius, diameter,
                   local_sigma=options.sigma_ang, fixed_poses=options.skip_align,
                   offset_sigma=offset_sigma, class_prior=class_prior,

@@ -259,8 +259,11 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
             bps[k].add_slices(acc_data[sel], acc_weight[sel], level0_table[2][sel],
                               mask.coords)
         timings["backproject"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
     for bp in bps:
-        bp.finish()
+        # [symmetry hook] level 0 covered one asymmetric unit: sum over the point group
+        bp.finish().symmetrise(search.sampling.symmetry)
+    timings["backproject"] += time.perf_counter() - t0
     return PassResult(est, bps, residual, count, class_mass, offset_sq, timings)
 
 
@@ -496,9 +499,8 @@ def _refine_level(batch, inv_s2, rows, references, search: Search, prev: _Level,
     rot_prior = log_class[klass[rot_index]]
     if search.local_sigma is not None:
         prev_r = prev_rot[rows][img_sorted]
-        if s.ndim == 3:
-            tr = np.einsum("nij,nij->n", rotations[rot_index], prev_r)
-            theta = np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
+        if s.ndim == 3:  # [symmetry hook] angle to the nearest symmetry copy of the pose
+            theta = s.rotation_angle(rotations[rot_index], prev_r)
         else:
             d = _psi_of(rotations[rot_index]) - _psi_of(prev_r)
             theta = np.abs(np.mod(d + 180.0, 360.0) - 180.0)

@@ -43,6 +43,7 @@ class EMOptions:
     perturb: float = 0.5
     seed: int = 0
     batch_memory: int = 512 << 20  # bytes for one batch's posterior and slice arrays
+    sym: str = "C1"  # point group (RELION's --sym; docs/symmetry.md)
 
     def validate(self) -> None:
         """Every option in range: InputError naming the option and the expected range."""
@@ -90,3 +91,20 @@ class EMOptions:
             raise bad_option("perturb", o.perturb, "a fraction of a step in [0, 1]")
         if o.batch_memory < 1 << 20:
             raise bad_option("batch_memory", o.batch_memory, "at least 1 MiB")
+        check_symmetry(o.sym, o.healpix_order, getattr(o, "ndim", 3))
+
+
+def check_symmetry(name: str, healpix_order: int, ndim: int = 3) -> str:
+    """The canonical name of a --sym group (InputError, one line, if unknown, if a 2D run
+    asks for one, or if an icosahedral group meets a HEALPix order below 2, where its
+    asymmetric unit holds no direction)."""
+    from ..symmetry import point_group
+
+    g = point_group(name, "--sym")
+    if g.order > 1 and ndim == 2:
+        raise bad_option("sym", name, "C1 for 2D classification (no point-group symmetry)")
+    if g.family == "I" and healpix_order < 2:
+        raise InputError(f"--sym {name} with --healpix_order {healpix_order}: icosahedral "
+                         f"symmetry needs --healpix_order 2 or more (its asymmetric unit holds "
+                         f"no direction at coarser orders)")
+    return g.name

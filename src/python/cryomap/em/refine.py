@@ -17,6 +17,12 @@ The sampling schedule (`AutoSampling`, RELION's updateAngularSampling and checkC
 A global search at an order above the starting one starts at the starting order's grid and
 follows each particle's significant samples down (adaptive oversampling over several levels),
 so it costs about as much as the coarse search.
+
+With a point group (--sym) every pass searches the asymmetric unit's directions only and its
+sums are summed over the group (docs/symmetry.md). With a solvent mask (--solvent_mask) the
+references are multiplied by it instead of the spherical mask (RELION's solvent flattening),
+and with --solvent_correct_fsc the half-set FSC behind tau2 and the resolution is the
+phase-randomisation-corrected FSC of the masked unregularised half maps.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from .. import fourier, projector
+from .. import fourier, postprocess, projector
 from ..euler import angular_distance, euler_to_matrix
 from ..masks import soft_sphere
 from ..particles import ParticleSet
@@ -52,10 +58,14 @@ class RefineOptions(EMOptions):
     prior_model: str = "fsc"  # "fsc" (RELION) or "voxel" (eq. (16) per voxel)
     max_iterations: int = 40  # auto-refine gives up converging after this many
     fixed_poses: bool = False  # known poses: reconstruct, no alignment
+    solvent_mask: str | None = None  # MRC path: references times it (RELION's --solvent_mask)
+    solvent_correct_fsc: bool = False  # half-set FSC corrected for the mask (phase randomised)
 
     def validate(self) -> None:
         """Every option in range (InputError naming the option and the range)."""
         super().validate()
+        if self.solvent_correct_fsc and self.solvent_mask is None:
+            raise bad_option("solvent_correct_fsc", "", "a mask given with --solvent_mask")
         if self.iterations is not None and self.iterations < 1:
             raise bad_option("iter", self.iterations, "at least 1 iteration")
         if not 0 <= self.auto_local_healpix_order <= MAX_HEALPIX_ORDER + 1:
@@ -101,7 +111,7 @@ class AutoSampling:
                 + options.oversampling
         psi_step = psi0 / 2 ** (level0 - start) if level0 >= start else psi0
         sampling = PoseSampling.create(3, level0, psi_step, self.offset_step, self.offset_range,
-                                       options.perturb, rng)
+                                       options.perturb, rng, symmetry=options.sym)
         return Search(sampling, levels, radius, diameter, local_sigma=self.sigma_ang,
                       fixed_poses=fixed_poses, offset_sigma=offset_sigma,
                       adaptive_fraction=options.adaptive_fraction,
@@ -218,6 +228,8 @@ class Refinement:
     source: ImageSource
     options: RefineOptions
     mask_radius: float  # px, particle mask
+    solvent_mask: np.ndarray | None = None  # (N, N, N) in [0, 1], masks.check_mask'ed
+    r_limit: int | None = None  # px, the largest Fourier radius of any pass (None: N/2)
 
     @property
     def box(self) -> int:
@@ -230,6 +242,15 @@ class Refinement:
     @property
     def diameter(self) -> float:
         return 2.0 * self.mask_radius * self.pixel_size
+
+
+def reference_mask(refinement: Refinement) -> np.ndarray:
+    """What the references are multiplied by before each pass: the solvent mask (RELION's
+    solvent flattening) or the soft sphere of the particle diameter."""
+    if refinement.solvent_mask is not None:
+        return refinement.solvent_mask
+    o = refinement.options
+    return soft_sphere(refinement.box, refinement.mask_radius, o.mask_edge, 3)
 
 
 def mask_radius_px(options: RefineOptions, box: int, pix: float) -> float:
@@ -308,10 +329,12 @@ def refine_iteration(state: RefineState, refinement: Refinement,
     sched = state.schedule
     final = sched.converged or (o.iterations is not None and state.iteration + 1 >= o.iterations)
     radius = box // 2 if final else state.r_max
+    if refinement.r_limit is not None:
+        radius = min(radius, refinement.r_limit)
     search = sched.search(o, state.iteration + 1, radius, refinement.diameter,
                           state.offset_sigma, o.fixed_poses)
     noise = NoiseModel(state.sigma2, o.noise_model == "pixel")
-    sphere = soft_sphere(box, refinement.mask_radius, o.mask_edge, 3)
+    sphere = reference_mask(refinement)
     previous = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
     prev_origins = state.origins_px.copy()
     results: list[PassResult] = []
@@ -343,7 +366,9 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         state.offset_sigma = float(np.sqrt(max(sigma2_off, MIN_SIGMA2_OFFSET / pix**2)))
     # half-set FSC, tau2, half maps (eqs. (14), (16))
     bps = [r.backprojectors[0] for r in results]
-    state.fsc, state.tau2 = half_set_fsc(bps, o, radius, box)
+    state.fsc, state.tau2 = half_set_fsc(
+        bps, o, radius, box, refinement.solvent_mask if o.solvent_correct_fsc else None,
+        seed=int(np.random.default_rng([o.seed, state.iteration + 1, 31]).integers(2**31)))
     for h, bp in enumerate(bps):
         t2 = state.tau2
         if o.prior_model == "voxel":
@@ -351,7 +376,7 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         state.volumes[h] = bp.reconstruct(t2, o.tau2_fudge, radius) * _edge(box)
     # pose changes and accuracies
     new_rot = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
-    orientation_change = float(np.mean(angular_distance(previous, new_rot)))
+    orientation_change = float(np.mean(pose_change(previous, new_rot, o.sym)))
     offset_change = float(np.sqrt(np.mean((state.origins_px - prev_origins) ** 2)))
     accuracy_rot, accuracy_trans = pose_accuracy(state, refinement, radius, noise)
     ssnr_shell = resolution_shell(ssnr_from_fsc(state.fsc, o.tau2_fudge), 1.0)
@@ -391,6 +416,7 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         "average_pmax": float(state.max_prob.mean()),
         "mean_n_significant": float(state.n_significant.mean()),
         "mean_samples": float(samples.mean()),
+        "orientations_level0": int(search.sampling.n_orientations(0)),
         "orientation_change": orientation_change, "offset_change": offset_change,
         "accuracy_rot": accuracy_rot, "accuracy_trans": accuracy_trans,
         "offset_sigma_angst": state.offset_sigma * pix,
@@ -406,7 +432,7 @@ def pose_accuracy(state: RefineState, refinement: Refinement, radius: int,
     against its new map, averaged (see em/accuracy.py)."""
     o = refinement.options
     rng = np.random.default_rng([o.seed, state.iteration, 29])
-    sphere = soft_sphere(refinement.box, refinement.mask_radius, o.mask_edge, 3)
+    sphere = reference_mask(refinement)
     acc = []
     for h in (1, 2):
         members = np.flatnonzero(state.subset == h)
@@ -424,18 +450,59 @@ def _edge(box: int) -> np.ndarray:
     return soft_sphere(box, box / 2.0 - 1.0, 1.0, 3)
 
 
+def pose_change(a: np.ndarray, b: np.ndarray, sym: str = "C1") -> np.ndarray:
+    """Angle (degrees) between poses a and b (n, 3, 3), up to the point group: a pose that
+    moved to a symmetry copy of itself has not changed."""
+    if sym.upper() == "C1":
+        return angular_distance(a, b)
+    from ..symmetry import angular_distance as symmetric_distance
+
+    return symmetric_distance(a, b, sym)
+
+
 def half_set_fsc(bps: list[projector.BackProjector], options: RefineOptions, r_max: int,
-                 box: int) -> tuple[np.ndarray, np.ndarray]:
+                 box: int, solvent_mask: np.ndarray | None = None, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """FSC between the unregularised half averages D/W (shells beyond r_max set to 0: they
-    were not searched) and tau2 from it (docs/method.md, "tau2 from the FSC")."""
+    were not searched) and tau2 from it (docs/method.md, "tau2 from the FSC"). With a
+    solvent mask, the FSC is `solvent_corrected_fsc` of the two halves instead (RELION's
+    --solvent_correct_fsc; `seed` draws the random phases)."""
     h1, h2 = bps
     n_shells = box // 2 + 1
-    curve = fsc(h1.unregularised(), h2.unregularised(), h1.shells(), n_shells)
+    if solvent_mask is None:
+        curve = fsc(h1.unregularised(), h2.unregularised(), h1.shells(), n_shells)
+    else:
+        curve = solvent_corrected_fsc(bps, solvent_mask, r_max, seed)
     curve[r_max + 1:] = 0.0
     w_mean = 0.5 * (h1.shell_mean_weight() + h2.shell_mean_weight())
     tau2 = tau2_from_fsc(curve, w_mean, options.pad, options.tau2_fudge)
     tau2[r_max + 1:] = 0.0
     return curve, tau2
+
+
+def solvent_corrected_fsc(bps: list[projector.BackProjector], mask: np.ndarray, r_max: int,
+                          seed: int = 0, randomize_at_fsc: float = 0.8) -> np.ndarray:
+    """RELION's solvent-corrected gold-standard FSC during refinement
+    (reconstructUnregularisedMapAndCalculateSolventCorrectedFSC): the unregularised half maps
+    (D/W, no prior), their FSC unmasked and masked, the masked FSC of the halves with phases
+    randomised beyond the first shell where the unmasked FSC drops below 0.8, and
+    (FSC_masked - FSC_random) / (1 - FSC_random) from two shells beyond it (0 where the random
+    one is the larger), `postprocess`'s pieces. If the unmasked FSC never drops below 0.8, the
+    unmasked FSC. Shells 0..N/2 of the unpadded grid."""
+    box = bps[0].box
+    unfiltered = np.full(box // 2 + 1, np.inf)  # no prior term: D/W with RELION's floor
+    h1, h2 = (bp.reconstruct(unfiltered, 1.0, r_max, minres_map=box) for bp in bps)
+    unmasked = postprocess.fsc_maps(h1, h2)
+    shell = postprocess.first_shell_below(unmasked, randomize_at_fsc)
+    if shell < 1:
+        return unmasked
+    masked = postprocess.fsc_maps(h1 * mask, h2 * mask)
+    random = postprocess.fsc_maps(postprocess.randomise_phases(h1, shell, seed) * mask,
+                                  postprocess.randomise_phases(h2, shell, seed + 1) * mask)
+    curve = postprocess.corrected_fsc(masked, random, shell)
+    far = np.arange(curve.size) >= shell + 2
+    curve[far & (random > masked)] = 0.0
+    return curve
 
 
 def voxel_tau2(volume: np.ndarray, bp: projector.BackProjector,

@@ -34,11 +34,18 @@ def fsc_resolution(curve: np.ndarray, box: int, pixel_size: float,
     return float(box * pixel_size / x)
 
 
-def angular_errors(angles: np.ndarray, true_angles: np.ndarray) -> np.ndarray:
-    """Rotation angle (degrees) between estimated and true poses, (n, 3) Euler each."""
+def angular_errors(angles: np.ndarray, true_angles: np.ndarray, sym: str = "C1"
+                   ) -> np.ndarray:
+    """Rotation angle (degrees) between estimated and true poses, (n, 3) Euler each; with a
+    point group, to the nearest of the true pose's equivalent poses (a pose refined with
+    symmetry lies in one asymmetric unit; `symmetry.angular_distance`)."""
     a = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
     b = euler_to_matrix(true_angles[:, 0], true_angles[:, 1], true_angles[:, 2])
-    return angular_distance(a, b)
+    if str(sym).upper() == "C1":
+        return angular_distance(a, b)
+    from ..symmetry import angular_distance as symmetric_distance
+
+    return symmetric_distance(a, b, sym)
 
 
 def bayes_accuracy(map_a: np.ndarray, map_b: np.ndarray, angles: np.ndarray,

@@ -3,7 +3,8 @@
 Outputs in `outdir`: per iteration `run_itNNN_half{1,2}_class001.mrc`, `run_itNNN_model.star`,
 `run_itNNN_data.star` and `run_itNNN_state.npz` (exact state for --continue); at the end
 `run_class001.mrc` (both halves together), `run_half{1,2}_class001_unfil.mrc`,
-`run_model.star`, `run_data.star`, `run_fsc.png` and `run.log`.
+`run_model.star`, `run_data.star`, `run_fsc.png` and `run.log`; the last log line is the
+`cryomap postprocess` command for the two unfiltered half maps.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..em.refine import (
 )
 from ..errors import InputError
 from ..io.mrc import read_map
+from ..masks import check_mask
 from ..particles import ParticleSet, load_particles
 from .base import Job, check_memory, iteration_root, last_iteration, progress_bar
 from .output import (
@@ -63,6 +65,27 @@ def require_ctf(particles: ParticleSet, star: str | Path, use_ctf: bool) -> None
                          "use --no-ctf for CTF-free data")
 
 
+def read_solvent_mask(path: str | Path | None, particles: ParticleSet) -> np.ndarray | None:
+    """The --solvent_mask map (float64), checked: the particles' box, values in [0, 1]
+    (`masks.check_mask`; InputError naming the file otherwise). None without a mask."""
+    if path is None:
+        return None
+    mask, _ = read_map(path)
+    if mask.ndim != 3:
+        raise InputError(f"--solvent_mask {path}: expected a 3D map, got {mask.ndim} "
+                         f"dimensions")
+    check_mask(mask, (particles.box,) * 3, f"--solvent_mask {path}")
+    return np.clip(np.asarray(mask, np.float64), 0.0, 1.0)
+
+
+def postprocess_command(outdir: Path, mask: str | Path | None) -> str:
+    """The `cryomap postprocess` command for a finished refinement in outdir (RELION's next
+    step), with its solvent mask or a placeholder."""
+    name = outdir.name or "job001"
+    return (f"cryomap postprocess --i {outdir / 'run_half1_class001_unfil.mrc'} --mask "
+            f"{mask if mask is not None else '<mask.mrc>'} --o PostProcess/{name} --auto_bfac")
+
+
 def image_source(particles: ParticleSet, options) -> ImageSource:
     """The particles' masked FTs for a job."""
     return ImageSource(particles, mask_radius_px(options, particles.box, particles.pixel_size),
@@ -78,14 +101,15 @@ class RefineJob(Job):
     def __init__(self, particles: ParticleSet, star: str | Path, reference: np.ndarray | None,
                  reference_path: str | Path | None, outdir: str | Path,
                  options: RefineOptions, resume: bool = False,
-                 echo: Callable[[str], None] | None = print) -> None:
+                 echo: Callable[[str], None] | None = print,
+                 solvent_mask: np.ndarray | None = None) -> None:
         super().__init__(outdir, resume, echo)
         self.particles, self.star = particles, Path(star)
         self.reference, self.reference_path = reference, reference_path
         self.options = options
         self.refinement = Refinement(image_source(particles, options), options,
                                      mask_radius_px(options, particles.box,
-                                                    particles.pixel_size))
+                                                    particles.pixel_size), solvent_mask)
 
     def initial_state(self) -> RefineState:
         o, p = self.options, self.particles
@@ -98,6 +122,11 @@ class RefineJob(Job):
                              "options": asdict(o)})
         self.log(f"cryomap refine: {p.n_particles} particles, box {p.box}, "
                  f"{p.pixel_size:.3f} Å/px, options {json.dumps(asdict(o))}")
+        if o.sym != "C1":
+            from ..symmetry import point_group
+
+            self.log(f"symmetry {o.sym} ({point_group(o.sym).order} operators): orientations "
+                     f"searched in its asymmetric unit, sums summed over the group")
         return state
 
     def finished(self, state: RefineState) -> bool:
@@ -112,7 +141,8 @@ class RefineJob(Job):
         if s["message"]:
             self.log(s["message"])
         return (f"iteration {s['iteration']:3d}{' (final)' if s['final'] else ''}: {s['stage']}, "
-                f"{s['mean_samples']:.0f} samples/image; r_max {s['r_max']} px, resolution "
+                f"{s['mean_samples']:.0f} samples/image ({s['orientations_level0']} orientations "
+                f"at level 0); r_max {s['r_max']} px, resolution "
                 f"{s['resolution']:.2f} Å (FSC 0.143), {s['resolution_05']:.2f} Å (0.5); "
                 f"changes {s['orientation_change']:.2f} deg, {s['offset_change']:.2f} px; "
                 f"accuracy {s['accuracy_rot']:.2f} deg, {s['accuracy_trans']:.2f} px; <Pmax> "
@@ -171,6 +201,11 @@ class RefineJob(Job):
         plot_fsc(out / "run_fsc.png", state.fsc, self.particles.box, pix, res)
         self.log(f"final resolution {res:.2f} Å (half-map FSC 0.143); map "
                  f"{out / 'run_class001.mrc'}")
+        if self.options.solvent_mask is None:
+            self.log(f"make a solvent mask, e.g. cryomap mask --i {out / 'run_class001.mrc'} "
+                     f"--o {out / 'mask.mrc'} --lowpass 15 --ini_threshold <threshold> "
+                     f"--extend_inimask 3 --width_soft_edge 6")
+        self.log(f"post-process with: {postprocess_command(out, self.options.solvent_mask)}")
 
 
 def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Path,
@@ -189,9 +224,12 @@ def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Pa
                 raise InputError("--ref: an initial map is required")
             reference, ref_pixel = read_map(reference_path)
             check_reference(reference, ref_pixel, particles, reference_path)
+        solvent_mask = read_solvent_mask(options.solvent_mask, particles)
+        if options.solvent_mask is not None:  # job.json: found again by --continue anywhere
+            options.solvent_mask = str(Path(options.solvent_mask).resolve())
         check_memory(refine_memory(particles, options), max_memory)
         job = RefineJob(particles, star, reference, reference_path, outdir, options, resume,
-                        echo)
+                        echo, solvent_mask)
         return job.run()
     finally:
         particles.close()
@@ -226,4 +264,4 @@ def saved_job(outdir: str | Path) -> tuple[str, str | None, RefineOptions]:
 
 
 __all__ = ["RefineJob", "refine", "saved_job", "check_reference", "require_ctf",
-           "image_source", "iteration_root"]
+           "image_source", "iteration_root", "read_solvent_mask", "postprocess_command"]

@@ -1,0 +1,157 @@
+"""The known-pose reconstruction job (RELION's relion_reconstruct): inputs checked, the map
+from the particles' own poses on the refinement's reconstruction path
+(`em.reconstruct.reconstruct_known_poses`), outputs written together.
+
+Regularisation (docs/symmetry.md, "cryomap reconstruct"):
+
+- both half-sets (no --subset): the particles' rlnRandomSubset (or a random equal split when
+  it is absent or unusable, as refinement) gives two half maps; tau2 comes from their FSC and
+  the map from all particles with tau2 of the joined halves, sqrt(2 FSC / (1 + FSC)), exactly
+  as the final map of a refinement. The unfiltered half maps are written next to it
+  (`<o>_half1.mrc`, `<o>_half2.mrc`) for `cryomap postprocess`.
+- one half-set (--subset 1 or 2): no second half exists to measure the FSC against, so the
+  chosen subset is split at random into two quarter sets and tau2 comes from their FSC,
+  joined as above. The regularisation then uses only the chosen subset's particles, so the
+  map stays independent of the other half (the reason for --subset), and it is the same
+  Wiener-like rule as with both halves instead of RELION's unregularised average.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..em.reconstruct import reconstruct_known_poses
+from ..em.refine import RefineOptions, RefineState, split_halves
+from ..errors import InputError
+from ..io.atomic import atomic_path
+from ..io.mrc import write_map
+from ..particles import ParticleSet, load_particles
+from .refine import image_source, require_ctf
+
+#: The pose columns a known-pose reconstruction needs (origins default to 0, as RELION).
+POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+
+
+@dataclass
+class ReconstructResult:
+    """What `reconstruct` wrote and measured."""
+
+    paths: list[Path]  # the map, then the half maps (both halves only)
+    n_particles: int
+    resolution: float  # Å, FSC 0.143 of the half-sets used for tau2
+    state: RefineState
+
+
+def half_map_paths(output: Path) -> tuple[Path, Path]:
+    """`<o>_half1.mrc` and `<o>_half2.mrc` next to the map (RELION's half-map naming)."""
+    return (output.with_name(f"{output.stem}_half1{output.suffix}"),
+            output.with_name(f"{output.stem}_half2{output.suffix}"))
+
+
+def check_output(output: str | Path) -> Path:
+    """--o: an .mrc file in an existing folder (InputError otherwise)."""
+    out = Path(output)
+    if out.suffix.lower() != ".mrc":
+        raise InputError(f"--o {output}: expected a map file name ending in .mrc")
+    if not out.parent.is_dir():
+        raise InputError(f"--o {output}: output folder {out.parent} does not exist")
+    return out
+
+
+def check_poses(particles: ParticleSet, star: str | Path) -> None:
+    """The particles carry the three Euler angles (InputError naming the missing ones)."""
+    missing = [c for c in POSE_COLUMNS if c not in particles.particles.columns]
+    if missing:
+        raise InputError(f"{star}: no {', '.join(missing)} column(s); a known-pose "
+                         f"reconstruction needs the particles' poses (e.g. a refinement's "
+                         f"run_data.star)")
+
+
+def select_subset(particles: ParticleSet, star: str | Path, subset: int) -> ParticleSet:
+    """The particles whose rlnRandomSubset is `subset` (RELION's --subset), as a new set."""
+    df = particles.particles
+    if "rlnRandomSubset" not in df.columns:
+        raise InputError(f"{star}: no rlnRandomSubset column; --subset {subset} needs the "
+                         f"particles' half-sets")
+    values = np.asarray(df["rlnRandomSubset"].to_numpy(), np.float64)
+    rows = np.flatnonzero(values == subset)
+    if rows.size == 0:
+        raise InputError(f"{star}: no particle has rlnRandomSubset {subset}; expected a "
+                         f"non-empty --subset")
+    return ParticleSet(optics=particles.optics, particles=df.iloc[rows].reset_index(drop=True),
+                       star_path=particles.star_path, max_open_stacks=particles.max_open_stacks,
+                       search_dirs=particles.search_dirs, notes=list(particles.notes))
+
+
+def reconstruct(star: str | Path, output: str | Path, sym: str = "C1", use_ctf: bool = False,
+                subset: int | None = None, angpix: float | None = None,
+                maxres: float | None = None, seed: int = 0,
+                echo: Callable[[str], None] | None = print) -> ReconstructResult:
+    """relion_reconstruct on cryomap's refinement path: the map of the particles in `star`
+    at their poses (rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst), CTF-corrected with use_ctf,
+    summed over the point group `sym`, up to `maxres` Å (default Nyquist), from the half-set
+    `subset` (1 or 2) only or from both (module docstring). Every input is checked before
+    anything is written (InputError, one line); the maps are written together, atomically.
+    """
+    from ..em.options import check_symmetry
+
+    out = check_output(output)
+    sym = check_symmetry(sym, healpix_order=2)
+    if subset is not None and subset not in (1, 2):
+        raise InputError(f"--subset {subset}: expected 1 or 2")
+    if maxres is not None and not (np.isfinite(maxres) and maxres > 0):
+        raise InputError(f"--maxres {maxres}: expected a resolution > 0 Å")
+    particles = load_particles(star, angpix=angpix)
+    try:
+        check_poses(particles, star)
+        require_ctf(particles, star, use_ctf)
+        box, pix = particles.box, particles.pixel_size
+        r_max = None
+        if maxres is not None:
+            if maxres < 2.0 * pix:
+                raise InputError(f"--maxres {maxres:g}: beyond Nyquist ({2.0 * pix:g} Å at "
+                                 f"{pix:g} Å/px); expected >= {2.0 * pix:g} Å")
+            r_max = min(int(np.ceil(box * pix / maxres)), box // 2)
+        rng = np.random.default_rng(seed)
+        if subset is not None:
+            chosen = select_subset(particles, star, subset)
+            particles.close()
+            particles = chosen
+            if particles.n_particles < 2:
+                raise InputError(f"{star}: --subset {subset} holds {particles.n_particles} "
+                                 f"particle; expected at least 2")
+            halves = np.ones(particles.n_particles, np.int64)
+            halves[rng.permutation(particles.n_particles)[: particles.n_particles // 2]] = 2
+        else:
+            if particles.n_particles < 2:
+                raise InputError(f"{star}: {particles.n_particles} particle; expected at "
+                                 f"least 2 (two half-sets)")
+            halves = split_halves(particles, rng)
+        options = RefineOptions(use_ctf=use_ctf, sym=sym, seed=seed)
+        source = image_source(particles, options)
+        state = reconstruct_known_poses(source, particles.angles(), particles.origins_px(),
+                                        halves, options, r_max=r_max)
+        maps = [state.final_maps[0]]
+        paths = [out]
+        if subset is None:
+            maps += [state.final_maps[1], state.final_maps[2]]
+            paths += list(half_map_paths(out))
+        with contextlib.ExitStack() as stack:  # all files or none
+            for path, volume in zip(paths, maps, strict=True):
+                tmp = stack.enter_context(atomic_path(path, suffix=".mrc"))
+                write_map(tmp, np.asarray(volume, np.float32), pix)
+        res = float(state.history[-1]["resolution"])
+        if echo is not None:
+            what = (f"subset {subset} ({particles.n_particles} particles; tau2 from the FSC "
+                    f"of two random halves of it)" if subset is not None else
+                    f"{particles.n_particles} particles, half-set FSC 0.143 at {res:.2f} Å")
+            echo(f"cryomap reconstruct: {what}, symmetry {sym}; wrote "
+                 + ", ".join(str(p) for p in paths))
+        return ReconstructResult(paths, particles.n_particles, res, state)
+    finally:
+        particles.close()
