@@ -74,7 +74,9 @@ PYBIND11_MODULE(CRYOMAP_MODULE_NAME, m) {
               if (n < 1) throw py::value_error("threads: expected a positive count");
               omp_set_num_threads(n);
           }, py::arg("n"), "Set the number of OpenMP threads for later calls.");
-#ifdef CRYOMAP_SIMD_AVX2
+#if defined(CRYOMAP_SIMD_AVX512)
+    m.attr("simd") = "avx512";
+#elif defined(CRYOMAP_SIMD_AVX2)
     m.attr("simd") = "avx2+fma";
 #else
     m.attr("simd") = "baseline";

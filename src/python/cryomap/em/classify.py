@@ -31,12 +31,13 @@ from .. import fourier, projector
 from ..euler import euler_to_matrix
 from ..masks import soft_sphere
 from ..sampling import PoseSampling
+from .accuracy import expected_accuracy
 from .data import ImageSource
 from .engine import Search, run_pass
-from .model import next_r_max, resolution_shell
+from .model import next_r_max, resolution_shell, ssnr_from_fsc
 from .noise import NoiseModel
 from .options import EMOptions, bad_option
-from .refine import MIN_SIGMA2_OFFSET, mask_radius_px
+from .refine import MIN_SIGMA2_OFFSET, AutoSampling, mask_radius_px, pose_change
 
 # Shells below this are reconstructed without the prior term (RELION's --minres_map).
 MINRES_MAP = 5
@@ -59,6 +60,15 @@ class ClassOptions(EMOptions):
     # Å: never use frequencies beyond this in the E-step (RELION's --strict_highres_exp)
     highres_limit: float | None = None
     skip_align: bool = False  # poses from the input, only classes estimated (RELION's)
+    # gold-standard classes: each half-set of particles is classified against the class maps
+    # of the other half, and each class map is regularised by its own half-set FSC
+    split_halves: bool = False
+    # class-similarity control: the class posterior raised to 1/T before the M-step, T falling
+    # geometrically from class_temperature to 1 over the first half of the iterations
+    class_temperature: float = 1.0
+    # the pose sampling made finer as the classes converge (refinement's schedule: finer
+    # HEALPix orders, local searches from auto_local_healpix_order); False keeps the order
+    auto_sampling: bool = False
 
     def validate(self) -> None:
         """Every option in range (InputError naming the option and the range)."""
@@ -75,6 +85,8 @@ class ClassOptions(EMOptions):
             raise bad_option("subset_size", self.subset_size, "at least 1 particle")
         if not (np.isfinite(self.reseed_fraction) and 0 <= self.reseed_fraction < 1):
             raise bad_option("reseed_fraction", self.reseed_fraction, "a fraction in [0, 1)")
+        if not (np.isfinite(self.class_temperature) and self.class_temperature >= 1):
+            raise bad_option("class_temperature", self.class_temperature, "a temperature >= 1")
         if self.highres_limit is not None and not (np.isfinite(self.highres_limit)
                                                    and self.highres_limit > 0):
             raise bad_option("strict_highres_exp", self.highres_limit, "a resolution > 0 Å")
@@ -102,6 +114,10 @@ class ClassState:
     class_resolution_shell: np.ndarray | None = None  # (K,)
     # (n,) the class each image is restricted to in the next iteration (-1: free), or None
     assigned: np.ndarray | None = None
+    subset: np.ndarray | None = None  # (n,) 1 or 2 with split_halves
+    half_references: np.ndarray | None = None  # (2, K, ...) the half-sets' class maps
+    class_fsc: np.ndarray | None = None  # (K, N//2+1) half-set FSC per class
+    schedule: AutoSampling | None = None  # with auto_sampling
     history: list = field(default_factory=list)
 
     @property
@@ -114,18 +130,36 @@ class ClassState:
         for name in ("iteration", "r_max"):
             values[name] = int(values[name])
         values["offset_sigma"] = float(values["offset_sigma"])
+        if values.get("schedule") is not None:
+            values["schedule"] = AutoSampling(**values["schedule"])
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def initial_state(source: ImageSource, options: ClassOptions, references: np.ndarray,
                   angles: np.ndarray, origins_px: np.ndarray,
-                  seed_class: np.ndarray | None = None) -> ClassState:
+                  seed_class: np.ndarray | None = None,
+                  subset: np.ndarray | None = None) -> ClassState:
     """Uniform class prior, the given references, poses from the input; `seed_class` (n,) is
-    each image's class in the first iteration (None: marginalised from the start)."""
+    each image's class in the first iteration (None: marginalised from the start); `subset`
+    (n,) 1/2 the half-sets (with split_halves)."""
     n, k = angles.shape[0], references.shape[0]
     noise = NoiseModel.from_images(source, options.noise_model == "pixel")
+    halves = options.split_halves
+    if halves and subset is None:
+        raise ValueError("initial_state: split_halves needs the half-sets")
+    schedule = None
+    if options.auto_sampling and options.ndim == 3 and not options.skip_align:
+        schedule = AutoSampling(order=options.healpix_order, offset_step=options.offset_step,
+                                offset_range=options.offset_range, sigma_ang=options.sigma_ang)
+        if options.sigma_ang is None and options.healpix_order >= \
+                options.auto_local_healpix_order:
+            schedule.sigma_ang = 2.0 * schedule.fine_step(options)
     return ClassState(
+        schedule=schedule,
+        subset=np.asarray(subset, np.int64) if halves else None,
+        half_references=np.stack([references, references]).astype(np.float64)
+        if halves else None,
         iteration=0, references=np.asarray(references, np.float64),
         distribution=np.full(k, 1.0 / k), sigma2=noise.sigma2,
         r_max=initial_r_max(source.box, source.pixel_size, options),
@@ -196,27 +230,49 @@ def center_of_mass_shift(image: np.ndarray) -> np.ndarray:
 def center_image(image: np.ndarray) -> np.ndarray:
     """A 2D image translated (Fourier interpolation) so that its positive density's centre of
     mass is at the box centre (RELION's --center_classes)."""
+    return translate_image(image, center_of_mass_shift(image))
+
+
+def translate_image(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """A 2D image moved by -shift (x, y) px (Fourier interpolation)."""
     n = image.shape[0]
-    sx, sy = center_of_mass_shift(image)
+    sx, sy = shift
     ky, kx = fourier.half_plane_freqs(n)
     ft = fourier.fft2_centered(image) * np.exp(2j * np.pi * (kx * sx + ky * sy) / n)
     return fourier.ifft2_centered(ft, n)
 
 
+def temperature(options: ClassOptions, iteration: int) -> float:
+    """The class temperature of an iteration (1-based): class_temperature at the first,
+    falling geometrically to 1 at half the iterations, 1 after."""
+    t0 = options.class_temperature
+    span = max(1, options.iterations // 2)
+    if t0 <= 1.0 or iteration > span:
+        return 1.0
+    return float(t0 ** (1.0 - (iteration - 1) / span))
+
+
 def class_search(options: ClassOptions, iteration: int, radius: int, diameter: float,
                  hard: bool = False, offset_sigma: float | None = None,
                  class_prior: np.ndarray | None = None,
-                 image_class: np.ndarray | None = None) -> Search:
-    """The engine's search of an iteration (1-based): the grid perturbed by a seeded draw."""
-    rng = np.random.default_rng([options.seed, iteration, 1])
-    sampling = PoseSampling.create(options.ndim, options.healpix_order, options.psi_step,
-                                   options.offset_step, options.offset_range, options.perturb,
-                                   rng, symmetry=options.sym)  # [symmetry hook]
-    return Search(sampling, options.oversampling, radius, diameter,
-                  local_sigma=options.sigma_ang, fixed_poses=options.skip_align,
-                  offset_sigma=offset_sigma, class_prior=class_prior,
-                  adaptive_fraction=options.adaptive_fraction, force_max=options.force_max,
-                  hard_class=hard, image_class=image_class)
+                 image_class: np.ndarray | None = None,
+                 schedule: AutoSampling | None = None) -> Search:
+    """The engine's search of an iteration (1-based): the grid perturbed by a seeded draw,
+    the schedule's when there is one."""
+    if schedule is not None:
+        sampling, levels = schedule.sampling(options, iteration)
+        local = schedule.sigma_ang
+    else:
+        rng = np.random.default_rng([options.seed, iteration, 1])
+        sampling = PoseSampling.create(options.ndim, options.healpix_order, options.psi_step,
+                                       options.offset_step, options.offset_range,
+                                       options.perturb, rng, symmetry=options.sym)
+        levels, local = options.oversampling, options.sigma_ang
+    return Search(sampling, levels, radius, diameter, local_sigma=local,
+                  fixed_poses=options.skip_align, offset_sigma=offset_sigma,
+                  class_prior=class_prior, adaptive_fraction=options.adaptive_fraction,
+                  force_max=options.force_max, hard_class=hard, image_class=image_class,
+                  class_temperature=temperature(options, iteration))
 
 
 def class_batch_size(search: Search, n_classes: int, memory: int) -> int:
@@ -229,7 +285,13 @@ def class_batch_size(search: Search, n_classes: int, memory: int) -> int:
 def class_iteration(state: ClassState, source: ImageSource, options: ClassOptions,
                     hard: bool = False, progress=None) -> dict:
     """One EM iteration over all particles and classes; updates `state` in place and returns
-    the iteration's figures."""
+    the iteration's figures.
+
+    With split_halves, each half-set's particles are classified against the other half's
+    class maps (so no particle is compared with a map it contributed to), and each class map
+    is regularised by the FSC of its two half maps, as refinement regularises its map
+    (tau2 from the FSC); otherwise by RELION's classification prior (tau2 from the map's
+    power)."""
     o = options
     t_start = time.perf_counter()
     box, pix = source.box, source.pixel_size
@@ -237,54 +299,111 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
     radius = state.r_max
     mask_radius = mask_radius_px(o, box, pix)
     sphere = soft_sphere(box, mask_radius, o.mask_edge, o.ndim)
-    refs = [projector.prepare_reference(r * sphere, o.pad, o.interp, radius)
-            for r in state.references]
     n_shells = box // 2 + 1
-    tau2 = np.array([reference_tau2(r, n_shells) for r in refs])
+    # with the sampling schedule, the poses are refined against one consensus map (every
+    # class's) until the searches are local; only then are the classes seeded and told apart
+    consensus = state.schedule is not None and not state.schedule.local and k_cls > 1
     search = class_search(o, state.iteration + 1, radius, 2.0 * mask_radius * pix, hard,
-                          state.offset_sigma, state.distribution, state.assigned)
-    state.assigned = None
+                          state.offset_sigma,
+                          np.ones(1) if consensus else state.distribution,
+                          None if consensus else state.assigned, state.schedule)
+    if not consensus:
+        state.assigned = None
     noise = NoiseModel(state.sigma2, o.noise_model == "pixel")
     n = state.angles.shape[0]
     previous = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
     previous_class = state.class_number.copy()
+    previous_origins = state.origins_px.copy()
     batch = class_batch_size(search, k_cls, o.batch_memory)
-    res = run_pass(source, np.arange(n), refs, search, noise, previous, state.origins_px,
-                   batch_size=batch, slice_memory=o.batch_memory, progress=progress)
-    e = res.estimates
-    state.angles, state.origins_px = e.angles, e.origins
-    state.class_prob, state.class_number = e.class_prob, e.best_class
-    state.max_prob, state.n_significant = e.max_prob, e.n_significant
-    state.log_likelihood = e.log_likelihood
+
+    def prepare(maps: np.ndarray) -> list[projector.Reference]:
+        return [projector.prepare_reference(r * sphere, o.pad, o.interp, radius) for r in maps]
+
+    if consensus:
+        passes = [(np.arange(n), prepare(state.references[:1]))]
+    elif state.half_references is not None:  # half h: classified with the other half's maps
+        passes = [(np.flatnonzero(state.subset == h), prepare(state.half_references[2 - h]))
+                  for h in (1, 2)]
+    else:
+        passes = [(np.arange(n), prepare(state.references))]
+    results = []
+    for members, refs in passes:
+        res = run_pass(source, members, refs, search, noise, previous[members],
+                       state.origins_px[members], batch_size=batch,
+                       slice_memory=o.batch_memory, progress=progress)
+        e = res.estimates
+        state.angles[members], state.origins_px[members] = e.angles, e.origins
+        if not consensus:
+            state.class_prob[members] = e.class_prob
+            state.class_number[members] = e.best_class
+        state.max_prob[members], state.n_significant[members] = e.max_prob, e.n_significant
+        state.log_likelihood[members] = e.log_likelihood
+        results.append((res, refs))
     t_pass = time.perf_counter()
     mask = fourier.pixel_mask(box, radius)
-    noise.update(res.residual, res.count, mask)
+    noise.update(sum(r.residual for r, _ in results), sum(r.count for r, _ in results), mask)
     state.sigma2 = noise.sigma2
     if not o.skip_align:
-        state.offset_sigma = float(np.sqrt(max(res.offset_sq / (2.0 * max(n, 1)),
+        offset_sq = sum(r.offset_sq for r, _ in results)
+        state.offset_sigma = float(np.sqrt(max(offset_sq / (2.0 * max(n, 1)),
                                                MIN_SIGMA2_OFFSET / pix**2)))
-    state.distribution = res.class_mass / max(res.class_mass.sum(), 1e-300)
-    ssnr = np.zeros((k_cls, n_shells))
-    for k, bp in enumerate(res.backprojectors):
-        image = bp.reconstruct(tau2[k], o.tau2_fudge, radius, MINRES_MAP)
-        image = image * soft_sphere(box, box / 2.0 - 1.0, 1.0, o.ndim)
-        if o.center_classes and o.ndim == 2:
-            image = center_image(image)
-        state.references[k] = image
-        ssnr[k] = class_ssnr(bp, tau2[k], o.tau2_fudge, radius)
+    mass = sum(r.class_mass for r, _ in results)
+    if not consensus:
+        state.distribution = mass / max(mass.sum(), 1e-300)
+    edge = soft_sphere(box, box / 2.0 - 1.0, 1.0, o.ndim)
+    if consensus:  # one map, every class's
+        bp, ref = results[0][0].backprojectors[0], results[0][1][0]
+        t2 = reference_tau2(ref, n_shells)
+        state.references[:] = bp.reconstruct(t2, o.tau2_fudge, radius, MINRES_MAP) * edge
+        if state.half_references is not None:
+            state.half_references[:] = state.references[None]
+        tau2 = np.repeat(t2[None], k_cls, axis=0)
+        ssnr = np.repeat(class_ssnr(bp, t2, o.tau2_fudge, radius)[None], k_cls, axis=0)
+        shells = np.array([resolution_shell(x, 1.0) for x in ssnr])
+    elif state.half_references is not None:
+        tau2, ssnr, fsc_k = _gold_standard_maps(state, [r for r, _ in results], o, radius,
+                                                box, edge)
+        state.class_fsc = fsc_k
+        shells = np.array([resolution_shell(f, 0.143) for f in fsc_k])
+    else:
+        refs = results[0][1]
+        tau2 = np.array([reference_tau2(r, n_shells) for r in refs])
+        ssnr = np.zeros((k_cls, n_shells))
+        for k, bp in enumerate(results[0][0].backprojectors):
+            image = bp.reconstruct(tau2[k], o.tau2_fudge, radius, MINRES_MAP) * edge
+            if o.center_classes and o.ndim == 2:
+                image = center_image(image)
+            state.references[k] = image
+            ssnr[k] = class_ssnr(bp, tau2[k], o.tau2_fudge, radius)
+        shells = np.array([resolution_shell(s, 1.0) for s in ssnr])
     state.class_tau2, state.class_ssnr = tau2, ssnr
-    shells = np.array([resolution_shell(s, 1.0) for s in ssnr])
     state.class_resolution_shell = shells
-    best = int(shells.max())
+    best = int(np.array([resolution_shell(s, 1.0) for s in ssnr]).max())
     state.iteration += 1
     state.r_max = next_radius(best, box, pix, o)
+    message = None
+    if state.schedule is not None:
+        new_rot = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
+        orientation_change = float(np.mean(pose_change(previous, new_rot, o.sym)))
+        offset_change = float(np.sqrt(np.mean((state.origins_px - previous_origins) ** 2)))
+        acc_rot, acc_trans = class_pose_accuracy(state, source, o, radius, noise, sphere)
+        message = state.schedule.update(best, orientation_change, offset_change, acc_rot,
+                                        acc_trans, o, pix)
+        if consensus and state.schedule.local:  # poses are good enough: seed the classes
+            state.assigned = equal_split(n, k_cls, np.random.default_rng(
+                [o.seed, state.iteration, 3]))
+            message = (message or "") + "; classes seeded (random equal split)"
     reseeded = [] if hard or state.iteration > o.iterations // 2 else reseed_empty_classes(
         state, o, np.random.default_rng([o.seed, state.iteration]))
-    timings = dict(res.timings)
+    timings: dict = {}
+    for r, _ in results:
+        for key, v in r.timings.items():
+            timings[key] = timings.get(key, 0.0) + v
     timings["reconstruct"] = time.perf_counter() - t_pass
+    samples = np.concatenate([r.estimates.n_samples for r, _ in results])
     stats = {
-        "iteration": state.iteration, "r_max": int(radius), "resolution_shell": best,
-        "resolution": float(box * pix / best),
+        "iteration": state.iteration, "r_max": int(radius), "resolution_shell": int(shells.max()),
+        "resolution": float(box * pix / shells.max()),
         "class_resolution": [float(box * pix / s) for s in shells],
         "distribution": [float(d) for d in state.distribution],
         "changed_fraction": float(np.mean(previous_class != state.class_number))
@@ -292,11 +411,66 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
         "log_likelihood": float(state.log_likelihood.sum()),
         "average_pmax": float(state.max_prob.mean()),
         "mean_n_significant": float(state.n_significant.mean()),
-        "mean_samples": float(e.n_samples.mean()), "hard": bool(hard),
+        "mean_samples": float(samples.mean()), "hard": bool(hard),
         "reseeded": reseeded, "seconds": time.perf_counter() - t_start, "timings": timings,
+        "message": message, "stage": _stage(search) + (", consensus" if consensus else ""),
     }
     state.history.append(stats)
     return stats
+
+
+def _stage(search: Search) -> str:
+    """The sampling of a search, for the log."""
+    s = search.sampling
+    if s.ndim == 2:
+        return f"psi step {s.angular_step(search.levels):.2f} deg"
+    kind = (f"local (sigma {search.local_sigma:.2f} deg)" if search.local_sigma is not None
+            else "global")
+    return (f"order {s.healpix_order}+{search.levels} ({s.angular_step(search.levels):.2f} "
+            f"deg), offsets {s.offset_step:.2f} px in {s.offset_range:.2f} px, {kind}")
+
+
+def class_pose_accuracy(state: ClassState, source: ImageSource, options: ClassOptions,
+                        radius: int, noise: NoiseModel, sphere: np.ndarray,
+                        n_images: int = 200) -> tuple[float, float]:
+    """RELION's expected pose accuracies (degrees, px) of up to n_images particles of the
+    largest class against its map (see em/accuracy.py)."""
+    rng = np.random.default_rng([options.seed, state.iteration, 29])
+    k = int(np.argmax(state.distribution))
+    members = np.flatnonzero(state.class_number == k)
+    if members.size == 0:
+        return 999.0, 999.0
+    pick = np.sort(rng.choice(members, min(n_images, members.size), replace=False))
+    ref = projector.prepare_reference(state.references[k] * sphere, options.pad,
+                                      options.interp, radius)
+    rot = euler_to_matrix(state.angles[pick, 0], state.angles[pick, 1], state.angles[pick, 2])
+    return expected_accuracy(ref, source, pick, rot, noise, radius, rng)
+
+
+def _gold_standard_maps(state: ClassState, results, o: ClassOptions, radius: int, box: int,
+                        edge: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: the half-set FSC, tau2 from it (as refinement), both half maps and the map
+    from both halves together (the joined-halves rule). Returns (tau2, SSNR, FSC), each
+    (K, N//2+1)."""
+    from .refine import final_maps, half_set_fsc
+
+    k_cls = state.n_classes
+    n_shells = box // 2 + 1
+    tau2, ssnr, curves = (np.zeros((k_cls, n_shells)) for _ in range(3))
+    for k in range(k_cls):
+        bps = [results[0].backprojectors[k], results[1].backprojectors[k]]
+        curves[k], tau2[k] = half_set_fsc(bps, o, radius, box)
+        halves = [bps[h].reconstruct(tau2[k], o.tau2_fudge, radius) * edge for h in (0, 1)]
+        combined = final_maps(bps, curves[k], o, radius, box)[0]
+        if o.center_classes and o.ndim == 2:  # the same move for the halves and the whole
+            shift = center_of_mass_shift(combined)
+            halves = [translate_image(m, shift) for m in halves]
+            combined = translate_image(combined, shift)
+        state.half_references[:, k] = halves
+        state.references[k] = combined
+        ssnr[k] = ssnr_from_fsc(curves[k], o.tau2_fudge)
+        ssnr[k][radius + 1:] = 0.0
+    return tau2, ssnr, curves
 
 
 def reseed_empty_classes(state: ClassState, options: ClassOptions,
@@ -327,6 +501,8 @@ def reseed_empty_classes(state: ClassState, options: ClassOptions,
         assigned[members[: members.size // 2]] = k
         assigned[members[members.size // 2:]] = big
         state.references[k] = state.references[big]
+        if state.half_references is not None:
+            state.half_references[:, k] = state.half_references[:, big]
         dist[k] = dist[big] = dist[big] / 2.0
         used.add(big)
         pairs.append((k, big))

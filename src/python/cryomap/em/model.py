@@ -46,14 +46,14 @@ def initial_sigma2(power_sum: np.ndarray, mean_ft: np.ndarray, n_images: int,
 
 
 def tau2_from_fsc(fsc_curve: np.ndarray, weight_shell_mean: np.ndarray, pad: int,
-                  tau2_fudge: float) -> np.ndarray:
-    """τ² per shell from the half-map FSC (RELION auto-refine, §6).
+                  tau2_fudge: float, ndim: int = 3) -> np.ndarray:
+    """tau2 per shell from the half-map FSC (RELION auto-refine; docs/method.md).
 
-    F is clipped to [0.001, 0.999]; σ²_rec = 1/⟨p³W⟩_shell; τ² = T·F/(1−F)·σ²_rec.
+    F is clipped to [0.001, 0.999]; sigma2_rec = 1/<p^d W>_shell; tau2 = T F/(1-F) sigma2_rec.
     """
     f = np.clip(fsc_curve, 0.001, 0.999)
     with np.errstate(divide="ignore"):
-        sigma2_rec = np.where(weight_shell_mean > 0, 1.0 / (pad**3 * weight_shell_mean), 0.0)
+        sigma2_rec = np.where(weight_shell_mean > 0, 1.0 / (pad**ndim * weight_shell_mean), 0.0)
     return tau2_fudge * f / (1.0 - f) * sigma2_rec
 
 

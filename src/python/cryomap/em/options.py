@@ -23,6 +23,7 @@ class EMOptions:
     """Sampling, model and run options of refine, class3d and class2d."""
 
     healpix_order: int = 2
+    auto_local_healpix_order: int = 4  # the schedule's searches are local from this order
     oversampling: int = 1
     psi_step: float | None = None  # degrees; default: the HEALPix step (3D), 10 (2D)
     offset_range: float = 6.0  # px
@@ -50,6 +51,9 @@ class EMOptions:
         o = self
         if not 0 <= o.healpix_order <= MAX_HEALPIX_ORDER:
             raise bad_option("healpix_order", o.healpix_order, f"0..{MAX_HEALPIX_ORDER}")
+        if not 0 <= o.auto_local_healpix_order <= MAX_HEALPIX_ORDER + 1:
+            raise bad_option("auto_local_healpix_order", o.auto_local_healpix_order,
+                             f"0..{MAX_HEALPIX_ORDER + 1}")
         if not 0 <= o.oversampling <= 3:
             raise bad_option("oversampling", o.oversampling, "0..3")
         if o.healpix_order + o.oversampling > MAX_HEALPIX_ORDER + 1:

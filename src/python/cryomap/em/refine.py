@@ -54,7 +54,6 @@ class RefineOptions(EMOptions):
     """Options of a refinement: the shared ones (RELION's defaults) and the schedule's."""
 
     iterations: int | None = None  # None: auto-refine until converged; N: exactly N
-    auto_local_healpix_order: int = 4
     prior_model: str = "fsc"  # "fsc" (RELION) or "voxel" (eq. (16) per voxel)
     max_iterations: int = 40  # auto-refine gives up converging after this many
     fixed_poses: bool = False  # known poses: reconstruct, no alignment
@@ -68,9 +67,6 @@ class RefineOptions(EMOptions):
             raise bad_option("solvent_correct_fsc", "", "a mask given with --solvent_mask")
         if self.iterations is not None and self.iterations < 1:
             raise bad_option("iter", self.iterations, "at least 1 iteration")
-        if not 0 <= self.auto_local_healpix_order <= MAX_HEALPIX_ORDER + 1:
-            raise bad_option("auto_local_healpix_order", self.auto_local_healpix_order,
-                             f"0..{MAX_HEALPIX_ORDER + 1}")
         if self.prior_model not in ("fsc", "voxel"):
             raise bad_option("prior-model", self.prior_model, "fsc or voxel")
         if self.max_iterations < 1:
@@ -98,9 +94,10 @@ class AutoSampling:
     def local(self) -> bool:
         return self.sigma_ang is not None
 
-    def search(self, options: RefineOptions, iteration: int, radius: int, diameter: float,
-               offset_sigma: float | None, fixed_poses: bool = False) -> Search:
-        """The engine's search for an iteration (its grid perturbed by a seeded draw)."""
+    def sampling(self, options: EMOptions, iteration: int) -> tuple[PoseSampling, int]:
+        """This iteration's grid (perturbed by a seeded draw) and its number of levels below
+        level 0. A global search at an order above --healpix_order starts from the starting
+        order's grid and follows the significant samples down."""
         rng = np.random.default_rng([options.seed, iteration, 17])
         start = options.healpix_order
         psi0 = options.psi_step if options.psi_step is not None else angular_step(start)
@@ -112,17 +109,23 @@ class AutoSampling:
         psi_step = psi0 / 2 ** (level0 - start) if level0 >= start else psi0
         sampling = PoseSampling.create(3, level0, psi_step, self.offset_step, self.offset_range,
                                        options.perturb, rng, symmetry=options.sym)
+        return sampling, levels
+
+    def search(self, options: RefineOptions, iteration: int, radius: int, diameter: float,
+               offset_sigma: float | None, fixed_poses: bool = False) -> Search:
+        """The engine's search for an iteration of a refinement."""
+        sampling, levels = self.sampling(options, iteration)
         return Search(sampling, levels, radius, diameter, local_sigma=self.sigma_ang,
                       fixed_poses=fixed_poses, offset_sigma=offset_sigma,
                       adaptive_fraction=options.adaptive_fraction,
                       force_max=options.force_max)
 
-    def fine_step(self, options: RefineOptions) -> float:
+    def fine_step(self, options: EMOptions) -> float:
         """The angular step after oversampling (degrees)."""
         return angular_step(self.order + options.oversampling)
 
     def update(self, shell: int, orientation_change: float, offset_change: float,
-               accuracy_rot: float, accuracy_trans: float, options: RefineOptions,
+               accuracy_rot: float, accuracy_trans: float, options: EMOptions,
                pixel_size: float) -> str | None:
         """After an iteration: count iterations without resolution gain and without large
         pose changes (RELION's 3 % / 40 % rule), then make the sampling finer or declare
@@ -156,7 +159,7 @@ class AutoSampling:
             self.converged = True
         return message
 
-    def _finer(self, offset_change: float, accuracy_trans: float, options: RefineOptions,
+    def _finer(self, offset_change: float, accuracy_trans: float, options: EMOptions,
                pixel_size: float) -> str:
         """One HEALPix order up; translations from the observed accuracy and changes
         (RELION's rules, in px)."""
@@ -445,9 +448,9 @@ def pose_accuracy(state: RefineState, refinement: Refinement, radius: int,
     return float(np.mean([a[0] for a in acc])), float(np.mean([a[1] for a in acc]))
 
 
-def _edge(box: int) -> np.ndarray:
+def _edge(box: int, ndim: int = 3) -> np.ndarray:
     """The soft edge RELION gives a reconstruction at radius N/2."""
-    return soft_sphere(box, box / 2.0 - 1.0, 1.0, 3)
+    return soft_sphere(box, box / 2.0 - 1.0, 1.0, ndim)
 
 
 def pose_change(a: np.ndarray, b: np.ndarray, sym: str = "C1") -> np.ndarray:
@@ -475,7 +478,7 @@ def half_set_fsc(bps: list[projector.BackProjector], options: RefineOptions, r_m
         curve = solvent_corrected_fsc(bps, solvent_mask, r_max, seed)
     curve[r_max + 1:] = 0.0
     w_mean = 0.5 * (h1.shell_mean_weight() + h2.shell_mean_weight())
-    tau2 = tau2_from_fsc(curve, w_mean, options.pad, options.tau2_fudge)
+    tau2 = tau2_from_fsc(curve, w_mean, options.pad, options.tau2_fudge, h1.ndim)
     tau2[r_max + 1:] = 0.0
     return curve, tau2
 
@@ -521,16 +524,18 @@ def final_maps(bps: list[projector.BackProjector], fsc_curve: np.ndarray,
     """(combined, half 1, half 2): the map from both halves' sums together with tau2 from the
     FSC of the joined halves F' = sqrt(2F/(1+F)), and the unregularised half maps (RELION's
     run_class001.mrc and run_half{1,2}_class001_unfil.mrc)."""
-    both = projector.BackProjector(box, options.pad, r_max, options.interp)
+    both = projector.BackProjector(box, options.pad, r_max, options.interp, bps[0].ndim)
     both.data = bps[0].data + bps[1].data
     both.weight = bps[0].weight + bps[1].weight
     both._folded = True
     f = np.clip(fsc_curve, 0.0, 1.0)
     joined = np.sqrt(2 * f / (1 + f))
-    tau2 = tau2_from_fsc(joined, both.shell_mean_weight(), options.pad, options.tau2_fudge)
+    tau2 = tau2_from_fsc(joined, both.shell_mean_weight(), options.pad, options.tau2_fudge,
+                         both.ndim)
     tau2[r_max + 1:] = 0.0
-    combined = both.reconstruct(tau2, options.tau2_fudge, r_max) * _edge(box)
+    edge = _edge(box, both.ndim)
+    combined = both.reconstruct(tau2, options.tau2_fudge, r_max) * edge
     # unfiltered: no prior term (tau2 -> infinity), RELION's floor only
     inf = np.full(box // 2 + 1, np.inf)
-    halves = [bp.reconstruct(inf, 1.0, r_max, minres_map=box) * _edge(box) for bp in bps]
+    halves = [bp.reconstruct(inf, 1.0, r_max, minres_map=box) * edge for bp in bps]
     return np.stack([combined] + halves)

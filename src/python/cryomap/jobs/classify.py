@@ -26,7 +26,7 @@ from ..em.classify import (
 )
 from ..em.data import ImageSource
 from ..em.noise import NoiseModel
-from ..em.refine import lowpass
+from ..em.refine import lowpass, split_halves
 from ..errors import InputError
 from ..euler import euler_to_matrix
 from ..io.atomic import atomic_path
@@ -82,8 +82,9 @@ class ClassifyJob(Job):
         references, seed_class = self.initialise(self.source, noise.sigma2, seed_class, rng)
         from ..em.classify import initial_state
 
+        subset = split_halves(p, rng) if o.split_halves else None
         state = initial_state(self.source, o, references, p.angles(), p.origins_px(),
-                              seed_class)
+                              seed_class, subset)
         self.write_job_file({"i": str(self.star.resolve()),
                              "ref": None if self.reference_path is None
                              else str(Path(self.reference_path).resolve()),
