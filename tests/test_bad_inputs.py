@@ -92,6 +92,14 @@ def negative_nx_stack(data: Path) -> str:
     return star_with(data, "negnx", set_value("particles", "rlnImageName", "1@negnx.mrcs"))
 
 
+def star_in_subfolder(data: Path) -> str:
+    """particles.star copied into a subfolder: its stack name now resolves nowhere (a stack
+    is looked up in the working folder and the STAR file's folder, never in a parent)."""
+    (data / "sub").mkdir(exist_ok=True)
+    (data / "sub" / "particles.star").write_text((data / "particles.star").read_text())
+    return str(data / "sub" / "particles.star")
+
+
 def damaged_run(data: Path, out: Path, job_text: str | None) -> None:
     """--o holding a run whose job.json is `job_text` (None: no job.json)."""
     out.mkdir()
@@ -213,6 +221,8 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
         d, "subset", lambda b: b["particles"].__setitem__(
             "rlnRandomSubset", [3] + [1, 2] * ((N - 1) // 2) + [1] * ((N - 1) % 2)))),
      ("subset.star", "rlnRandomSubset")),
+    ("refine-stack-only-in-parent-folder", lambda d, o: refine(d, o, star=star_in_subfolder(d)),
+     ("particles.mrcs", "not found")),
     ("refine-stack-negative-nx", lambda d, o: refine(d, o, star=negative_nx_stack(d)),
      ("negnx.mrcs", "nx")),
     ("refine-reference-truncated", lambda d, o: refine(d, o)[:4] + [truncated(
