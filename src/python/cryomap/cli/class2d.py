@@ -7,6 +7,7 @@ import argparse
 
 from ..errors import InputError
 from .class3d import add_class_arguments, class_options
+from .options import run_settings, start_threads
 
 COMMAND = "class2d"
 HELP = "2D classification (class averages) by EM with class marginalisation"
@@ -41,20 +42,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._kernels import set_threads
-    from ..jobs.classify import classify2d, saved_job
+    from ..jobs.classify import classify2d, saved_run
 
-    set_threads(args.threads)
     if args.resume and args.i is None:
-        star, ref, options = saved_job(args.o)
+        job = saved_run(args.o)
+        options = job["options"]
         if options.ndim != 2:
             raise InputError(f"{args.o}: the run there is a 3D classification; use class3d")
         if args.iterations is not None:
             options.iterations = args.iterations
-        classify2d(star, args.o, options, ref, resume=True, max_memory=args.max_memory)
+            options.validate()
+        threads, memory = run_settings(args, job)
+        start_threads(threads)
+        classify2d(job["i"], args.o, options, job["ref"], resume=True, max_memory=memory)
         return 0
     if args.i is None:
         raise InputError("--i (particles) is required")
-    classify2d(args.i, args.o, class_options(args, 2), args.ref, resume=args.resume,
-               angpix=args.angpix, max_memory=args.max_memory)
+    options = class_options(args, 2)
+    threads, memory = run_settings(args)
+    start_threads(threads)
+    classify2d(args.i, args.o, options, args.ref, resume=args.resume, angpix=args.angpix,
+               max_memory=memory)
     return 0

@@ -7,7 +7,7 @@ import argparse
 
 from ..em.classify import ClassOptions
 from ..errors import InputError
-from .options import add_em_arguments, options_from_args
+from .options import add_em_arguments, options_from_args, run_settings, start_threads
 
 COMMAND = "class3d"
 HELP = "3D classification by EM with class marginalisation"
@@ -75,20 +75,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._kernels import set_threads
-    from ..jobs.classify import classify3d, saved_job
+    from ..jobs.classify import classify3d, saved_run
 
-    set_threads(args.threads)
     if args.resume and args.i is None:
-        star, ref, options = saved_job(args.o)
+        job = saved_run(args.o)
+        options = job["options"]
         if options.ndim != 3:
             raise InputError(f"{args.o}: the run there is a 2D classification; use class2d")
         if args.iterations is not None:
             options.iterations = args.iterations
-        classify3d(star, ref, args.o, options, resume=True, max_memory=args.max_memory)
+            options.validate()
+        threads, memory = run_settings(args, job)
+        start_threads(threads)
+        classify3d(job["i"], job["ref"], args.o, options, resume=True, max_memory=memory)
         return 0
     if args.i is None or args.ref is None:
         raise InputError("--i (particles) and --ref (initial map) are required")
-    classify3d(args.i, args.ref, args.o, class_options(args, 3), resume=args.resume,
-               angpix=args.angpix, max_memory=args.max_memory)
+    options = class_options(args, 3)
+    threads, memory = run_settings(args)
+    start_threads(threads)
+    classify3d(args.i, args.ref, args.o, options, resume=args.resume, angpix=args.angpix,
+               max_memory=memory)
     return 0

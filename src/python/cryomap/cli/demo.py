@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
+from .options import check_run_memory, seed_arg
+
 COMMAND = "demo"
 HELP = "simulate particles of the built-in phantom and refine them (no input files)"
 DESCRIPTION = """\
@@ -39,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="resolution of the wrong start (A)")
     p.add_argument("--j", "--threads", dest="threads", type=int, default=None,
                    help="OpenMP threads")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed")
 
 
 def wrong_start(volume: np.ndarray, pixel_size: float, resolution: float,
@@ -80,18 +83,37 @@ def run(args: argparse.Namespace) -> int:
     from .._kernels import set_threads
     from ..em.refine import RefineOptions
     from ..em.validation import angular_errors, fsc_maps, fsc_resolution
-    from ..io.mrc import read_map, write_map
+    from ..io.atomic import check_output_dir, make_output_dir, remove_stale_temps
+    from ..io.mrc import check_pixel_size, read_map, write_map
     from ..io.star import read_star
     from ..jobs.output import plot_fsc
     from ..jobs.refine import refine
     from ..phantom import RIBOSOME_SCALE, make_phantom
     from ..simulate import simulate_particles, write_simulation
 
-    set_threads(args.threads)
+    # every option checked before the simulation is written
     out = Path(args.o)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    check_output_dir(out, "--o")
+    if not 16 <= args.box <= 512:
+        raise InputError(f"--box {args.box}: expected 16..512 px")
+    check_pixel_size(args.angpix, "--angpix")
+    if args.n < 2:
+        raise InputError(f"--n {args.n}: expected at least 2 particles (two half-sets)")
+    if not (np.isfinite(args.snr) and args.snr > 0):
+        raise InputError(f"--snr {args.snr}: expected a finite signal-to-noise ratio > 0")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--j {args.threads}: expected at least 1 thread")
     diameter = 0.8 * args.box * args.angpix
+    options = RefineOptions(iterations=args.iter, healpix_order=args.healpix_order,
+                            offset_range=3.0, offset_step=1.0, ini_high=args.ini_high,
+                            particle_diameter=diameter, seed=args.seed)
+    options.validate()
+    options.validate_for(args.box, args.angpix)
+    check_run_memory({"images": 2 * args.n * args.box**2 * 4, "maps": 100 * args.box**3})
+    set_threads(args.threads)
+    make_output_dir(out, "--o")
+    remove_stale_temps(out)
+    t0 = time.perf_counter()
     # the built-in molecule scaled to fill the particle mask (a ribosome at 256 Å)
     truth = make_phantom(args.box, args.angpix, seed=args.seed,
                          scale=RIBOSOME_SCALE * diameter / 256.0)
@@ -103,10 +125,6 @@ def run(args: argparse.Namespace) -> int:
     write_map(out / "initial_reference.mrc", start.astype(np.float32), args.angpix)
     print(f"simulated {args.n} particles (box {args.box}, {args.angpix} A/px, SNR {args.snr}) "
           f"in {time.perf_counter() - t0:.1f} s; refining from a {args.ini_high:.0f} A start")
-    options = RefineOptions(iterations=args.iter, healpix_order=args.healpix_order,
-                            offset_range=3.0, offset_step=1.0, ini_high=args.ini_high,
-                            particle_diameter=diameter, seed=args.seed)
-    options.validate()
     if (out / "refine").exists():  # the demo owns this folder: start it afresh
         shutil.rmtree(out / "refine")
     state = refine(out / "particles" / "particles.star", out / "initial_reference.mrc",

@@ -1,8 +1,10 @@
 """`cryomap` command line: one module per subcommand in this package.
 
 A subcommand module defines COMMAND (its name), HELP (one line), DESCRIPTION (help text with
-an example), add_arguments(parser) and run(args) -> int. Input errors (cryomap.errors.
-InputError) are printed as one line and exit with code 2, without a traceback.
+an example), add_arguments(parser) and run(args) -> int. Every input error is printed as one
+line, `cryomap COMMAND: error: ...`, and exits with code 2, without a traceback: options that
+argparse refuses, cryomap.errors.InputError (a value out of range, a bad file, an output
+folder that cannot be written), and as a last resort any OSError or MemoryError.
 """
 
 from __future__ import annotations
@@ -33,11 +35,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter,
     """The description as written, and every option's default in its help."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other input error of cryomap (no usage
+    block: it can run to dozens of lines and bury the message)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cryomap",
         description="Cryo-EM reconstruction by Bayesian MAP expectation-maximisation.",
     )
@@ -54,15 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cryomap` console script."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a refused option (one line printed)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return int(args._run(args) or 0)
     except InputError as e:
-        print(f"cryomap {args.command}: error: {e}", file=sys.stderr)
+        print(f"cryomap {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the checks could not foresee (e.g. removed meanwhile)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cryomap {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"cryomap {args.command}: error: out of memory; lower --max_memory (it sizes "
+              f"the batches) or the sampling, or free memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cryomap {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(text: str) -> str:
+    """A message on one line (a file name or a value may hold a newline)."""
+    return " ".join(text.split("\n"))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the options, read the map, make the mask and write it (nothing on error)."""
-    from ..io.mrc import read_map, write_map
+    from ..io.atomic import check_output_file, remove_stale_temps
+    from ..io.mrc import check_pixel_size, read_map, write_map
     from ..masks import make_mask
 
     for label, value in (("--ini_threshold", args.ini_threshold),
@@ -65,12 +66,11 @@ def run(args: argparse.Namespace) -> int:
     if args.width_soft_edge < 0:
         raise InputError(f"--width_soft_edge {args.width_soft_edge:g}: expected >= 0 px")
     src, out = Path(args.input), Path(args.output)
-    if not out.parent.is_dir():
-        raise InputError(f"{out}: output folder {out.parent} does not exist")
+    check_output_file(out, "--o")
     vol, header_pix = read_map(src)
     if vol.ndim != 3:
         raise InputError(f"{src}: map shape {vol.shape} is a 2D image; expected a 3D map")
-    pix = args.angpix if args.angpix > 0 else header_pix
+    pix = check_pixel_size(args.angpix, "--angpix") if args.angpix > 0 else header_pix
     if args.lowpass > 0 and args.lowpass < 2 * pix:
         raise InputError(f"--lowpass {args.lowpass:g}: beyond Nyquist of {src} "
                          f"({2 * pix:g} A at {pix:g} A/px); expected >= {2 * pix:g} A or <= 0")
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
                          f"({why}); expected a threshold below the {what}")
     if args.invert:
         mask = 1.0 - mask
+    remove_stale_temps(out.parent, out.name)
     write_map(out, mask.astype(np.float32), pix)
     inside = float(np.mean(mask >= 0.5 if not args.invert else mask < 0.5))
     print(f"wrote {out} ({vol.shape[0]}^3 px, {pix:g} A/px): {100 * inside:.1f}% of the box "

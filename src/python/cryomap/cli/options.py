@@ -6,8 +6,33 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+import numpy as np
+
 from ..em.options import EMOptions
 from ..errors import InputError
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of a random seed: a whole number >= 0 (numpy's seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a random seed (a whole number >= 0), got "
+                                         f"{text!r}")
+    return value
+
+
+def check_run_memory(parts: dict[str, int], hint: str = "use fewer or smaller images"
+                     ) -> int:
+    """Refuse (one line) a command whose estimated peak memory (`parts`, bytes) is over the
+    default budget (a share of the memory available; em.options.default_max_memory)."""
+    from ..em.options import DEFAULT_MEMORY_SHARE, default_max_memory
+    from ..jobs.base import RUNTIME_BYTES, check_memory
+
+    return check_memory({"runtime": RUNTIME_BYTES, **parts}, default_max_memory(), hint,
+                        option=f"memory ({100 * DEFAULT_MEMORY_SHARE:.0f}% of the available)")
 
 
 def add_em_arguments(p: argparse.ArgumentParser, defaults: EMOptions) -> None:
@@ -68,18 +93,48 @@ def add_em_arguments(p: argparse.ArgumentParser, defaults: EMOptions) -> None:
     p.add_argument("--j", "--threads", dest="threads", type=int, default=None,
                    help="OpenMP threads (default: all cores)")
     p.add_argument("--max_memory", "--max-memory", type=float, default=None,
-                   help="refuse a run whose estimated peak memory exceeds this (GiB; default "
-                        "80%% of the memory available)")
-    p.add_argument("--seed", "--random_seed", type=int, default=d.seed, help="random seed")
+                   help="memory budget (GiB): batches and the image cache are sized to fit it "
+                        "and a run whose estimated peak exceeds it is refused before it starts "
+                        "(default: 80%% of the memory available; with --continue, the run's)")
+    p.add_argument("--seed", "--random_seed", type=seed_arg, default=d.seed,
+                   help="random seed")
     p.add_argument("--continue", dest="resume", action="store_true",
                    help="continue the run in --o from its last finished iteration")
+
+
+def run_settings(args: argparse.Namespace, saved: dict | None = None
+                 ) -> tuple[int | None, float | None]:
+    """(threads, max_memory GiB) of a run: the command line's, else (with --continue) those
+    the run recorded in job.json, so that a continued run computes as the first part did
+    (the thread count changes sums in the last bits). Checked: InputError, one line."""
+    threads, memory = args.threads, args.max_memory
+    where = "--j"
+    if threads is None and saved is not None and saved.get("threads") is not None:
+        threads, where = saved["threads"], "job.json threads"
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool)
+                                or threads < 1):
+        raise InputError(f"{where} {threads}: expected at least 1 thread")
+    where = "--max_memory"
+    if memory is None and saved is not None and saved.get("max_memory") is not None:
+        memory, where = saved["max_memory"], "job.json max_memory"
+    if memory is not None and not (isinstance(memory, (int, float))
+                                   and not isinstance(memory, bool)
+                                   and np.isfinite(memory) and memory > 0):
+        raise InputError(f"{where} {memory}: expected a size > 0 GiB")
+    return threads, (None if memory is None else float(memory))
+
+
+def start_threads(threads: int | None) -> None:
+    """Set the kernels' thread count (None: all cores)."""
+    from .._kernels import set_threads
+
+    set_threads(threads)
 
 
 def options_from_args(cls: type, args: argparse.Namespace, **extra):
     """An options dataclass from parsed arguments: every field that the arguments name, plus
     `extra`; validated (InputError on a value out of range)."""
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--j {args.threads}: expected at least 1 thread")
+    run_settings(args)
     names = {f.name for f in fields(cls)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(extra)

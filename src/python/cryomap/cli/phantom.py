@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import InputError
+from .options import check_run_memory, seed_arg
 
 COMMAND = "phantom"
 HELP = "write the built-in protein-like chiral test map"
@@ -26,24 +27,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--o", required=True, metavar="MAP", help="output map (MRC)")
     p.add_argument("--box", type=int, metavar="PX", default=64, help="box size (px)")
     p.add_argument("--angpix", type=float, metavar="A", default=3.0, help="pixel size (A)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the atom placement")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed of the atom placement")
     p.add_argument("--variant", type=int, default=0,
                    help="0 = full molecule, 1-3 = variants for classification tests")
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the phantom map."""
-    from ..io.mrc import write_map
+    from ..io.atomic import check_output_file, remove_stale_temps
+    from ..io.mrc import check_pixel_size, write_map
     from ..phantom import VARIANTS, make_phantom_variant
 
     if args.box < 8:
         raise InputError(f"--box {args.box}: expected >= 8 px")
-    if not args.angpix > 0:
-        raise InputError(f"--angpix {args.angpix}: expected a positive pixel size (A)")
+    check_pixel_size(args.angpix, "--angpix")
     if not 0 <= args.variant < len(VARIANTS):
         raise InputError(f"--variant {args.variant}: expected 0..{len(VARIANTS) - 1}")
-    vol = make_phantom_variant(args.variant, args.box, args.angpix, args.seed)
     out = Path(args.o)
+    check_output_file(out, "--o")
+    check_run_memory({"map": 100 * args.box**3}, "use a smaller --box")
+    vol = make_phantom_variant(args.variant, args.box, args.angpix, args.seed)
+    remove_stale_temps(out.parent, out.name)
     write_map(out, vol, args.angpix)
     print(f"wrote {out} ({args.box}^3 px, {args.angpix:g} A/px, variant {args.variant}, "
           f"seed {args.seed})")

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from .options import seed_arg
 
 COMMAND = "postprocess"
 HELP = "gold-standard resolution and a sharpened map from two half maps (as relion_postprocess)"
@@ -63,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "first drops below this (default: %(default)s)")
     p.add_argument("--force_mask", action="store_true",
                    help="use the mask-corrected FSC even where the unmasked FSC is better")
-    p.add_argument("--random_seed", type=int, default=0,
+    p.add_argument("--random_seed", type=seed_arg, default=0,
                    help="seed of the phase randomisation (default: %(default)s)")
 
 
@@ -217,7 +218,8 @@ def plot_guinier(path: Path, r) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check every input, compute, then write the outputs (nothing is written on error)."""
-    from ..io.mrc import read_map, write_map
+    from ..io.atomic import check_output_dir, make_output_dir, remove_stale_temps
+    from ..io.mrc import check_pixel_size, read_map, write_map
     from ..io.star import write_star
     from ..masks import check_mask
     from ..postprocess import PostprocessOptions, postprocess
@@ -227,8 +229,7 @@ def run(args: argparse.Namespace) -> int:
     h2_path = Path(args.half2) if args.half2 else other_half(h1_path)
     mask_path = Path(args.mask)
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--o {out}: exists and is not a folder; expected an output folder")
+    check_output_dir(out, "--o")
     h1, pix1 = read_map(h1_path)
     if not h2_path.exists():
         raise InputError(f"{h2_path}: second half map not found (derived from --i by "
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     if args.angpix <= 0 and abs(pix2 - pix1) > 1e-3:
         raise InputError(f"{h2_path}: pixel size {pix2:g} A differs from {h1_path} "
                          f"({pix1:g} A); expected half maps of one pixel size (or set --angpix)")
-    pix = args.angpix if args.angpix > 0 else pix1
+    pix = check_pixel_size(args.angpix, "--angpix") if args.angpix > 0 else pix1
     check_mask(mask, h1.shape, str(mask_path))
     if args.low_pass > 0 and args.low_pass < 2 * pix:
         raise InputError(f"--low_pass {args.low_pass:g}: beyond Nyquist ({2 * pix:g} A); "
@@ -262,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
     except InputError as e:
         raise InputError(f"{h1_path}: {e}") from None
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out, "--o")
+    remove_stale_temps(out)
     names = {"half1": str(h1_path), "half2": str(h2_path), "mask": str(mask_path),
              "map": str(out / "postprocess.mrc"), "masked": str(out / "postprocess_masked.mrc")}
     write_map(out / "postprocess.mrc", r.sharpened.astype(np.float32), pix)

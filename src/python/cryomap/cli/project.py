@@ -11,6 +11,7 @@ import pandas as pd
 from ..ctf import CTF_RANGES, check_values
 from ..errors import InputError
 from ..io.star import numeric_column
+from .options import check_run_memory, seed_arg
 
 COMMAND = "project"
 HELP = "project a map at the poses of a STAR file (like relion_project)"
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add white Gaussian noise (variance = signal variance / --snr)")
     p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio with "
                                                           "--add-noise")
-    p.add_argument("--seed", "--random_seed", type=int, default=0, help="noise random seed")
+    p.add_argument("--seed", "--random_seed", type=seed_arg, default=0, help="noise random seed")
     p.add_argument("--pad", type=int, choices=(1, 2), default=2, help="padding factor")
     p.add_argument("--interp", choices=("nearest", "linear"), default="linear",
                    help="Fourier-space interpolation")
@@ -193,6 +194,7 @@ def _to_relion31(rows: pd.DataFrame, pix: float, box: int, path: Path
 
 def run(args: argparse.Namespace) -> int:
     """Project the map and write the stack and its STAR file."""
+    from ..io.atomic import check_output_file, remove_stale_temps
     from ..io.mrc import read_map, write_stack
     from ..particles import write_particles
     from ..simulate import project_images
@@ -204,8 +206,11 @@ def run(args: argparse.Namespace) -> int:
         out = out.with_suffix(".mrcs")
     elif out.suffix != ".mrcs":
         out = out.with_name(out.name + ".mrcs")
-    if args.add_noise and not args.snr > 0:
-        raise InputError(f"--snr {args.snr}: expected > 0 with --add-noise")
+    if args.add_noise and not (args.snr > 0 and np.isfinite(args.snr)):
+        raise InputError(f"--snr {args.snr}: expected a finite value > 0 with --add-noise")
+    star_out = out.with_suffix(".star")
+    check_output_file(out, "--o")
+    check_output_file(star_out, "--o")
     # --angpix first: it must serve maps whose header has no pixel size.
     vol, pix = read_map(args.i, angpix=args.angpix)
     if vol.ndim != 3:
@@ -224,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         elif old in rows.columns:  # RELION 3.0: pixels
             origins[:, j] = _numeric(rows, old, ang_path, "data_particles")
     ctf = ctf_from_rows(optics, rows, group, ang_path) if args.ctf else None
+    # the projections (float32) and the stack's copy while it is written; the padded map
+    check_run_memory({"images": 2 * len(rows) * box * box * 4, "map": 100 * box**3})
 
     images = project_images(vol, angles, origins, ctf, pix, pad=args.pad, interp=args.interp,
                             image_origin="relion_project")
@@ -244,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
         optics["rlnImageSize"] = box
         if "rlnImageDimensionality" not in optics.columns:
             optics["rlnImageDimensionality"] = 2
-    star_out = out.with_suffix(".star")
+    for path in (out, star_out):
+        remove_stale_temps(path.parent, path.name)
     write_stack(out, images, pix)
     write_particles(star_out, optics, rows)
     noise = f", noise snr {args.snr:g}" if args.add_noise else ""

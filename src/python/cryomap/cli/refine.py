@@ -6,7 +6,7 @@ import argparse
 
 from ..em.refine import RefineOptions
 from ..errors import InputError
-from .options import add_em_arguments, options_from_args
+from .options import add_em_arguments, options_from_args, run_settings, start_threads
 
 COMMAND = "refine"
 HELP = "3D auto-refinement by MAP-EM with gold-standard half-sets"
@@ -57,19 +57,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._kernels import set_threads
-    from ..jobs.refine import refine, saved_job
+    from ..jobs.refine import refine, saved_run
 
-    set_threads(args.threads)
     if args.resume and args.i is None:
-        star, ref, options = saved_job(args.o)
+        job = saved_run(args.o)
+        options = job["options"]
         if args.iterations is not None:
             options.iterations = args.iterations
-        refine(star, ref, args.o, options, resume=True, max_memory=args.max_memory)
+            options.validate()
+        threads, memory = run_settings(args, job)
+        start_threads(threads)
+        refine(job["i"], job["ref"], args.o, options, resume=True, max_memory=memory)
         return 0
     if args.i is None or args.ref is None:
         raise InputError("--i (particles) and --ref (initial map) are required")
     options = options_from_args(RefineOptions, args)
+    threads, memory = run_settings(args)
+    start_threads(threads)
     refine(args.i, args.ref, args.o, options, resume=args.resume, angpix=args.angpix,
-           max_memory=args.max_memory)
+           max_memory=memory)
     return 0

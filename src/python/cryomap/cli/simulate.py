@@ -9,6 +9,7 @@ import numpy as np
 from ..ctf import CTF_RANGES
 from ..errors import InputError
 from ..io.mrc import check_pixel_size
+from .options import check_run_memory, seed_arg
 
 COMMAND = "simulate"
 HELP = "simulate particle images of a map (or the built-in phantom) with known poses"
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="box size for the phantom (default 64)")
     p.add_argument("--angpix", type=float, metavar="A", default=None,
                    help="pixel size (A); phantom default 3.0; with --i overrides the header")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random seed")
     p.add_argument("--max-shift", "--max_shift", type=float, default=3.0,
                    help="largest origin offset (px), uniform in the disc")
     p.add_argument("--defocus-min", "--defocus_min", type=float, default=10000.0,
@@ -96,10 +97,20 @@ def _load_maps(args: argparse.Namespace) -> tuple[list[np.ndarray], float, bool]
     return maps, float(pix), False
 
 
+def _memory(n: int, box: int, n_maps: int) -> dict[str, int]:
+    """Estimated peak bytes of a simulation: the images (float32, plus the stack's copy while
+    it is written) and, per map, its padded projector and transforms."""
+    return {"images": 2 * n * box * box * 4, "maps": n_maps * 100 * box**3}
+
+
 def run(args: argparse.Namespace) -> int:
     """Simulate and write the data set."""
+    from ..io.atomic import check_output_dir, make_output_dir, remove_stale_temps
     from ..simulate import simulate_particles, write_simulation
 
+    check_output_dir(args.o, "--o")
+    if args.box is not None and args.box < 8:
+        raise InputError(f"--box {args.box}: expected >= 8 px")
     if args.n < 1:
         raise InputError(f"--n {args.n}: expected >= 1 particles")
     if not 0 < args.defocus_min <= args.defocus_max < np.inf:
@@ -120,13 +131,22 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--defocus-min {args.defocus_min:g} / --astigmatism "
                          f"{args.astigmatism:g}: expected defocus-min > astigmatism / 2 (so "
                          f"that every defocus V is positive)")
+    if args.i is None:  # before the phantom is made: its size alone may be too large
+        box = 64 if args.box is None else args.box
+        check_run_memory(_memory(args.n, box, args.variants))
     maps, pix, phantom = _load_maps(args)
+    check_run_memory(_memory(args.n, maps[0].shape[0], len(maps)))
+    if args.max_shift > maps[0].shape[0] / 2:
+        raise InputError(f"--max-shift {args.max_shift:g}: expected <= {maps[0].shape[0] / 2:g}"
+                         f" px (half the box)")
     snr = args.snr if args.snr > 0 else None
     images, optics, particles, truth = simulate_particles(
         maps, pix, args.n, snr=snr, defocus_range=(args.defocus_min, args.defocus_max),
         astigmatism=args.astigmatism, max_shift_px=args.max_shift, seed=args.seed,
         voltage=args.voltage, cs=args.cs, amplitude_contrast=args.q0, bfactor=args.bfactor,
         ctf=args.ctf)
+    make_output_dir(args.o, "--o")
+    remove_stale_temps(args.o)
     written = write_simulation(args.o, images, optics, particles, truth, pix,
                                truth_maps=maps if phantom else None)
     box = maps[0].shape[0]

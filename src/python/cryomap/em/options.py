@@ -1,8 +1,10 @@
-"""Options shared by every E/M job (RELION's names and defaults), checked in one place."""
+"""Options shared by every E/M job (RELION's names and defaults), checked in one place, and
+the memory a run may use (--max_memory)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -13,9 +15,58 @@ from ..errors import InputError
 MAX_HEALPIX_ORDER = 8
 
 
+#: Share of the memory available at the start that a run may use by default.
+DEFAULT_MEMORY_SHARE = 0.8
+
+
 def bad_option(name: str, value, expected: str) -> InputError:
     """The one-line error for an option out of range."""
     return InputError(f"--{name} {value}: expected {expected}")
+
+
+def _meminfo(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes this process's cgroup (v2) may still take, or None without a limit."""
+    try:
+        cg = Path("/proc/self/cgroup").read_text().strip().splitlines()[0].split(":", 2)[2]
+        base = Path("/sys/fs/cgroup") / cg.lstrip("/")
+        limit = (base / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((base / "memory.current").read_text()))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a run now: MemAvailable, or the cgroup's headroom where
+    that is smaller (8 GiB when neither is known)."""
+    sizes = [v for v in (_meminfo("MemAvailable"), _cgroup_headroom()) if v is not None]
+    return min(sizes) if sizes else 8 << 30
+
+
+def default_max_memory() -> int:
+    """The default memory budget of a run (bytes): DEFAULT_MEMORY_SHARE of what is available."""
+    return int(DEFAULT_MEMORY_SHARE * available_memory())
+
+
+def max_memory_bytes(max_memory_gib: float | None) -> int:
+    """--max_memory (GiB; None: the default share of the available memory) in bytes."""
+    if max_memory_gib is None:
+        return default_max_memory()
+    if not (np.isfinite(max_memory_gib) and max_memory_gib > 0):
+        raise bad_option("max_memory", max_memory_gib, "a size > 0 GiB")
+    return int(max_memory_gib * 2**30)
 
 
 @dataclass
@@ -96,6 +147,29 @@ class EMOptions:
         if o.batch_memory < 1 << 20:
             raise bad_option("batch_memory", o.batch_memory, "at least 1 MiB")
         check_symmetry(o.sym, o.healpix_order, getattr(o, "ndim", 3))
+        if not 0 <= o.seed < 2**63:
+            raise bad_option("seed", o.seed, "a random seed >= 0")
+
+    def validate_for(self, box: int, pixel_size: float) -> None:
+        """The options that depend on the particles' box (px) and pixel size (Å), checked
+        once the particles are loaded: the mask fits the box, translations stay inside it."""
+        o = self
+        size = box * pixel_size
+        if o.particle_diameter is not None and not (
+                2 * pixel_size <= o.particle_diameter <= size):
+            raise bad_option("particle_diameter", f"{o.particle_diameter:g}",
+                             f"a diameter of {2 * pixel_size:g}..{size:g} Å (2 px up to the "
+                             f"box, {box} px of {pixel_size:g} Å)")
+        if not o.mask_edge < box / 2:
+            raise bad_option("maskedge", f"{o.mask_edge:g}", f"a width < {box / 2:g} px (half "
+                             f"the box)")
+        if o.particle_diameter is None and (box - 5) / 2.0 - o.mask_edge < 1:
+            raise bad_option("maskedge", f"{o.mask_edge:g}",
+                             f"a width < {(box - 7) / 2:g} px (the default mask, (box - 5)/2 - "
+                             f"edge px, must be >= 1 px), or give --particle_diameter")
+        if not o.offset_range <= box / 2:
+            raise bad_option("offset_range", f"{o.offset_range:g}",
+                             f"a range <= {box / 2:g} px (half the box)")
 
 
 def check_symmetry(name: str, healpix_order: int, ndim: int = 3) -> str:

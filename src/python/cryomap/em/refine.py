@@ -347,7 +347,8 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         ref = projector.prepare_reference(state.volumes[h - 1] * sphere, o.pad, o.interp,
                                           radius)
         res = run_pass(source, members, [ref], search, noise, previous[members],
-                       prev_origins[members], batch_size=bsize, progress=progress)
+                       prev_origins[members], batch_size=bsize, slice_memory=o.batch_memory,
+                       progress=progress)
         e = res.estimates
         state.angles[members] = e.angles
         state.origins_px[members] = e.origins

@@ -25,6 +25,7 @@ to a temporary file in the target folder first and then replaces the target.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Sequence
@@ -292,12 +293,33 @@ class Stack:
         # Read each needed image once, in file order (sequential access on the memmap), then
         # scatter into the requested order.
         uniq, inverse = np.unique(idx, return_inverse=True)
-        block = np.asarray(self._data[uniq], dtype=np.float32)
+        block = np.array(self._data[uniq], dtype=np.float32)
+        self._release(int(uniq[0]), int(uniq[-1]))
         if not np.all(np.isfinite(block)):
             bad_img = int(uniq[~np.all(np.isfinite(block), axis=(1, 2))][0])
             raise InputError(f"{self.path}: image {bad_img + 1} (1-based) contains NaN/Inf "
                              f"pixels; expected finite values")
         return np.ascontiguousarray(block[inverse.reshape(-1)])
+
+    def _release(self, first: int, last: int) -> None:
+        """Drop the mapped pages of images first..last from this process's resident memory.
+        Pages of a mapped file that were read count in the RSS until dropped: a stack larger
+        than the memory budget would otherwise fill the RSS while it streams (the pages stay
+        in the page cache, so reading them again costs no disk access)."""
+        mm = getattr(self._data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        h = self.header
+        image_bytes = h.nx * h.ny * h.dtype.itemsize
+        # the mapping starts at the page-aligned offset below the data (numpy's memmap)
+        base = h.data_offset - h.data_offset % mmap.ALLOCATIONGRANULARITY
+        start = h.data_offset - base + first * image_bytes
+        stop = h.data_offset - base + (last + 1) * image_bytes
+        start -= start % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, min(stop, len(mm)) - start)
+        except (OSError, ValueError):  # not supported here: only the RSS figure suffers
+            pass
 
     def close(self) -> None:
         """Release the memory map (the file is unmapped once no array refers to it)."""

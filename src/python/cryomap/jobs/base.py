@@ -14,14 +14,15 @@ import json
 import re
 import sys
 import time
+import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, check_output_dir, make_output_dir, remove_stale_temps
 
 STATE_PATTERN = re.compile(r"run_it(\d{3})_state\.npz$")
 
@@ -93,13 +94,15 @@ def load_state(path: Path, cls, **extra):
         with np.load(path) as z:
             values = {k: z[k] for k in z.files if k != "__json__"}
             other = json.loads(str(z["__json__"]))
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise InputError(f"{path}: the saved state is unreadable ({e})") from None
-    values.update(other)
-    values.update(extra)
-    if hasattr(cls, "from_saved"):
-        return cls.from_saved(values)
-    return cls(**values)
+        values.update(other)
+        values.update(extra)
+        if hasattr(cls, "from_saved"):
+            return cls.from_saved(values)
+        return cls(**values)
+    except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError,
+            zipfile.BadZipFile) as e:  # a truncated or foreign file
+        raise InputError(f"{path}: the saved state is unreadable "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def _jsonable(value):
@@ -116,22 +119,178 @@ def _jsonable(value):
     return value
 
 
-def check_memory(parts: dict[str, int], max_memory_gib: float | None) -> int:
-    """Refuse (InputError, one line) a run whose estimated peak memory (`parts`, bytes) is
-    over --max_memory (GiB; default 80 % of the available memory). Returns the estimate."""
-    from ..em.engine import available_memory
+# -- memory ------------------------------------------------------------------------------
 
+#: Resident memory of the interpreter with numpy, pandas, healpy, matplotlib and the kernels.
+RUNTIME_BYTES = 256 << 20
+#: Per particle: the particle table (pandas, image names as strings), the state's per-image
+#: arrays and the data.star text written each iteration.
+PER_PARTICLE_BYTES = 3072
+#: Smallest batch memory a plan goes down to before it refuses the run.
+MIN_BATCH_MEMORY = 16 << 20
+#: The cache is bought with smaller batches down to this batch memory at most.
+CACHE_BATCH_MEMORY = 64 << 20
+
+
+@dataclass
+class MemoryPlan:
+    """How a run uses its memory budget: the batch memory (options.batch_memory) that sizes
+    batches and candidate-slice groups, whether the image FTs are cached, and the estimated
+    peak by part (bytes)."""
+
+    budget: int
+    batch_memory: int
+    cache: bool
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        """Estimated peak bytes."""
+        return int(sum(self.parts.values()))
+
+    def describe(self) -> str:
+        """One line for run.log."""
+        big = sorted(self.parts.items(), key=lambda kv: -kv[1])[:3]
+        return (f"memory: estimated peak {self.total / 2**30:.2f} GiB of a "
+                f"{self.budget / 2**30:.2f} GiB budget (--max_memory); batch memory "
+                f"{self.batch_memory >> 20} MiB; images "
+                f"{'cached in memory' if self.cache else 'read from disk every iteration'}; "
+                f"largest parts: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in big))
+
+
+EM_HINT = "use a lower --healpix_order, a smaller --offset_range or raise --max_memory"
+
+
+def check_memory(parts: dict[str, int], budget: int, hint: str = EM_HINT,
+                 option: str = "--max_memory") -> int:
+    """Refuse (InputError, one line) a run whose estimated peak memory (`parts`, bytes) is
+    over the budget (bytes); `hint` says what to change. Returns the estimate."""
     total = int(sum(parts.values()))
-    limit = 0.8 * available_memory() if max_memory_gib is None else max_memory_gib * 2**30
-    if max_memory_gib is not None and not (np.isfinite(max_memory_gib) and max_memory_gib > 0):
-        raise InputError(f"--max_memory {max_memory_gib}: expected a size > 0 GiB")
-    if total > limit:
+    if total > budget:
         big = max(parts, key=parts.get)
-        raise InputError(f"--max_memory: the run needs about {total / 2**30:.1f} GiB (largest "
-                         f"part: {big}, {parts[big] / 2**30:.1f} GiB) but "
-                         f"{limit / 2**30:.1f} GiB are allowed; use a lower --healpix_order, "
-                         f"a smaller --offset_range or raise --max_memory")
+        raise InputError(f"{option}: the run needs about {total / 2**30:.2f} GiB (largest "
+                         f"part: {big}, {parts[big] / 2**30:.2f} GiB) but "
+                         f"{budget / 2**30:.2f} GiB are allowed; {hint}")
     return total
+
+
+def plan_memory(estimate: Callable[[int], dict[str, int]], n_particles: int, box: int,
+                budget: int, batch_memory: int) -> MemoryPlan:
+    """Fit a run into `budget` bytes. `estimate(batch_memory)` gives the engine's parts
+    without the image cache (`engine.estimate_memory`); the runtime, the per-particle tables,
+    the image reads and (if chosen) the cache are added here. The batch memory is halved from
+    `batch_memory` until the run fits (powers of two, so that nearby budgets give the same
+    batches and so the same numbers); the images are cached when they fit as well (giving up
+    batch memory down to CACHE_BATCH_MEMORY for it), else streamed from disk. InputError
+    when even MIN_BATCH_MEMORY does not fit."""
+    from ..em.data import cache_size, read_chunk
+
+    fixed = {"runtime": RUNTIME_BYTES, "particle tables": n_particles * PER_PARTICLE_BYTES}
+    images = cache_size(n_particles, box)
+    reads = read_chunk(box) * box * box * 48  # float32 + float64 images, complex128 FTs
+    candidates = []
+    bm = int(batch_memory)
+    while True:
+        candidates.append(bm)
+        if bm <= MIN_BATCH_MEMORY:
+            break
+        bm = max(MIN_BATCH_MEMORY, bm // 2)
+    plans = []
+    for bm in candidates:
+        parts = {**fixed, **{k: v for k, v in estimate(bm).items() if k != "images"}}
+        plans.append((bm, parts))
+        if sum(parts.values()) + images <= budget and (bm >= CACHE_BATCH_MEMORY
+                                                       or bm == candidates[0]):
+            return MemoryPlan(budget, bm, True, {**parts, "image cache": images})
+    for bm, parts in plans:
+        parts = {**parts, "image reads": reads}
+        if sum(parts.values()) <= budget:
+            return MemoryPlan(budget, bm, False, parts)
+    check_memory(plans[-1][1] | {"image reads": reads}, budget)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -- particles -------------------------------------------------------------------------------
+
+
+def check_particles_for_em(particles, options) -> None:
+    """The per-particle values an E/M run uses beyond what loading checked, and the options
+    that depend on the particles (box, pixel size); InputError naming the file, the row, the
+    field and the range."""
+    box, pix = particles.box, particles.pixel_size
+    options.validate_for(box, pix)
+    origins = particles.origins_px()
+    far = np.abs(origins).max(axis=1) > box / 2
+    if np.any(far):
+        r = int(np.argmax(far))
+        label = "rlnOriginXAngst" if abs(origins[r, 0]) > box / 2 else "rlnOriginYAngst"
+        value = origins[r, 0 if label.startswith("rlnOriginX") else 1] * pix
+        raise InputError(f"{particles.star_path}: data_particles, row {r + 1}: {label} = "
+                         f"{value:g}; expected |origin| <= {box / 2 * pix:g} Å (half the box, "
+                         f"{box} px of {pix:g} Å)")
+
+
+# -- resuming --------------------------------------------------------------------------------
+
+
+@dataclass
+class ResumePoint:
+    """Where a continued run starts: the last readable state (None: from the start), the
+    lines to log about how it was found, and whether the run had already finished."""
+
+    iteration: int
+    state: object | None
+    notes: list[str] = field(default_factory=list)
+    finished: bool = False
+
+
+def read_job_file(outdir: str | Path, what: str) -> dict:
+    """job.json of the run in outdir (one InputError line when missing, truncated or not a
+    JSON object); `what` names the kind of run in the message."""
+    path = Path(outdir) / "job.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no {what} to continue here (job.json missing)")
+    try:
+        job = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: not a readable {what} job file ({e})") from None
+    if not isinstance(job, dict) or not isinstance(job.get("options"), dict) \
+            or not isinstance(job.get("i"), str):
+        raise InputError(f"{path}: not a readable {what} job file (expected a JSON object "
+                         f"with kind, i, ref and options)")
+    return job
+
+
+def find_resume_point(outdir: str | Path, state_class, n_particles: int | None = None,
+                      **extra) -> ResumePoint:
+    """The last iteration of the run in outdir whose state file reads back; an unreadable
+    one (truncated, corrupt) is skipped for the one before, with a note. Iteration 0 (state
+    None) when there is none. `n_particles`: refuse a state of another particle set."""
+    notes: list[str] = []
+    its = sorted((int(m.group(1)) for p in Path(outdir).glob("run_it*_state.npz")
+                  if (m := STATE_PATTERN.match(p.name))), reverse=True)
+    for it in its:
+        path = Path(outdir) / f"run_it{it:03d}_state.npz"
+        try:
+            state = load_state(path, state_class, **extra)
+        except InputError as e:
+            notes.append(f"{e}; continuing from the iteration before")
+            continue
+        n = getattr(state, "angles", np.zeros((0, 3))).shape[0]
+        if n_particles is not None and n != n_particles:
+            raise InputError(f"{path}: the saved state has {n} particles but the particle "
+                             f"file has {n_particles}; expected the run's own particles")
+        job = Path(outdir) / "job.json"
+        finished = False
+        if job.is_file():
+            try:
+                finished = json.loads(job.read_text()).get("finished") == it
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                finished = False
+        return ResumePoint(it, state, notes, finished)
+    if its:
+        notes.append("no readable iteration state; starting from the beginning")
+    return ResumePoint(0, None, notes)
 
 
 # -- the job -------------------------------------------------------------------------------
@@ -140,9 +299,16 @@ def check_memory(parts: dict[str, int], max_memory_gib: float | None) -> int:
 class Job:
     """Runs iterations of a schedule in an output folder; subclasses supply the work.
 
-    Subclasses implement: `kind` (job.json's kind), `initial_state()`, `state_class`,
-    `iterate(state) -> str` (one iteration; returns its log line), `finished(state) -> bool`,
-    `write_iteration(root, state)` and `write_final(state)`.
+    Subclasses implement: `kind` (job.json's kind), `initial_state()` (computation only:
+    nothing is written before every input has been read), `description()` (job.json's
+    content), `header()` (run.log's first line), `state_class`, `iterate(state) -> str` (one
+    iteration; returns its log line), `finished(state) -> bool`, `write_iteration(root,
+    state)` and `write_final(state)`.
+
+    The output folder is created only once the initial state (or the state to continue
+    from) is in hand, so that a run refused for its inputs leaves nothing behind. A run's
+    job.json records what --continue needs (inputs, options, threads, memory budget) and,
+    once the final outputs are written, the iteration the run finished at.
     """
 
     kind = "job"
@@ -154,30 +320,65 @@ class Job:
         self.resume = resume
         self.echo = echo
         self.log: Log | None = None
+        self.memory: MemoryPlan | None = None
+        self.notes: list[str] = []  # lines for run.log once it is open
 
     # -- folder ----------------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Create the output folder and log. A fresh run refuses a folder that already holds
-        a run, so that a later --continue can never resume from a stale one."""
-        try:
-            self.outdir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"--o {self.outdir}: cannot create the output folder "
-                             f"({e.strerror})") from None
-        if not self.resume and last_iteration(self.outdir) is not None:
-            raise InputError(f"{self.outdir}: already holds a run (run_itNNN_state.npz); use "
+    @staticmethod
+    def check_output(outdir: str | Path, resume: bool) -> None:
+        """Before any work: --o is (or can be made) a writable folder, and a fresh run does
+        not go into a folder that already holds a run (so that a later --continue can never
+        resume from a stale one)."""
+        check_output_dir(outdir, "--o")
+        if not resume and last_iteration(Path(outdir)) is not None:
+            raise InputError(f"{outdir}: already holds a run (run_itNNN_state.npz); use "
                              "--continue to resume it or choose another --o")
-        self.log = Log(self.outdir / "run.log", self.echo)
 
-    def write_job_file(self, description: dict) -> None:
+    def open(self) -> None:
+        """Create the output folder and run.log; remove the temporary files of writes that an
+        interrupted run left behind."""
+        make_output_dir(self.outdir, "--o")
+        removed = remove_stale_temps(self.outdir)
+        try:
+            self.log = Log(self.outdir / "run.log", self.echo)
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{self.outdir / 'run.log'}: cannot read the log ({e})") from None
+        if removed:
+            self.log(f"removed {len(removed)} temporary file(s) of interrupted writes: "
+                     + ", ".join(p.name for p in removed))
+
+    def job_info(self) -> dict:
+        """Run settings recorded in job.json besides the inputs and options."""
+        from .._kernels import core
+
+        info = {"threads": int(core.max_threads())}
+        if self.memory is not None:
+            info["max_memory"] = self.memory.budget / 2**30  # GiB, exact: budget is an int
+        return info
+
+    def write_job_file(self, description: dict, **extra) -> None:
         """job.json: what --continue needs to restart the run."""
         write_text_atomic(self.outdir / "job.json",
-                          json.dumps({"kind": self.kind, **description}, indent=1))
+                          json.dumps({"kind": self.kind, **description, **self.job_info(),
+                                      **extra}, indent=1))
+
+    def _mark_finished(self, iteration: int) -> None:
+        """Record in job.json that the final outputs are complete."""
+        path = self.outdir / "job.json"
+        job = json.loads(path.read_text())
+        job["finished"] = int(iteration)
+        write_text_atomic(path, json.dumps(job, indent=1))
 
     # -- to implement ----------------------------------------------------------------------
 
     def initial_state(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def description(self) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def header(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def iterate(self, state) -> str:  # pragma: no cover - abstract
@@ -198,17 +399,30 @@ class Job:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def run(self):
-        """Start or continue the run; returns the final state."""
-        if self.log is None:
-            self.open()
-        last = last_iteration(self.outdir) if self.resume else None
-        if last is not None:
-            state = load_state(self.outdir / f"run_it{last:03d}_state.npz", self.state_class,
-                               **self.state_extra())
-            self.log(f"continuing from iteration {last} in {self.outdir}")
+    def run(self, start: ResumePoint | None = None):
+        """Start or continue the run; returns the final state. `start`: where to continue
+        (default: found in the folder when resuming). A finished run is left unchanged."""
+        self.check_output(self.outdir, self.resume)
+        if self.resume and start is None:
+            start = find_resume_point(self.outdir, self.state_class, **self.state_extra())
+        if start is not None and start.state is not None and start.finished \
+                and self.finished(start.state):
+            if self.echo is not None:
+                self.echo(f"{self.outdir}: the run finished at iteration {start.iteration}; "
+                          f"nothing to do (its final outputs are unchanged)")
+            return start.state
+        fresh = start is None or start.state is None
+        state = self.initial_state() if fresh else start.state
+        self.open()
+        for line in (start.notes if start is not None else []) + self.notes:
+            self.log(line)
+        if fresh:
+            self.write_job_file(self.description())
+            self.log(self.header())
         else:
-            state = self.initial_state()
+            self.log(f"continuing from iteration {start.iteration} in {self.outdir}")
+        if self.memory is not None:
+            self.log(self.memory.describe())
         while not self.finished(state):
             t0 = time.perf_counter()
             line = self.iterate(state)
@@ -217,4 +431,5 @@ class Job:
             save_state(Path(f"{root}_state.npz"), state)
             self.log(f"{line} ({time.perf_counter() - t0:.1f} s)")
         self.write_final(state)
+        self._mark_finished(state.iteration)
         return state

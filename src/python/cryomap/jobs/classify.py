@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +26,24 @@ from ..em.classify import (
 )
 from ..em.data import ImageSource
 from ..em.noise import NoiseModel
-from ..em.refine import lowpass, split_halves
+from ..em.options import max_memory_bytes
+from ..em.refine import lowpass
 from ..errors import InputError
 from ..euler import euler_to_matrix
 from ..io.atomic import atomic_path
 from ..io.mrc import open_stack, read_map, write_stack
 from ..io.star import read_star
-from ..particles import ParticleSet, load_particles
-from .base import Job, check_memory, last_iteration, progress_bar
+from ..particles import ParticleSet, load_particles, random_subsets
+from .base import (
+    Job,
+    MemoryPlan,
+    ResumePoint,
+    check_particles_for_em,
+    find_resume_point,
+    plan_memory,
+    progress_bar,
+    read_job_file,
+)
 from .output import (
     ModelFigures,
     model_blocks,
@@ -54,6 +64,9 @@ def check_classes(n_classes: int, particles: ParticleSet, star: str | Path) -> N
                          f"particles in {star}")
 
 
+#: Images back-projected at a time for the initial 2D averages.
+AVERAGE_GROUP = 1024
+
 #: initialise(source, sigma2, seed_class, rng) -> ((K, N, N[, N]) initial references, the
 #: first iteration's class per image or None); seed_class is a random equal division
 Initialiser = Callable[[ImageSource, np.ndarray, np.ndarray, np.random.Generator],
@@ -67,12 +80,16 @@ class ClassifyJob(Job):
 
     def __init__(self, particles: ParticleSet, star: str | Path, reference_path, outdir,
                  options: ClassOptions, initialise: Initialiser | None, resume: bool = False,
-                 echo: Callable[[str], None] | None = print) -> None:
+                 echo: Callable[[str], None] | None = print,
+                 memory: MemoryPlan | None = None) -> None:
         super().__init__(outdir, resume, echo)
         self.kind = "class2d" if options.ndim == 2 else "class3d"
         self.particles, self.star, self.reference_path = particles, Path(star), reference_path
         self.options, self.initialise = options, initialise
-        self.source = image_source(particles, options)
+        self.memory = memory
+        cache = None if memory is None else (memory.parts.get("image cache", 0)
+                                             if memory.cache else 0)
+        self.source = image_source(particles, options, cache)
 
     def initial_state(self) -> ClassState:
         o, p = self.options, self.particles
@@ -82,16 +99,20 @@ class ClassifyJob(Job):
         references, seed_class = self.initialise(self.source, noise.sigma2, seed_class, rng)
         from ..em.classify import initial_state
 
-        subset = split_halves(p, rng) if o.split_halves else None
-        state = initial_state(self.source, o, references, p.angles(), p.origins_px(),
-                              seed_class, subset)
-        self.write_job_file({"i": str(self.star.resolve()),
-                             "ref": None if self.reference_path is None
-                             else str(Path(self.reference_path).resolve()),
-                             "options": asdict(o)})
-        self.log(f"cryomap {self.kind}: {p.n_particles} particles, box {p.box}, "
-                 f"{p.pixel_size:.3f} Å/px, K = {o.n_classes}, options {json.dumps(asdict(o))}")
-        return state
+        subset = random_subsets(p, rng, log=self.notes.append) if o.split_halves else None
+        return initial_state(self.source, o, references, p.angles(), p.origins_px(),
+                             seed_class, subset)
+
+    def description(self) -> dict:
+        return {"i": str(self.star.resolve()),
+                "ref": None if self.reference_path is None
+                else str(Path(self.reference_path).resolve()),
+                "options": asdict(self.options)}
+
+    def header(self) -> str:
+        o, p = self.options, self.particles
+        return (f"cryomap {self.kind}: {p.n_particles} particles, box {p.box}, "
+                f"{p.pixel_size:.3f} Å/px, K = {o.n_classes}, options {json.dumps(asdict(o))}")
 
     def finished(self, state: ClassState) -> bool:
         return state.iteration >= self.options.iterations
@@ -271,12 +292,15 @@ def random_subset_averages(source: ImageSource, sigma2: np.ndarray, subsets: np.
         idx = np.flatnonzero(subsets == k)
         if subset_size is not None and idx.size > subset_size:
             idx = np.sort(rng.choice(idx, subset_size, replace=False))
-        batch = source.batch(idx, mask, origins[idx])
-        inv_s2 = noise.inv_sigma2(batch.group, mask)
         rot = euler_to_matrix(0.0, 0.0, rng.uniform(0.0, 360.0, idx.size))
         bp = projector.BackProjector(box, pad, mask.r_max, interp, ndim=2)
-        bp.add_slices(batch.ctf * batch.images * inv_s2, batch.ctf**2 * inv_s2, rot,
-                      mask.coords)
+        # in groups of images: memory bounded whatever the number of particles
+        for start in range(0, idx.size, AVERAGE_GROUP):
+            part = slice(start, start + AVERAGE_GROUP)
+            batch = source.batch(idx[part], mask, origins[idx[part]])
+            inv_s2 = noise.inv_sigma2(batch.group, mask)
+            bp.add_slices(batch.ctf * batch.images * inv_s2, batch.ctf**2 * inv_s2, rot[part],
+                          mask.coords)
         bp.finish()
         # plain average D/W inside the searched radius (no prior term)
         out[k] = bp.reconstruct(np.full(box // 2 + 1, np.inf), 1.0, mask.r_max,
@@ -317,12 +341,38 @@ def plot_gallery(path: Path, state: ClassState, pixel_size: float, columns: int 
 # -- the two commands -------------------------------------------------------------------------
 
 
-def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOptions,
-         initialise, resume: bool, echo) -> ClassState:
-    job = ClassifyJob(particles, star, reference_path, outdir, options, initialise, resume,
-                      echo)
+def _prepare(star, outdir, options: ClassOptions, resume: bool, angpix: float | None,
+             max_memory: float | None) -> tuple[ParticleSet, ResumePoint | None, int]:
+    """The checks shared by class3d and class2d, in order, before anything is written:
+    options, output folder, particles and their per-particle values, the resume point.
+    Returns (particles, resume point or None, memory budget in bytes)."""
+    options.validate()
+    budget = max_memory_bytes(max_memory)
+    Job.check_output(outdir, resume)
+    particles = load_particles(star, angpix=angpix, log=None)
     try:
-        return job.run()
+        check_classes(options.n_classes, particles, star)
+        require_ctf(particles, star, options.use_ctf)
+        check_particles_for_em(particles, options)
+        start = (find_resume_point(outdir, ClassState, particles.n_particles)
+                 if resume else None)
+    except BaseException:
+        particles.close()
+        raise
+    return particles, start, budget
+
+
+def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOptions,
+         initialise, resume: bool, echo, start: ResumePoint | None, budget: int
+         ) -> ClassState:
+    try:
+        plan = plan_memory(lambda bm: class_memory(particles, options, bm),
+                           particles.n_particles, particles.box, budget, options.batch_memory)
+        options = replace(options, batch_memory=plan.batch_memory)
+        job = ClassifyJob(particles, star, reference_path, outdir, options, initialise, resume,
+                          echo, plan)
+        job.notes.extend(particles.notes)
+        return job.run(start)
     finally:
         particles.close()
 
@@ -331,19 +381,20 @@ def classify3d(star: str | Path, reference_path: str | Path | None, outdir: str 
                options: ClassOptions, resume: bool = False,
                echo: Callable[[str], None] | None = print, angpix: float | None = None,
                max_memory: float | None = None) -> ClassState:
-    """Run (or, with resume=True, continue) a 3D classification; returns the final state."""
+    """Run (or, with resume=True, continue) a 3D classification; returns the final state.
+    Everything is checked before anything is written in `outdir`; max_memory in GiB."""
     if options.ndim != 3:
         raise ValueError("classify3d: options.ndim must be 3")
-    options.validate()
-    particles = load_particles(star, angpix=angpix)
-    check_classes(options.n_classes, particles, star)
-    require_ctf(particles, star, options.use_ctf)
+    particles, start, budget = _prepare(star, outdir, options, resume, angpix, max_memory)
     references = None
-    if not (resume and last_iteration(Path(outdir)) is not None):
-        if reference_path is None:
-            raise InputError("--ref: an initial map is required")
-        references = read_references_3d(reference_path, particles, options.n_classes)
-    check_memory(class_memory(particles, options), max_memory)
+    try:
+        if start is None or start.state is None:
+            if reference_path is None:
+                raise InputError("--ref: an initial map is required")
+            references = read_references_3d(reference_path, particles, options.n_classes)
+    except BaseException:
+        particles.close()
+        raise
 
     def initialise(source, sigma2, seed_class, rng):
         if len(references) > 1:  # K distinct maps: used as they are, no seeds
@@ -353,24 +404,26 @@ def classify3d(star: str | Path, reference_path: str | Path | None, outdir: str 
                                     options.n_classes, options.perturbation, rng)
         return refs, seed_class
 
-    return _run(particles, star, reference_path, outdir, options, initialise, resume, echo)
+    return _run(particles, star, reference_path, outdir, options, initialise, resume, echo,
+                start, budget)
 
 
 def classify2d(star: str | Path, outdir: str | Path, options: ClassOptions,
                reference_path: str | Path | None = None, resume: bool = False,
                echo: Callable[[str], None] | None = print, angpix: float | None = None,
                max_memory: float | None = None) -> ClassState:
-    """Run (or, with resume=True, continue) a 2D classification; returns the final state."""
+    """Run (or, with resume=True, continue) a 2D classification; returns the final state.
+    Everything is checked before anything is written in `outdir`; max_memory in GiB."""
     if options.ndim != 2:
         raise ValueError("classify2d: options.ndim must be 2")
-    options.validate()
-    particles = load_particles(star, angpix=angpix)
-    check_classes(options.n_classes, particles, star)
-    require_ctf(particles, star, options.use_ctf)
+    particles, start, budget = _prepare(star, outdir, options, resume, angpix, max_memory)
     references = None
-    if reference_path is not None and not (resume and last_iteration(Path(outdir)) is not None):
-        references = read_references_2d(reference_path, particles, options.n_classes)
-    check_memory(class_memory(particles, options), max_memory)
+    try:
+        if reference_path is not None and (start is None or start.state is None):
+            references = read_references_2d(reference_path, particles, options.n_classes)
+    except BaseException:
+        particles.close()
+        raise
 
     def initialise(source, sigma2, seed_class, rng):
         if references is not None:  # one per class: no seeds (several copies: seeds)
@@ -380,35 +433,47 @@ def classify2d(star: str | Path, outdir: str | Path, options: ClassOptions,
                                           options.interp, options.subset_size)
         return averages, seed_class
 
-    return _run(particles, star, reference_path, outdir, options, initialise, resume, echo)
+    return _run(particles, star, reference_path, outdir, options, initialise, resume, echo,
+                start, budget)
 
 
-def class_memory(particles: ParticleSet, options: ClassOptions) -> dict[str, int]:
-    """Estimated peak memory of a classification by part."""
+def class_memory(particles: ParticleSet, options: ClassOptions,
+                 batch_memory: int | None = None) -> dict[str, int]:
+    """Estimated peak memory of a classification by part, without the image cache."""
     from .._kernels import core
     from ..em.classify import class_batch_size, class_search
     from ..em.engine import estimate_memory
     from ..em.refine import mask_radius_px
 
+    bm = options.batch_memory if batch_memory is None else int(batch_memory)
     box, pix = particles.box, particles.pixel_size
     k = options.n_classes
     search = class_search(options, 1, box // 2 - 1, 2 * mask_radius_px(options, box, pix) * pix)
-    bsize = class_batch_size(search, k, options.batch_memory)
-    return estimate_memory(particles.n_particles, box, pix, k, search, options.ndim,
-                           options.pad, bsize, options.batch_memory, core.max_threads(), 2 << 30)
+    bsize = class_batch_size(search, k, bm)
+    parts = estimate_memory(particles.n_particles, box, pix, k, search, options.ndim,
+                            options.pad, bsize, bm, core.max_threads(), 0)
+    # per class: reference, its prepared transform and the new map, float64
+    parts["maps"] = parts.get("maps", 0) + 3 * k * box**options.ndim * 8
+    return parts
 
 
 def saved_job(outdir: str | Path) -> tuple[str, str | None, ClassOptions]:
     """(particles STAR, reference or None, options) of the classification in outdir."""
+    job = saved_run(outdir)
+    return job["i"], job["ref"], job["options"]
+
+
+def saved_run(outdir: str | Path) -> dict:
+    """job.json of the classification in outdir with its options as ClassOptions
+    (validated); one InputError line when it is missing, truncated or not a
+    classification's."""
     path = Path(outdir) / "job.json"
-    if not path.exists():
-        raise InputError(f"{path}: no classification to continue here (job.json missing)")
+    job = read_job_file(outdir, "classification")
+    if "class" not in str(job.get("kind", "")):
+        raise InputError(f"{path}: the run in {outdir} is not a classification")
     try:
-        job = json.loads(path.read_text())
-        if "class" not in job.get("kind", ""):
-            raise InputError(f"{path}: the run in {outdir} is not a classification")
-        return job["i"], job["ref"], ClassOptions(**job["options"])
-    except (ValueError, KeyError, TypeError) as e:
-        if isinstance(e, InputError):
-            raise
+        job["options"] = ClassOptions(**job["options"])
+        job["options"].validate()
+    except (TypeError, ValueError) as e:
         raise InputError(f"{path}: not a readable classification job file ({e})") from None
+    return job

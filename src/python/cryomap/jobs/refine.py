@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..em.data import ImageSource
 from ..em.model import ssnr_from_fsc
+from ..em.options import max_memory_bytes
 from ..em.refine import (
     Refinement,
     RefineOptions,
@@ -25,13 +26,21 @@ from ..em.refine import (
     initial_state,
     mask_radius_px,
     refine_iteration,
-    split_halves,
 )
 from ..errors import InputError
 from ..io.mrc import read_map
 from ..masks import check_mask
-from ..particles import ParticleSet, load_particles
-from .base import Job, check_memory, iteration_root, last_iteration, progress_bar
+from ..particles import ParticleSet, load_particles, random_subsets
+from .base import (
+    Job,
+    MemoryPlan,
+    check_particles_for_em,
+    find_resume_point,
+    iteration_root,
+    plan_memory,
+    progress_bar,
+    read_job_file,
+)
 from .output import (
     ModelFigures,
     model_blocks,
@@ -86,10 +95,11 @@ def postprocess_command(outdir: Path, mask: str | Path | None) -> str:
             f"{mask if mask is not None else '<mask.mrc>'} --o PostProcess/{name} --auto_bfac")
 
 
-def image_source(particles: ParticleSet, options) -> ImageSource:
-    """The particles' masked FTs for a job."""
+def image_source(particles: ParticleSet, options, cache_bytes: int | None = None
+                 ) -> ImageSource:
+    """The particles' masked FTs for a job (cached when they fit `cache_bytes`)."""
     return ImageSource(particles, mask_radius_px(options, particles.box, particles.pixel_size),
-                       options.mask_edge, options.use_ctf)
+                       options.mask_edge, options.use_ctf, cache_bytes)
 
 
 class RefineJob(Job):
@@ -102,32 +112,44 @@ class RefineJob(Job):
                  reference_path: str | Path | None, outdir: str | Path,
                  options: RefineOptions, resume: bool = False,
                  echo: Callable[[str], None] | None = print,
+                 memory: MemoryPlan | None = None,
                  solvent_mask: np.ndarray | None = None) -> None:
         super().__init__(outdir, resume, echo)
         self.particles, self.star = particles, Path(star)
         self.reference, self.reference_path = reference, reference_path
         self.options = options
-        self.refinement = Refinement(image_source(particles, options), options,
+        self.memory = memory
+        cache = None if memory is None else (memory.parts.get("image cache", 0)
+                                             if memory.cache else 0)
+        self.refinement = Refinement(image_source(particles, options, cache), options,
                                      mask_radius_px(options, particles.box,
                                                     particles.pixel_size), solvent_mask)
 
     def initial_state(self) -> RefineState:
         o, p = self.options, self.particles
         rng = np.random.default_rng(o.seed)
+        # rlnRandomSubset as RELION reads it (invalid values refused), else a random split
+        subsets = random_subsets(p, rng, log=self.notes.append)
         state = initial_state(self.refinement, self.reference, p.angles(), p.origins_px(),
-                              split_halves(p, rng))
-        self.write_job_file({"i": str(self.star.resolve()),
-                             "ref": None if self.reference_path is None
-                             else str(Path(self.reference_path).resolve()),
-                             "options": asdict(o)})
-        self.log(f"cryomap refine: {p.n_particles} particles, box {p.box}, "
-                 f"{p.pixel_size:.3f} Å/px, options {json.dumps(asdict(o))}")
+                              subsets)
         if o.sym != "C1":
             from ..symmetry import point_group
 
-            self.log(f"symmetry {o.sym} ({point_group(o.sym).order} operators): orientations "
-                     f"searched in its asymmetric unit, sums summed over the group")
+            self.notes.append(f"symmetry {o.sym} ({point_group(o.sym).order} operators): "
+                              f"orientations searched in its asymmetric unit, sums summed "
+                              f"over the group")
         return state
+
+    def description(self) -> dict:
+        return {"i": str(self.star.resolve()),
+                "ref": None if self.reference_path is None
+                else str(Path(self.reference_path).resolve()),
+                "options": asdict(self.options)}
+
+    def header(self) -> str:
+        p = self.particles
+        return (f"cryomap refine: {p.n_particles} particles, box {p.box}, "
+                f"{p.pixel_size:.3f} Å/px, options {json.dumps(asdict(self.options))}")
 
     def finished(self, state: RefineState) -> bool:
         return state.schedule.final_done
@@ -213,55 +235,85 @@ def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Pa
            echo: Callable[[str], None] | None = print, angpix: float | None = None,
            max_memory: float | None = None) -> RefineState:
     """Run (or, with resume=True, continue) a 3D refinement; returns the final state.
-    Everything is checked before anything is written in `outdir`."""
+    Everything is checked before anything is written in `outdir`. max_memory: the memory
+    budget in GiB (None: the default share of the available memory)."""
     options.validate()
-    particles = load_particles(star, angpix=angpix)
+    budget = max_memory_bytes(max_memory)
+    Job.check_output(outdir, resume)
+    particles = load_particles(star, angpix=angpix, log=None)
     try:
         require_ctf(particles, star, options.use_ctf)
+        check_particles_for_em(particles, options)
+        start = (find_resume_point(outdir, RefineState, particles.n_particles)
+                 if resume else None)
         reference = None
-        if not (resume and last_iteration(Path(outdir)) is not None):
+        if start is None or start.state is None:
             if reference_path is None:
                 raise InputError("--ref: an initial map is required")
             reference, ref_pixel = read_map(reference_path)
             check_reference(reference, ref_pixel, particles, reference_path)
         solvent_mask = read_solvent_mask(options.solvent_mask, particles)
         if options.solvent_mask is not None:  # job.json: found again by --continue anywhere
-            options.solvent_mask = str(Path(options.solvent_mask).resolve())
-        check_memory(refine_memory(particles, options), max_memory)
+            options = replace(options, solvent_mask=str(Path(options.solvent_mask).resolve()))
+        plan = plan_memory(lambda bm: refine_memory(particles, options, bm),
+                           particles.n_particles, particles.box, budget, options.batch_memory)
+        options = replace(options, batch_memory=plan.batch_memory)
         job = RefineJob(particles, star, reference, reference_path, outdir, options, resume,
-                        echo, solvent_mask)
-        return job.run()
+                        echo, plan, solvent_mask)
+        job.notes.extend(particles.notes)
+        return job.run(start)
     finally:
         particles.close()
 
 
-def refine_memory(particles: ParticleSet, options: RefineOptions) -> dict[str, int]:
-    """Estimated peak memory of a refinement by part (its first stage at the full radius)."""
+def refine_memory(particles: ParticleSet, options: RefineOptions,
+                  batch_memory: int | None = None) -> dict[str, int]:
+    """Estimated peak memory of a refinement by part (its first stage at the full radius;
+    local searches from the start when --healpix_order reaches --auto_local_healpix_order),
+    without the image cache."""
     from .._kernels import core
     from ..em.engine import estimate_memory
     from ..em.refine import AutoSampling, batch_size
 
+    bm = options.batch_memory if batch_memory is None else int(batch_memory)
     box, pix = particles.box, particles.pixel_size
+    sigma_ang = options.sigma_ang
     sched = AutoSampling(options.healpix_order, options.offset_step, options.offset_range,
-                         options.sigma_ang)
+                         sigma_ang)
+    if sigma_ang is None and options.healpix_order >= options.auto_local_healpix_order \
+            and not options.fixed_poses:
+        sched.sigma_ang = 2.0 * sched.fine_step(options)
     search = sched.search(options, 1, box // 2, 2 * mask_radius_px(options, box, pix) * pix,
                           None, options.fixed_poses)
-    bsize = batch_size(search, search.sampling.translations().shape[0], options.batch_memory)
-    return estimate_memory(particles.n_particles, box, pix, 1, search, 3, options.pad, bsize,
-                           options.batch_memory, core.max_threads(), 2 << 30)
+    bsize = batch_size(search, search.sampling.translations().shape[0], bm)
+    parts = estimate_memory(particles.n_particles, box, pix, 1, search, 3, options.pad, bsize,
+                            bm, core.max_threads(), 0)
+    # the two half maps, their references and the final maps (3 maps), in float64
+    parts["maps"] = parts.get("maps", 0) + 5 * box**3 * 8
+    return parts
 
 
 def saved_job(outdir: str | Path) -> tuple[str, str | None, RefineOptions]:
     """(particles STAR, reference, options) of the run in outdir, for --continue."""
+    job = saved_run(outdir)
+    return job["i"], job["ref"], job["options"]
+
+
+def saved_run(outdir: str | Path) -> dict:
+    """job.json of the refinement in outdir with its options as RefineOptions (validated);
+    one InputError line when it is missing, truncated or not a refinement's."""
     path = Path(outdir) / "job.json"
-    if not path.exists():
-        raise InputError(f"{path}: no refinement to continue here (job.json missing)")
+    job = read_job_file(outdir, "refinement")
+    if job.get("kind") != "refine":
+        raise InputError(f"{path}: the run in {outdir} is not a refinement "
+                         f"(kind {job.get('kind')!r})")
     try:
-        job = json.loads(path.read_text())
-        return job["i"], job["ref"], RefineOptions(**job["options"])
-    except (ValueError, KeyError, TypeError) as e:
+        job["options"] = RefineOptions(**job["options"])
+        job["options"].validate()
+    except (TypeError, ValueError) as e:
         raise InputError(f"{path}: not a readable refinement job file ({e})") from None
+    return job
 
 
-__all__ = ["RefineJob", "refine", "saved_job", "check_reference", "require_ctf",
+__all__ = ["RefineJob", "refine", "saved_job", "saved_run", "check_reference", "require_ctf",
            "image_source", "iteration_root", "read_solvent_mask", "postprocess_command"]
