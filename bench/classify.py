@@ -5,14 +5,16 @@ class3d: for each share s, a two-class set of a ribosome-sized phantom (box 64, 
 2000 particles, SNR 0.1, CTF, shifts up to 3 px): class A is the phantom, class B the phantom
 with a compact piece holding s of its mass removed. Printed per share: the best possible
 accuracy (from the true poses and maps: the mean over images of Phi(||P_A - P_B|| / 2 sigma)),
-class3d's accuracy from one map (A low-passed to 40 Å; RELION's seeds) with global searches,
-`--skip_align` at the true poses, the class proportions against the truth, and the time.
+then for each --modes: class3d's accuracy from one map (A low-passed to 40 Å) with the
+defaults (`classic`: RELION's Class3D) or with `--auto_sampling --tau2_fudge 1` (`auto`), and
+`--skip_align --tau2_fudge 1` at the true poses (`skip`); the class proportions against the
+truth, and the time.
 
 class2d: K = 10 on 10 views (5 of each of two phantoms), SNR 0.05, 5000 particles: the
 membership, each average's correlation with its clean projection, seconds per iteration.
 
     python bench/classify.py                       # everything (long)
-    python bench/classify.py --shares 0.08 --skip-2d
+    python bench/classify.py --shares 0.08 --modes auto skip --skip-2d
     python bench/classify.py --only-2d
 """
 
@@ -29,6 +31,8 @@ import numpy as np
 import pandas as pd
 
 from cryomap._kernels import core, set_threads
+from cryomap.cli.class3d import class_options
+from cryomap.cli.main import build_parser
 from cryomap.ctf import CtfParams
 from cryomap.em.classify import ClassOptions
 from cryomap.em.refine import lowpass
@@ -63,6 +67,12 @@ def two_class_set(out: Path, box: int, pix: float, n: int, share: float, snr: fl
     return df["rlnClassNumber"].to_numpy() - 1, best, diameter
 
 
+def class3d_options(argv: list[str]) -> ClassOptions:
+    """The options `cryomap class3d ARGV` would run with."""
+    args = build_parser().parse_args(["class3d", "--i", "-", "--o", "-"] + argv)
+    return class_options(args, 3)
+
+
 def accuracy(found: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, tuple]:
     """Fraction in the true class under the best relabelling."""
     perm = max(itertools.permutations(range(k)),
@@ -78,13 +88,22 @@ def run_class3d(args) -> None:
         true_fr = np.bincount(truth, minlength=2) / truth.size
         print(f"\nshare {share:.0%}: best possible accuracy {100 * best.mean():.1f}%, true "
               f"proportions {np.round(true_fr, 3)}", flush=True)
-        for label, star, skip in (("from one map, global searches", "particles.star", False),
-                                  ("--skip_align at the true poses", "truth.star", True)):
-            options = ClassOptions(n_classes=2, iterations=args.iter, particle_diameter=diameter,
-                                   ini_high=40.0, offset_range=5, offset_step=2,
-                                   tau2_fudge=4.0, skip_align=skip)
+        modes = {"classic": ("from one map, defaults (RELION's Class3D)", "particles.star",
+                             []),
+                 "auto": ("from one map, --auto_sampling --tau2_fudge 1", "particles.star",
+                          ["--auto_sampling", "--tau2_fudge", "1"]),
+                 "skip": ("--skip_align at the true poses, --tau2_fudge 1", "truth.star",
+                          ["--skip_align", "--tau2_fudge", "1"])}
+        for mode in args.modes:
+            label, star, mode_args = modes[mode]
+            # the issue's command line, everything else at class3d's defaults
+            options = class3d_options(
+                ["--K", "2", "--iter", str(args.iter), "--ini_high", "40",
+                 "--particle_diameter", f"{diameter:g}", "--healpix_order", "2",
+                 "--offset_range", "5", "--offset_step", "2"]
+                + mode_args + args.extra)
             t0 = time.perf_counter()
-            state = classify3d(root / star, root / "reference.mrc", root / f"run_{int(skip)}",
+            state = classify3d(root / star, root / "reference.mrc", root / f"run_{mode}",
                                options, echo=None)
             wall = time.perf_counter() - t0
             acc, perm = accuracy(state.class_number, truth, 2)
@@ -183,6 +202,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--j", type=int, default=None, help="threads")
     p.add_argument("--skip-2d", action="store_true")
+    p.add_argument("--modes", nargs="+", choices=["classic", "auto", "skip"],
+                   default=["classic", "auto", "skip"])
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="further class3d options, e.g. --extra --tau2_fudge 4")
     p.add_argument("--only-2d", action="store_true")
     args = p.parse_args()
     set_threads(args.j)

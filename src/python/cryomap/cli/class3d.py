@@ -46,6 +46,15 @@ def add_class_arguments(p: argparse.ArgumentParser, n_classes: int, tau2_fudge: 
     p.add_argument("--hard-last", "--hard_last", dest="hard_last", action="store_true",
                    help="hard classification in the last iteration: each particle contributes "
                         "only to its most probable class")
+    p.add_argument("--class_temperature", "--class-temperature", dest="class_temperature",
+                   type=float, default=d.class_temperature,
+                   help="class-similarity control: the class posterior is raised to 1/T, T "
+                        "falling from this value to 1 over the first half of the iterations "
+                        "(after the classes are seeded); 1: plain EM")
+    p.add_argument("--split_halves", "--split-halves", dest="split_halves",
+                   action="store_true", default=d.split_halves,
+                   help="gold-standard classes: each half-set is classified against the other "
+                        "half's class maps, each map regularised by its half-set FSC")
     p.add_argument("--strict_highres_exp", "--strict-highres-exp", dest="highres_limit",
                    type=float, default=None,
                    help="never use frequencies beyond this resolution (Å) in the E-step")
@@ -68,6 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_class_arguments(p, n_classes=4, tau2_fudge=4.0, psi_step=None)
     p.add_argument("--skip_align", "--skip-align", dest="skip_align", action="store_true",
                    help="classify without alignment: every particle at its pose in --i")
+    p.add_argument("--auto_sampling", "--auto-sampling", dest="auto_sampling",
+                   action=argparse.BooleanOptionalAction, default=ClassOptions.auto_sampling,
+                   help="for subtle differences: refine the poses against one consensus map "
+                        "on refinement's sampling schedule, then seed the classes and classify "
+                        "them at the consensus poses until settled, then search each class's "
+                        "poses again (use with --tau2_fudge 1 on small sets; docs/method.md). "
+                        "Off: RELION's Class3D, classes aligned from the first iteration")
     p.add_argument("--init_perturbation", "--init-perturbation", dest="perturbation",
                    type=float, default=ClassOptions().perturbation,
                    help="random low-resolution perturbation of each initial class, in units "

@@ -22,6 +22,7 @@ What keeps classes apart (RELION practice, measured in tests/test_class*.py):
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field, fields
 
@@ -66,8 +67,11 @@ class ClassOptions(EMOptions):
     # class-similarity control: the class posterior raised to 1/T before the M-step, T falling
     # geometrically from class_temperature to 1 over the first half of the iterations
     class_temperature: float = 1.0
-    # the pose sampling made finer as the classes converge (refinement's schedule: finer
-    # HEALPix orders, local searches from auto_local_healpix_order); False keeps the order
+    # 3D with alignment: the poses refined against one consensus map on refinement's schedule
+    # (finer HEALPix orders up to local searches), then the classes seeded and classified at
+    # those poses until settled, then each class's poses searched again from the starting
+    # sampling. Best for subtle differences; a class that cannot be aligned to the consensus
+    # (a large piece missing) comes out blurred (docs/method.md). False: RELION's Class3D
     auto_sampling: bool = False
 
     def validate(self) -> None:
@@ -118,6 +122,10 @@ class ClassState:
     half_references: np.ndarray | None = None  # (2, K, ...) the half-sets' class maps
     class_fsc: np.ndarray | None = None  # (K, N//2+1) half-set FSC per class
     schedule: AutoSampling | None = None  # with auto_sampling
+    # with auto_sampling: the iteration after which the classes were seeded (None: not yet),
+    # and whether the fixed-pose phase that follows the seeding is over
+    seeded_at: int | None = None
+    fixed_done: bool = False
     history: list = field(default_factory=list)
 
     @property
@@ -129,6 +137,8 @@ class ClassState:
         values = dict(values)
         for name in ("iteration", "r_max"):
             values[name] = int(values[name])
+        if values.get("seeded_at") is not None:
+            values["seeded_at"] = int(values["seeded_at"])
         values["offset_sigma"] = float(values["offset_sigma"])
         if values.get("schedule") is not None:
             values["schedule"] = AutoSampling(**values["schedule"])
@@ -150,11 +160,7 @@ def initial_state(source: ImageSource, options: ClassOptions, references: np.nda
         raise ValueError("initial_state: split_halves needs the half-sets")
     schedule = None
     if options.auto_sampling and options.ndim == 3 and not options.skip_align:
-        schedule = AutoSampling(order=options.healpix_order, offset_step=options.offset_step,
-                                offset_range=options.offset_range, sigma_ang=options.sigma_ang)
-        if options.sigma_ang is None and options.healpix_order >= \
-                options.auto_local_healpix_order:
-            schedule.sigma_ang = 2.0 * schedule.fine_step(options)
+        schedule = starting_schedule(options)
     return ClassState(
         schedule=schedule,
         subset=np.asarray(subset, np.int64) if halves else None,
@@ -168,6 +174,17 @@ def initial_state(source: ImageSource, options: ClassOptions, references: np.nda
         max_prob=np.zeros(n), n_significant=np.zeros(n, np.int64), log_likelihood=np.zeros(n),
         offset_sigma=options.offset_sigma / source.pixel_size,
         assigned=None if seed_class is None or k == 1 else np.asarray(seed_class, np.int64))
+
+
+def starting_schedule(options: ClassOptions) -> AutoSampling:
+    """The sampling schedule at its start: --healpix_order and the offsets given, global
+    searches (local from the start when --sigma_ang is given or the order is already at
+    auto_local_healpix_order)."""
+    schedule = AutoSampling(order=options.healpix_order, offset_step=options.offset_step,
+                            offset_range=options.offset_range, sigma_ang=options.sigma_ang)
+    if options.sigma_ang is None and options.healpix_order >= options.auto_local_healpix_order:
+        schedule.sigma_ang = 2.0 * schedule.fine_step(options)
+    return schedule
 
 
 def next_radius(resolution_shell_index: int, box: int, pixel_size: float,
@@ -242,11 +259,13 @@ def translate_image(image: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return fourier.ifft2_centered(ft, n)
 
 
-def temperature(options: ClassOptions, iteration: int) -> float:
-    """The class temperature of an iteration (1-based): class_temperature at the first,
-    falling geometrically to 1 at half the iterations, 1 after."""
+def temperature(options: ClassOptions, iteration: int, start: int = 0) -> float:
+    """The class temperature of an iteration (1-based): class_temperature at the first
+    iteration after `start` (the seeding), falling geometrically to 1 over half of the
+    iterations left after it, 1 after."""
     t0 = options.class_temperature
-    span = max(1, options.iterations // 2)
+    span = max(1, (options.iterations - start) // 2)
+    iteration -= start
     if t0 <= 1.0 or iteration > span:
         return 1.0
     return float(t0 ** (1.0 - (iteration - 1) / span))
@@ -256,9 +275,11 @@ def class_search(options: ClassOptions, iteration: int, radius: int, diameter: f
                  hard: bool = False, offset_sigma: float | None = None,
                  class_prior: np.ndarray | None = None,
                  image_class: np.ndarray | None = None,
-                 schedule: AutoSampling | None = None) -> Search:
+                 schedule: AutoSampling | None = None, fixed_poses: bool = False,
+                 seeded_at: int = 0) -> Search:
     """The engine's search of an iteration (1-based): the grid perturbed by a seeded draw,
-    the schedule's when there is one."""
+    the schedule's when there is one; `fixed_poses`: the input poses only (skip_align, or
+    the fixed-pose phase after the seeding)."""
     if schedule is not None:
         sampling, levels = schedule.sampling(options, iteration)
         local = schedule.sigma_ang
@@ -269,10 +290,10 @@ def class_search(options: ClassOptions, iteration: int, radius: int, diameter: f
                                        options.perturb, rng, symmetry=options.sym)
         levels, local = options.oversampling, options.sigma_ang
     return Search(sampling, levels, radius, diameter, local_sigma=local,
-                  fixed_poses=options.skip_align, offset_sigma=offset_sigma,
+                  fixed_poses=options.skip_align or fixed_poses, offset_sigma=offset_sigma,
                   class_prior=class_prior, adaptive_fraction=options.adaptive_fraction,
                   force_max=options.force_max, hard_class=hard, image_class=image_class,
-                  class_temperature=temperature(options, iteration))
+                  class_temperature=temperature(options, iteration, seeded_at))
 
 
 def class_batch_size(search: Search, n_classes: int, memory: int) -> int:
@@ -302,11 +323,17 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
     n_shells = box // 2 + 1
     # with the sampling schedule, the poses are refined against one consensus map (every
     # class's) until the searches are local; only then are the classes seeded and told apart
-    consensus = state.schedule is not None and not state.schedule.local and k_cls > 1
+    consensus = state.schedule is not None and state.seeded_at is None and k_cls > 1
+    # then the classes are told apart at the consensus poses (classification without
+    # alignment, which reaches the Bayes limit at true poses: docs/method.md) until the
+    # assignments settle, and only then are the poses refined per class by local searches
+    fixed = (state.schedule is not None and state.seeded_at is not None
+             and not state.fixed_done)
     search = class_search(o, state.iteration + 1, radius, 2.0 * mask_radius * pix, hard,
                           state.offset_sigma,
                           np.ones(1) if consensus else state.distribution,
-                          None if consensus else state.assigned, state.schedule)
+                          None if consensus else state.assigned, state.schedule,
+                          fixed_poses=fixed, seeded_at=state.seeded_at or 0)
     if not consensus:
         state.assigned = None
     noise = NoiseModel(state.sigma2, o.noise_model == "pixel")
@@ -319,65 +346,79 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
     def prepare(maps: np.ndarray) -> list[projector.Reference]:
         return [projector.prepare_reference(r * sphere, o.pad, o.interp, radius) for r in maps]
 
-    if consensus:
-        passes = [(np.arange(n), prepare(state.references[:1]))]
-    elif state.half_references is not None:  # half h: classified with the other half's maps
-        passes = [(np.flatnonzero(state.subset == h), prepare(state.half_references[2 - h]))
-                  for h in (1, 2)]
-    else:
-        passes = [(np.arange(n), prepare(state.references))]
-    results = []
-    for members, refs in passes:
-        res = run_pass(source, members, refs, search, noise, previous[members],
-                       state.origins_px[members], batch_size=batch,
-                       slice_memory=o.batch_memory, progress=progress)
-        e = res.estimates
-        state.angles[members], state.origins_px[members] = e.angles, e.origins
+    def em_step():
+        """One E/M pass over the particles and the M-step (updates `state`)."""
+        if consensus:
+            passes = [(np.arange(n), prepare(state.references[:1]))]
+        elif state.half_references is not None:  # half h: classified with the other half's maps
+            passes = [(np.flatnonzero(state.subset == h), prepare(state.half_references[2 - h]))
+                      for h in (1, 2)]
+        else:
+            passes = [(np.arange(n), prepare(state.references))]
+        results = []
+        for members, refs in passes:
+            res = run_pass(source, members, refs, search, noise, previous[members],
+                           state.origins_px[members], batch_size=batch,
+                           slice_memory=o.batch_memory, progress=progress)
+            e = res.estimates
+            state.angles[members], state.origins_px[members] = e.angles, e.origins
+            if not consensus:
+                state.class_prob[members] = e.class_prob
+                state.class_number[members] = e.best_class
+            state.max_prob[members], state.n_significant[members] = e.max_prob, e.n_significant
+            state.log_likelihood[members] = e.log_likelihood
+            results.append((res, refs))
+        t_pass = time.perf_counter()
+        mask = fourier.pixel_mask(box, radius)
+        noise.update(sum(r.residual for r, _ in results), sum(r.count for r, _ in results), mask)
+        state.sigma2 = noise.sigma2
+        if not (o.skip_align or fixed):
+            offset_sq = sum(r.offset_sq for r, _ in results)
+            state.offset_sigma = float(np.sqrt(max(offset_sq / (2.0 * max(n, 1)),
+                                                   MIN_SIGMA2_OFFSET / pix**2)))
+        mass = sum(r.class_mass for r, _ in results)
         if not consensus:
-            state.class_prob[members] = e.class_prob
-            state.class_number[members] = e.best_class
-        state.max_prob[members], state.n_significant[members] = e.max_prob, e.n_significant
-        state.log_likelihood[members] = e.log_likelihood
-        results.append((res, refs))
-    t_pass = time.perf_counter()
-    mask = fourier.pixel_mask(box, radius)
-    noise.update(sum(r.residual for r, _ in results), sum(r.count for r, _ in results), mask)
-    state.sigma2 = noise.sigma2
-    if not o.skip_align:
-        offset_sq = sum(r.offset_sq for r, _ in results)
-        state.offset_sigma = float(np.sqrt(max(offset_sq / (2.0 * max(n, 1)),
-                                               MIN_SIGMA2_OFFSET / pix**2)))
-    mass = sum(r.class_mass for r, _ in results)
-    if not consensus:
-        state.distribution = mass / max(mass.sum(), 1e-300)
-    edge = soft_sphere(box, box / 2.0 - 1.0, 1.0, o.ndim)
-    if consensus:  # one map, every class's
-        bp, ref = results[0][0].backprojectors[0], results[0][1][0]
-        t2 = reference_tau2(ref, n_shells)
-        state.references[:] = bp.reconstruct(t2, o.tau2_fudge, radius, MINRES_MAP) * edge
-        if state.half_references is not None:
-            state.half_references[:] = state.references[None]
-        tau2 = np.repeat(t2[None], k_cls, axis=0)
-        ssnr = np.repeat(class_ssnr(bp, t2, o.tau2_fudge, radius)[None], k_cls, axis=0)
-        shells = np.array([resolution_shell(x, 1.0) for x in ssnr])
-    elif state.half_references is not None:
-        tau2, ssnr, fsc_k = _gold_standard_maps(state, [r for r, _ in results], o, radius,
-                                                box, edge)
-        state.class_fsc = fsc_k
-        shells = np.array([resolution_shell(f, 0.143) for f in fsc_k])
-    else:
-        refs = results[0][1]
-        tau2 = np.array([reference_tau2(r, n_shells) for r in refs])
-        ssnr = np.zeros((k_cls, n_shells))
-        for k, bp in enumerate(results[0][0].backprojectors):
-            image = bp.reconstruct(tau2[k], o.tau2_fudge, radius, MINRES_MAP) * edge
-            if o.center_classes and o.ndim == 2:
-                image = center_image(image)
-            state.references[k] = image
-            ssnr[k] = class_ssnr(bp, tau2[k], o.tau2_fudge, radius)
-        shells = np.array([resolution_shell(s, 1.0) for s in ssnr])
-    state.class_tau2, state.class_ssnr = tau2, ssnr
-    state.class_resolution_shell = shells
+            state.distribution = mass / max(mass.sum(), 1e-300)
+        edge = soft_sphere(box, box / 2.0 - 1.0, 1.0, o.ndim)
+        if consensus:  # one map, every class's
+            bp, ref = results[0][0].backprojectors[0], results[0][1][0]
+            t2 = reference_tau2(ref, n_shells)
+            state.references[:] = bp.reconstruct(t2, o.tau2_fudge, radius, MINRES_MAP) * edge
+            if state.half_references is not None:
+                state.half_references[:] = state.references[None]
+            tau2 = np.repeat(t2[None], k_cls, axis=0)
+            ssnr = np.repeat(class_ssnr(bp, t2, o.tau2_fudge, radius)[None], k_cls, axis=0)
+            shells = np.array([resolution_shell(x, 1.0) for x in ssnr])
+        elif state.half_references is not None:
+            tau2, ssnr, fsc_k = _gold_standard_maps(state, [r for r, _ in results], o, radius,
+                                                    box, edge)
+            state.class_fsc = fsc_k
+            shells = np.array([resolution_shell(f, 0.143) for f in fsc_k])
+        else:
+            refs = results[0][1]
+            tau2 = np.array([reference_tau2(r, n_shells) for r in refs])
+            ssnr = np.zeros((k_cls, n_shells))
+            for k, bp in enumerate(results[0][0].backprojectors):
+                image = bp.reconstruct(tau2[k], o.tau2_fudge, radius, MINRES_MAP) * edge
+                if o.center_classes and o.ndim == 2:
+                    image = center_image(image)
+                state.references[k] = image
+                ssnr[k] = class_ssnr(bp, tau2[k], o.tau2_fudge, radius)
+            shells = np.array([resolution_shell(s, 1.0) for s in ssnr])
+        state.class_tau2, state.class_ssnr = tau2, ssnr
+        state.class_resolution_shell = shells
+        return results, t_pass, tau2, ssnr, shells
+
+    # at fixed poses a pass is cheap (one pose per image), so an iteration runs up to
+    # FIXED_INNER of them: EM from random seeds needs many passes to settle
+    for inner in range(FIXED_INNER if fixed else 1):
+        before = state.class_number.copy()
+        if inner:  # the seeds' restriction holds for the first pass only
+            search = dataclasses.replace(search, image_class=None,
+                                         class_prior=state.distribution)
+        results, t_pass, tau2, ssnr, shells = em_step()
+        if inner and float(np.mean(before != state.class_number)) < FIXED_SETTLED:
+            break
     best = int(np.array([resolution_shell(s, 1.0) for s in ssnr]).max())
     state.iteration += 1
     state.r_max = next_radius(best, box, pix, o)
@@ -386,13 +427,23 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
         new_rot = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
         orientation_change = float(np.mean(pose_change(previous, new_rot, o.sym)))
         offset_change = float(np.sqrt(np.mean((state.origins_px - previous_origins) ** 2)))
-        acc_rot, acc_trans = class_pose_accuracy(state, source, o, radius, noise, sphere)
-        message = state.schedule.update(best, orientation_change, offset_change, acc_rot,
-                                        acc_trans, o, pix)
-        if consensus and state.schedule.local:  # poses are good enough: seed the classes
+        if not fixed:  # the sampling stays as it is while the poses are fixed
+            acc_rot, acc_trans = class_pose_accuracy(state, source, o, radius, noise, sphere)
+            message = state.schedule.update(best, orientation_change, offset_change, acc_rot,
+                                            acc_trans, o, pix)
+        if consensus and (state.schedule.local or  # poses are good enough: seed the classes
+                          state.iteration >= max(1, int(CONSENSUS_SHARE * o.iterations))):
             state.assigned = equal_split(n, k_cls, np.random.default_rng(
                 [o.seed, state.iteration, 3]))
-            message = (message or "") + "; classes seeded (random equal split)"
+            state.seeded_at = state.iteration
+            message = (message or "") + "; classes seeded (random equal split), poses fixed"
+        elif fixed and fixed_phase_over(state, o, previous_class):
+            # each class's poses searched again from the coarse grid: a class unlike the
+            # consensus (a large piece missing) may have been aligned wrongly to it
+            state.fixed_done = True
+            state.schedule = starting_schedule(o)
+            message = (message or "") + ("; classes settled: poses searched per class from "
+                                         "the starting sampling")
     reseeded = [] if hard or state.iteration > o.iterations // 2 else reseed_empty_classes(
         state, o, np.random.default_rng([o.seed, state.iteration]))
     timings: dict = {}
@@ -419,12 +470,38 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
     return stats
 
 
+#: The classes are seeded when the consensus searches become local, or at the latest after
+#: this share of the iterations (so that the classes have the rest).
+CONSENSUS_SHARE = 0.4
+#: E/M passes per iteration at fixed poses (at most; fewer once settled).
+FIXED_INNER = 5
+#: The fixed-pose phase ends when fewer than this fraction of the images change class (after
+#: FIXED_MIN iterations) ...
+FIXED_SETTLED = 0.002
+FIXED_MIN = 5
+#: ... or after at most this share of the iterations left at the seeding. Measured (bench/
+#: classify.py, 48 px, 8 % share): local searches per class after too few fixed-pose
+#: iterations cost 5 points of accuracy, so by default the poses stay fixed until settled.
+FIXED_SHARE = 1.0
+
+
+def fixed_phase_over(state: ClassState, options: ClassOptions,
+                     previous_class: np.ndarray) -> bool:
+    """Whether the fixed-pose phase after the seeding ends with this iteration."""
+    done = state.iteration - state.seeded_at
+    left = options.iterations - state.seeded_at
+    changed = float(np.mean(previous_class != state.class_number))
+    return ((done >= FIXED_MIN and changed < FIXED_SETTLED)
+            or done >= max(1, int(FIXED_SHARE * left)))
+
+
 def _stage(search: Search) -> str:
     """The sampling of a search, for the log."""
     s = search.sampling
     if s.ndim == 2:
         return f"psi step {s.angular_step(search.levels):.2f} deg"
-    kind = (f"local (sigma {search.local_sigma:.2f} deg)" if search.local_sigma is not None
+    kind = ("fixed poses" if search.fixed_poses else
+            f"local (sigma {search.local_sigma:.2f} deg)" if search.local_sigma is not None
             else "global")
     return (f"order {s.healpix_order}+{search.levels} ({s.angular_step(search.levels):.2f} "
             f"deg), offsets {s.offset_step:.2f} px in {s.offset_range:.2f} px, {kind}")
