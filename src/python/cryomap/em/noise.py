@@ -1,7 +1,7 @@
 """The noise model: sigma2 per optics group, per resolution shell (RELION) or per pixel.
 
 sigma2 is the variance of each of Re and Im of an N^-2-normalised Fourier coefficient of the
-noise (docs/conventions.md, "Noise"), so the E-step exponent is |X - CTF A|^2 / (2 sigma2).
+noise (docs/method.md eq. (3)), so the E-step exponent is |X - CTF A|^2 / (2 sigma2).
 """
 
 from __future__ import annotations

@@ -468,7 +468,7 @@ def half_set_fsc(bps: list[projector.BackProjector], options: RefineOptions, r_m
                  box: int, solvent_mask: np.ndarray | None = None, seed: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """FSC between the unregularised half averages D/W (shells beyond r_max set to 0: they
-    were not searched) and tau2 from it (docs/method.md, "tau2 from the FSC"). With a
+    were not searched) and tau2 from it (docs/method.md eq. (21)). With a
     solvent mask, the FSC is `solvent_corrected_fsc` of the two halves instead (RELION's
     --solvent_correct_fsc; `seed` draws the random phases)."""
     h1, h2 = bps

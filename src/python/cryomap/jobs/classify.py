@@ -16,6 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .. import fourier, projector
 from ..em.classify import (
@@ -33,7 +34,7 @@ from ..euler import euler_to_matrix
 from ..io.atomic import atomic_path
 from ..io.mrc import open_stack, read_map, write_stack
 from ..io.star import read_star
-from ..particles import ParticleSet, load_particles, random_subsets
+from ..particles import ParticleSet, random_subsets
 from .base import (
     Job,
     MemoryPlan,
@@ -52,7 +53,15 @@ from .output import (
     write_model_star,
     write_volume,
 )
-from .refine import PIXEL_TOLERANCE, check_reference, image_source, require_ctf
+from .refine import (
+    PIXEL_TOLERANCE,
+    check_reference,
+    image_source,
+    particle_input,
+    reference_input,
+    require_ctf,
+    saved_reference,
+)
 
 
 def check_classes(n_classes: int, particles: ParticleSet, star: str | Path) -> None:
@@ -105,8 +114,8 @@ class ClassifyJob(Job):
 
     def description(self) -> dict:
         return {"i": str(self.star.resolve()),
-                "ref": None if self.reference_path is None
-                else str(Path(self.reference_path).resolve()),
+                "ref": None if isinstance(self.reference_path, (list, tuple))
+                else saved_reference(self.reference_path),
                 "options": asdict(self.options)}
 
     def header(self) -> str:
@@ -170,16 +179,7 @@ class ClassifyJob(Job):
             average_pmax=float(state.max_prob.mean()), pad=o.pad, interp=o.interp,
             tau2_fudge=o.tau2_fudge, ref_dim=o.ndim, offset_sigma=state.offset_sigma * pix)
         write_model_star(Path(f"{root}_model.star"), model_blocks(figures))
-        table = particle_table(p, state.angles, state.origins_px, pix, state.max_prob,
-                               state.n_significant, state.log_likelihood,
-                               class_number=state.class_number + 1)
-        if o.ndim == 2:  # 2D poses are in-plane only: keep any input rot/tilt
-            for col in ("rlnAngleRot", "rlnAngleTilt"):
-                if col in p.particles.columns:
-                    table[col] = p.particles[col].to_numpy()
-                else:
-                    table = table.drop(columns=col)
-        write_data_star(Path(f"{root}_data.star"), p, table)
+        write_data_star(Path(f"{root}_data.star"), p, class_table(p, state, o))
 
     def write_iteration(self, root: Path, state: ClassState) -> None:
         self.write_tables(root, state, self.write_maps(root, state))
@@ -192,6 +192,22 @@ class ClassifyJob(Job):
         sizes = np.bincount(state.class_number, minlength=state.n_classes)
         self.log(f"final classes (particles): {' '.join(str(int(s)) for s in sizes)}; outputs "
                  f"in {self.outdir}")
+
+
+def class_table(particles: ParticleSet, state: ClassState, options: ClassOptions
+                ) -> pd.DataFrame:
+    """The particle table of a classification (run_data.star's data_particles): the input
+    columns, rlnClassNumber (1-based), the best pose and the statistics."""
+    table = particle_table(particles, state.angles, state.origins_px, particles.pixel_size,
+                           state.max_prob, state.n_significant, state.log_likelihood,
+                           class_number=state.class_number + 1)
+    if options.ndim == 2:  # 2D poses are in-plane only: keep any input rot/tilt
+        for col in ("rlnAngleRot", "rlnAngleTilt"):
+            if col in particles.particles.columns:
+                table[col] = particles.particles[col].to_numpy()
+            else:
+                table = table.drop(columns=col)
+    return table
 
 
 # -- initial references ----------------------------------------------------------------------
@@ -213,12 +229,23 @@ def perturbed_references(reference: np.ndarray, pixel_size: float, resolution: f
     return out
 
 
-def read_references_3d(path: str | Path, particles: ParticleSet, n_classes: int
-                       ) -> list[np.ndarray]:
+def read_references_3d(path, particles: ParticleSet, n_classes: int) -> list[np.ndarray]:
     """3D references for --ref: one map (RELION's single reference: every class starts from
     it) or a STAR file listing K maps in rlnReferenceImage (paths as image paths: relative to
-    the working folder, then to the STAR file's folder). Each map's box and pixel size must
-    match the particles."""
+    the working folder, then to the STAR file's folder); in memory (the Python API), a map
+    or a list of K maps (`reference_input`). Each map's box and pixel size must match the
+    particles."""
+    if isinstance(path, (list, tuple)) or hasattr(path, "data"):
+        refs = list(path) if isinstance(path, (list, tuple)) else [path]
+        if len(refs) not in (1, n_classes):
+            raise InputError(f"--ref: {len(refs)} reference maps for --K {n_classes}; "
+                             f"expected 1 or {n_classes}")
+        maps = []
+        for ref in refs:
+            data, pix, name = reference_input(ref)
+            check_reference(data, pix, particles, name)
+            maps.append(np.asarray(data, np.float64))
+        return maps
     path = Path(path)
     if path.suffix != ".star":
         ref, pix = read_map(path)
@@ -248,15 +275,24 @@ def read_references_3d(path: str | Path, particles: ParticleSet, n_classes: int
     return maps
 
 
-def read_references_2d(path: str | Path, particles: ParticleSet, n_classes: int
-                       ) -> np.ndarray:
+def read_references_2d(path, particles: ParticleSet, n_classes: int) -> np.ndarray:
     """2D references for --ref: an image (`.mrc`, used for every class) or a stack (`.mrcs`,
-    one image per class). Box and pixel size must match the particles. Returns (K, N, N)."""
-    path = Path(path)
-    if path.suffix == ".mrcs":
+    one image per class); in memory, an image or a list of K images with `.data` and
+    `.pixel_size` (cryomap.Volume). Box and pixel size must match the particles. Returns
+    (K, N, N)."""
+    if isinstance(path, (list, tuple)) or hasattr(path, "data"):
+        refs = list(path) if isinstance(path, (list, tuple)) else [path]
+        images = np.stack([np.asarray(r.data, np.float64) for r in refs])
+        pix = float(refs[0].pixel_size)
+        path = Path("--ref (in memory)")
+        if images.ndim != 3:
+            raise InputError(f"{path}: expected 2D images for a 2D classification")
+    elif Path(path).suffix == ".mrcs":
+        path = Path(path)
         with open_stack(path) as stack:
             images, pix = stack.read(np.arange(stack.n_images)), stack.pixel_size
     else:
+        path = Path(path)
         data, pix = read_map(path)
         if data.ndim == 3:
             raise InputError(f"{path}: a 3D map; 2D classification needs 2D references (an "
@@ -342,14 +378,15 @@ def plot_gallery(path: Path, state: ClassState, pixel_size: float, columns: int 
 
 
 def _prepare(star, outdir, options: ClassOptions, resume: bool, angpix: float | None,
-             max_memory: float | None) -> tuple[ParticleSet, ResumePoint | None, int]:
+             max_memory: float | None) -> tuple[ParticleSet, Path, ResumePoint | None, int]:
     """The checks shared by class3d and class2d, in order, before anything is written:
-    options, output folder, particles and their per-particle values, the resume point.
-    Returns (particles, resume point or None, memory budget in bytes)."""
+    options, output folder, particles (a file or a ParticleSet) and their per-particle values,
+    the resume point. Returns (particles, their name, resume point or None, memory budget in
+    bytes)."""
     options.validate()
     budget = max_memory_bytes(max_memory)
     Job.check_output(outdir, resume)
-    particles = load_particles(star, angpix=angpix, log=None)
+    particles, star = particle_input(star, angpix)
     try:
         check_classes(options.n_classes, particles, star)
         require_ctf(particles, star, options.use_ctf)
@@ -359,7 +396,7 @@ def _prepare(star, outdir, options: ClassOptions, resume: bool, angpix: float | 
     except BaseException:
         particles.close()
         raise
-    return particles, start, budget
+    return particles, star, start, budget
 
 
 def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOptions,
@@ -377,15 +414,18 @@ def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOpt
         particles.close()
 
 
-def classify3d(star: str | Path, reference_path: str | Path | None, outdir: str | Path,
+def classify3d(star: str | Path | ParticleSet, reference_path, outdir: str | Path | None,
                options: ClassOptions, resume: bool = False,
                echo: Callable[[str], None] | None = print, angpix: float | None = None,
                max_memory: float | None = None) -> ClassState:
     """Run (or, with resume=True, continue) a 3D classification; returns the final state.
-    Everything is checked before anything is written in `outdir`; max_memory in GiB."""
+    Everything is checked before anything is written in `outdir`; max_memory in GiB.
+    star: a particle file or a ParticleSet; reference_path: an MRC path, a STAR list of K
+    maps, or maps in memory (read_references_3d); outdir None: run in memory."""
     if options.ndim != 3:
         raise ValueError("classify3d: options.ndim must be 3")
-    particles, start, budget = _prepare(star, outdir, options, resume, angpix, max_memory)
+    particles, star, start, budget = _prepare(star, outdir, options, resume, angpix,
+                                              max_memory)
     references = None
     try:
         if start is None or start.state is None:
@@ -408,15 +448,18 @@ def classify3d(star: str | Path, reference_path: str | Path | None, outdir: str 
                 start, budget)
 
 
-def classify2d(star: str | Path, outdir: str | Path, options: ClassOptions,
-               reference_path: str | Path | None = None, resume: bool = False,
+def classify2d(star: str | Path | ParticleSet, outdir: str | Path | None,
+               options: ClassOptions, reference_path=None, resume: bool = False,
                echo: Callable[[str], None] | None = print, angpix: float | None = None,
                max_memory: float | None = None) -> ClassState:
     """Run (or, with resume=True, continue) a 2D classification; returns the final state.
-    Everything is checked before anything is written in `outdir`; max_memory in GiB."""
+    Everything is checked before anything is written in `outdir`; max_memory in GiB.
+    star: a particle file or a ParticleSet; reference_path: None (averages of random
+    subsets), an image or stack file, or images in memory; outdir None: run in memory."""
     if options.ndim != 2:
         raise ValueError("classify2d: options.ndim must be 2")
-    particles, start, budget = _prepare(star, outdir, options, resume, angpix, max_memory)
+    particles, star, start, budget = _prepare(star, outdir, options, resume, angpix,
+                                              max_memory)
     references = None
     try:
         if reference_path is not None and (start is None or start.state is None):

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..em.data import ImageSource
 from ..em.model import ssnr_from_fsc
@@ -142,8 +143,7 @@ class RefineJob(Job):
 
     def description(self) -> dict:
         return {"i": str(self.star.resolve()),
-                "ref": None if self.reference_path is None
-                else str(Path(self.reference_path).resolve()),
+                "ref": saved_reference(self.reference_path),
                 "options": asdict(self.options)}
 
     def header(self) -> str:
@@ -197,9 +197,7 @@ class RefineJob(Job):
             accuracy_translations=float(last.get("accuracy_trans", 999.0)) * pix)
 
     def _data_table(self, state: RefineState):
-        return particle_table(self.particles, state.angles, state.origins_px,
-                              self.particles.pixel_size, state.max_prob, state.n_significant,
-                              state.log_likelihood, subset=state.subset)
+        return refine_table(self.particles, state)
 
     def write_iteration(self, root: Path, state: RefineState) -> None:
         pix = self.particles.pixel_size
@@ -230,17 +228,49 @@ class RefineJob(Job):
         self.log(f"post-process with: {postprocess_command(out, self.options.solvent_mask)}")
 
 
-def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Path,
+def particle_input(star: str | Path | ParticleSet, angpix: float | None = None
+                   ) -> tuple[ParticleSet, Path]:
+    """(particle set, the name messages and job.json give it) of a job's --i: a particle file
+    (read and checked, `load_particles`) or a ParticleSet already in hand (the Python API;
+    `angpix` must then be None)."""
+    if isinstance(star, ParticleSet):
+        if angpix is not None:
+            raise InputError("--angpix: only for particles read from a file")
+        return star, star.star_path
+    return load_particles(star, angpix=angpix, log=None), Path(star)
+
+
+def reference_input(reference) -> tuple[np.ndarray, float, str]:
+    """(map, pixel size, name) of a --ref: an MRC path, or a map in hand (anything with
+    `.data` and `.pixel_size`, e.g. a cryomap.Volume)."""
+    if hasattr(reference, "data") and hasattr(reference, "pixel_size"):
+        return np.asarray(reference.data), float(reference.pixel_size), "--ref (in memory)"
+    data, pix = read_map(reference)
+    return data, pix, str(reference)
+
+
+def refine_table(particles: ParticleSet, state: RefineState) -> pd.DataFrame:
+    """The particle table of a refinement (run_data.star's data_particles): the input
+    columns, the best pose, rlnRandomSubset and the statistics."""
+    return particle_table(particles, state.angles, state.origins_px, particles.pixel_size,
+                          state.max_prob, state.n_significant, state.log_likelihood,
+                          subset=state.subset)
+
+
+def refine(star: str | Path | ParticleSet, reference_path, outdir: str | Path | None,
            options: RefineOptions, resume: bool = False,
            echo: Callable[[str], None] | None = print, angpix: float | None = None,
            max_memory: float | None = None) -> RefineState:
     """Run (or, with resume=True, continue) a 3D refinement; returns the final state.
     Everything is checked before anything is written in `outdir`. max_memory: the memory
-    budget in GiB (None: the default share of the available memory)."""
+    budget in GiB (None: the default share of the available memory).
+
+    star: a particle file or a ParticleSet; reference_path: an MRC path or a map in hand
+    (`reference_input`); outdir None: run in memory, no file written (`Job`)."""
     options.validate()
     budget = max_memory_bytes(max_memory)
     Job.check_output(outdir, resume)
-    particles = load_particles(star, angpix=angpix, log=None)
+    particles, star = particle_input(star, angpix)
     try:
         require_ctf(particles, star, options.use_ctf)
         check_particles_for_em(particles, options)
@@ -250,8 +280,8 @@ def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Pa
         if start is None or start.state is None:
             if reference_path is None:
                 raise InputError("--ref: an initial map is required")
-            reference, ref_pixel = read_map(reference_path)
-            check_reference(reference, ref_pixel, particles, reference_path)
+            reference, ref_pixel, ref_name = reference_input(reference_path)
+            check_reference(reference, ref_pixel, particles, ref_name)
         solvent_mask = read_solvent_mask(options.solvent_mask, particles)
         if options.solvent_mask is not None:  # job.json: found again by --continue anywhere
             options = replace(options, solvent_mask=str(Path(options.solvent_mask).resolve()))
@@ -264,6 +294,14 @@ def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Pa
         return job.run(start)
     finally:
         particles.close()
+
+
+def saved_reference(reference) -> str | None:
+    """job.json's "ref": the absolute path of a file reference, None for none or a map in
+    memory (a continued run never needs it: it starts from its saved state)."""
+    if reference is None or hasattr(reference, "data"):
+        return None
+    return str(Path(reference).resolve())
 
 
 def refine_memory(particles: ParticleSet, options: RefineOptions,
@@ -315,5 +353,6 @@ def saved_run(outdir: str | Path) -> dict:
     return job
 
 
-__all__ = ["RefineJob", "refine", "saved_job", "saved_run", "check_reference", "require_ctf",
+__all__ = ["RefineJob", "refine", "refine_table", "particle_input", "reference_input", "saved_reference",
+           "saved_job", "saved_run", "check_reference", "require_ctf",
            "image_source", "iteration_root", "read_solvent_mask", "postprocess_command"]
