@@ -689,7 +689,9 @@ def random_subsets(particles: ParticleSet, rng: np.random.Generator, log: Log = 
     every value is 1 or 2 and both halves are non-empty; when the column is absent or all 0,
     the particles are split at random (with a log line). RELION stops with an error for a
     value other than 0/1/2, for 0 mixed with non-0 and for an empty half; cryomap raises
-    InputError in those cases, or, with resplit_invalid=True, logs why and re-splits.
+    InputError in those cases, or, with resplit_invalid=True (what the jobs use,
+    em.refine.split_halves), logs why and re-splits. A value that is not a number is always
+    an InputError.
     The random split is an exact half (n//2 particles in half 2), where RELION draws each
     particle's half independently.
     """

@@ -131,7 +131,7 @@ def reconstruct(star: str | Path, output: str | Path, sym: str = "C1", use_ctf: 
             if particles.n_particles < 2:
                 raise InputError(f"{star}: {particles.n_particles} particle; expected at "
                                  f"least 2 (two half-sets)")
-            halves = split_halves(particles, rng)
+            halves = split_halves(particles, rng, log=echo)
         options = RefineOptions(use_ctf=use_ctf, sym=sym, seed=seed)
         source = image_source(particles, options)
         state = reconstruct_known_poses(source, particles.angles(), particles.origins_px(),
