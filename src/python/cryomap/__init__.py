@@ -8,8 +8,8 @@ its maps as `Volume`s and its per-particle table as a pandas DataFrame:
   `Volume.phantom(box, pixel_size)`, `.save(path)`, `.asnumpy()`, `.project(angles)`,
   `.fsc(other)` (`.resolution(0.143)`), `.lowpass(resolution)`.
 - Particle sets: `read_particles(path)` (RELION STAR or cryoSPARC .cs, images read lazily)
-  and `InMemoryParticleSet.from_arrays(images, pixel_size, table)` (images in a numpy array);
-  both are `ParticleSet`s (`.particles` and `.optics` tables, `.read_images(rows)`).
+  and `particles_from_images(images, pixel_size, table)` (images in a numpy array); both are
+  `ParticleSet`s (`.particles` and `.optics` tables, `.read_images(rows)`, `.save(path)`).
 - `simulate(...)`: particles of a map or of the built-in phantom, with the true poses.
 - `refine(particles, reference)`: 3D auto-refinement with gold-standard half-sets.
 - `classify3d(particles, reference, n_classes=K)`, `classify2d(particles, n_classes=K)`.
@@ -38,6 +38,7 @@ from .api import (
     classify2d,
     classify3d,
     get_threads,
+    particles_from_images,
     read_particles,
     reconstruct,
     refine,
@@ -45,13 +46,12 @@ from .api import (
     simulate,
 )
 from .errors import InputError
-from .particle_arrays import InMemoryParticleSet
 from .particles import ParticleSet
 from .volume import FSC, Volume
 
 __version__ = "0.1.0"
 
-__all__ = ["Volume", "FSC", "ParticleSet", "InMemoryParticleSet", "read_particles",
+__all__ = ["Volume", "FSC", "ParticleSet", "particles_from_images", "read_particles",
            "simulate", "refine", "classify3d", "classify2d", "reconstruct", "set_threads",
            "get_threads", "SimulationResult", "RefineResult", "ClassifyResult",
            "ReconstructResult", "InputError", "__version__"]

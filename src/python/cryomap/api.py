@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .particle_arrays import InMemoryParticleSet
-from .particles import ParticleSet
+from .particles import ParticleSet, particles_from_images
 from .volume import FSC, Volume
 
-__all__ = ["set_threads", "get_threads", "read_particles", "simulate", "refine",
+__all__ = ["set_threads", "get_threads", "read_particles", "particles_from_images",
+           "simulate", "refine",
            "classify3d", "classify2d", "reconstruct", "SimulationResult", "RefineResult",
            "ClassifyResult", "ReconstructResult", "CLASS3D_DEFAULTS", "CLASS2D_DEFAULTS"]
 
@@ -61,7 +61,7 @@ def get_threads() -> int:
 def read_particles(path: PathLike, angpix: float | None = None) -> ParticleSet:
     """A particle file as a ParticleSet: RELION STAR (3.0 or 3.1+) or cryoSPARC `.cs`, images
     read lazily from their stacks (`particles.load_particles`). `angpix` supplies or replaces
-    the pixel size. For images already in memory use `InMemoryParticleSet.from_arrays`."""
+    the pixel size. For images already in memory use `particles_from_images`."""
     from .particles import load_particles
 
     return load_particles(path, angpix=angpix, log=None)
@@ -109,12 +109,12 @@ def _prepare_output(outdir: PathLike | None, resume: bool, particles: ParticleSe
     """Particles in memory with an output folder are written there first (particles.star and
     particles.mrcs), so that job.json, run_data.star and --continue refer to real files; the
     run then reads them back. Otherwise the particles as given."""
-    if outdir is None or not isinstance(particles, InMemoryParticleSet):
+    if outdir is None or particles.images is None:
         return particles
     from .jobs.base import Job
 
     Job.check_output(outdir, resume)
-    return particles.save(Path(outdir) / "particles.star")
+    return particles.save(Path(outdir) / "particles.star")  # and particles.mrcs
 
 
 # -- simulate ---------------------------------------------------------------------------------
@@ -122,12 +122,12 @@ def _prepare_output(outdir: PathLike | None, resume: bool, particles: ParticleSe
 
 @dataclass
 class SimulationResult:
-    """Simulated particles: `particles` (an InMemoryParticleSet without poses: the input of
+    """Simulated particles: `particles` (a ParticleSet in memory without poses: the input of
     refine / classify), `truth` (the particle table plus the true rlnAngleRot/Tilt/Psi,
     rlnOriginX/YAngst and rlnClassNumber), `maps` (the map of each class) and, with an output
     folder, the files written (`paths`)."""
 
-    particles: InMemoryParticleSet
+    particles: ParticleSet
     truth: pd.DataFrame
     maps: list[Volume]
     paths: dict[str, Path]
@@ -136,6 +136,14 @@ class SimulationResult:
     def truth_map(self) -> Volume:
         """The map of class 1."""
         return self.maps[0]
+
+    @property
+    def truth_particles(self) -> ParticleSet:
+        """The same images with the true poses and classes (for `reconstruct`: the best map
+        the poses allow)."""
+        return particles_from_images(self.particles.images, self.particles.pixel_size,
+                                     self.truth.drop(columns=["rlnImageName"]),
+                                     self.particles.optics)
 
 
 def simulate(maps: Volume | Sequence[Volume] | None = None, n: int = 1000,
@@ -155,7 +163,8 @@ def simulate(maps: Volume | Sequence[Volume] | None = None, n: int = 1000,
     classes. outdir: also write particles.star, particles.mrcs, truth.star and the maps there
     (as `cryomap simulate`).
     """
-    from .simulate import simulate_particles, write_simulation
+    from .particles import output_stack_name
+    from .simulate import STACK_NAME, simulate_particles, write_simulation
 
     if maps is None:
         vols = [Volume.phantom(box, pixel_size, seed, k, scale) for k in range(variants)]
@@ -165,13 +174,9 @@ def simulate(maps: Volume | Sequence[Volume] | None = None, n: int = 1000,
             raise TypeError("simulate: maps must be a 3D Volume or a list of them")
         pixel_size = vols[0].pixel_size
     pix = float(pixel_size)
-    stack_name = "particles.mrcs"
-    if outdir is not None:
-        stack = Path(outdir).absolute() / stack_name
-        try:  # rlnImageName as RELION writes it: from the working folder
-            stack_name = str(stack.relative_to(Path.cwd()))
-        except ValueError:
-            stack_name = str(stack)
+    stack_name = STACK_NAME
+    if outdir is not None:  # rlnImageName as RELION writes it: from the working folder
+        stack_name = output_stack_name(Path(outdir) / STACK_NAME)
     images, optics, table, truth = simulate_particles(
         [np.asarray(v.data, np.float32) for v in vols], pix, n, snr=snr,
         defocus_range=defocus_range, astigmatism=astigmatism, max_shift_px=max_shift,
@@ -181,8 +186,8 @@ def simulate(maps: Volume | Sequence[Volume] | None = None, n: int = 1000,
     if outdir is not None:
         paths = write_simulation(outdir, images, optics, table, truth, pix,
                                  truth_maps=[v.data for v in vols])
-    particles = InMemoryParticleSet.from_arrays(images, pix,
-                                                table.drop(columns=["rlnImageName"]), optics)
+    particles = particles_from_images(images, pix, table.drop(columns=["rlnImageName"]),
+                                      optics)
     return SimulationResult(particles, truth, vols, paths)
 
 
@@ -213,7 +218,7 @@ def refine(particles: Particles, reference: Reference | None = None,
     """3D auto-refinement by MAP-EM with gold-standard half-sets (RELION's auto-refine;
     `cryomap refine`; docs/method.md).
 
-    particles: a ParticleSet (read_particles, InMemoryParticleSet, simulate(...).particles)
+    particles: a ParticleSet (read_particles, particles_from_images, simulate(...).particles)
         or a particle file path.
     reference: the initial map, a Volume or an MRC path (same box and pixel size as the
         particles); not needed to continue a run (resume=True).

@@ -28,13 +28,13 @@ from ..em.classify import (
 from ..em.data import ImageSource
 from ..em.noise import NoiseModel
 from ..em.options import max_memory_bytes
-from ..em.refine import lowpass
+from ..em.refine import lowpass, split_halves
 from ..errors import InputError
 from ..euler import euler_to_matrix
 from ..io.atomic import atomic_path
 from ..io.mrc import open_stack, read_map, write_stack
 from ..io.star import read_star
-from ..particles import ParticleSet, random_subsets
+from ..particles import ParticleSet
 from .base import (
     Job,
     MemoryPlan,
@@ -108,7 +108,7 @@ class ClassifyJob(Job):
         references, seed_class = self.initialise(self.source, noise.sigma2, seed_class, rng)
         from ..em.classify import initial_state
 
-        subset = random_subsets(p, rng, log=self.notes.append) if o.split_halves else None
+        subset = split_halves(p, rng, log=self.notes.append) if o.split_halves else None
         return initial_state(self.source, o, references, p.angles(), p.origins_px(),
                              seed_class, subset)
 

@@ -84,11 +84,10 @@ def select_subset(particles: ParticleSet, star: str | Path, subset: int) -> Part
     if rows.size == 0:
         raise InputError(f"{star}: no particle has rlnRandomSubset {subset}; expected a "
                          f"non-empty --subset")
-    if hasattr(particles, "select"):  # particles in memory (particle_arrays)
-        return particles.select(rows)
     return ParticleSet(optics=particles.optics, particles=df.iloc[rows].reset_index(drop=True),
                        star_path=particles.star_path, max_open_stacks=particles.max_open_stacks,
-                       search_dirs=particles.search_dirs, notes=list(particles.notes))
+                       search_dirs=particles.search_dirs, notes=list(particles.notes),
+                       images=None if particles.images is None else particles.images[rows])
 
 
 def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: str = "C1",
@@ -141,7 +140,7 @@ def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: 
             if particles.n_particles < 2:
                 raise InputError(f"{star}: {particles.n_particles} particle; expected at "
                                  f"least 2 (two half-sets)")
-            halves = split_halves(particles, rng)
+            halves = split_halves(particles, rng, log=echo)
         options = RefineOptions(use_ctf=use_ctf, sym=sym, seed=seed)
         source = image_source(particles, options)
         state = reconstruct_known_poses(source, particles.angles(), particles.origins_px(),

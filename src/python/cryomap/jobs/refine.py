@@ -27,11 +27,12 @@ from ..em.refine import (
     initial_state,
     mask_radius_px,
     refine_iteration,
+    split_halves,
 )
 from ..errors import InputError
 from ..io.mrc import read_map
 from ..masks import check_mask
-from ..particles import ParticleSet, load_particles, random_subsets
+from ..particles import ParticleSet, load_particles
 from .base import (
     Job,
     MemoryPlan,
@@ -129,8 +130,8 @@ class RefineJob(Job):
     def initial_state(self) -> RefineState:
         o, p = self.options, self.particles
         rng = np.random.default_rng(o.seed)
-        # rlnRandomSubset as RELION reads it (invalid values refused), else a random split
-        subsets = random_subsets(p, rng, log=self.notes.append)
+        # rlnRandomSubset when valid, else a random split with a log line saying why
+        subsets = split_halves(p, rng, log=self.notes.append)
         state = initial_state(self.refinement, self.reference, p.angles(), p.origins_px(),
                               subsets)
         if o.sym != "C1":
