@@ -30,6 +30,9 @@ Example (small sizes; a real run uses more particles and a larger box):
     ((32, 32, 32), 6.0)
 """
 
+# The module `cryomap.simulate` is loaded first, so that the name `cryomap.simulate` stays the
+# API function below (a submodule loaded later would replace the package's attribute).
+from . import simulate as _simulate_module  # noqa: F401
 from .api import (
     ClassifyResult,
     ReconstructResult,

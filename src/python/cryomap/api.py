@@ -385,8 +385,8 @@ def reconstruct(particles: Particles, output: PathLike | None = None, *, sym: st
         raise TypeError(f"particles: expected a ParticleSet or a file path, got "
                         f"{type(particles).__name__}")
     set_threads(threads)
-    r = run_reconstruct(particles, output, angpix=angpix, sym=sym, use_ctf=ctf, subset=subset, maxres=maxres,
-                        seed=seed, echo=echo)
+    r = run_reconstruct(particles, output, angpix=angpix, sym=sym, use_ctf=ctf,
+                        subset=subset, maxres=maxres, seed=seed, echo=echo)
     pix = r.pixel_size
     maps = r.state.final_maps
     return ReconstructResult(

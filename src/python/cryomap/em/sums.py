@@ -1,5 +1,5 @@
-"""M-step sums from the posterior weights (numerator and denominator of docs/method.md eq. (13)-(14),
-and the sum of eq. (15)), by the C++ kernel `core.maximization_sums`.
+"""M-step sums from the posterior weights (numerator and denominator of docs/method.md
+eqs. (13)-(14), and the sum of eq. (15)), by the C++ kernel `core.maximization_sums`.
 
 With Y_it(j) = CTF_ij X_ij(t) inv_sigma2_ij and W_ij = CTF_ij^2 inv_sigma2_ij:
 

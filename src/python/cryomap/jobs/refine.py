@@ -354,6 +354,6 @@ def saved_run(outdir: str | Path) -> dict:
     return job
 
 
-__all__ = ["RefineJob", "refine", "refine_table", "particle_input", "reference_input", "saved_reference",
-           "saved_job", "saved_run", "check_reference", "require_ctf",
+__all__ = ["RefineJob", "refine", "refine_table", "particle_input", "reference_input",
+           "saved_reference", "saved_job", "saved_run", "check_reference", "require_ctf",
            "image_source", "iteration_root", "read_solvent_mask", "postprocess_command"]
