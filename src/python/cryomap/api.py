@@ -111,9 +111,11 @@ def _prepare_output(outdir: PathLike | None, resume: bool, particles: ParticleSe
     run then reads them back. Otherwise the particles as given."""
     if outdir is None or particles.images is None:
         return particles
+    from .io.atomic import make_output_dir
     from .jobs.base import Job
 
     Job.check_output(outdir, resume)
+    make_output_dir(outdir, "--o")
     return particles.save(Path(outdir) / "particles.star")  # and particles.mrcs
 
 
