@@ -19,20 +19,18 @@ its maps as `Volume`s and its per-particle table as a pandas DataFrame:
 With `outdir=None` (the default) a run writes nothing; with an output folder it writes
 RELION's layout there, as the `cryomap` command line (which goes through these functions).
 
-Example (small sizes; a real run uses more particles and a larger box):
+Example (docs/api.md has it at test sizes, run by the test suite):
 
-    >>> import cryomap
-    >>> truth = cryomap.Volume.phantom(box=32, pixel_size=6.0)
-    >>> sim = cryomap.simulate(truth, n=200, snr=1.0, seed=1)
-    >>> start = truth.lowpass(30.0)
-    >>> result = cryomap.refine(sim.particles, start, iterations=3, echo=None)  # doctest: +SKIP
-    >>> result.map.asnumpy().shape, result.map.pixel_size                       # doctest: +SKIP
-    ((32, 32, 32), 6.0)
+    import cryomap
+    truth = cryomap.Volume.phantom(box=64, pixel_size=3.0)
+    sim = cryomap.simulate(truth, n=2000, snr=0.1)
+    result = cryomap.refine(sim.particles, truth.lowpass(60.0), particle_diameter=180)
+    result.map.asnumpy(), result.map.pixel_size, result.resolution, result.particles
 """
 
 # The module `cryomap.simulate` is loaded first, so that the name `cryomap.simulate` stays the
 # API function below (a submodule loaded later would replace the package's attribute).
-from . import simulate as _simulate_module  # noqa: F401
+from . import simulate as _simulate_module
 from .api import (
     ClassifyResult,
     ReconstructResult,
@@ -51,6 +49,8 @@ from .api import (
 from .errors import InputError
 from .particles import ParticleSet
 from .volume import FSC, Volume
+
+del _simulate_module
 
 __version__ = "0.1.0"
 
