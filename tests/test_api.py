@@ -96,6 +96,8 @@ def test_reconstruct_in_memory_subset(sim):
     half = cryomap.reconstruct(particles, ctf=True, subset=1, echo=None)
     assert full.half_maps is not None and half.half_maps is None
     assert full.n_particles == 80 and half.n_particles == 40
+    assert len(half.particles) == 40 and set(half.particles["rlnRandomSubset"]) == {1}
+    np.testing.assert_array_equal(full.particles["rlnRandomSubset"], np.arange(80) % 2 + 1)
     assert half.map.fsc(sim.truth_map).resolution(0.5) < 48.0
 
 

@@ -361,13 +361,16 @@ def classify2d(particles: Particles, outdir: PathLike | None = None, *,
 class ReconstructResult:
     """A map from particles at known poses: `map` (regularised, from both half-sets or the
     chosen one), the unfiltered `half_maps` (both half-sets only, else None), the half-set
-    `fsc` and `resolution` (Å, FSC 0.143), and the files written (`paths`, [] in memory)."""
+    `fsc` and `resolution` (Å, FSC 0.143), the per-particle table `particles` (the particles
+    used; with both half-sets, rlnRandomSubset is the half each went into) and the files
+    written (`paths`, [] in memory)."""
 
     map: Volume
     half_maps: tuple[Volume, Volume] | None
     fsc: FSC
     resolution: float
     n_particles: int
+    particles: pd.DataFrame
     paths: list[Path]
     state: object
 
@@ -397,4 +400,5 @@ def reconstruct(particles: Particles, output: PathLike | None = None, *, sym: st
             Volume(np.asarray(maps[1], np.float32), pix),
             Volume(np.asarray(maps[2], np.float32), pix)),
         fsc=FSC(np.asarray(r.state.fsc, np.float64), int(maps.shape[-1]), pix),
-        resolution=r.resolution, n_particles=r.n_particles, paths=r.paths, state=r.state)
+        resolution=r.resolution, n_particles=r.n_particles, particles=r.table, paths=r.paths,
+        state=r.state)

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="0 = full molecule, 1-3 = variants for classification tests")
     p.add_argument("--lowpass", type=float, default=None, metavar="A",
                    help="low-pass filter the map at this resolution (Å), e.g. for an initial "
-                        "model (default: not filtered)")
+                        "model; none: not filtered")
 
 
 def run(args: argparse.Namespace) -> int:

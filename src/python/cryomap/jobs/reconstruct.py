@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..em.reconstruct import reconstruct_known_poses
 from ..em.refine import RefineOptions, RefineState, split_halves
@@ -46,6 +47,9 @@ class ReconstructResult:
     resolution: float  # Å, FSC 0.143 of the half-sets used for tau2
     state: RefineState
     pixel_size: float = 0.0  # Å
+    # the particles used (their input rows); with both half-sets, rlnRandomSubset is the
+    # half-set each particle was reconstructed in
+    table: pd.DataFrame | None = None
 
 
 def half_map_paths(output: Path) -> tuple[Path, Path]:
@@ -162,6 +166,9 @@ def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: 
                     f"{particles.n_particles} particles, half-set FSC 0.143 at {res:.2f} Å")
             echo(f"cryomap reconstruct: {what}, symmetry {sym}"
                  + ("; wrote " + ", ".join(str(p) for p in paths) if paths else ""))
-        return ReconstructResult(paths, particles.n_particles, res, state, pix)
+        table = particles.particles.copy()
+        if subset is None:
+            table["rlnRandomSubset"] = halves
+        return ReconstructResult(paths, particles.n_particles, res, state, pix, table)
     finally:
         particles.close()
