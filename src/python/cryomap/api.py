@@ -143,7 +143,7 @@ class SimulationResult:
     def truth_particles(self) -> ParticleSet:
         """The same images with the true poses and classes (for `reconstruct`: the best map
         the poses allow)."""
-        return particles_from_images(self.particles.images, self.particles.pixel_size,
+        return particles_from_images(self.particles.images, self.particles.grid_pixel_size,
                                      self.truth.drop(columns=["rlnImageName"]),
                                      self.particles.optics)
 
@@ -251,9 +251,9 @@ def refine(particles: Particles, reference: Reference | None = None,
                        max_memory=max_memory)
     if not isinstance(source, ParticleSet):
         ps = read_particles(source)
-    pix = ps.pixel_size
+    pix = ps.grid_pixel_size
     maps = state.final_maps
-    fsc = FSC(np.asarray(state.fsc, np.float64), ps.box, pix)
+    fsc = FSC(np.asarray(state.fsc, np.float64), ps.grid_box, pix)
     return RefineResult(
         map=Volume(np.asarray(maps[0], np.float32), pix),
         half_maps=(Volume(np.asarray(maps[1], np.float32), pix),
@@ -312,7 +312,7 @@ def _classify(ndim: int, particles: Particles, reference, outdir, options, resum
                        max_memory=max_memory)
     if not isinstance(source, ParticleSet):
         ps = read_particles(source)
-    pix = ps.pixel_size
+    pix = ps.grid_pixel_size
     return ClassifyResult(
         maps=[Volume(np.asarray(r, np.float32), pix) for r in state.references],
         distribution=np.asarray(state.distribution, np.float64),

@@ -300,6 +300,16 @@ class ParticleSet:
         return int(self.boxes[0]), float(self.pixel_sizes[0])
 
     @property
+    def grid_box(self) -> int:
+        """Box (px) of `reference_grid`: optics group 1's."""
+        return int(self.boxes[0])
+
+    @property
+    def grid_pixel_size(self) -> float:
+        """Pixel size (Å) of `reference_grid`: optics group 1's."""
+        return float(self.pixel_sizes[0])
+
+    @property
     def mixed_grids(self) -> bool:
         """True when optics groups differ in box or (by more than 0.001 Å) pixel size."""
         box, pix = self.reference_grid

@@ -215,21 +215,37 @@ def plan_memory(estimate: Callable[[int], dict[str, int]], n_particles: int, box
 # -- particles -------------------------------------------------------------------------------
 
 
+def grid_notes(particles) -> list[str]:
+    """Log lines for optics groups on another grid than optics group 1's (the reference's):
+    their images are brought onto it by Fourier cropping/padding (em.data.ImageSource)."""
+    if not particles.mixed_grids:
+        return []
+    box, pix = particles.reference_grid
+    others = ", ".join(f"group {g + 1}: {int(b)} px of {p:g} Å"
+                       for g, (b, p) in enumerate(zip(particles.boxes, particles.pixel_sizes,
+                                                      strict=True)) if g)
+    return [f"optics groups on other grids ({others}) brought onto optics group 1's "
+            f"{box} px of {pix:g} Å by Fourier cropping/padding; σ² per optics group"]
+
+
 def check_particles_for_em(particles, options) -> None:
     """The per-particle values an E/M run uses beyond what loading checked, and the options
     that depend on the particles (box, pixel size); InputError naming the file, the row, the
     field and the range."""
-    box, pix = particles.box, particles.pixel_size
+    box, pix = particles.reference_grid
     options.validate_for(box, pix)
+    # origins against each particle's own box (optics groups may differ in box and pixel)
     origins = particles.origins_px()
-    far = np.abs(origins).max(axis=1) > box / 2
+    half = particles.particle_boxes() / 2
+    far = np.abs(origins).max(axis=1) > half
     if np.any(far):
         r = int(np.argmax(far))
-        label = "rlnOriginXAngst" if abs(origins[r, 0]) > box / 2 else "rlnOriginYAngst"
-        value = origins[r, 0 if label.startswith("rlnOriginX") else 1] * pix
+        label = "rlnOriginXAngst" if abs(origins[r, 0]) > half[r] else "rlnOriginYAngst"
+        own_pix = float(particles.particle_pixel_sizes([r])[0])
+        value = origins[r, 0 if label.startswith("rlnOriginX") else 1] * own_pix
         raise InputError(f"{particles.star_path}: data_particles, row {r + 1}: {label} = "
-                         f"{value:g}; expected |origin| <= {box / 2 * pix:g} Å (half the box, "
-                         f"{box} px of {pix:g} Å)")
+                         f"{value:g}; expected |origin| <= {half[r] * own_pix:g} Å (half the "
+                         f"box, {int(2 * half[r])} px of {own_pix:g} Å)")
 
 
 # -- resuming --------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from .base import (
     ResumePoint,
     check_particles_for_em,
     find_resume_point,
+    grid_notes,
     plan_memory,
     progress_bar,
     read_job_file,
@@ -99,6 +100,7 @@ class ClassifyJob(Job):
         cache = None if memory is None else (memory.parts.get("image cache", 0)
                                              if memory.cache else 0)
         self.source = image_source(particles, options, cache)
+        self.notes += grid_notes(particles)
 
     def initial_state(self) -> ClassState:
         o, p = self.options, self.particles
@@ -109,8 +111,8 @@ class ClassifyJob(Job):
         from ..em.classify import initial_state
 
         subset = split_halves(p, rng, log=self.notes.append) if o.split_halves else None
-        return initial_state(self.source, o, references, p.angles(), p.origins_px(),
-                             seed_class, subset)
+        return initial_state(self.source, o, references, p.angles(),
+                             p.origins_px(pixel_size=p.grid_pixel_size), seed_class, subset)
 
     def description(self) -> dict:
         return {"i": str(self.star.resolve()),
@@ -120,8 +122,8 @@ class ClassifyJob(Job):
 
     def header(self) -> str:
         o, p = self.options, self.particles
-        return (f"cryomap {self.kind}: {p.n_particles} particles, box {p.box}, "
-                f"{p.pixel_size:.3f} Å/px, K = {o.n_classes}, options {json.dumps(asdict(o))}")
+        return (f"cryomap {self.kind}: {p.n_particles} particles, box {p.grid_box}, "
+                f"{p.grid_pixel_size:.3f} Å/px, K = {o.n_classes}, options {json.dumps(asdict(o))}")
 
     def finished(self, state: ClassState) -> bool:
         return state.iteration >= self.options.iterations
@@ -149,7 +151,7 @@ class ClassifyJob(Job):
 
     def write_maps(self, root: Path, state: ClassState) -> list[str]:
         """The class maps; returns the names for rlnReferenceImage."""
-        pix = self.particles.pixel_size
+        pix = self.particles.grid_pixel_size
         if self.options.ndim == 2:
             path = Path(f"{root}_classes.mrcs")
             write_stack(path, state.references, pix)
@@ -163,7 +165,7 @@ class ClassifyJob(Job):
 
     def write_tables(self, root: Path, state: ClassState, names: list[str]) -> None:
         o, p = self.options, self.particles
-        box, pix = p.box, p.pixel_size
+        box, pix = p.grid_box, p.grid_pixel_size
         n = box // 2 + 1
         k = state.n_classes
         noise = NoiseModel(state.sigma2)
@@ -188,7 +190,7 @@ class ClassifyJob(Job):
         root = self.outdir / "run"
         self.write_tables(root, state, self.write_maps(root, state))
         if self.options.ndim == 2:
-            plot_gallery(self.outdir / "run_classes.png", state, self.particles.pixel_size)
+            plot_gallery(self.outdir / "run_classes.png", state, self.particles.grid_pixel_size)
         sizes = np.bincount(state.class_number, minlength=state.n_classes)
         self.log(f"final classes (particles): {' '.join(str(int(s)) for s in sizes)}; outputs "
                  f"in {self.outdir}")
@@ -198,7 +200,7 @@ def class_table(particles: ParticleSet, state: ClassState, options: ClassOptions
                 ) -> pd.DataFrame:
     """The particle table of a classification (run_data.star's data_particles): the input
     columns, rlnClassNumber (1-based), the best pose and the statistics."""
-    table = particle_table(particles, state.angles, state.origins_px, particles.pixel_size,
+    table = particle_table(particles, state.angles, state.origins_px, particles.grid_pixel_size,
                            state.max_prob, state.n_significant, state.log_likelihood,
                            class_number=state.class_number + 1)
     if options.ndim == 2:  # 2D poses are in-plane only: keep any input rot/tilt
@@ -298,12 +300,12 @@ def read_references_2d(path, particles: ParticleSet, n_classes: int) -> np.ndarr
             raise InputError(f"{path}: a 3D map; 2D classification needs 2D references (an "
                              f"image, or a .mrcs stack with one image per class)")
         images = data[None]
-    if images.shape[-1] != particles.box:
+    if images.shape[-1] != particles.grid_box:
         raise InputError(f"{path}: box {images.shape[-1]} does not match the particles' "
-                         f"rlnImageSize {particles.box}")
-    if abs(pix - particles.pixel_size) > PIXEL_TOLERANCE:
+                         f"rlnImageSize {particles.grid_box}")
+    if abs(pix - particles.grid_pixel_size) > PIXEL_TOLERANCE:
         raise InputError(f"{path}: pixel size {pix:.4f} Å does not match the particles' "
-                         f"rlnImagePixelSize {particles.pixel_size:.4f} Å")
+                         f"rlnImagePixelSize {particles.grid_pixel_size:.4f} Å")
     if images.shape[0] == 1:
         return np.repeat(images.astype(np.float64), n_classes, axis=0)
     if images.shape[0] != n_classes:
@@ -322,7 +324,7 @@ def random_subset_averages(source: ImageSource, sigma2: np.ndarray, subsets: np.
     mask = fourier.pixel_mask(box, box // 2 - 1)
     noise = NoiseModel(sigma2)
     n_classes = int(subsets.max()) + 1
-    origins = source.particles.origins_px()
+    origins = source.particles.origins_px(pixel_size=source.pixel_size)
     out = np.empty((n_classes, box, box))
     for k in range(n_classes):
         idx = np.flatnonzero(subsets == k)
@@ -404,7 +406,7 @@ def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOpt
          ) -> ClassState:
     try:
         plan = plan_memory(lambda bm: class_memory(particles, options, bm),
-                           particles.n_particles, particles.box, budget, options.batch_memory)
+                           particles.n_particles, particles.grid_box, budget, options.batch_memory)
         options = replace(options, batch_memory=plan.batch_memory)
         job = ClassifyJob(particles, star, reference_path, outdir, options, initialise, resume,
                           echo, plan)
@@ -489,7 +491,7 @@ def class_memory(particles: ParticleSet, options: ClassOptions,
     from ..em.refine import mask_radius_px
 
     bm = options.batch_memory if batch_memory is None else int(batch_memory)
-    box, pix = particles.box, particles.pixel_size
+    box, pix = particles.grid_box, particles.grid_pixel_size
     k = options.n_classes
     search = class_search(options, 1, box // 2 - 1, 2 * mask_radius_px(options, box, pix) * pix)
     bsize = class_batch_size(search, k, bm)

@@ -123,7 +123,7 @@ def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: 
                 echo(note)
         check_poses(particles, star)
         require_ctf(particles, star, use_ctf)
-        box, pix = particles.box, particles.pixel_size
+        box, pix = particles.grid_box, particles.grid_pixel_size
         r_max = None
         if maxres is not None:
             if maxres < 2.0 * pix:
@@ -147,8 +147,9 @@ def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: 
             halves = split_halves(particles, rng, log=echo)
         options = RefineOptions(use_ctf=use_ctf, sym=sym, seed=seed)
         source = image_source(particles, options)
-        state = reconstruct_known_poses(source, particles.angles(), particles.origins_px(),
-                                        halves, options, r_max=r_max)
+        state = reconstruct_known_poses(source, particles.angles(),
+                                        particles.origins_px(pixel_size=pix), halves, options,
+                                        r_max=r_max)
         maps = [state.final_maps[0]]
         paths = [] if out is None else [out]
         if subset is None:
