@@ -116,6 +116,13 @@ def test_bad_input_is_one_clear_error(sim, start, tmp_path, monkeypatch):
         cryomap.refine(sim.particles, start, resume=True, echo=None)
     with pytest.raises(cryomap.InputError, match="angpix"):
         cryomap.refine(sim.particles, start, angpix=2.0, echo=None)
+    # particles in memory are saved into an output folder only once the inputs are checked
+    with pytest.raises(cryomap.InputError, match="box"):
+        cryomap.refine(sim.particles, big, "Refine3D/job001", echo=None, **FAST)
+    with pytest.raises(cryomap.InputError, match="K"):
+        cryomap.classify3d(sim.particles, start, "Class3D/job001", n_classes=81, echo=None)
+    with pytest.raises(cryomap.InputError, match="ref"):
+        cryomap.classify3d(sim.particles, None, "Class3D/job001", echo=None)
     assert list(tmp_path.iterdir()) == []
 
 

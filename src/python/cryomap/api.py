@@ -104,17 +104,46 @@ def _options(cls, options, values: dict, defaults: dict | None = None):
     return out
 
 
-def _prepare_output(outdir: PathLike | None, resume: bool, particles: ParticleSet
-                    ) -> ParticleSet | Path:
+def _check_inputs(kind: str, particles: ParticleSet, options, reference, resume: bool
+                  ) -> None:
+    """The checks the job makes of its inputs (jobs/), made before particles in memory are
+    saved into the output folder, so that refused input leaves nothing behind."""
+    from .jobs.base import check_particles_for_em
+    from .jobs.classify import check_classes, read_references_2d, read_references_3d
+    from .jobs.refine import check_reference, read_solvent_mask, reference_input, require_ctf
+
+    require_ctf(particles, particles.star_path, options.use_ctf)
+    if kind != "refine":
+        check_classes(options.n_classes, particles, particles.star_path)
+    check_particles_for_em(particles, options)
+    if kind == "refine":
+        read_solvent_mask(options.solvent_mask, particles)
+    if resume:  # the reference is not needed to continue a run
+        return
+    if reference is None and kind != "class2d":
+        raise InputError("--ref: an initial map is required")
+    if kind == "refine":
+        data, pix, name = reference_input(reference)
+        check_reference(data, pix, particles, name)
+    elif kind == "class3d":
+        read_references_3d(reference, particles, options.n_classes)
+    elif reference is not None:
+        read_references_2d(reference, particles, options.n_classes)
+
+
+def _prepare_output(outdir: PathLike | None, resume: bool, particles: ParticleSet,
+                    kind: str, options, reference) -> ParticleSet | Path:
     """Particles in memory with an output folder are written there first (particles.star and
-    particles.mrcs), so that job.json, run_data.star and --continue refer to real files; the
-    run then reads them back. Otherwise the particles as given."""
+    particles.mrcs), once the inputs are checked, so that job.json, run_data.star and
+    --continue refer to real files; the run then reads them back. Otherwise the particles as
+    given."""
     if outdir is None or particles.images is None:
         return particles
     from .io.atomic import make_output_dir
     from .jobs.base import Job
 
     Job.check_output(outdir, resume)
+    _check_inputs(kind, particles, options, reference, resume)
     make_output_dir(outdir, "--o")
     return particles.save(Path(outdir) / "particles.star")  # and particles.mrcs
 
@@ -246,7 +275,7 @@ def refine(particles: Particles, reference: Reference | None = None,
     _check_reference(reference)
     set_threads(threads)
     ps = _particles(particles, angpix)
-    source = _prepare_output(outdir, resume, ps)
+    source = _prepare_output(outdir, resume, ps, "refine", opts, reference)
     state = run_refine(source, reference, outdir, opts, resume=resume, echo=echo,
                        max_memory=max_memory)
     if not isinstance(source, ParticleSet):
@@ -303,7 +332,7 @@ def _classify(ndim: int, particles: Particles, reference, outdir, options, resum
     _check_reference(reference)
     set_threads(threads)
     ps = _particles(particles, angpix)
-    source = _prepare_output(outdir, resume, ps)
+    source = _prepare_output(outdir, resume, ps, f"class{ndim}d", opts, reference)
     if ndim == 3:
         state = run_3d(source, reference, outdir, opts, resume=resume, echo=echo,
                        max_memory=max_memory)
