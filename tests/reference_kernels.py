@@ -1,6 +1,7 @@
 """Plain NumPy reference implementations of the C++ kernels, written from the definitions
-(CONVENTIONS §2, §3, §5; seed derivation eqs. 14, 15, 17) with explicit loops over images i,
-shifts t, orientations r (and samples j where a kernel works per sample), in float64.
+(docs/conventions.md "Projection", "Shifts"; docs/method.md eqs. (4), (13)-(15), (17)) with
+explicit loops over images i, shifts t, orientations r (and samples j where a kernel works
+per sample), in float64.
 
 Also `make_problem`: random E-/M-step inputs with realistic magnitudes.
 """
@@ -87,7 +88,7 @@ def backproject_ref(data: np.ndarray, weight: np.ndarray, slices: np.ndarray,
 
 
 def phase_factors_ref(coords: np.ndarray, shift: np.ndarray, box: int) -> np.ndarray:
-    """exp(-2 pi i (kx t_x + ky t_y) / N) for each pixel (CONVENTIONS §3)."""
+    """exp(-2 pi i (kx t_x + ky t_y) / N) for each pixel (docs/conventions.md "Shifts")."""
     k = coords.astype(np.float64)
     return np.exp(-2j * np.pi * (k[:, 0] * shift[0] + k[:, 1] * shift[1]) / box)
 
@@ -109,7 +110,8 @@ def phase_shift_ref(images: np.ndarray, coords: np.ndarray, shifts: np.ndarray,
 
 def diff2_ref(images: np.ndarray, ctf: np.ndarray, inv_sigma2: np.ndarray, slices: np.ndarray,
               coords: np.ndarray, shifts: np.ndarray, box: int) -> np.ndarray:
-    """diff2[i, t, r] = sum_j |X_ij(t) - CTF_ij A_rj|^2 inv_sigma2_ij / 2 (CONVENTIONS §5)."""
+    """diff2[i, t, r] = sum_j |X_ij(t) - CTF_ij A_rj|^2 inv_sigma2_ij / 2 (docs/method.md
+    eq. (4))."""
     n_img, n_shift, n_rot = images.shape[0], shifts.shape[0], slices.shape[0]
     x = images.astype(np.complex128)
     a = slices.astype(np.complex128)
@@ -140,7 +142,8 @@ def expectation_ref(images: np.ndarray, ctf: np.ndarray, inv_sigma2: np.ndarray,
                     slices: np.ndarray, coords: np.ndarray, shifts: np.ndarray, box: int,
                     log_prior_rot: np.ndarray, log_prior_shift: np.ndarray,
                     significant_fraction: float) -> dict:
-    """Posterior (seed eq. 17) and per-image statistics, as returned by core.expectation."""
+    """Posterior (docs/method.md eq. (17)) and per-image statistics, as returned by
+    core.expectation."""
     d2 = diff2_ref(images, ctf, inv_sigma2, slices, coords, shifts, box)
     n_img, n_shift, n_rot = d2.shape
     res = {k: np.zeros(n_img, np.int64) for k in ("best_r", "best_t", "n_significant")}
@@ -175,7 +178,8 @@ def maximization_sums_ref(images: np.ndarray, ctf: np.ndarray, inv_sigma2: np.nd
                           slices: np.ndarray, coords: np.ndarray, shifts: np.ndarray, box: int,
                           weights: np.ndarray, pixel_shell: np.ndarray, n_shells: int
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(data_slices, weight_slices, residual_power) of seed eqs. 14-15 (see em/sums.py)."""
+    """(data_slices, weight_slices, residual_power) of docs/method.md eqs. (13)-(15) (see
+    em/sums.py)."""
     n_img, n_shift, n_rot = weights.shape
     x = images.astype(np.complex128)
     a = slices.astype(np.complex128)

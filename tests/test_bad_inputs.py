@@ -217,10 +217,12 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
     ("refine-image-number-beyond-stack", lambda d, o: refine(d, o, star=star_with(
         d, "imgnum", set_value("particles", "rlnImageName", "000099@particles.mrcs", 0))),
      ("imgnum.star", "out of range")),
-    ("refine-random-subset-3", lambda d, o: refine(d, o, star=star_with(
+    # a value 3 or a one-sided split is re-split with a log line (test_half_sets.py); a value
+    # that is not a number is an input error
+    ("refine-random-subset-text", lambda d, o: refine(d, o, star=star_with(
         d, "subset", lambda b: b["particles"].__setitem__(
-            "rlnRandomSubset", [3] + [1, 2] * ((N - 1) // 2) + [1] * ((N - 1) % 2)))),
-     ("subset.star", "rlnRandomSubset")),
+            "rlnRandomSubset", ["x"] + [1, 2] * ((N - 1) // 2) + [1] * ((N - 1) % 2)))),
+     ("subset.star", "rlnRandomSubset", "not a number")),
     ("refine-stack-only-in-parent-folder", lambda d, o: refine(d, o, star=star_in_subfolder(d)),
      ("particles.mrcs", "not found")),
     ("refine-stack-negative-nx", lambda d, o: refine(d, o, star=negative_nx_stack(d)),

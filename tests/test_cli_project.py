@@ -78,10 +78,11 @@ def test_project_reproduces_the_simulation(clean_sim, tmp_path, capsys):
     vol, pix = read_map(clean_sim / "truth_map.mrc")
     direct = project_images(vol, truth.angles(), truth.origins_px(), truth.ctf_params(), pix)
     assert np.array_equal(proj, direct)
-    # STAR file next to the stack: the input rows, images pointing into the stack
+    # STAR file next to the stack: the input rows, images pointing into the stack by its
+    # path from the working folder (absolute here: the output is outside it)
     star = load_particles(tmp_path / "proj.star")
     assert star.n_particles == 20
-    assert star.particles.rlnImageName[0] == "000001@proj.mrcs"
+    assert star.particles.rlnImageName[0] == f"000001@{(tmp_path / 'proj.mrcs').resolve()}"
     assert np.allclose(star.angles(), truth.angles())
     assert np.array_equal(star.read_images(np.arange(20)), proj)
 

@@ -128,7 +128,8 @@ def _blobs(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _sum_projection(v: np.ndarray, which: str) -> np.ndarray:
-    """Real-space projection P[y, x] of a map v[z, y, x] (CONVENTIONS §0, §2).
+    """Real-space projection P[y, x] of a map v[z, y, x] (docs/conventions.md "Grids",
+    "Projection").
 
     identity: A = I, P(x, y) = sum_z V(x, y, z)  ->  v.sum(axis=0).
     tilt90: A = Euler(0, 90, 0) = [[0,0,-1],[0,1,0],[1,0,0]], A^T (x, y, z) = (z, y, -x), so

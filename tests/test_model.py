@@ -106,8 +106,9 @@ def _relion_reconstruct(data, weight, tau2, pad, t_fudge, r_max, minres, ndim=3)
 
 @pytest.mark.parametrize("pad", [1, 2])
 def test_backprojector_reconstruct_follows_relion(pad):
-    """docs/method.md eq. (14) with RELION's rules: 1/(p^3 T tau2) added from shell minres_map
-    on, 1/(0.001 W) where tau2 is 0, the 1/1000 shell-mean floor, nothing beyond r_max."""
+    """docs/method.md eq. (20) (eq. (14) with RELION's rules): 1/(p^3 T tau2) added from
+    shell minres_map on, 1/(0.001 W) where tau2 is 0, the 1/1000 shell-mean floor, nothing
+    beyond r_max."""
     rng = np.random.default_rng(3)
     box, r_max = 8, 3
     bp = projector.BackProjector(box, pad, r_max)

@@ -198,8 +198,11 @@ def test_origins_use_each_groups_pixel_size(project):
     ps = load_particles(star)
     ps.optics.loc[1, "rlnImagePixelSize"] = 2.5
     np.testing.assert_allclose(ps.origins_px()[:, 1], [-1.0, 1.5, 0.5, 0.0])
-    with pytest.raises(InputError, match="different rlnImagePixelSize.*not supported yet"):
+    np.testing.assert_allclose(ps.origins_px(pixel_size=2.0)[:, 1], [-0.625, 1.875, 0.3125,
+                                                                      0.0])
+    with pytest.raises(InputError, match="different rlnImagePixelSize.*reference_grid"):
         _ = ps.pixel_size
+    assert ps.reference_grid == (ps.boxes[0], 1.25) and ps.mixed_grids
 
 
 def test_batches(project):
@@ -370,7 +373,7 @@ def test_error_groups_with_different_boxes(project):
     ps = load_particles(star)
     ps.optics.loc[1, "rlnImageSize"] = 16
     with pytest.raises(InputError, match=r"particles\.star: optics groups have different "
-                                         r"rlnImageSize \(8, 16\).*not supported yet"):
+                                         r"rlnImageSize \(8, 16\).*reference_grid"):
         _ = ps.box
 
 
@@ -521,7 +524,7 @@ def test_groups_with_different_pixel_sizes_and_boxes(project, tmp_path):
     np.testing.assert_array_equal(ps.read_images([1, 3]), big[[1, 0]])
     np.testing.assert_array_equal(ps.read_images([2, 0]), expected[[2, 0]])
     for prop in ("pixel_size", "box"):
-        with pytest.raises(InputError, match=r"optics groups have different .*needs one"):
+        with pytest.raises(InputError, match=r"optics groups have different .*expected one"):
             getattr(ps, prop)
 
 

@@ -47,7 +47,7 @@ def dense_em_step(x, ctf, inv_s2, volume, rotations, shifts, coords, box):
     diff2 = 0.5 * (np.abs(resid) ** 2 * inv_s2[:, None, None, :]).sum(-1)  # (B, T, R)
     m = diff2.min(axis=(1, 2), keepdims=True)
     g = np.exp(-(diff2 - m))
-    g /= g.sum(axis=(1, 2), keepdims=True)  # seed eq. 17
+    g /= g.sum(axis=(1, 2), keepdims=True)  # docs/method.md eq. (17)
     data = np.zeros(flat.size, complex)
     weight = np.zeros(flat.size)
     for i in range(n_img):
@@ -109,7 +109,7 @@ def test_pipeline_matches_dense_seed_updates(tmp_path, box):
     res, sampling = em_step(source, noise, reference, 90.0, mask)
     noise.update(res.residual, res.count, mask)
     bp = res.backprojectors[0]
-    tau2 = tau2_per_voxel(reference.data)  # seed eq. 16 from the previous map
+    tau2 = tau2_per_voxel(reference.data)  # docs/method.md eq. (16) from the previous map
     v_new = bp.reconstruct_ft(tau2, 1.0, r_max + 1, minres_map=0)
 
     keys = np.arange(sampling.n_orientations(0))
@@ -158,9 +158,9 @@ def _objective_trace(tmp_path, n_iter: int, update_sigma2: bool, update_tau2: bo
         res, _ = em_step(source, noise, reference, 60.0, mask)
         trace.append(float(res.estimates.log_likelihood.sum()) + _log_prior(volume, tau2))
         if update_sigma2:
-            noise.update(res.residual, res.count, mask)  # seed eq. 15 (with V_old)
+            noise.update(res.residual, res.count, mask)  # docs/method.md eq. (15) (with V_old)
         volume = res.backprojectors[0].reconstruct_ft(tau2, 1.0, r_max + 1,
-                                                      minres_map=0)  # seed eq. 14
+                                                      minres_map=0)  # docs/method.md eq. (14)
         if update_tau2:
             tau2 = np.where(tau2 > 0, np.maximum(tau2_per_voxel(volume), 1e-12), 0.0)  # eq. 16
     return np.array(trace)

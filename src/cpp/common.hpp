@@ -133,7 +133,7 @@ inline void footprint(float qx, float qy, float qz, const VolumeShape& s, Interp
 }
 
 // Rotate an image-plane frequency (kx, ky, 0) into the reference: q = scale * A^T (kx, ky, 0),
-// A = RELION's Euler matrix (CONVENTIONS section 2). `a` is a row-major 3x3 matrix.
+// A = RELION's Euler matrix (docs/conventions.md "Euler angles"). `a` is a row-major 3x3 matrix.
 inline void rotate_to_reference(const double* a, float kx, float ky, double scale, float& qx,
                                 float& qy, float& qz) {
     qx = (float)(scale * (a[0] * kx + a[3] * ky));

@@ -1,5 +1,5 @@
 // E-step kernel: pose scores by two float32 GEMMs per tile, then the per-image posterior
-// (seed eq. 17) with log-sum-exp in float64 and optional significance pruning.
+// (docs/method.md eq. (17)) with log-sum-exp in float64 and optional significance pruning.
 //
 // Memory: the (B, T, R) float32 output holds the scores and is turned into the weights in
 // place. Scratch: U = CTF inv_sigma2 X and W (B x J each), the phase table (T x J); per thread
@@ -259,7 +259,7 @@ double prune_by_group(float* s, py::ssize_t T, py::ssize_t R, const int32_t* gro
     return kept;
 }
 
-// Turn one image's scores s (T x R, row-major) into its posterior in place (seed eq. 17):
+// Turn one image's scores s (T x R, row-major) into its posterior in place (docs/method.md eq. (17)):
 // g(t,r) = exp(s + log_prior_rot[r] + log_prior_shift[t] - max) / sum, the max subtracted in
 // float64 so that the best pose has weight exactly 1 before normalising (sum >= 1). With
 // fraction < 1, only the smallest set of largest weights holding >= fraction of the total is

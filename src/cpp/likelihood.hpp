@@ -1,7 +1,7 @@
 // E-step: squared differences of every image against every (shift, orientation) pose and the
-// normalised posterior over poses (seed derivation eq. 17), by GEMMs.
+// normalised posterior over poses (docs/method.md eq. (17)), by GEMMs.
 //
-// Notation (the seed's, CONVENTIONS section 5): image i, Fourier pixel j, shift t, slice r.
+// Notation (docs/method.md eqs. (2)-(4)): image i, Fourier pixel j, shift t, slice r.
 //   X_ij(t) = X_ij exp(-2 pi i (kx_j tx + ky_j ty) / N)        shifted image
 //   diff2(i,t,r) = sum_j |X_ij(t) - CTF_ij A_rj|^2 inv_sigma2_ij / 2
 //   Y_it(j) = CTF_ij X_ij(t) inv_sigma2_ij,  W_ij = CTF_ij^2 inv_sigma2_ij
@@ -50,7 +50,7 @@ inline void require_all_finite(const float* p, size_t n, const char* name) {
 }
 
 // Phase factors P_tj = exp(-2 pi i (kx_j tx_t + ky_j ty_t) / N) (T x J), evaluated in double
-// (same convention as phase_shift, CONVENTIONS section 3).
+// (same convention as phase_shift, docs/conventions.md "Shifts").
 std::vector<cfloat> shift_phases(const ModelData& d);
 
 // y[j] = u[j] * p[j] for n complex values (interleaved floats; vectorises, unlike

@@ -33,7 +33,7 @@ bool linear_fast_path(const float* k, py::ssize_t n_pix, double scale, const Vol
     return scale * std::sqrt(r2) + 1.01 < vs.cy;  // margin for float rounding of q
 }
 
-// q = scale * A^T (kx, ky, 0) as a float 3x2 matrix per rotation (CONVENTIONS section 2).
+// q = scale * A^T (kx, ky, 0) as a float 3x2 matrix per rotation (docs/conventions.md "Projection").
 struct SliceRotation {
     float m[6];
     SliceRotation(const double* a, double scale) {

@@ -15,7 +15,7 @@ void backproject(py::array& data, py::array& weight, const py::array& slices,
                  const py::array& coords, double scale, int interp);
 
 // out[b, j] = images[b, j] * exp(-2 pi i (kx_j sx_b + ky_j sy_b) / box): translates image b by
-// +(sx_b, sy_b) pixels in RELION's sign convention (CONVENTIONS section 3).
+// +(sx_b, sy_b) pixels in RELION's sign convention (docs/conventions.md "Shifts").
 py::array_t<cfloat> phase_shift(const py::array& images, const py::array& coords,
                                 const py::array& shifts, int box);
 

@@ -1,4 +1,4 @@
-// M-step sums (seed eqs. 14-15) from the posterior weights, by GEMMs over the compressed
+// M-step sums (docs/method.md eqs. (13)-(15)) from the posterior weights, by GEMMs over the compressed
 // support of the weights, or by a direct loop over the nonzero weights when they are few.
 //
 // Memory, GEMM path (Ra = orientations with any weight, BTa = (image, shift) rows with any

@@ -1,6 +1,6 @@
 // M-step sums: posterior-weighted back-projection data and weights per slice (the numerator
-// and denominator sums of seed eq. 14) and the per-image residual power per resolution shell
-// (the sum of seed eq. 15, not yet divided by anything).
+// and denominator sums of docs/method.md eq. (13)) and the per-image residual power per resolution shell
+// (the sum of docs/method.md eq. (15), not yet divided by anything).
 #pragma once
 
 #include "likelihood.hpp"

@@ -1,8 +1,60 @@
-"""cryomap: cryo-EM reconstruction by Bayesian MAP expectation-maximisation.
+"""cryomap: cryo-EM reconstruction by Bayesian MAP expectation-maximisation (RELION's method,
+RELION's files).
 
-Modules: `fourier` (grid conventions), `euler` (RELION Euler angles), `ctf`, `sampling`,
-`projector` (Fourier-slice projection), `io` (MRC, STAR), `particles`, `phantom`, `simulate`,
-`em` (E/M steps and drivers), `cli`.
+The Python API (docs/api.md) works on objects in memory or on files, and every run returns
+its maps as `Volume`s and its per-particle table as a pandas DataFrame:
+
+- `Volume(array, pixel_size)`: a map with its pixel size; `Volume.read(path)`,
+  `Volume.phantom(box, pixel_size)`, `.save(path)`, `.asnumpy()`, `.project(angles)`,
+  `.fsc(other)` (`.resolution(0.143)`), `.lowpass(resolution)`.
+- Particle sets: `read_particles(path)` (RELION STAR or cryoSPARC .cs, images read lazily)
+  and `particles_from_images(images, pixel_size, table)` (images in a numpy array); both are
+  `ParticleSet`s (`.particles` and `.optics` tables, `.read_images(rows)`, `.save(path)`).
+- `simulate(...)`: particles of a map or of the built-in phantom, with the true poses.
+- `refine(particles, reference)`: 3D auto-refinement with gold-standard half-sets.
+- `classify3d(particles, reference, n_classes=K)`, `classify2d(particles, n_classes=K)`.
+- `reconstruct(particles)`: the map from the particles' known poses.
+- `set_threads(n)` / `get_threads()`: OpenMP threads of the C++ kernels.
+
+With `outdir=None` (the default) a run writes nothing; with an output folder it writes
+RELION's layout there, as the `cryomap` command line (which goes through these functions).
+
+Example (docs/api.md has it at test sizes, run by the test suite):
+
+    import cryomap
+    truth = cryomap.Volume.phantom(box=64, pixel_size=3.0)
+    sim = cryomap.simulate(truth, n=2000, snr=0.1)
+    result = cryomap.refine(sim.particles, truth.lowpass(60.0), particle_diameter=180)
+    result.map.asnumpy(), result.map.pixel_size, result.resolution, result.particles
 """
 
+# The module `cryomap.simulate` is loaded first, so that the name `cryomap.simulate` stays the
+# API function below (a submodule loaded later would replace the package's attribute).
+from . import simulate as _simulate_module
+from .api import (
+    ClassifyResult,
+    ReconstructResult,
+    RefineResult,
+    SimulationResult,
+    classify2d,
+    classify3d,
+    get_threads,
+    particles_from_images,
+    read_particles,
+    reconstruct,
+    refine,
+    set_threads,
+    simulate,
+)
+from .errors import InputError
+from .particles import ParticleSet
+from .volume import FSC, Volume
+
+del _simulate_module
+
 __version__ = "0.1.0"
+
+__all__ = ["Volume", "FSC", "ParticleSet", "particles_from_images", "read_particles",
+           "simulate", "refine", "classify3d", "classify2d", "reconstruct", "set_threads",
+           "get_threads", "SimulationResult", "RefineResult", "ClassifyResult",
+           "ReconstructResult", "InputError", "__version__"]

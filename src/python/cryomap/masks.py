@@ -1,4 +1,4 @@
-"""Soft spherical masks (RELION's raised-cosine edge, CONVENTIONS §7) and solvent masks made
+"""Soft spherical masks (RELION's raised-cosine edge; docs/postprocess.md) and solvent masks made
 from a map (relion_mask_create's algorithm, docs/postprocess.md)."""
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ from .io.mrc import PIXEL_SIZE_RANGE, Stack, check_pixel_size, open_stack, read_
 from .io.star import as_table, numeric_column, read_star, write_star
 
 __all__ = ["ParticleSet", "load_particles", "write_particles", "make_optics_table",
-           "random_subsets", "check_ctf", "stack_search_dirs", "AMPLITUDE_CONTRAST_DEFAULT"]
+           "random_subsets", "check_ctf", "stack_search_dirs", "output_stack_name",
+           "particles_from_images", "AMPLITUDE_CONTRAST_DEFAULT", "MEMORY_STACK"]
 
 PathLike = str | os.PathLike
 Indices = Sequence[int] | np.ndarray | None
@@ -64,6 +65,9 @@ _LEGACY_OPTICS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"
 _MAG_LABELS = ("rlnMagMat00", "rlnMagMat01", "rlnMagMat10", "rlnMagMat11")
 # Absolute tolerance (A) for "same pixel size" (RELION compares pixel sizes to 0.001 A).
 _PIX_TOL = 1e-3
+#: Stack name in rlnImageName of particles whose images are held in memory
+#: (`particles_from_images`); `ParticleSet.save` writes them to a real stack.
+MEMORY_STACK = "<memory>"
 
 
 def make_optics_table(pixel_size: float, box: int, voltage: float = 300.0, cs: float = 2.7,
@@ -123,6 +127,25 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def output_stack_name(path: PathLike, cwd: PathLike | None = None) -> str:
+    """The name an output STAR file gives the stack `path`: relative to the working folder
+    when the stack lies below it (RELION's project-relative paths), absolute otherwise, so
+    that a later job run from the same folder finds it (docs/conventions.md, "Image paths")."""
+    work = Path.cwd() if cwd is None else Path(cwd).absolute()
+    p = work / Path(path)  # an absolute path stays as it is
+    try:
+        rel = p.relative_to(work)
+        if ".." not in rel.parts:
+            return rel.as_posix()
+    except ValueError:
+        pass
+    real = p.resolve()  # e.g. a path through "..": compare the real locations
+    try:
+        return real.relative_to(work.resolve()).as_posix()
+    except ValueError:
+        return str(real)
 
 
 def _resolve_stack(name: str, search_dirs: Sequence[Path], where: str) -> Path | None:
@@ -185,7 +208,9 @@ class ParticleSet:
     `search_dirs` (default: the current folder, then the STAR file's folder), locates the
     stacks. Per-particle methods take 0-based row positions in `particles` (None = all).
     Open stacks are cached (at most `max_open_stacks` at a time); call `close()` when done.
-    `notes` lists the RELION defaults applied on loading (one line each).
+    `notes` lists the RELION defaults applied on loading (one line each). `images`, when set
+    (`particles_from_images`), holds the images in memory, (n, box, box) in table order:
+    they are read from it instead of stacks, and `save` writes them to a stack.
     """
 
     optics: pd.DataFrame
@@ -194,6 +219,7 @@ class ParticleSet:
     max_open_stacks: int = 64
     search_dirs: list[Path] | None = None
     notes: list[str] = field(default_factory=list)
+    images: np.ndarray | None = field(default=None, repr=False)
     _stacks: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
     _refs: tuple | None = field(default=None, init=False, repr=False)
     _paths: dict = field(default_factory=dict, init=False, repr=False)
@@ -207,6 +233,12 @@ class ParticleSet:
         self.optics = self.optics.reset_index(drop=True)
         self.particles = self.particles.reset_index(drop=True)
         self._group = self._compute_group_index()
+        if self.images is not None:
+            self.images = np.asarray(self.images, np.float32)
+            n = self.n_particles
+            if self.images.ndim != 3 or self.images.shape[0] != n:
+                raise InputError(f"{self.star_path}: {self.images.shape} images for {n} "
+                                 f"particles; expected ({n}, box, box)")
 
     # -- tables -------------------------------------------------------------------------------
 
@@ -242,9 +274,9 @@ class ParticleSet:
     def _single(self, values: np.ndarray, label: str, what: str, tol: float) -> float:
         if not np.allclose(values, values[0], rtol=0, atol=tol * max(1.0, abs(values[0]))):
             raise InputError(f"{self.star_path}: optics groups have different {label} "
-                             f"({', '.join(f'{v:g}' for v in values)}); this step needs one "
-                             f"{what} for all particles (several {what}s in one particle set "
-                             f"are not supported yet here)")
+                             f"({', '.join(f'{v:g}' for v in values)}); expected one {what} "
+                             f"for all particles here (E/M jobs work on optics group 1's "
+                             f"grid, `reference_grid`)")
         return float(values[0])
 
     @property
@@ -259,6 +291,30 @@ class ParticleSet:
         """Pixel size (A) shared by all optics groups (InputError if they differ by more than
         0.001 A; see `pixel_sizes` for per-group values)."""
         return self._single(self.pixel_sizes, "rlnImagePixelSize", "pixel size", _PIX_TOL)
+
+    @property
+    def reference_grid(self) -> tuple[int, float]:
+        """(box, pixel size) of optics group 1: the grid refinement and classification work
+        on (RELION's: the reference must match it); other groups' images are brought onto
+        it (docs/conventions.md, "Optics groups")."""
+        return int(self.boxes[0]), float(self.pixel_sizes[0])
+
+    @property
+    def grid_box(self) -> int:
+        """Box (px) of `reference_grid`: optics group 1's."""
+        return int(self.boxes[0])
+
+    @property
+    def grid_pixel_size(self) -> float:
+        """Pixel size (Å) of `reference_grid`: optics group 1's."""
+        return float(self.pixel_sizes[0])
+
+    @property
+    def mixed_grids(self) -> bool:
+        """True when optics groups differ in box or (by more than 0.001 Å) pixel size."""
+        box, pix = self.reference_grid
+        return bool(np.any(self.boxes != box)
+                    or np.any(np.abs(self.pixel_sizes - pix) > _PIX_TOL))
 
     def particle_pixel_sizes(self, indices: Indices = None) -> np.ndarray:
         """Pixel size (A) of each particle's optics group: float64 (n,)."""
@@ -391,13 +447,20 @@ class ParticleSet:
             **{k: (None if v is None else v[g]) for k, v in ab.items()},
         )
 
-    def origins_px(self, indices: Indices = None) -> np.ndarray:
-        """(n, 2) float64 origins (x, y) in pixels: rlnOriginX/YAngst / group pixel size."""
+    def origins_angst(self, indices: Indices = None) -> np.ndarray:
+        """(n, 2) float64 origins (x, y) in Å: rlnOriginX/YAngst (0 where absent)."""
         rows = self._rows(indices)
-        pix = self.pixel_sizes[self._group[rows]]
-        ox = self._column("rlnOriginXAngst", rows, 0.0)
-        oy = self._column("rlnOriginYAngst", rows, 0.0)
-        return np.stack([ox / pix, oy / pix], axis=1)
+        return np.stack([self._column("rlnOriginXAngst", rows, 0.0),
+                         self._column("rlnOriginYAngst", rows, 0.0)], axis=1)
+
+    def origins_px(self, indices: Indices = None, pixel_size: float | None = None
+                   ) -> np.ndarray:
+        """(n, 2) float64 origins (x, y) in pixels: rlnOriginX/YAngst / the particle's optics
+        group pixel size, or / `pixel_size` (e.g. the reference grid's) when given."""
+        rows = self._rows(indices)
+        pix = (self.pixel_sizes[self._group[rows]] if pixel_size is None
+               else np.full(rows.size, float(pixel_size)))
+        return self.origins_angst(rows) / pix[:, None]
 
     def angles(self, indices: Indices = None) -> np.ndarray:
         """(n, 3) float64 Euler angles (rot, tilt, psi) in degrees (0 where absent)."""
@@ -424,10 +487,56 @@ class ParticleSet:
         return self._refs
 
     def image_paths(self, indices: Indices = None) -> list[Path | None]:
-        """Resolved stack file of each particle (None where the file does not exist)."""
+        """Resolved stack file of each particle (None where the file does not exist or the
+        images are in memory)."""
         rows = self._rows(indices)
+        if self.images is not None:
+            return [None] * rows.size
         _, codes, files = self._image_refs()
         return [self._stack_path(int(c), files) for c in codes[rows]]
+
+    def output_image_names(self, indices: Indices = None, cwd: PathLike | None = None
+                           ) -> list[str]:
+        """rlnImageName of each particle as output STAR files write it: `n@stack` with the
+        stack's path relative to the working folder when it lies below it, absolute
+        otherwise (`output_stack_name`), so that the file can be read from the working
+        folder by cryomap or RELION. A stack that is not found keeps its input name."""
+        rows = self._rows(indices)
+        names = self.particles["rlnImageName"]
+        if self.images is not None:
+            return [str(names.iloc[r]) for r in rows]
+        nums, codes, files = self._image_refs()
+        out_name: dict[int, str | None] = {}
+        result = []
+        for r in rows:
+            c = int(codes[r])
+            if c not in out_name:
+                path = self._stack_path(c, files)
+                out_name[c] = None if path is None else output_stack_name(path, cwd)
+            stack = out_name[c]
+            result.append(str(names.iloc[r]).strip() if stack is None
+                          else f"{nums[r] + 1:06d}@{stack}")
+        return result
+
+    def save(self, star_path: PathLike, stack_path: PathLike | None = None) -> Path:
+        """Write the particles as a RELION 3.1 STAR file (atomically); in-memory images are
+        first written to `stack_path` (default: the STAR file's name with `.mrcs`). Image
+        names are written valid from the working folder (`output_image_names`). Returns the
+        STAR file's path."""
+        from .io.mrc import write_stack
+
+        star = Path(star_path)
+        table = self.particles.copy()
+        if self.images is not None:
+            stack = star.with_suffix(".mrcs") if stack_path is None else Path(stack_path)
+            pix = self.pixel_sizes
+            write_stack(stack, self.images, float(pix[0]))
+            name = output_stack_name(stack)
+            table["rlnImageName"] = [f"{i + 1:06d}@{name}" for i in range(self.n_particles)]
+        else:
+            table["rlnImageName"] = self.output_image_names()
+        write_particles(star, self.optics, table)
+        return star
 
     def _stack_path(self, code: int, files: list[str]) -> Path | None:
         if code not in self._paths:
@@ -467,6 +576,8 @@ class ParticleSet:
         rows = self._rows(indices)
         if rows.size == 0:
             return np.empty((0, self.boxes[0], self.boxes[0]), dtype=np.float32)
+        if self.images is not None:
+            return self.images[rows]
         boxes = self.boxes[self._group[rows]]
         if np.any(boxes != boxes[0]):
             r = int(rows[np.argmax(boxes != boxes[0])])
@@ -588,7 +699,9 @@ def random_subsets(particles: ParticleSet, rng: np.random.Generator, log: Log = 
     every value is 1 or 2 and both halves are non-empty; when the column is absent or all 0,
     the particles are split at random (with a log line). RELION stops with an error for a
     value other than 0/1/2, for 0 mixed with non-0 and for an empty half; cryomap raises
-    InputError in those cases, or, with resplit_invalid=True, logs why and re-splits.
+    InputError in those cases, or, with resplit_invalid=True (what the jobs use,
+    em.refine.split_halves), logs why and re-splits. A value that is not a number is always
+    an InputError.
     The random split is an exact half (n//2 particles in half 2), where RELION draws each
     particle's half independently.
     """
@@ -926,3 +1039,40 @@ def write_particles(path: PathLike, optics: pd.DataFrame, particles: pd.DataFram
     """Write a RELION 3.1 particle file (data_optics then data_particles), atomically."""
     write_star(path, {"optics": optics, "particles": particles})
 
+
+
+def particles_from_images(images: np.ndarray, pixel_size: float,
+                          table: pd.DataFrame | None = None,
+                          optics: pd.DataFrame | None = None, voltage: float = 300.0,
+                          cs: float = 2.7, amplitude_contrast: float = 0.1) -> ParticleSet:
+    """A particle set held in memory: `images` (n, box, box) and a RELION particle table
+    (`table`: one row per image with RELION's labels, e.g. rlnDefocusU/V/Angle, angles,
+    rlnOriginX/YAngst; None: no columns). The optics table is `optics`, or one optics group
+    with `pixel_size` (Å), the images' box and the given voltage (kV), Cs (mm) and Q0.
+    rlnImageName is set to `n@<memory>`. Values are checked as `load_particles` checks a
+    file's (InputError). `ParticleSet.save` writes the set to a STAR file and a stack."""
+    imgs = np.asarray(images, np.float32)
+    if imgs.ndim == 2:
+        imgs = imgs[None]
+    if imgs.ndim != 3 or imgs.shape[1] != imgs.shape[2] or imgs.shape[0] < 1:
+        raise InputError(f"images: shape {imgs.shape}; expected (n, box, box) square images")
+    if not np.all(np.isfinite(imgs)):
+        raise InputError("images: NaN or infinite pixels; expected finite values")
+    n, box = imgs.shape[0], imgs.shape[1]
+    pixel_size = check_pixel_size(pixel_size, "pixel_size")
+    df = pd.DataFrame(index=pd.RangeIndex(n)) if table is None else \
+        pd.DataFrame(table).reset_index(drop=True).copy()
+    if len(df) != n:
+        raise InputError(f"table: {len(df)} rows for {n} images; expected one row per image")
+    df["rlnImageName"] = [f"{i + 1:06d}@{MEMORY_STACK}" for i in range(n)]
+    if optics is None:
+        optics = make_optics_table(pixel_size, box, voltage, cs, amplitude_contrast)
+    if "rlnOpticsGroup" not in df.columns:
+        df["rlnOpticsGroup"] = 1
+    ps = ParticleSet(optics=pd.DataFrame(optics), particles=df,
+                     star_path=Path(MEMORY_STACK), search_dirs=[], images=imgs)
+    if np.any(ps.boxes != box):
+        raise InputError(f"optics: rlnImageSize {', '.join(map(str, ps.boxes))}; expected the "
+                         f"images' box {box} for every optics group")
+    _check_loaded(ps)
+    return ps

@@ -10,7 +10,7 @@ molecule fits in 0.7 of the box diameter whenever box * pixel_size >= ~192 A (e.
 3 A; at 32 px x 6 A the wider atoms leave 0.3% of the density outside).
 
 Maps are (z, y, x) float32 arrays with the molecule's centre of mass at the origin floor(N/2)
-(CONVENTIONS section 0). Variants for classification tests drop or move single domains while
+(docs/conventions.md, "Grids"). Variants for classification tests drop or move single domains while
 keeping the frame (centring) and intensity scale of the full molecule.
 """
 

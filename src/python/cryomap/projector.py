@@ -163,7 +163,7 @@ def shift_images(images_ft: np.ndarray, coords: np.ndarray, shifts: np.ndarray,
 class BackProjector:
     """Posterior-weighted sums of data and weight on the centred padded Fourier grid, and the
     map they give (RELION's BackProjector): D = sum g CTF X / sigma2 and W = sum g CTF^2 / sigma2
-    (the numerator and denominator of docs/method.md eq. (14)), accumulated slice by slice.
+    (the numerator and denominator of docs/method.md eq. (13)), accumulated slice by slice.
 
     One regularisation rule serves refinement, classification and known-pose reconstruction
     (`reconstruct`).
@@ -238,8 +238,8 @@ class BackProjector:
                        r_max: float | None = None, minres_map: int = 5) -> np.ndarray:
         """The regularised map on the padded grid (centred layout), RELION's reconstruct:
         V = D / max(W', <W'>_shell / 1000) with W' = W + 1/(p^d T tau2) (docs/method.md
-        eq. (14)); where tau2 is 0 the term is 1/(0.001 W) (almost no regularisation), below
-        shell `minres_map` no term is added, and beyond r_max V = 0.
+        eq. (20), RELION's form of eq. (14)); where tau2 is 0 the term is 1/(0.001 W) (almost
+        no regularisation), below shell `minres_map` no term is added, and beyond r_max V = 0.
 
         tau2: per shell (N//2+1,) or per voxel (the grid's shape; then no floor).
         """

@@ -7,7 +7,7 @@ import argparse
 
 from ..errors import InputError
 from .class3d import add_class_arguments, class_options
-from .options import run_settings, start_threads
+from .options import run_settings
 
 COMMAND = "class2d"
 HELP = "2D classification (class averages) by EM with class marginalisation"
@@ -32,7 +32,9 @@ example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_class_arguments(p, n_classes=50, tau2_fudge=2.0, psi_step=10.0)
+    from ..api import CLASS2D_DEFAULTS
+
+    add_class_arguments(p, **CLASS2D_DEFAULTS)
     p.add_argument("--center_classes", "--center-classes", dest="center_classes",
                    action="store_true",
                    help="keep the averages centred: move each one's centre of mass to the box "
@@ -42,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..jobs.classify import classify2d, saved_run
+    """Run or continue the classification through the Python API's `cryomap.classify2d`."""
+    from ..api import classify2d
+    from ..jobs.classify import saved_run
 
     if args.resume and args.i is None:
         job = saved_run(args.o)
@@ -53,14 +57,13 @@ def run(args: argparse.Namespace) -> int:
             options.iterations = args.iterations
             options.validate()
         threads, memory = run_settings(args, job)
-        start_threads(threads)
-        classify2d(job["i"], args.o, options, job["ref"], resume=True, max_memory=memory)
+        classify2d(job["i"], args.o, reference=job["ref"], options=options, resume=True,
+                   max_memory=memory, threads=threads)
         return 0
     if args.i is None:
         raise InputError("--i (particles) is required")
     options = class_options(args, 2)
     threads, memory = run_settings(args)
-    start_threads(threads)
-    classify2d(args.i, args.o, options, args.ref, resume=args.resume, angpix=args.angpix,
-               max_memory=memory)
+    classify2d(args.i, args.o, reference=args.ref, options=options, resume=args.resume,
+               angpix=args.angpix, max_memory=memory, threads=threads)
     return 0

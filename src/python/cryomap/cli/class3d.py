@@ -7,7 +7,7 @@ import argparse
 
 from ..em.classify import ClassOptions
 from ..errors import InputError
-from .options import add_em_arguments, options_from_args, run_settings, start_threads
+from .options import add_em_arguments, options_from_args, run_settings
 
 COMMAND = "class3d"
 HELP = "3D classification by EM with class marginalisation"
@@ -74,7 +74,9 @@ def class_options(args: argparse.Namespace, ndim: int) -> ClassOptions:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_class_arguments(p, n_classes=4, tau2_fudge=4.0, psi_step=None)
+    from ..api import CLASS3D_DEFAULTS
+
+    add_class_arguments(p, **CLASS3D_DEFAULTS)
     p.add_argument("--skip_align", "--skip-align", dest="skip_align", action="store_true",
                    help="classify without alignment: every particle at its pose in --i")
     p.add_argument("--auto_sampling", "--auto-sampling", dest="auto_sampling",
@@ -91,7 +93,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..jobs.classify import classify3d, saved_run
+    """Run or continue the classification through the Python API's `cryomap.classify3d`."""
+    from ..api import classify3d
+    from ..jobs.classify import saved_run
 
     if args.resume and args.i is None:
         job = saved_run(args.o)
@@ -102,14 +106,13 @@ def run(args: argparse.Namespace) -> int:
             options.iterations = args.iterations
             options.validate()
         threads, memory = run_settings(args, job)
-        start_threads(threads)
-        classify3d(job["i"], job["ref"], args.o, options, resume=True, max_memory=memory)
+        classify3d(job["i"], job["ref"], args.o, options=options, resume=True,
+                   max_memory=memory, threads=threads)
         return 0
     if args.i is None or args.ref is None:
         raise InputError("--i (particles) and --ref (initial map) are required")
     options = class_options(args, 3)
     threads, memory = run_settings(args)
-    start_threads(threads)
-    classify3d(args.i, args.ref, args.o, options, resume=args.resume, angpix=args.angpix,
-               max_memory=memory)
+    classify3d(args.i, args.ref, args.o, options=options, resume=args.resume,
+               angpix=args.angpix, max_memory=memory, threads=threads)
     return 0

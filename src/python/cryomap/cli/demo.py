@@ -88,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
     from ..io.star import read_star
     from ..jobs.output import plot_fsc
     from ..jobs.refine import refine
+    from ..particles import output_stack_name
     from ..phantom import RIBOSOME_SCALE, make_phantom
-    from ..simulate import simulate_particles, write_simulation
+    from ..simulate import STACK_NAME, simulate_particles, write_simulation
 
     # every option checked before the simulation is written
     out = Path(args.o)
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     truth = make_phantom(args.box, args.angpix, seed=args.seed,
                          scale=RIBOSOME_SCALE * diameter / 256.0)
     sim = simulate_particles(truth, args.angpix, args.n, snr=args.snr, seed=args.seed,
-                             max_shift_px=2.0)
+                             max_shift_px=2.0,
+                             stack_name=output_stack_name(out / "particles" / STACK_NAME))
     write_simulation(out / "particles", *sim, pixel_size=args.angpix, truth_maps=truth)
     start = wrong_start(truth.astype(np.float64), args.angpix, args.ini_high,
                         np.random.default_rng(args.seed + 1))

@@ -124,13 +124,6 @@ def run_settings(args: argparse.Namespace, saved: dict | None = None
     return threads, (None if memory is None else float(memory))
 
 
-def start_threads(threads: int | None) -> None:
-    """Set the kernels' thread count (None: all cores)."""
-    from .._kernels import set_threads
-
-    set_threads(threads)
-
-
 def options_from_args(cls: type, args: argparse.Namespace, **extra):
     """An options dataclass from parsed arguments: every field that the arguments name, plus
     `extra`; validated (InputError on a value out of range)."""

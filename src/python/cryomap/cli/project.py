@@ -27,7 +27,7 @@ for an odd box the centre of the map lands on pixel (N+1)/2, one pixel further a
 written.
 Writes the stack --o (.mrcs; a name without .mrcs is a root, as for relion_project) and, next
 to it, a STAR file (same name, .star) with the input rows and rlnImageName pointing into the
-stack (by file name, relative to the STAR file's folder).
+stack (by its path from the working folder, as RELION writes image paths).
 
 example:
   cryomap project --i map.mrc --ang truth.star --o proj.mrcs --ctf
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     """Project the map and write the stack and its STAR file."""
     from ..io.atomic import check_output_file, remove_stale_temps
     from ..io.mrc import read_map, write_stack
-    from ..particles import write_particles
+    from ..particles import output_stack_name, write_particles
     from ..simulate import project_images
 
     ang_path = Path(args.ang)
@@ -240,9 +240,10 @@ def run(args: argparse.Namespace) -> int:
         images = (images + rng.normal(scale=np.sqrt(signal_var / args.snr),
                                       size=images.shape)).astype(np.float32)
 
-    # The STAR file lists the stack by its name, relative to the STAR file's folder.
+    # The STAR file lists the stack as RELION does: its path from the working folder.
     rows = rows.copy()
-    rows["rlnImageName"] = [f"{i + 1:06d}@{out.name}" for i in range(len(rows))]
+    name = output_stack_name(out)
+    rows["rlnImageName"] = [f"{i + 1:06d}@{name}" for i in range(len(rows))]
     if optics is None:
         optics, rows = _to_relion31(rows, pix, box, ang_path)
     else:

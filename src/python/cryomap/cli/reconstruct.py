@@ -44,13 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._kernels import set_threads
+    """Reconstruct through the Python API's `cryomap.reconstruct`."""
+    from ..api import reconstruct
     from ..errors import InputError
-    from ..jobs.reconstruct import reconstruct
 
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--j {args.threads}: expected at least 1 thread")
-    set_threads(args.threads)
-    reconstruct(args.i, args.o, sym=args.sym, use_ctf=args.use_ctf, subset=args.subset,
-                angpix=args.angpix, maxres=args.maxres)
+    reconstruct(args.i, args.o, sym=args.sym, ctf=args.use_ctf, subset=args.subset,
+                angpix=args.angpix, maxres=args.maxres, threads=args.threads)
     return 0

@@ -6,7 +6,7 @@ import argparse
 
 from ..em.refine import RefineOptions
 from ..errors import InputError
-from .options import add_em_arguments, options_from_args, run_settings, start_threads
+from .options import add_em_arguments, options_from_args, run_settings
 
 COMMAND = "refine"
 HELP = "3D auto-refinement by MAP-EM with gold-standard half-sets"
@@ -57,7 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..jobs.refine import refine, saved_run
+    """Run or continue the refinement through the Python API's `cryomap.refine`."""
+    from ..api import refine
+    from ..jobs.refine import saved_run
 
     if args.resume and args.i is None:
         job = saved_run(args.o)
@@ -66,14 +68,13 @@ def run(args: argparse.Namespace) -> int:
             options.iterations = args.iterations
             options.validate()
         threads, memory = run_settings(args, job)
-        start_threads(threads)
-        refine(job["i"], job["ref"], args.o, options, resume=True, max_memory=memory)
+        refine(job["i"], job["ref"], args.o, options=options, resume=True,
+               max_memory=memory, threads=threads)
         return 0
     if args.i is None or args.ref is None:
         raise InputError("--i (particles) and --ref (initial map) are required")
     options = options_from_args(RefineOptions, args)
     threads, memory = run_settings(args)
-    start_threads(threads)
-    refine(args.i, args.ref, args.o, options, resume=args.resume, angpix=args.angpix,
-           max_memory=memory)
+    refine(args.i, args.ref, args.o, options=options, resume=args.resume,
+           angpix=args.angpix, max_memory=memory, threads=threads)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
@@ -106,7 +107,8 @@ def _memory(n: int, box: int, n_maps: int) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     """Simulate and write the data set."""
     from ..io.atomic import check_output_dir, make_output_dir, remove_stale_temps
-    from ..simulate import simulate_particles, write_simulation
+    from ..particles import output_stack_name
+    from ..simulate import STACK_NAME, simulate_particles, write_simulation
 
     check_output_dir(args.o, "--o")
     if args.box is not None and args.box < 8:
@@ -140,11 +142,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-shift {args.max_shift:g}: expected <= {maps[0].shape[0] / 2:g}"
                          f" px (half the box)")
     snr = args.snr if args.snr > 0 else None
+    # rlnImageName as RELION writes it: the stack's path from the working folder
+    stack_name = output_stack_name(Path(args.o) / STACK_NAME)
     images, optics, particles, truth = simulate_particles(
         maps, pix, args.n, snr=snr, defocus_range=(args.defocus_min, args.defocus_max),
         astigmatism=args.astigmatism, max_shift_px=args.max_shift, seed=args.seed,
         voltage=args.voltage, cs=args.cs, amplitude_contrast=args.q0, bfactor=args.bfactor,
-        ctf=args.ctf)
+        ctf=args.ctf, stack_name=stack_name)
     make_output_dir(args.o, "--o")
     remove_stale_temps(args.o)
     written = write_simulation(args.o, images, optics, particles, truth, pix,

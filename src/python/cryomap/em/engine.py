@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import fourier, projector
+from ..ctf import magnified_rotations
 from ..euler import euler_to_matrix, matrix_to_euler
 from ..sampling import PoseSampling, coarse_radius
 from .data import Batch, ImageSource
@@ -150,6 +151,15 @@ class _Level:
     slices: np.ndarray | None = None  # (S, J) projections at the level's radius
     log_marginal: np.ndarray | None = None  # (B,) log p(X_i) over the level's samples
     n_scored: np.ndarray | None = None  # (B,) samples scored per image
+    magnification: np.ndarray | None = None  # (2, 2) of the batch's images, None: none
+
+    @property
+    def projection_matrices(self) -> np.ndarray:
+        """(S, 3, 3) matrices the slices are projected and back-projected with: the
+        rotations, or M^T A with the batch's magnification (ctf.magnified_rotations)."""
+        if self.magnification is None:
+            return self.rotations
+        return magnified_rotations(self.rotations, self.magnification)
 
 
 def run_pass(source: ImageSource, indices: np.ndarray, references: list[projector.Reference],
@@ -188,34 +198,46 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
     offset_sq = 0.0
     est = _empty_estimates(n, k_cls)
 
-    # A global level 0 is the same for every batch: project it once.
+    # A global level 0 is the same for every batch: project it once (per magnification
+    # class, see _batches).
     global0 = not (search.fixed_poses or search.local_sigma is not None)
     level0_table = None
     if global0:
-        t0 = time.perf_counter()
         keys0 = np.arange(search.sampling.n_orientations(0), dtype=np.int64)
         rot0 = search.sampling.matrices(keys0, 0)
         coords0 = mask.coords[columns[0]]
-        slices0 = np.concatenate([projector.project(ref, rot0, coords0) for ref in references])
-        level0_table = (np.repeat(np.arange(k_cls), keys0.size), np.tile(keys0, k_cls),
-                        np.tile(rot0, (k_cls, 1, 1)), slices0)
-        timings["project"] += time.perf_counter() - t0
     # The final level of a global search without oversampling is the same for every batch
     # too: its slice sums are accumulated over all batches and back-projected once.
     shared_final = global0 and search.levels == 0
-    if shared_final:
-        acc_data = np.zeros(level0_table[3].shape, np.complex64)
-        acc_weight = np.zeros(level0_table[3].shape, np.float32)
+
+    def flush_shared() -> None:
+        t0 = time.perf_counter()
+        cls_of = level0_table[0]
+        for k in range(k_cls):
+            sel = np.flatnonzero(cls_of == k)
+            bps[k].add_slices(acc_data[sel], acc_weight[sel], level0_table[4][sel],
+                              mask.coords)
+        timings["backproject"] += time.perf_counter() - t0
 
     # candidate slices of the levels below level 0 held at once (slices, sums: ~24 B/pixel)
     max_slices = max(256, int(slice_memory // (24 * mask.n_pixels)))
     order = _batch_order(previous_rotations, search)
-    for start in range(0, n, batch_size):
-        rows = order[start:start + batch_size]
+    table_key = None
+    for rows, mag_key in _batches(order, source.magnification_keys(indices), batch_size):
         t0 = time.perf_counter()
         batch = source.batch(indices[rows], mask, previous_origins[rows])
         inv_s2 = noise.inv_sigma2(batch.group, mask)
         timings["io"] += time.perf_counter() - t0
+        if global0 and mag_key != table_key:  # [aberration hook] one table per class
+            if shared_final and level0_table is not None:
+                flush_shared()
+            t0 = time.perf_counter()
+            level0_table = _global_table(references, keys0, rot0, coords0, batch.magnification)
+            timings["project"] += time.perf_counter() - t0
+            table_key = mag_key
+            if shared_final:
+                acc_data = np.zeros(level0_table[3].shape, np.complex64)
+                acc_weight = np.zeros(level0_table[3].shape, np.float32)
         level0 = _level_zero(batch, inv_s2, rows, references, search, level0_table,
                              previous_rotations, previous_origins, centre, log_class,
                              mask, columns[0], timings)
@@ -251,14 +273,8 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
         np.add.at(count, batch.group, 1)
         if progress is not None:
             progress(rows.size)
-    if shared_final:
-        t0 = time.perf_counter()
-        cls_of = level0_table[0]
-        for k in range(k_cls):
-            sel = np.flatnonzero(cls_of == k)
-            bps[k].add_slices(acc_data[sel], acc_weight[sel], level0_table[2][sel],
-                              mask.coords)
-        timings["backproject"] += time.perf_counter() - t0
+    if shared_final and level0_table is not None:
+        flush_shared()
     t0 = time.perf_counter()
     for bp in bps:
         # [symmetry hook] level 0 covered one asymmetric unit: sum over the point group
@@ -306,7 +322,7 @@ def _select_images(level: _Level, chunk: np.ndarray) -> _Level:
     return _Level(level.level, level.slice_class, level.slice_key, level.rotations,
                   level.shifts, renumber[level.image[keep]], level.shift[keep],
                   level.slice[keep], level.weight[keep], level.slices,
-                  level.log_marginal[chunk], level.n_scored[chunk])
+                  level.log_marginal[chunk], level.n_scored[chunk], level.magnification)
 
 
 def _sums_and_backproject(batch: Batch, inv_s2: np.ndarray, level: _Level, b_idx, s_idx,
@@ -320,7 +336,7 @@ def _sums_and_backproject(batch: Batch, inv_s2: np.ndarray, level: _Level, b_idx
     used, s_loc = np.unique(s_idx, return_inverse=True)
     if level.slices.shape[1] != mask.n_pixels:
         sub = _Level(level.level, level.slice_class[used], level.slice_key[used],
-                     level.rotations[used], level.shifts)
+                     level.rotations[used], level.shifts, magnification=level.magnification)
         slices = _project_level(references, sub, mask.coords)
         timings["project"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -336,7 +352,7 @@ def _sums_and_backproject(batch: Batch, inv_s2: np.ndarray, level: _Level, b_idx
     t1 = time.perf_counter()
     timings["sums"] += t1 - t0
     cls = level.slice_class[used]
-    rot = level.rotations[used]
+    rot = level.projection_matrices[used]
     for k, bp in enumerate(bps):
         sel = np.flatnonzero(cls == k)
         if sel.size == used.size:
@@ -361,6 +377,37 @@ def _batch_order(previous_rotations: np.ndarray, search: Search) -> np.ndarray:
     d = previous_rotations[:, 2, :]
     pix = healpy.vec2pix(8, d[:, 0], d[:, 1], d[:, 2], nest=True)
     return np.argsort(pix, kind="stable")
+
+
+# [aberration hook] anisotropic magnification (docs/conventions.md, "Aberrations"): the
+# reference is sampled at A^T M k for the images of an optics group with magnification M.
+# Batches never mix magnification classes, so that a batch's images still share one table of
+# slices (per-image matrices would give every image its own slices).
+
+
+def _batches(order: np.ndarray, mag_keys: np.ndarray, batch_size: int
+             ) -> list[tuple[np.ndarray, int]]:
+    """(rows, magnification class) of each batch: runs of at most batch_size rows of
+    `order`, one class each (mag_keys (n,) per row; a single class: plain runs of order)."""
+    keys = np.asarray(mag_keys)[order]
+    if not keys.any():
+        return [(order[s:s + batch_size], 0) for s in range(0, order.size, batch_size)]
+    out = []
+    for k in np.unique(keys):
+        sub = order[keys == k]
+        out += [(sub[s:s + batch_size], int(k)) for s in range(0, sub.size, batch_size)]
+    return out
+
+
+def _global_table(references: list[projector.Reference], keys0: np.ndarray, rot0: np.ndarray,
+                  coords0: np.ndarray, magnification: np.ndarray | None) -> tuple:
+    """The level-0 table of a global search: (class, key, rotation A, slices, projection
+    matrices) of every class at every orientation; slices sampled at A^T M k."""
+    k_cls = len(references)
+    proj0 = rot0 if magnification is None else magnified_rotations(rot0, magnification)
+    slices0 = np.concatenate([projector.project(ref, proj0, coords0) for ref in references])
+    return (np.repeat(np.arange(k_cls), keys0.size), np.tile(keys0, k_cls),
+            np.tile(rot0, (k_cls, 1, 1)), slices0, np.tile(proj0, (k_cls, 1, 1)))
 
 
 def _shift_log_prior(origins: np.ndarray, shifts: np.ndarray, centre: np.ndarray,
@@ -404,7 +451,7 @@ def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
         timings["estep"] += time.perf_counter() - t0
         bi, ti, si, wv = (np.concatenate(z) for z in zip(*parts, strict=True))
         return _Level(0, table[0], table[1], table[2], shifts, bi, ti, si,
-                      wv.astype(np.float64), table[3], log_marg, scored)
+                      wv.astype(np.float64), table[3], log_marg, scored, batch.magnification)
     t0 = time.perf_counter()
     if search.fixed_poses:
         # one candidate per class: the image's pose; translation = the origin's fraction
@@ -441,7 +488,7 @@ def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
         shift_prior = _shift_log_prior(prev_origin[rows], shifts, centre[rows],
                                        search.offset_sigma).ravel()
     timings["candidates"] += time.perf_counter() - t0
-    level = _Level(0, klass, keys, rotations, shifts)
+    level = _Level(0, klass, keys, rotations, shifts, magnification=batch.magnification)
     t0 = time.perf_counter()
     slices = _project_level(references, level, coords)
     timings["project"] += time.perf_counter() - t0
@@ -525,7 +572,7 @@ def _refine_level(batch, inv_s2, rows, references, search: Search, prev: _Level,
         shift_prior = -((total - centre[rows][t_img]) ** 2).sum(1) / (
             2.0 * search.offset_sigma**2)
     timings["candidates"] += time.perf_counter() - t0
-    level = _Level(lv, klass, keys, rotations, shifts)
+    level = _Level(lv, klass, keys, rotations, shifts, magnification=batch.magnification)
     coords = mask.coords[cols]
     t0 = time.perf_counter()
     slices = _project_level(references, level, coords)
@@ -539,13 +586,14 @@ def _refine_level(batch, inv_s2, rows, references, search: Search, prev: _Level,
 def _project_level(references: list[projector.Reference], level: _Level,
                    coords: np.ndarray) -> np.ndarray:
     """Slices (S, J) of the level's union table, each from its class's reference."""
+    matrices = level.projection_matrices
     if len(references) == 1:
-        return projector.project(references[0], level.rotations, coords)
+        return projector.project(references[0], matrices, coords)
     out = np.empty((level.slice_key.size, coords.shape[0]), np.complex64)
     for k, ref in enumerate(references):
         sel = np.flatnonzero(level.slice_class == k)
         if sel.size:
-            out[sel] = projector.project(ref, level.rotations[sel], coords)
+            out[sel] = projector.project(ref, matrices[sel], coords)
     return out
 
 

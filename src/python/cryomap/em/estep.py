@@ -1,12 +1,15 @@
-"""E-step: the posterior over (shift, orientation) poses of each image (seed eq. 17).
+"""E-step: the posterior over (shift, orientation) poses of each image (docs/method.md
+eq. (17)).
 
 The work is done by the C++ kernel `core.expectation` (two float32 GEMMs per tile, log-sum-exp
-in float64). Notation as in CONVENTIONS §5: for image i, Fourier pixel j, shift t, slice r,
+in float64). Notation as in docs/method.md eqs. (2), (4): for image i, Fourier pixel j,
+shift t, slice r,
 
     diff2(i,t,r) = sum_j |X_ij(t) - CTF_ij A_rj|^2 inv_sigma2_ij / 2,
     g(i,t,r) ∝ exp(-diff2 + log_prior_rot[r] + log_prior_shift[i,t]),
 
-with X_ij(t) = X_ij exp(-2 pi i (kx_j t_x + ky_j t_y) / N) (RELION's shift sign, §3).
+with X_ij(t) = X_ij exp(-2 pi i (kx_j t_x + ky_j t_y) / N) (RELION's shift sign,
+docs/conventions.md "Shifts").
 """
 
 from __future__ import annotations

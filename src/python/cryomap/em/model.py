@@ -1,6 +1,6 @@
 """Model state between EM iterations: noise spectra σ², prior spectra τ², FSC and resolution.
 
-Conventions (CONVENTIONS §5, §6, §10): σ² is the variance of each of Re and Im of an
+Conventions (docs/method.md eqs. (3), (21), (22)): σ² is the variance of each of Re and Im of an
 N^-2-normalised Fourier coefficient, one spectrum per optics group indexed by shell
 round(|k|); τ² likewise for the map; FSC per shell with FSC(0) = 1.
 """
@@ -29,7 +29,8 @@ def fsc(ft1: np.ndarray, ft2: np.ndarray, shells: np.ndarray, n_shells: int) -> 
 
 
 def resolution_shell(fsc_curve: np.ndarray, threshold: float) -> int:
-    """Last shell before the FSC first drops below threshold (RELION's rule, §10); >= 1."""
+    """Last shell before the FSC first drops below threshold (RELION's rule, docs/method.md
+    eq. (22)); >= 1."""
     below = np.nonzero(fsc_curve[1:] < threshold)[0]
     last = (below[0] if below.size else fsc_curve.size - 1)  # index in fsc[1:] = shell - 1
     return max(int(last), 1)
@@ -38,7 +39,8 @@ def resolution_shell(fsc_curve: np.ndarray, threshold: float) -> int:
 def initial_sigma2(power_sum: np.ndarray, mean_ft: np.ndarray, n_images: int,
                    shells: np.ndarray, n_shells: int) -> np.ndarray:
     """σ² per shell from images' power spectra: (mean |X|² − |mean X|²)/2 averaged over each
-    shell (RELION's initial noise estimate, §5). power_sum is Σ_i |X_i|², mean_ft is mean X."""
+    shell (RELION's initial noise estimate, docs/method.md eq. (24)). power_sum is Σ_i |X_i|²,
+    mean_ft is mean X."""
     per_pixel = (power_sum / n_images - np.abs(mean_ft) ** 2) / 2.0
     counts = shell_sums(np.ones_like(per_pixel), shells, n_shells)
     s = shell_sums(per_pixel, shells, n_shells)
@@ -47,7 +49,7 @@ def initial_sigma2(power_sum: np.ndarray, mean_ft: np.ndarray, n_images: int,
 
 def tau2_from_fsc(fsc_curve: np.ndarray, weight_shell_mean: np.ndarray, pad: int,
                   tau2_fudge: float, ndim: int = 3) -> np.ndarray:
-    """tau2 per shell from the half-map FSC (RELION auto-refine; docs/method.md).
+    """tau2 per shell from the half-map FSC (RELION auto-refine; docs/method.md eq. (21)).
 
     F is clipped to [0.001, 0.999]; sigma2_rec = 1/<p^d W>_shell; tau2 = T F/(1-F) sigma2_rec.
     """

@@ -1,7 +1,7 @@
 """The noise model: sigma2 per optics group, per resolution shell (RELION) or per pixel.
 
 sigma2 is the variance of each of Re and Im of an N^-2-normalised Fourier coefficient of the
-noise (docs/conventions.md, "Noise"), so the E-step exponent is |X - CTF A|^2 / (2 sigma2).
+noise (docs/method.md eq. (3)), so the E-step exponent is |X - CTF A|^2 / (2 sigma2).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class NoiseModel:
             if per_pixel:
                 sigma2[g] = (power[g] / max(count[g], 1) - np.abs(mean) ** 2) / 2.0
             else:
-                s = initial_sigma2(power[g], mean, int(count[g]), shells2, n_shells)
+                s = initial_sigma2(power[g], mean, max(int(count[g]), 1), shells2, n_shells)
                 sigma2[g] = s[np.minimum(shells2, n_shells - 1)]
         return cls(np.maximum(sigma2, 1e-12 * max(sigma2.max(), 1e-30)), per_pixel)
 

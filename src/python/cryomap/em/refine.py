@@ -36,7 +36,7 @@ import numpy as np
 from .. import fourier, postprocess, projector
 from ..euler import angular_distance, euler_to_matrix
 from ..masks import soft_sphere
-from ..particles import ParticleSet
+from ..particles import ParticleSet, random_subsets
 from ..sampling import PoseSampling, angular_step
 from .accuracy import expected_accuracy
 from .data import ImageSource
@@ -275,18 +275,13 @@ def lowpass(volume: np.ndarray, pixel_size: float, resolution: float,
     return fourier.ifft3_centered(ft * (0.5 + 0.5 * np.cos(np.pi * t)), n)
 
 
-def split_halves(particles: ParticleSet, rng: np.random.Generator) -> np.ndarray:
-    """rlnRandomSubset if present and valid for every particle with both halves used, else a
-    random equal split (docs/conventions.md, "Half-sets")."""
-    df = particles.particles
-    if "rlnRandomSubset" in df.columns:
-        s = np.asarray(df["rlnRandomSubset"].to_numpy(), np.float64)
-        if np.all(np.isin(s, (1, 2))) and np.any(s == 1) and np.any(s == 2):
-            return s.astype(np.int64)
-    n = particles.n_particles
-    s = np.ones(n, np.int64)
-    s[rng.permutation(n)[: n // 2]] = 2
-    return s
+def split_halves(particles: ParticleSet, rng: np.random.Generator,
+                 log: Callable[[str], None] | None = None) -> np.ndarray:
+    """Half-sets (n,) 1/2 of a refinement, class3d --split_halves or a reconstruction: the
+    particles' rlnRandomSubset when valid with both halves non-empty, else a random equal
+    split with a line through `log` saying why (`particles.random_subsets` with
+    resplit_invalid; docs/conventions.md, "Half sets")."""
+    return random_subsets(particles, rng, log=log, resplit_invalid=True)
 
 
 def initial_state(refinement: Refinement, reference: np.ndarray, angles: np.ndarray,
@@ -468,7 +463,7 @@ def half_set_fsc(bps: list[projector.BackProjector], options: RefineOptions, r_m
                  box: int, solvent_mask: np.ndarray | None = None, seed: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """FSC between the unregularised half averages D/W (shells beyond r_max set to 0: they
-    were not searched) and tau2 from it (docs/method.md, "tau2 from the FSC"). With a
+    were not searched) and tau2 from it (docs/method.md eq. (21)). With a
     solvent mask, the FSC is `solvent_corrected_fsc` of the two halves instead (RELION's
     --solvent_correct_fsc; `seed` draws the random phases)."""
     h1, h2 = bps

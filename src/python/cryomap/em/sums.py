@@ -1,5 +1,5 @@
-"""M-step sums from the posterior weights (numerator and denominator of seed eq. 14, and the
-sum of seed eq. 15), by the C++ kernel `core.maximization_sums`.
+"""M-step sums from the posterior weights (numerator and denominator of docs/method.md
+eqs. (13)-(14), and the sum of eq. (15)), by the C++ kernel `core.maximization_sums`.
 
 With Y_it(j) = CTF_ij X_ij(t) inv_sigma2_ij and W_ij = CTF_ij^2 inv_sigma2_ij:
 
@@ -10,7 +10,7 @@ With Y_it(j) = CTF_ij X_ij(t) inv_sigma2_ij and W_ij = CTF_ij^2 inv_sigma2_ij:
 The slice sums are back-projected afterwards (`projector.backproject`). The residual power is
 over ALL pixels j, whatever inv_sigma2 (so that pixels excluded from alignment still get a
 noise estimate), and is not divided by sigma2 or by the pixel count: σ² per shell is
-sum_i residual_power[i, s] / (2 * sum_i sum_{t,r} g * Npix(s)) (CONVENTIONS §5).
+sum_i residual_power[i, s] / (2 * sum_i sum_{t,r} g * Npix(s)) (docs/method.md eq. (23)).
 """
 
 from __future__ import annotations

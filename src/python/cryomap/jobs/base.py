@@ -46,15 +46,17 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 class Log:
-    """run.log plus console lines."""
+    """run.log plus console lines (path None: the lines are kept in memory only)."""
 
-    def __init__(self, path: Path, echo: Callable[[str], None] | None = print) -> None:
+    def __init__(self, path: Path | None, echo: Callable[[str], None] | None = print) -> None:
         self.path, self.echo = path, echo
-        self.lines: list[str] = path.read_text().splitlines() if path.exists() else []
+        self.lines: list[str] = (path.read_text().splitlines()
+                                 if path is not None and path.exists() else [])
 
     def __call__(self, line: str) -> None:
         self.lines.append(line)
-        write_text_atomic(self.path, "\n".join(self.lines) + "\n")
+        if self.path is not None:
+            write_text_atomic(self.path, "\n".join(self.lines) + "\n")
         if self.echo is not None:
             self.echo(line)
 
@@ -213,21 +215,37 @@ def plan_memory(estimate: Callable[[int], dict[str, int]], n_particles: int, box
 # -- particles -------------------------------------------------------------------------------
 
 
+def grid_notes(particles) -> list[str]:
+    """Log lines for optics groups on another grid than optics group 1's (the reference's):
+    their images are brought onto it by Fourier cropping/padding (em.data.ImageSource)."""
+    if not particles.mixed_grids:
+        return []
+    box, pix = particles.reference_grid
+    others = ", ".join(f"group {g + 1}: {int(b)} px of {p:g} Å"
+                       for g, (b, p) in enumerate(zip(particles.boxes, particles.pixel_sizes,
+                                                      strict=True)) if g)
+    return [f"optics groups on other grids ({others}) brought onto optics group 1's "
+            f"{box} px of {pix:g} Å by Fourier cropping/padding; σ² per optics group"]
+
+
 def check_particles_for_em(particles, options) -> None:
     """The per-particle values an E/M run uses beyond what loading checked, and the options
     that depend on the particles (box, pixel size); InputError naming the file, the row, the
     field and the range."""
-    box, pix = particles.box, particles.pixel_size
+    box, pix = particles.reference_grid
     options.validate_for(box, pix)
+    # origins against each particle's own box (optics groups may differ in box and pixel)
     origins = particles.origins_px()
-    far = np.abs(origins).max(axis=1) > box / 2
+    half = particles.particle_boxes() / 2
+    far = np.abs(origins).max(axis=1) > half
     if np.any(far):
         r = int(np.argmax(far))
-        label = "rlnOriginXAngst" if abs(origins[r, 0]) > box / 2 else "rlnOriginYAngst"
-        value = origins[r, 0 if label.startswith("rlnOriginX") else 1] * pix
+        label = "rlnOriginXAngst" if abs(origins[r, 0]) > half[r] else "rlnOriginYAngst"
+        own_pix = float(particles.particle_pixel_sizes([r])[0])
+        value = origins[r, 0 if label.startswith("rlnOriginX") else 1] * own_pix
         raise InputError(f"{particles.star_path}: data_particles, row {r + 1}: {label} = "
-                         f"{value:g}; expected |origin| <= {box / 2 * pix:g} Å (half the box, "
-                         f"{box} px of {pix:g} Å)")
+                         f"{value:g}; expected |origin| <= {half[r] * own_pix:g} Å (half the "
+                         f"box, {int(2 * half[r])} px of {own_pix:g} Å)")
 
 
 # -- resuming --------------------------------------------------------------------------------
@@ -309,14 +327,19 @@ class Job:
     from) is in hand, so that a run refused for its inputs leaves nothing behind. A run's
     job.json records what --continue needs (inputs, options, threads, memory budget) and,
     once the final outputs are written, the iteration the run finished at.
+
+    outdir None runs in memory (the Python API without an output folder): the same
+    iterations, with the log lines echoed and kept in `log.lines`, and no file written.
     """
 
     kind = "job"
     state_class: type
 
-    def __init__(self, outdir: str | Path, resume: bool = False,
+    def __init__(self, outdir: str | Path | None, resume: bool = False,
                  echo: Callable[[str], None] | None = print) -> None:
-        self.outdir = Path(outdir)
+        if outdir is None and resume:
+            raise InputError("--continue: needs the output folder of the run to continue")
+        self.outdir = None if outdir is None else Path(outdir)
         self.resume = resume
         self.echo = echo
         self.log: Log | None = None
@@ -326,10 +349,14 @@ class Job:
     # -- folder ----------------------------------------------------------------------------
 
     @staticmethod
-    def check_output(outdir: str | Path, resume: bool) -> None:
+    def check_output(outdir: str | Path | None, resume: bool) -> None:
         """Before any work: --o is (or can be made) a writable folder, and a fresh run does
         not go into a folder that already holds a run (so that a later --continue can never
-        resume from a stale one)."""
+        resume from a stale one). None (a run in memory): nothing to check."""
+        if outdir is None:
+            if resume:
+                raise InputError("--continue: needs the output folder of the run to continue")
+            return
         check_output_dir(outdir, "--o")
         if not resume and last_iteration(Path(outdir)) is not None:
             raise InputError(f"{outdir}: already holds a run (run_itNNN_state.npz); use "
@@ -337,7 +364,10 @@ class Job:
 
     def open(self) -> None:
         """Create the output folder and run.log; remove the temporary files of writes that an
-        interrupted run left behind."""
+        interrupted run left behind. In memory: a log without a file."""
+        if self.outdir is None:
+            self.log = Log(None, self.echo)
+            return
         make_output_dir(self.outdir, "--o")
         removed = remove_stale_temps(self.outdir)
         try:
@@ -359,12 +389,16 @@ class Job:
 
     def write_job_file(self, description: dict, **extra) -> None:
         """job.json: what --continue needs to restart the run."""
+        if self.outdir is None:
+            return
         write_text_atomic(self.outdir / "job.json",
                           json.dumps({"kind": self.kind, **description, **self.job_info(),
                                       **extra}, indent=1))
 
     def _mark_finished(self, iteration: int) -> None:
         """Record in job.json that the final outputs are complete."""
+        if self.outdir is None:
+            return
         path = self.outdir / "job.json"
         job = json.loads(path.read_text())
         job["finished"] = int(iteration)
@@ -426,10 +460,12 @@ class Job:
         while not self.finished(state):
             t0 = time.perf_counter()
             line = self.iterate(state)
-            root = iteration_root(self.outdir, state.iteration)
-            self.write_iteration(root, state)
-            save_state(Path(f"{root}_state.npz"), state)
+            if self.outdir is not None:
+                root = iteration_root(self.outdir, state.iteration)
+                self.write_iteration(root, state)
+                save_state(Path(f"{root}_state.npz"), state)
             self.log(f"{line} ({time.perf_counter() - t0:.1f} s)")
-        self.write_final(state)
-        self._mark_finished(state.iteration)
+        if self.outdir is not None:
+            self.write_final(state)
+            self._mark_finished(state.iteration)
         return state

@@ -16,6 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .. import fourier, projector
 from ..em.classify import (
@@ -27,19 +28,20 @@ from ..em.classify import (
 from ..em.data import ImageSource
 from ..em.noise import NoiseModel
 from ..em.options import max_memory_bytes
-from ..em.refine import lowpass
+from ..em.refine import lowpass, split_halves
 from ..errors import InputError
 from ..euler import euler_to_matrix
 from ..io.atomic import atomic_path
 from ..io.mrc import open_stack, read_map, write_stack
 from ..io.star import read_star
-from ..particles import ParticleSet, load_particles, random_subsets
+from ..particles import ParticleSet
 from .base import (
     Job,
     MemoryPlan,
     ResumePoint,
     check_particles_for_em,
     find_resume_point,
+    grid_notes,
     plan_memory,
     progress_bar,
     read_job_file,
@@ -52,7 +54,15 @@ from .output import (
     write_model_star,
     write_volume,
 )
-from .refine import PIXEL_TOLERANCE, check_reference, image_source, require_ctf
+from .refine import (
+    PIXEL_TOLERANCE,
+    check_reference,
+    image_source,
+    particle_input,
+    reference_input,
+    require_ctf,
+    saved_reference,
+)
 
 
 def check_classes(n_classes: int, particles: ParticleSet, star: str | Path) -> None:
@@ -90,6 +100,7 @@ class ClassifyJob(Job):
         cache = None if memory is None else (memory.parts.get("image cache", 0)
                                              if memory.cache else 0)
         self.source = image_source(particles, options, cache)
+        self.notes += grid_notes(particles)
 
     def initial_state(self) -> ClassState:
         o, p = self.options, self.particles
@@ -99,20 +110,20 @@ class ClassifyJob(Job):
         references, seed_class = self.initialise(self.source, noise.sigma2, seed_class, rng)
         from ..em.classify import initial_state
 
-        subset = random_subsets(p, rng, log=self.notes.append) if o.split_halves else None
-        return initial_state(self.source, o, references, p.angles(), p.origins_px(),
-                             seed_class, subset)
+        subset = split_halves(p, rng, log=self.notes.append) if o.split_halves else None
+        return initial_state(self.source, o, references, p.angles(),
+                             p.origins_px(pixel_size=p.grid_pixel_size), seed_class, subset)
 
     def description(self) -> dict:
         return {"i": str(self.star.resolve()),
-                "ref": None if self.reference_path is None
-                else str(Path(self.reference_path).resolve()),
+                "ref": None if isinstance(self.reference_path, (list, tuple))
+                else saved_reference(self.reference_path),
                 "options": asdict(self.options)}
 
     def header(self) -> str:
         o, p = self.options, self.particles
-        return (f"cryomap {self.kind}: {p.n_particles} particles, box {p.box}, "
-                f"{p.pixel_size:.3f} Å/px, K = {o.n_classes}, options {json.dumps(asdict(o))}")
+        return (f"cryomap {self.kind}: {p.n_particles} particles, box {p.grid_box}, "
+                f"{p.grid_pixel_size:.3f} Å/px, K = {o.n_classes}, options {json.dumps(asdict(o))}")
 
     def finished(self, state: ClassState) -> bool:
         return state.iteration >= self.options.iterations
@@ -140,7 +151,7 @@ class ClassifyJob(Job):
 
     def write_maps(self, root: Path, state: ClassState) -> list[str]:
         """The class maps; returns the names for rlnReferenceImage."""
-        pix = self.particles.pixel_size
+        pix = self.particles.grid_pixel_size
         if self.options.ndim == 2:
             path = Path(f"{root}_classes.mrcs")
             write_stack(path, state.references, pix)
@@ -154,7 +165,7 @@ class ClassifyJob(Job):
 
     def write_tables(self, root: Path, state: ClassState, names: list[str]) -> None:
         o, p = self.options, self.particles
-        box, pix = p.box, p.pixel_size
+        box, pix = p.grid_box, p.grid_pixel_size
         n = box // 2 + 1
         k = state.n_classes
         noise = NoiseModel(state.sigma2)
@@ -170,16 +181,7 @@ class ClassifyJob(Job):
             average_pmax=float(state.max_prob.mean()), pad=o.pad, interp=o.interp,
             tau2_fudge=o.tau2_fudge, ref_dim=o.ndim, offset_sigma=state.offset_sigma * pix)
         write_model_star(Path(f"{root}_model.star"), model_blocks(figures))
-        table = particle_table(p, state.angles, state.origins_px, pix, state.max_prob,
-                               state.n_significant, state.log_likelihood,
-                               class_number=state.class_number + 1)
-        if o.ndim == 2:  # 2D poses are in-plane only: keep any input rot/tilt
-            for col in ("rlnAngleRot", "rlnAngleTilt"):
-                if col in p.particles.columns:
-                    table[col] = p.particles[col].to_numpy()
-                else:
-                    table = table.drop(columns=col)
-        write_data_star(Path(f"{root}_data.star"), p, table)
+        write_data_star(Path(f"{root}_data.star"), p, class_table(p, state, o))
 
     def write_iteration(self, root: Path, state: ClassState) -> None:
         self.write_tables(root, state, self.write_maps(root, state))
@@ -188,10 +190,26 @@ class ClassifyJob(Job):
         root = self.outdir / "run"
         self.write_tables(root, state, self.write_maps(root, state))
         if self.options.ndim == 2:
-            plot_gallery(self.outdir / "run_classes.png", state, self.particles.pixel_size)
+            plot_gallery(self.outdir / "run_classes.png", state, self.particles.grid_pixel_size)
         sizes = np.bincount(state.class_number, minlength=state.n_classes)
         self.log(f"final classes (particles): {' '.join(str(int(s)) for s in sizes)}; outputs "
                  f"in {self.outdir}")
+
+
+def class_table(particles: ParticleSet, state: ClassState, options: ClassOptions
+                ) -> pd.DataFrame:
+    """The particle table of a classification (run_data.star's data_particles): the input
+    columns, rlnClassNumber (1-based), the best pose and the statistics."""
+    table = particle_table(particles, state.angles, state.origins_px, particles.grid_pixel_size,
+                           state.max_prob, state.n_significant, state.log_likelihood,
+                           class_number=state.class_number + 1)
+    if options.ndim == 2:  # 2D poses are in-plane only: keep any input rot/tilt
+        for col in ("rlnAngleRot", "rlnAngleTilt"):
+            if col in particles.particles.columns:
+                table[col] = particles.particles[col].to_numpy()
+            else:
+                table = table.drop(columns=col)
+    return table
 
 
 # -- initial references ----------------------------------------------------------------------
@@ -213,12 +231,23 @@ def perturbed_references(reference: np.ndarray, pixel_size: float, resolution: f
     return out
 
 
-def read_references_3d(path: str | Path, particles: ParticleSet, n_classes: int
-                       ) -> list[np.ndarray]:
+def read_references_3d(path, particles: ParticleSet, n_classes: int) -> list[np.ndarray]:
     """3D references for --ref: one map (RELION's single reference: every class starts from
     it) or a STAR file listing K maps in rlnReferenceImage (paths as image paths: relative to
-    the working folder, then to the STAR file's folder). Each map's box and pixel size must
-    match the particles."""
+    the working folder, then to the STAR file's folder); in memory (the Python API), a map
+    or a list of K maps (`reference_input`). Each map's box and pixel size must match the
+    particles."""
+    if isinstance(path, (list, tuple)) or hasattr(path, "data"):
+        refs = list(path) if isinstance(path, (list, tuple)) else [path]
+        if len(refs) not in (1, n_classes):
+            raise InputError(f"--ref: {len(refs)} reference maps for --K {n_classes}; "
+                             f"expected 1 or {n_classes}")
+        maps = []
+        for ref in refs:
+            data, pix, name = reference_input(ref)
+            check_reference(data, pix, particles, name)
+            maps.append(np.asarray(data, np.float64))
+        return maps
     path = Path(path)
     if path.suffix != ".star":
         ref, pix = read_map(path)
@@ -248,26 +277,35 @@ def read_references_3d(path: str | Path, particles: ParticleSet, n_classes: int
     return maps
 
 
-def read_references_2d(path: str | Path, particles: ParticleSet, n_classes: int
-                       ) -> np.ndarray:
+def read_references_2d(path, particles: ParticleSet, n_classes: int) -> np.ndarray:
     """2D references for --ref: an image (`.mrc`, used for every class) or a stack (`.mrcs`,
-    one image per class). Box and pixel size must match the particles. Returns (K, N, N)."""
-    path = Path(path)
-    if path.suffix == ".mrcs":
+    one image per class); in memory, an image or a list of K images with `.data` and
+    `.pixel_size` (cryomap.Volume). Box and pixel size must match the particles. Returns
+    (K, N, N)."""
+    if isinstance(path, (list, tuple)) or hasattr(path, "data"):
+        refs = list(path) if isinstance(path, (list, tuple)) else [path]
+        images = np.stack([np.asarray(r.data, np.float64) for r in refs])
+        pix = float(refs[0].pixel_size)
+        path = Path("--ref (in memory)")
+        if images.ndim != 3:
+            raise InputError(f"{path}: expected 2D images for a 2D classification")
+    elif Path(path).suffix == ".mrcs":
+        path = Path(path)
         with open_stack(path) as stack:
             images, pix = stack.read(np.arange(stack.n_images)), stack.pixel_size
     else:
+        path = Path(path)
         data, pix = read_map(path)
         if data.ndim == 3:
             raise InputError(f"{path}: a 3D map; 2D classification needs 2D references (an "
                              f"image, or a .mrcs stack with one image per class)")
         images = data[None]
-    if images.shape[-1] != particles.box:
+    if images.shape[-1] != particles.grid_box:
         raise InputError(f"{path}: box {images.shape[-1]} does not match the particles' "
-                         f"rlnImageSize {particles.box}")
-    if abs(pix - particles.pixel_size) > PIXEL_TOLERANCE:
+                         f"rlnImageSize {particles.grid_box}")
+    if abs(pix - particles.grid_pixel_size) > PIXEL_TOLERANCE:
         raise InputError(f"{path}: pixel size {pix:.4f} Å does not match the particles' "
-                         f"rlnImagePixelSize {particles.pixel_size:.4f} Å")
+                         f"rlnImagePixelSize {particles.grid_pixel_size:.4f} Å")
     if images.shape[0] == 1:
         return np.repeat(images.astype(np.float64), n_classes, axis=0)
     if images.shape[0] != n_classes:
@@ -286,7 +324,7 @@ def random_subset_averages(source: ImageSource, sigma2: np.ndarray, subsets: np.
     mask = fourier.pixel_mask(box, box // 2 - 1)
     noise = NoiseModel(sigma2)
     n_classes = int(subsets.max()) + 1
-    origins = source.particles.origins_px()
+    origins = source.particles.origins_px(pixel_size=source.pixel_size)
     out = np.empty((n_classes, box, box))
     for k in range(n_classes):
         idx = np.flatnonzero(subsets == k)
@@ -342,14 +380,15 @@ def plot_gallery(path: Path, state: ClassState, pixel_size: float, columns: int 
 
 
 def _prepare(star, outdir, options: ClassOptions, resume: bool, angpix: float | None,
-             max_memory: float | None) -> tuple[ParticleSet, ResumePoint | None, int]:
+             max_memory: float | None) -> tuple[ParticleSet, Path, ResumePoint | None, int]:
     """The checks shared by class3d and class2d, in order, before anything is written:
-    options, output folder, particles and their per-particle values, the resume point.
-    Returns (particles, resume point or None, memory budget in bytes)."""
+    options, output folder, particles (a file or a ParticleSet) and their per-particle values,
+    the resume point. Returns (particles, their name, resume point or None, memory budget in
+    bytes)."""
     options.validate()
     budget = max_memory_bytes(max_memory)
     Job.check_output(outdir, resume)
-    particles = load_particles(star, angpix=angpix, log=None)
+    particles, star = particle_input(star, angpix)
     try:
         check_classes(options.n_classes, particles, star)
         require_ctf(particles, star, options.use_ctf)
@@ -359,7 +398,7 @@ def _prepare(star, outdir, options: ClassOptions, resume: bool, angpix: float | 
     except BaseException:
         particles.close()
         raise
-    return particles, start, budget
+    return particles, star, start, budget
 
 
 def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOptions,
@@ -367,7 +406,7 @@ def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOpt
          ) -> ClassState:
     try:
         plan = plan_memory(lambda bm: class_memory(particles, options, bm),
-                           particles.n_particles, particles.box, budget, options.batch_memory)
+                           particles.n_particles, particles.grid_box, budget, options.batch_memory)
         options = replace(options, batch_memory=plan.batch_memory)
         job = ClassifyJob(particles, star, reference_path, outdir, options, initialise, resume,
                           echo, plan)
@@ -377,15 +416,18 @@ def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOpt
         particles.close()
 
 
-def classify3d(star: str | Path, reference_path: str | Path | None, outdir: str | Path,
+def classify3d(star: str | Path | ParticleSet, reference_path, outdir: str | Path | None,
                options: ClassOptions, resume: bool = False,
                echo: Callable[[str], None] | None = print, angpix: float | None = None,
                max_memory: float | None = None) -> ClassState:
     """Run (or, with resume=True, continue) a 3D classification; returns the final state.
-    Everything is checked before anything is written in `outdir`; max_memory in GiB."""
+    Everything is checked before anything is written in `outdir`; max_memory in GiB.
+    star: a particle file or a ParticleSet; reference_path: an MRC path, a STAR list of K
+    maps, or maps in memory (read_references_3d); outdir None: run in memory."""
     if options.ndim != 3:
         raise ValueError("classify3d: options.ndim must be 3")
-    particles, start, budget = _prepare(star, outdir, options, resume, angpix, max_memory)
+    particles, star, start, budget = _prepare(star, outdir, options, resume, angpix,
+                                              max_memory)
     references = None
     try:
         if start is None or start.state is None:
@@ -408,15 +450,18 @@ def classify3d(star: str | Path, reference_path: str | Path | None, outdir: str 
                 start, budget)
 
 
-def classify2d(star: str | Path, outdir: str | Path, options: ClassOptions,
-               reference_path: str | Path | None = None, resume: bool = False,
+def classify2d(star: str | Path | ParticleSet, outdir: str | Path | None,
+               options: ClassOptions, reference_path=None, resume: bool = False,
                echo: Callable[[str], None] | None = print, angpix: float | None = None,
                max_memory: float | None = None) -> ClassState:
     """Run (or, with resume=True, continue) a 2D classification; returns the final state.
-    Everything is checked before anything is written in `outdir`; max_memory in GiB."""
+    Everything is checked before anything is written in `outdir`; max_memory in GiB.
+    star: a particle file or a ParticleSet; reference_path: None (averages of random
+    subsets), an image or stack file, or images in memory; outdir None: run in memory."""
     if options.ndim != 2:
         raise ValueError("classify2d: options.ndim must be 2")
-    particles, start, budget = _prepare(star, outdir, options, resume, angpix, max_memory)
+    particles, star, start, budget = _prepare(star, outdir, options, resume, angpix,
+                                              max_memory)
     references = None
     try:
         if reference_path is not None and (start is None or start.state is None):
@@ -446,7 +491,7 @@ def class_memory(particles: ParticleSet, options: ClassOptions,
     from ..em.refine import mask_radius_px
 
     bm = options.batch_memory if batch_memory is None else int(batch_memory)
-    box, pix = particles.box, particles.pixel_size
+    box, pix = particles.grid_box, particles.grid_pixel_size
     k = options.n_classes
     search = class_search(options, 1, box // 2 - 1, 2 * mask_radius_px(options, box, pix) * pix)
     bsize = class_batch_size(search, k, bm)

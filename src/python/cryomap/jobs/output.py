@@ -120,7 +120,12 @@ def particle_table(particles: ParticleSet, angles: np.ndarray, origins_px: np.nd
 
 
 def write_data_star(path: Path, particles: ParticleSet, table: pd.DataFrame) -> None:
-    """`<root>_data.star`: data_optics + data_particles."""
+    """`<root>_data.star`: data_optics + data_particles (`table`: one row per particle, in
+    the particle set's order). rlnImageName is rewritten as RELION writes it: the stack path
+    valid from the working folder (`ParticleSet.output_image_names`; docs/conventions.md,
+    "Image paths"), so that the next job, run from the same folder, reads this file."""
+    table = table.copy()
+    table["rlnImageName"] = particles.output_image_names()
     write_particles(path, particles.optics, table)
 
 

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..em.reconstruct import reconstruct_known_poses
 from ..em.refine import RefineOptions, RefineState, split_halves
 from ..errors import InputError
 from ..io.atomic import atomic_path
 from ..io.mrc import write_map
-from ..particles import ParticleSet, load_particles
+from ..particles import ParticleSet
 from .refine import image_source, require_ctf
 
 #: The pose columns a known-pose reconstruction needs (origins default to 0, as RELION).
@@ -41,10 +42,14 @@ POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 class ReconstructResult:
     """What `reconstruct` wrote and measured."""
 
-    paths: list[Path]  # the map, then the half maps (both halves only)
+    paths: list[Path]  # the map, then the half maps (both halves only); [] in memory
     n_particles: int
     resolution: float  # Å, FSC 0.143 of the half-sets used for tau2
     state: RefineState
+    pixel_size: float = 0.0  # Å
+    # the particles used (their input rows); with both half-sets, rlnRandomSubset is the
+    # half-set each particle was reconstructed in
+    table: pd.DataFrame | None = None
 
 
 def half_map_paths(output: Path) -> tuple[Path, Path]:
@@ -85,10 +90,12 @@ def select_subset(particles: ParticleSet, star: str | Path, subset: int) -> Part
                          f"non-empty --subset")
     return ParticleSet(optics=particles.optics, particles=df.iloc[rows].reset_index(drop=True),
                        star_path=particles.star_path, max_open_stacks=particles.max_open_stacks,
-                       search_dirs=particles.search_dirs, notes=list(particles.notes))
+                       search_dirs=particles.search_dirs, notes=list(particles.notes),
+                       images=None if particles.images is None else particles.images[rows])
 
 
-def reconstruct(star: str | Path, output: str | Path, sym: str = "C1", use_ctf: bool = False,
+def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: str = "C1",
+                use_ctf: bool = False,
                 subset: int | None = None, angpix: float | None = None,
                 maxres: float | None = None, seed: int = 0,
                 echo: Callable[[str], None] | None = print) -> ReconstructResult:
@@ -97,20 +104,26 @@ def reconstruct(star: str | Path, output: str | Path, sym: str = "C1", use_ctf: 
     summed over the point group `sym`, up to `maxres` Å (default Nyquist), from the half-set
     `subset` (1 or 2) only or from both (module docstring). Every input is checked before
     anything is written (InputError, one line); the maps are written together, atomically.
+    star: a particle file or a ParticleSet; output None: nothing written (the Python API).
     """
     from ..em.options import check_symmetry
+    from .refine import particle_input
 
-    out = check_output(output)
+    out = None if output is None else check_output(output)
     sym = check_symmetry(sym, healpix_order=2)
     if subset is not None and subset not in (1, 2):
         raise InputError(f"--subset {subset}: expected 1 or 2")
     if maxres is not None and not (np.isfinite(maxres) and maxres > 0):
         raise InputError(f"--maxres {maxres}: expected a resolution > 0 Å")
-    particles = load_particles(star, angpix=angpix)
+    from_file = not isinstance(star, ParticleSet)
+    particles, star = particle_input(star, angpix)
     try:
+        if from_file and echo is not None:  # RELION defaults applied on reading
+            for note in particles.notes:
+                echo(note)
         check_poses(particles, star)
         require_ctf(particles, star, use_ctf)
-        box, pix = particles.box, particles.pixel_size
+        box, pix = particles.grid_box, particles.grid_pixel_size
         r_max = None
         if maxres is not None:
             if maxres < 2.0 * pix:
@@ -131,27 +144,32 @@ def reconstruct(star: str | Path, output: str | Path, sym: str = "C1", use_ctf: 
             if particles.n_particles < 2:
                 raise InputError(f"{star}: {particles.n_particles} particle; expected at "
                                  f"least 2 (two half-sets)")
-            halves = split_halves(particles, rng)
+            halves = split_halves(particles, rng, log=echo)
         options = RefineOptions(use_ctf=use_ctf, sym=sym, seed=seed)
         source = image_source(particles, options)
-        state = reconstruct_known_poses(source, particles.angles(), particles.origins_px(),
-                                        halves, options, r_max=r_max)
+        state = reconstruct_known_poses(source, particles.angles(),
+                                        particles.origins_px(pixel_size=pix), halves, options,
+                                        r_max=r_max)
         maps = [state.final_maps[0]]
-        paths = [out]
+        paths = [] if out is None else [out]
         if subset is None:
             maps += [state.final_maps[1], state.final_maps[2]]
-            paths += list(half_map_paths(out))
-        with contextlib.ExitStack() as stack:  # all files or none
-            for path, volume in zip(paths, maps, strict=True):
-                tmp = stack.enter_context(atomic_path(path, suffix=".mrc"))
-                write_map(tmp, np.asarray(volume, np.float32), pix)
+            paths += [] if out is None else list(half_map_paths(out))
+        if out is not None:
+            with contextlib.ExitStack() as stack:  # all files or none
+                for path, volume in zip(paths, maps, strict=True):
+                    tmp = stack.enter_context(atomic_path(path, suffix=".mrc"))
+                    write_map(tmp, np.asarray(volume, np.float32), pix)
         res = float(state.history[-1]["resolution"])
         if echo is not None:
             what = (f"subset {subset} ({particles.n_particles} particles; tau2 from the FSC "
                     f"of two random halves of it)" if subset is not None else
                     f"{particles.n_particles} particles, half-set FSC 0.143 at {res:.2f} Å")
-            echo(f"cryomap reconstruct: {what}, symmetry {sym}; wrote "
-                 + ", ".join(str(p) for p in paths))
-        return ReconstructResult(paths, particles.n_particles, res, state)
+            echo(f"cryomap reconstruct: {what}, symmetry {sym}"
+                 + ("; wrote " + ", ".join(str(p) for p in paths) if paths else ""))
+        table = particles.particles.copy()
+        if subset is None:
+            table["rlnRandomSubset"] = halves
+        return ReconstructResult(paths, particles.n_particles, res, state, pix, table)
     finally:
         particles.close()

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..em.data import ImageSource
 from ..em.model import ssnr_from_fsc
@@ -26,16 +27,18 @@ from ..em.refine import (
     initial_state,
     mask_radius_px,
     refine_iteration,
+    split_halves,
 )
 from ..errors import InputError
 from ..io.mrc import read_map
 from ..masks import check_mask
-from ..particles import ParticleSet, load_particles, random_subsets
+from ..particles import ParticleSet, load_particles
 from .base import (
     Job,
     MemoryPlan,
     check_particles_for_em,
     find_resume_point,
+    grid_notes,
     iteration_root,
     plan_memory,
     progress_bar,
@@ -59,12 +62,12 @@ def check_reference(reference: np.ndarray, ref_pixel: float, particles: Particle
     """The reference's box and pixel size must match the particles."""
     if reference.ndim != 3:
         raise InputError(f"{ref_path}: expected a 3D map, got {reference.ndim} dimensions")
-    if reference.shape[0] != particles.box:
+    if reference.shape[0] != particles.grid_box:
         raise InputError(f"{ref_path}: box {reference.shape[0]} does not match the particles' "
-                         f"rlnImageSize {particles.box}")
-    if abs(ref_pixel - particles.pixel_size) > PIXEL_TOLERANCE:
+                         f"rlnImageSize {particles.grid_box}")
+    if abs(ref_pixel - particles.grid_pixel_size) > PIXEL_TOLERANCE:
         raise InputError(f"{ref_path}: pixel size {ref_pixel:.4f} Å does not match the "
-                         f"particles' rlnImagePixelSize {particles.pixel_size:.4f} Å")
+                         f"particles' rlnImagePixelSize {particles.grid_pixel_size:.4f} Å")
 
 
 def require_ctf(particles: ParticleSet, star: str | Path, use_ctf: bool) -> None:
@@ -83,7 +86,7 @@ def read_solvent_mask(path: str | Path | None, particles: ParticleSet) -> np.nda
     if mask.ndim != 3:
         raise InputError(f"--solvent_mask {path}: expected a 3D map, got {mask.ndim} "
                          f"dimensions")
-    check_mask(mask, (particles.box,) * 3, f"--solvent_mask {path}")
+    check_mask(mask, (particles.grid_box,) * 3, f"--solvent_mask {path}")
     return np.clip(np.asarray(mask, np.float64), 0.0, 1.0)
 
 
@@ -98,7 +101,8 @@ def postprocess_command(outdir: Path, mask: str | Path | None) -> str:
 def image_source(particles: ParticleSet, options, cache_bytes: int | None = None
                  ) -> ImageSource:
     """The particles' masked FTs for a job (cached when they fit `cache_bytes`)."""
-    return ImageSource(particles, mask_radius_px(options, particles.box, particles.pixel_size),
+    return ImageSource(particles,
+                       mask_radius_px(options, particles.grid_box, particles.grid_pixel_size),
                        options.mask_edge, options.use_ctf, cache_bytes)
 
 
@@ -116,22 +120,23 @@ class RefineJob(Job):
                  solvent_mask: np.ndarray | None = None) -> None:
         super().__init__(outdir, resume, echo)
         self.particles, self.star = particles, Path(star)
+        self.notes += grid_notes(particles)
         self.reference, self.reference_path = reference, reference_path
         self.options = options
         self.memory = memory
         cache = None if memory is None else (memory.parts.get("image cache", 0)
                                              if memory.cache else 0)
         self.refinement = Refinement(image_source(particles, options, cache), options,
-                                     mask_radius_px(options, particles.box,
-                                                    particles.pixel_size), solvent_mask)
+                                     mask_radius_px(options, particles.grid_box,
+                                                    particles.grid_pixel_size), solvent_mask)
 
     def initial_state(self) -> RefineState:
         o, p = self.options, self.particles
         rng = np.random.default_rng(o.seed)
-        # rlnRandomSubset as RELION reads it (invalid values refused), else a random split
-        subsets = random_subsets(p, rng, log=self.notes.append)
-        state = initial_state(self.refinement, self.reference, p.angles(), p.origins_px(),
-                              subsets)
+        # rlnRandomSubset when valid, else a random split with a log line saying why
+        subsets = split_halves(p, rng, log=self.notes.append)
+        state = initial_state(self.refinement, self.reference, p.angles(),
+                              p.origins_px(pixel_size=p.grid_pixel_size), subsets)
         if o.sym != "C1":
             from ..symmetry import point_group
 
@@ -142,14 +147,13 @@ class RefineJob(Job):
 
     def description(self) -> dict:
         return {"i": str(self.star.resolve()),
-                "ref": None if self.reference_path is None
-                else str(Path(self.reference_path).resolve()),
+                "ref": saved_reference(self.reference_path),
                 "options": asdict(self.options)}
 
     def header(self) -> str:
         p = self.particles
-        return (f"cryomap refine: {p.n_particles} particles, box {p.box}, "
-                f"{p.pixel_size:.3f} Å/px, options {json.dumps(asdict(self.options))}")
+        return (f"cryomap refine: {p.n_particles} particles, box {p.grid_box}, "
+                f"{p.grid_pixel_size:.3f} Å/px, options {json.dumps(asdict(self.options))}")
 
     def finished(self, state: RefineState) -> bool:
         return state.schedule.final_done
@@ -176,7 +180,7 @@ class RefineJob(Job):
 
     def _figures(self, state: RefineState, names: list[str]) -> ModelFigures:
         o, p = self.options, self.particles
-        box, pix = p.box, p.pixel_size
+        box, pix = p.grid_box, p.grid_pixel_size
         last = state.history[-1] if state.history else {}
         n = box // 2 + 1
         fsc = state.fsc if state.fsc is not None else np.zeros(n)
@@ -197,12 +201,10 @@ class RefineJob(Job):
             accuracy_translations=float(last.get("accuracy_trans", 999.0)) * pix)
 
     def _data_table(self, state: RefineState):
-        return particle_table(self.particles, state.angles, state.origins_px,
-                              self.particles.pixel_size, state.max_prob, state.n_significant,
-                              state.log_likelihood, subset=state.subset)
+        return refine_table(self.particles, state)
 
     def write_iteration(self, root: Path, state: RefineState) -> None:
-        pix = self.particles.pixel_size
+        pix = self.particles.grid_pixel_size
         for h in (0, 1):
             write_volume(Path(f"{root}_half{h + 1}_class001.mrc"), state.volumes[h], pix)
         write_model_star(Path(f"{root}_model.star"),
@@ -210,7 +212,7 @@ class RefineJob(Job):
         write_data_star(Path(f"{root}_data.star"), self.particles, self._data_table(state))
 
     def write_final(self, state: RefineState) -> None:
-        pix = self.particles.pixel_size
+        pix = self.particles.grid_pixel_size
         out = self.outdir
         maps = state.final_maps
         write_volume(out / "run_class001.mrc", maps[0], pix)
@@ -220,7 +222,7 @@ class RefineJob(Job):
                          model_blocks(self._figures(state, ["run_class001.mrc"])))
         write_data_star(out / "run_data.star", self.particles, self._data_table(state))
         res = state.history[-1]["resolution"] if state.history else float("nan")
-        plot_fsc(out / "run_fsc.png", state.fsc, self.particles.box, pix, res)
+        plot_fsc(out / "run_fsc.png", state.fsc, self.particles.grid_box, pix, res)
         self.log(f"final resolution {res:.2f} Å (half-map FSC 0.143); map "
                  f"{out / 'run_class001.mrc'}")
         if self.options.solvent_mask is None:
@@ -230,17 +232,49 @@ class RefineJob(Job):
         self.log(f"post-process with: {postprocess_command(out, self.options.solvent_mask)}")
 
 
-def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Path,
+def particle_input(star: str | Path | ParticleSet, angpix: float | None = None
+                   ) -> tuple[ParticleSet, Path]:
+    """(particle set, the name messages and job.json give it) of a job's --i: a particle file
+    (read and checked, `load_particles`) or a ParticleSet already in hand (the Python API;
+    `angpix` must then be None)."""
+    if isinstance(star, ParticleSet):
+        if angpix is not None:
+            raise InputError("--angpix: only for particles read from a file")
+        return star, star.star_path
+    return load_particles(star, angpix=angpix, log=None), Path(star)
+
+
+def reference_input(reference) -> tuple[np.ndarray, float, str]:
+    """(map, pixel size, name) of a --ref: an MRC path, or a map in hand (anything with
+    `.data` and `.pixel_size`, e.g. a cryomap.Volume)."""
+    if hasattr(reference, "data") and hasattr(reference, "pixel_size"):
+        return np.asarray(reference.data), float(reference.pixel_size), "--ref (in memory)"
+    data, pix = read_map(reference)
+    return data, pix, str(reference)
+
+
+def refine_table(particles: ParticleSet, state: RefineState) -> pd.DataFrame:
+    """The particle table of a refinement (run_data.star's data_particles): the input
+    columns, the best pose, rlnRandomSubset and the statistics."""
+    return particle_table(particles, state.angles, state.origins_px,
+                          particles.grid_pixel_size, state.max_prob, state.n_significant,
+                          state.log_likelihood, subset=state.subset)
+
+
+def refine(star: str | Path | ParticleSet, reference_path, outdir: str | Path | None,
            options: RefineOptions, resume: bool = False,
            echo: Callable[[str], None] | None = print, angpix: float | None = None,
            max_memory: float | None = None) -> RefineState:
     """Run (or, with resume=True, continue) a 3D refinement; returns the final state.
     Everything is checked before anything is written in `outdir`. max_memory: the memory
-    budget in GiB (None: the default share of the available memory)."""
+    budget in GiB (None: the default share of the available memory).
+
+    star: a particle file or a ParticleSet; reference_path: an MRC path or a map in hand
+    (`reference_input`); outdir None: run in memory, no file written (`Job`)."""
     options.validate()
     budget = max_memory_bytes(max_memory)
     Job.check_output(outdir, resume)
-    particles = load_particles(star, angpix=angpix, log=None)
+    particles, star = particle_input(star, angpix)
     try:
         require_ctf(particles, star, options.use_ctf)
         check_particles_for_em(particles, options)
@@ -250,13 +284,13 @@ def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Pa
         if start is None or start.state is None:
             if reference_path is None:
                 raise InputError("--ref: an initial map is required")
-            reference, ref_pixel = read_map(reference_path)
-            check_reference(reference, ref_pixel, particles, reference_path)
+            reference, ref_pixel, ref_name = reference_input(reference_path)
+            check_reference(reference, ref_pixel, particles, ref_name)
         solvent_mask = read_solvent_mask(options.solvent_mask, particles)
         if options.solvent_mask is not None:  # job.json: found again by --continue anywhere
             options = replace(options, solvent_mask=str(Path(options.solvent_mask).resolve()))
         plan = plan_memory(lambda bm: refine_memory(particles, options, bm),
-                           particles.n_particles, particles.box, budget, options.batch_memory)
+                           particles.n_particles, particles.grid_box, budget, options.batch_memory)
         options = replace(options, batch_memory=plan.batch_memory)
         job = RefineJob(particles, star, reference, reference_path, outdir, options, resume,
                         echo, plan, solvent_mask)
@@ -264,6 +298,14 @@ def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Pa
         return job.run(start)
     finally:
         particles.close()
+
+
+def saved_reference(reference) -> str | None:
+    """job.json's "ref": the absolute path of a file reference, None for none or a map in
+    memory (a continued run never needs it: it starts from its saved state)."""
+    if reference is None or hasattr(reference, "data"):
+        return None
+    return str(Path(reference).resolve())
 
 
 def refine_memory(particles: ParticleSet, options: RefineOptions,
@@ -276,7 +318,7 @@ def refine_memory(particles: ParticleSet, options: RefineOptions,
     from ..em.refine import AutoSampling, batch_size
 
     bm = options.batch_memory if batch_memory is None else int(batch_memory)
-    box, pix = particles.box, particles.pixel_size
+    box, pix = particles.grid_box, particles.grid_pixel_size
     sigma_ang = options.sigma_ang
     sched = AutoSampling(options.healpix_order, options.offset_step, options.offset_range,
                          sigma_ang)
@@ -315,5 +357,6 @@ def saved_run(outdir: str | Path) -> dict:
     return job
 
 
-__all__ = ["RefineJob", "refine", "saved_job", "saved_run", "check_reference", "require_ctf",
+__all__ = ["RefineJob", "refine", "refine_table", "particle_input", "reference_input",
+           "saved_reference", "saved_job", "saved_run", "check_reference", "require_ctf",
            "image_source", "iteration_root", "read_solvent_mask", "postprocess_command"]
