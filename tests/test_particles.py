@@ -662,3 +662,27 @@ def test_random_subsets_invalid_like_relion(project, values, pattern):
     s = random_subsets(ps, np.random.default_rng(0), log=logged.append, resplit_invalid=True)
     assert sorted(s.tolist()) == [1, 1, 2, 2]
     assert len(logged) == 1 and "split at random" in logged[0]
+
+
+def test_particles_from_images_save_and_reload(tmp_path, monkeypatch):
+    from cryomap.particles import MEMORY_STACK, particles_from_images
+
+    rng = np.random.default_rng(0)
+    imgs = rng.normal(size=(5, 12, 12)).astype(np.float32)
+    table = pd.DataFrame({"rlnDefocusU": np.full(5, 15000.0), "rlnAngleRot": np.arange(5.0)})
+    ps = particles_from_images(imgs, 2.5, table)
+    assert ps.n_particles == 5 and ps.reference_grid == (12, 2.5)
+    assert ps.particles["rlnImageName"][0] == f"000001@{MEMORY_STACK}"
+    np.testing.assert_array_equal(ps.read_images([3, 1]), imgs[[3, 1]])
+    assert ps.image_paths([0]) == [None]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Import").mkdir()
+    star = ps.save("Import/particles.star")
+    assert read_star(star)["particles"]["rlnImageName"][4] == "000005@Import/particles.mrcs"
+    back = load_particles(star)
+    np.testing.assert_array_equal(back.read_images(None), imgs)
+    np.testing.assert_allclose(back.angles()[:, 0], np.arange(5.0))
+    with pytest.raises(InputError, match=r"table: 4 rows for 5 images"):
+        particles_from_images(imgs, 2.5, table.iloc[:4])
+    with pytest.raises(InputError, match=r"shape \(5, 12, 11\)"):
+        particles_from_images(imgs[:, :, :11], 2.5)

@@ -21,16 +21,36 @@ SliceGeometry check_geometry(const py::array& rotations, const py::array& coords
     return {rotations.shape(0), coords.shape(0)};
 }
 
+// Largest factor by which a matrix stretches an image frequency (kx, ky, 0): the spectral
+// norm of its first two rows (a 2x3 block), 1 for a rotation, != 1 for the magnified matrices
+// of anisotropic magnification or another pixel size (ctf.magnified_rotations).
+double max_stretch(const double* rot, py::ssize_t n_rot) {
+    double out = 0.0;
+    for (py::ssize_t r = 0; r < n_rot; ++r) {
+        const double* a = rot + 9 * r;
+        // G = B B^T with B the rows (a0 a1 a2) and (a3 a4 a5); largest eigenvalue of G
+        const double g00 = a[0] * a[0] + a[1] * a[1] + a[2] * a[2];
+        const double g11 = a[3] * a[3] + a[4] * a[4] + a[5] * a[5];
+        const double g01 = a[0] * a[3] + a[1] * a[4] + a[2] * a[5];
+        const double half = 0.5 * (g00 + g11);
+        const double d = 0.5 * (g00 - g11);
+        out = std::max(out, half + std::sqrt(d * d + g01 * g01));
+    }
+    return std::sqrt(out);
+}
+
 // Trilinear fast path: when every sample lies within radius cy - 1 of the origin (the radius
 // the reference was cropped for), its 2x2x2 footprint is always inside the grid, so the eight
-// voxels are fixed offsets from one base index and no bounds checks are needed.
+// voxels are fixed offsets from one base index and no bounds checks are needed. The sample
+// radius is at most scale * |k| * max_stretch (1 for rotations).
 bool linear_fast_path(const float* k, py::ssize_t n_pix, double scale, const VolumeShape& vs,
-                      Interp interp) {
+                      Interp interp, const double* rot, py::ssize_t n_rot) {
     if (interp != Interp::Linear || vs.nz == 1) return false;
     double r2 = 0.0;
     for (py::ssize_t j = 0; j < n_pix; ++j)
         r2 = std::max(r2, (double)k[2 * j] * k[2 * j] + (double)k[2 * j + 1] * k[2 * j + 1]);
-    return scale * std::sqrt(r2) + 1.01 < vs.cy;  // margin for float rounding of q
+    // margin for float rounding of q
+    return scale * std::sqrt(r2) * max_stretch(rot, n_rot) + 1.01 < vs.cy;
 }
 
 // q = scale * A^T (kx, ky, 0) as a float 3x2 matrix per rotation (docs/conventions.md "Projection").
@@ -79,7 +99,7 @@ py::array_t<cfloat> project(const py::array& volume_ft, const py::array& rotatio
     cfloat* slices = out.mutable_data();
     {
         py::gil_scoped_release release;
-const bool fast = linear_fast_path(k, g.n_pix, scale, vs, interp);
+const bool fast = linear_fast_path(k, g.n_pix, scale, vs, interp, rot, g.n_rot);
         const int64_t sy = vs.nx, sz = (int64_t)vs.ny * vs.nx;
 #pragma omp parallel for schedule(static)
         for (py::ssize_t r = 0; r < g.n_rot; ++r) {
@@ -145,7 +165,7 @@ void backproject(py::array& data, py::array& weight, const py::array& slices,
     const size_t n_vox = (size_t)data.size();
 
     py::gil_scoped_release release;
-    const bool fast = linear_fast_path(k, g.n_pix, scale, vs, interp);
+    const bool fast = linear_fast_path(k, g.n_pix, scale, vs, interp, rot, g.n_rot);
     const int64_t sy = vs.nx, sz = (int64_t)vs.ny * vs.nx;
     // Each thread splats its orientations into a private volume (no atomics), then the private
     // volumes are summed in parallel over voxels. Memory: threads x (8 + 4) bytes x voxels.

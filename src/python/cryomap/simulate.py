@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import fourier
-from .ctf import CtfParams, check_ctf_params
+from .ctf import CtfParams, check_ctf_params, magnified_rotations
 from .euler import euler_to_matrix, matrix_to_euler
 from .io.mrc import write_map, write_stack
 from .particles import make_optics_table, write_particles
@@ -56,6 +56,39 @@ def _ctf_subset(ctf: CtfParams, idx: slice | np.ndarray, n: int) -> CtfParams:
     return ctf.subset(idx)
 
 
+def _aberrations(n: int, beam_tilt, odd_zernike, even_zernike, mag_matrix) -> dict:
+    """CtfParams aberration fields, one row per image (only those given)."""
+    out: dict[str, np.ndarray] = {}
+    for name, value, shape in (("beam_tilt", beam_tilt, (2,)), ("odd_zernike", odd_zernike, None),
+                               ("even_zernike", even_zernike, None),
+                               ("mag_matrix", mag_matrix, (2, 2))):
+        if value is None:
+            continue
+        v = np.asarray(value, np.float64)
+        if (shape is not None and v.shape != shape) or (shape is None and v.ndim != 1) \
+                or not np.all(np.isfinite(v)):
+            raise ValueError(f"{name}: expected finite values of shape "
+                             f"{shape or '(K,)'}, got {v.shape}")
+        out[name] = np.broadcast_to(v, (n,) + v.shape).copy()
+    return out
+
+
+def _optics_aberrations(optics: pd.DataFrame, aberrations: dict) -> None:
+    """Write the aberrations into a one-group optics table, with RELION 3.1's labels."""
+    def vector(v: np.ndarray) -> str:
+        return "[" + ",".join(f"{x:.10g}" for x in v) + "]"
+
+    if "beam_tilt" in aberrations:
+        optics["rlnBeamTiltX"], optics["rlnBeamTiltY"] = aberrations["beam_tilt"][0]
+    for name, label in (("odd_zernike", "rlnOddZernike"), ("even_zernike", "rlnEvenZernike")):
+        if name in aberrations:
+            optics[label] = vector(aberrations[name][0])
+    if "mag_matrix" in aberrations:
+        m = aberrations["mag_matrix"][0]
+        for (i, j) in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            optics[f"rlnMagMat{i}{j}"] = m[i, j]
+
+
 #: Where project_images puts the real-space origin of the images it writes.
 IMAGE_ORIGINS = ("floor", "relion_project")
 
@@ -72,7 +105,11 @@ def project_images(volume: np.ndarray | Reference, angles_deg: np.ndarray,
     angles_deg : (n, 3) RELION (rot, tilt, psi) in degrees.
     origins_px : (n, 2) (rlnOriginX, rlnOriginY) in pixels (None = 0). The image is the
         projection shifted by -origin: the particle centre lands at (N/2 - ox, N/2 - oy).
-    ctf : per-image CtfParams (length n) multiplying the projection's FT, or None.
+    ctf : per-image CtfParams (length n) multiplying the projection's FT, or None. With
+        aberrations the image is RELION's prediction (ObservationModel::predictObservation):
+        CTF(M s) (even Zernike terms included) times exp(i phi_odd(M s)) (odd Zernike terms,
+        beam tilt) times the projection sampled at A^T M k (docs/conventions.md,
+        "Aberrations").
     pixel_size : A/px, needed with ctf.
     pad, interp : projector padding factor and interpolation ("linear" or "nearest").
     batch : images per batch (memory bound); default from default_batch.
@@ -118,11 +155,18 @@ def project_images(volume: np.ndarray | Reference, angles_deg: np.ndarray,
         sl = slice(start, min(start + batch, n))
         b = sl.stop - sl.start
         rot = euler_to_matrix(angles[sl, 0], angles[sl, 1], angles[sl, 2])
+        sub = None if ctf is None else (ctf if len(ctf) == 1 else _ctf_subset(ctf, sl, n))
+        if sub is not None and sub.mag_matrix is not None:
+            # anisotropic magnification: the map sampled at A^T M k
+            mag = np.broadcast_to(np.asarray(sub.mag_matrix, np.float64).reshape(-1, 2, 2),
+                                  (b, 2, 2))
+            rot = magnified_rotations(rot, mag)
         slices = project(ref, rot, coords)
-        if ctf is not None:
-            sub = ctf if len(ctf) == 1 else _ctf_subset(ctf, sl, n)
-            slices = (slices * sub.evaluate(kx, ky, n_box, float(pixel_size))).astype(
-                np.complex64)
+        if sub is not None:
+            model = sub.evaluate(kx, ky, n_box, float(pixel_size))
+            if sub.has_phase_aberrations:  # odd Zernike terms and beam tilt
+                model = model * sub.phase_factor(kx, ky, n_box, float(pixel_size))
+            slices = (slices * model).astype(np.complex64)
         # Observation = projection translated by -origin (RELION translates the image by
         # +origin to align it with the reference projection).
         if np.any(origins[sl]):
@@ -166,6 +210,10 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
                        amplitude_contrast: float = 0.1, bfactor: float = 0.0,
                        ctf: bool = True, class_fractions: Sequence[float] | None = None,
                        pad: int = 2, interp: str = "linear", stack_name: str = STACK_NAME,
+                       beam_tilt: Sequence[float] | None = None,
+                       odd_zernike: Sequence[float] | None = None,
+                       even_zernike: Sequence[float] | None = None,
+                       mag_matrix: np.ndarray | None = None,
                        ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Simulate n particle images of a map (or of several maps, one per class).
 
@@ -180,6 +228,11 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
     stack_name is the stack path written into rlnImageName. cryomap, like RELION, looks it up
     relative to the working folder and then (cryomap only) relative to the STAR file's folder,
     so for a RELION run from the parent folder use e.g. "sim/particles.mrcs".
+
+    Aberrations (with ctf=True), the same for every image and written to the optics table as
+    RELION 3.1 does: beam_tilt (x, y) mrad (rlnBeamTiltX/Y), odd_zernike and even_zernike
+    coefficients in radians (rlnOddZernike, rlnEvenZernike; RELION's order, ctf.py) and the
+    2x2 mag_matrix (rlnMagMat00/01/10/11); see project_images for the forward model.
 
     Each quantity has its own random stream derived from seed, so snr=None with the same seed
     returns exactly the clean images of a noisy simulation.
@@ -216,9 +269,13 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
     origins = np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1)
     mean_df = rng_ctf.uniform(lo, hi, size=n)
     astig = rng_ctf.uniform(0, astigmatism, size=n)
+    aberrations = _aberrations(n, beam_tilt, odd_zernike, even_zernike, mag_matrix)
+    if aberrations and not ctf:
+        raise ValueError("aberrations: expected ctf=True (they are part of the CTF model)")
     ctf_params = CtfParams(defocus_u=mean_df + astig / 2, defocus_v=mean_df - astig / 2,
                            defocus_angle=rng_ctf.uniform(0, 180, size=n), voltage=voltage,
-                           cs=cs, amplitude_contrast=amplitude_contrast, bfactor=bfactor)
+                           cs=cs, amplitude_contrast=amplitude_contrast, bfactor=bfactor,
+                           **aberrations)
     check_ctf_params(ctf_params, "simulate_particles: CTF parameters")
     classes = rng_class.choice(k, size=n, p=fr / fr.sum()) if k > 1 else np.zeros(n, int)
 
@@ -240,6 +297,7 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
 
     optics_df = make_optics_table(pixel_size, box, voltage=voltage, cs=cs,
                                   amplitude_contrast=amplitude_contrast)
+    _optics_aberrations(optics_df, aberrations)
     cols: dict[str, object] = {
         "rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(n)],
         "rlnMicrographName": "simulated.mrc",

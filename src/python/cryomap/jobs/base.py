@@ -228,6 +228,40 @@ def grid_notes(particles) -> list[str]:
             f"{box} px of {pix:g} Å by Fourier cropping/padding; σ² per optics group"]
 
 
+_ABERRATION_NAMES = {"beam_tilt": "beam tilt", "odd_zernike": "odd Zernike",
+                     "even_zernike": "even Zernike", "mag_matrix": "magnification matrix"}
+
+
+def aberration_notes(particles, use_ctf: bool) -> list[str]:
+    """Log lines for the aberrations in the optics table: applied in the forward model with
+    the CTF (em.data.ImageSource, em.engine; docs/conventions.md, "Aberrations"), or not
+    applied when the CTF is off."""
+    if not particles.has_ctf and use_ctf:
+        return []
+    found = [name for name, v in particles.aberrations().items()
+             if v is not None and np.any(v != (np.eye(2) if name == "mag_matrix" else 0))]
+    if not found:
+        return []
+    what = ", ".join(_ABERRATION_NAMES[n] for n in found)
+    if not use_ctf:
+        return [f"aberrations in the optics table ({what}) not applied: no CTF correction"]
+    ab = particles.aberrations()
+    parts = []
+    for name in found:
+        v = ab[name]
+        if name == "beam_tilt":
+            parts.append("beam tilt " + "; ".join(f"group {g + 1} ({t[0]:g}, {t[1]:g}) mrad"
+                                                  for g, t in enumerate(v)))
+        elif name == "mag_matrix":
+            parts.append("magnification matrix " + "; ".join(
+                f"group {g + 1} [{m[0, 0]:g} {m[0, 1]:g}; {m[1, 0]:g} {m[1, 1]:g}]"
+                for g, m in enumerate(v)))
+        else:
+            parts.append(f"{_ABERRATION_NAMES[name]} ({v.shape[1]} coefficients)")
+    return ["aberrations applied in the forward model, per optics group (RELION 3.1+): "
+            + ", ".join(parts)]
+
+
 def check_particles_for_em(particles, options) -> None:
     """The per-particle values an E/M run uses beyond what loading checked, and the options
     that depend on the particles (box, pixel size); InputError naming the file, the row, the

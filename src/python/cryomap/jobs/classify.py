@@ -39,6 +39,7 @@ from .base import (
     Job,
     MemoryPlan,
     ResumePoint,
+    aberration_notes,
     check_particles_for_em,
     find_resume_point,
     grid_notes,
@@ -101,6 +102,7 @@ class ClassifyJob(Job):
                                              if memory.cache else 0)
         self.source = image_source(particles, options, cache)
         self.notes += grid_notes(particles)
+        self.notes += aberration_notes(particles, options.use_ctf)
 
     def initial_state(self) -> ClassState:
         o, p = self.options, self.particles

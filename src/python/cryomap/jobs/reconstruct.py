@@ -32,6 +32,7 @@ from ..errors import InputError
 from ..io.atomic import atomic_path
 from ..io.mrc import write_map
 from ..particles import ParticleSet
+from .base import aberration_notes, grid_notes
 from .refine import image_source, require_ctf
 
 #: The pose columns a known-pose reconstruction needs (origins default to 0, as RELION).
@@ -146,6 +147,9 @@ def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: 
                                  f"least 2 (two half-sets)")
             halves = split_halves(particles, rng, log=echo)
         options = RefineOptions(use_ctf=use_ctf, sym=sym, seed=seed)
+        if echo is not None:
+            for line in grid_notes(particles) + aberration_notes(particles, use_ctf):
+                echo(line)
         source = image_source(particles, options)
         state = reconstruct_known_poses(source, particles.angles(),
                                         particles.origins_px(pixel_size=pix), halves, options,

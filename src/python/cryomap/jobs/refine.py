@@ -36,6 +36,7 @@ from ..particles import ParticleSet, load_particles
 from .base import (
     Job,
     MemoryPlan,
+    aberration_notes,
     check_particles_for_em,
     find_resume_point,
     grid_notes,
@@ -121,6 +122,7 @@ class RefineJob(Job):
         super().__init__(outdir, resume, echo)
         self.particles, self.star = particles, Path(star)
         self.notes += grid_notes(particles)
+        self.notes += aberration_notes(particles, options.use_ctf)
         self.reference, self.reference_path = reference, reference_path
         self.options = options
         self.memory = memory
