@@ -30,10 +30,11 @@ import numpy as np
 from .. import fourier, projector
 from ..euler import euler_to_matrix
 from ..masks import soft_sphere
+from ..parallel import run_pass  # [mpi hook] engine.run_pass or split over ranks
 from ..sampling import PoseSampling
 from .accuracy import expected_accuracy
 from .data import ImageSource
-from .engine import Search, run_pass
+from .engine import Search
 from .model import next_r_max, resolution_shell, ssnr_from_fsc
 from .noise import NoiseModel
 from .options import EMOptions, bad_option

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import parallel
 from ..em.reconstruct import reconstruct_known_poses
 from ..em.refine import RefineOptions, RefineState, split_halves
 from ..errors import InputError
@@ -141,10 +142,11 @@ def reconstruct(star: str | Path, output: str | Path, sym: str = "C1", use_ctf: 
         if subset is None:
             maps += [state.final_maps[1], state.final_maps[2]]
             paths += list(half_map_paths(out))
-        with contextlib.ExitStack() as stack:  # all files or none
-            for path, volume in zip(paths, maps, strict=True):
-                tmp = stack.enter_context(atomic_path(path, suffix=".mrc"))
-                write_map(tmp, np.asarray(volume, np.float32), pix)
+        if parallel.writes_outputs():  # [mpi hook] under mpirun rank 0 alone writes
+            with contextlib.ExitStack() as stack:  # all files or none
+                for path, volume in zip(paths, maps, strict=True):
+                    tmp = stack.enter_context(atomic_path(path, suffix=".mrc"))
+                    write_map(tmp, np.asarray(volume, np.float32), pix)
         res = float(state.history[-1]["resolution"])
         if echo is not None:
             what = (f"subset {subset} ({particles.n_particles} particles; tau2 from the FSC "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import parallel
 from ..em.data import ImageSource
 from ..em.model import ssnr_from_fsc
 from ..em.options import max_memory_bytes
@@ -97,9 +98,11 @@ def postprocess_command(outdir: Path, mask: str | Path | None) -> str:
 
 def image_source(particles: ParticleSet, options, cache_bytes: int | None = None
                  ) -> ImageSource:
-    """The particles' masked FTs for a job (cached when they fit `cache_bytes`)."""
-    return ImageSource(particles, mask_radius_px(options, particles.box, particles.pixel_size),
-                       options.mask_edge, options.use_ctf, cache_bytes)
+    """The particles' masked FTs for a job (cached when they fit `cache_bytes`); under mpirun
+    only this rank's particles'."""
+    return parallel.image_source(  # [mpi hook]
+        particles, mask_radius_px(options, particles.box, particles.pixel_size),
+        options.mask_edge, options.use_ctf, cache_bytes)
 
 
 class RefineJob(Job):
@@ -256,7 +259,8 @@ def refine(star: str | Path, reference_path: str | Path | None, outdir: str | Pa
         if options.solvent_mask is not None:  # job.json: found again by --continue anywhere
             options = replace(options, solvent_mask=str(Path(options.solvent_mask).resolve()))
         plan = plan_memory(lambda bm: refine_memory(particles, options, bm),
-                           particles.n_particles, particles.box, budget, options.batch_memory)
+                           particles.n_particles, particles.box, budget, options.batch_memory,
+                           parallel.local_images(particles.n_particles))  # [mpi hook]
         options = replace(options, batch_memory=plan.batch_memory)
         job = RefineJob(particles, star, reference, reference_path, outdir, options, resume,
                         echo, plan, solvent_mask)
