@@ -30,9 +30,8 @@ import numpy as np
 from .. import fourier, projector
 from ..euler import euler_to_matrix
 from ..masks import soft_sphere
-from ..parallel import run_pass  # [mpi hook] engine.run_pass or split over ranks
+from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over ranks
 from ..sampling import PoseSampling
-from .accuracy import expected_accuracy
 from .data import ImageSource
 from .engine import Search
 from .model import next_r_max, resolution_shell, ssnr_from_fsc

@@ -36,10 +36,9 @@ import numpy as np
 from .. import fourier, postprocess, projector
 from ..euler import angular_distance, euler_to_matrix
 from ..masks import soft_sphere
-from ..parallel import run_pass  # [mpi hook] engine.run_pass or split over ranks
+from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over ranks
 from ..particles import ParticleSet
 from ..sampling import PoseSampling, angular_step
-from .accuracy import expected_accuracy
 from .data import ImageSource
 from .engine import PassResult, Search
 from .model import fsc, next_r_max, resolution_shell, ssnr_from_fsc, tau2_from_fsc

@@ -9,6 +9,8 @@ The hooks (each one line where it is called):
 
 - `run_pass`: `engine.run_pass`, or this rank's share of the pass with its sums reduced over
   the ranks in rank order (`em/refine.py`, `em/classify.py`);
+- `expected_accuracy`: `accuracy.expected_accuracy`, or under mpirun the same with the images
+  read by their owners and exchanged (`em/refine.py`, `em/classify.py`);
 - `image_source`: an `ImageSource`, or one over this rank's particles only (`jobs/refine.py`);
 - `local_images`: the number of images this process caches, for the memory plan;
 - `own`: which of some particles this rank reads, `sum_backprojectors`: their sums added over
@@ -98,6 +100,19 @@ def run_pass(*args: Any, **kwargs: Any) -> PassResult:
 
         return local(*args, **kwargs)
     return _context.run_pass(*args, **kwargs)
+
+
+def expected_accuracy(reference: Any, source: ImageSource, *args: Any, **kwargs: Any
+                      ) -> tuple[float, float]:
+    """`accuracy.expected_accuracy`; under mpirun (every rank calls it alike, the M-step being
+    the same on every rank) each rank reads its own particles' images among those drawn and
+    they are exchanged, so that no rank reads another's."""
+    from ..em.accuracy import expected_accuracy as local
+
+    if _context is None or not hasattr(source, "shared_reads"):
+        return local(reference, source, *args, **kwargs)
+    with source.shared_reads():
+        return local(reference, source, *args, **kwargs)
 
 
 def image_source(particles: ParticleSet, mask_radius_px: float, mask_edge_px: float,

@@ -20,18 +20,21 @@ How a run is split:
   a rank that dies is named by its supervisor (`launch`); ranks meet before every reduction
   with a deadline (`rendezvous`), so a rank that hangs is named too instead of the job hanging.
 
-`CRYOMAP_MPI_FAULT=RANK:PASS:MODE` (MODE raise, exit or hang) makes rank RANK fail in its
-PASS-th pass, after computing and before the reduction: a hook for the tests of failures.
+`CRYOMAP_MPI_FAULT=RANK:PASS:MODE` (MODE raise, exit, kill or hang) makes rank RANK fail in its
+PASS-th pass, after computing and before the reduction: a hook for the tests of failures
+(MODE kill: SIGKILL, as the out-of-memory killer).
 `CRYOMAP_MPI_TIMEOUT` (seconds) replaces the rendezvous deadline's default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -49,6 +52,8 @@ from .launch import REPORT_ENV
 MIN_WAIT = 600.0
 #: ... and at least this many times the work this rank did since the last rendezvous.
 WAIT_FACTOR = 5.0
+#: The per-iteration figures (bytes reduced, gathered, exchanged; seconds).
+EMPTY_STATS = {"sums": 0, "tables": 0, "images": 0, "reduce": 0.0, "wait": 0.0}
 #: Elements reduced per Alltoallv/Allgatherv round (bounds the receive buffers: 128 MiB).
 SEGMENT = 16 << 20
 #: A rank other than 0 that refuses its input waits this long (s) before printing, so that
@@ -114,7 +119,7 @@ class MPIContext:
         self.passes = 0
         self._sequence = 0
         self._last = time.monotonic()
-        self.stats = {"sums": 0, "tables": 0, "reduce": 0.0, "wait": 0.0}
+        self.stats = dict(EMPTY_STATS)
 
     # -- shares ----------------------------------------------------------------------------
 
@@ -228,8 +233,10 @@ class MPIContext:
                                  [seg, (counts, displs), kind])
         self.stats["sums"] += x.nbytes
 
-    def allgather_rows(self, local: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Rows of every rank (rank r holds counts[r]) concatenated in rank order."""
+    def allgather_rows(self, local: np.ndarray, counts: np.ndarray, what: str = "tables"
+                       ) -> np.ndarray:
+        """Rows of every rank (rank r holds counts[r]) concatenated in rank order; their bytes
+        are counted in stats[what]."""
         from mpi4py import MPI
 
         local = np.ascontiguousarray(local)
@@ -244,7 +251,7 @@ class MPIContext:
                                  [out, (counts, displs), kind])
         finally:
             kind.Free()
-        self.stats["tables"] += out.nbytes
+        self.stats[what] += out.nbytes
         return out
 
     def sum_backprojectors(self, backprojectors: list) -> None:
@@ -257,6 +264,21 @@ class MPIContext:
             self.allreduce(bp.data.view(np.float32))
             self.allreduce(bp.weight)
         self.stats["reduce"] += time.perf_counter() - t0
+
+    def gather_images(self, source: RankImageSource, idx: np.ndarray) -> np.ndarray:
+        """Collective: every rank asks for the same particles `idx`; each reads its own among
+        them and every rank gets all (B, N, N//2+1) masked FTs, in `idx`'s order."""
+        idx = np.asarray(idx, np.int64)
+        owner = self.owner(idx, source.particles.n_particles)
+        counts = np.bincount(owner, minlength=self.size).astype(np.int64)
+        order = np.argsort(owner, kind="stable")  # rows in rank order
+        self.stats["wait"] += self.rendezvous("an exchange of images")
+        local = source.local_planes(idx[owner == self.rank])
+        t0 = time.perf_counter()
+        out = np.empty((idx.size,) + local.shape[1:], local.dtype)
+        out[order] = self.allgather_rows(local, counts, "images")
+        self.stats["reduce"] += time.perf_counter() - t0
+        return out
 
     # -- the pass ----------------------------------------------------------------------------
 
@@ -337,6 +359,8 @@ class MPIContext:
         mode = self.fault[2]
         if mode == "exit":
             os._exit(3)
+        if mode == "kill":  # as the system's out-of-memory killer does
+            os.kill(os.getpid(), signal.SIGKILL)
         if mode == "hang":
             time.sleep(3600)
         raise RuntimeError(f"injected failure in pass {self.passes} (CRYOMAP_MPI_FAULT)")
@@ -381,10 +405,11 @@ class MPIContext:
         else:
             memory = (f"max {peaks.max():.2f} GiB (rank {int(peaks.argmax())}), median "
                       f"{np.median(peaks):.2f}, min {peaks.min():.2f}")
-        lines.append(f"MPI: peak memory (VmHWM) {memory}; reduced {sums:.1f} MiB of sums and "
-                     f"gathered {tables:.1f} MiB of particle tables in {reduce:.2f} s; waited "
-                     f"{wait:.2f} s for the slowest rank")
-        self.stats = {"sums": 0, "tables": 0, "reduce": 0.0, "wait": 0.0}
+        images = stats[0]["images"] / 2**20
+        lines.append(f"MPI: peak memory (VmHWM) {memory}; reduced {sums:.1f} MiB of sums, "
+                     f"gathered {tables:.1f} MiB of particle tables and {images:.1f} MiB of "
+                     f"shared images in {reduce:.2f} s; waited {wait:.2f} s for the slowest rank")
+        self.stats = dict(EMPTY_STATS)
         return lines
 
     # -- ending ------------------------------------------------------------------------------
@@ -447,17 +472,19 @@ def state_digest(state: object) -> str:
 
 
 class RankImageSource(ImageSource):
-    """The ImageSource of one rank: the images of its own particles (`share`) are cached in
-    memory when they fit `cache_bytes`, else read from the stacks batch by batch; the initial
-    noise statistics are its images' sums reduced over the ranks. Images of other particles
-    are read from the stacks when asked for and never cached: only the few (at most 200 per
-    iteration) that the pose-accuracy estimate draws from the whole set."""
+    """The ImageSource of one rank: it reads the images of its own particles (`share`) and no
+    others. They are cached in memory when they fit `cache_bytes`, else read from the stacks
+    batch by batch. The few images that every rank needs at once (the pose-accuracy estimate's
+    at most 200 per iteration, `shared_reads`; the read chunks that straddle two ranks' blocks
+    in the noise statistics) are read by their owners and exchanged (`MPIContext.gather_images`).
+    Asking for another rank's image outside those is a programming error (RuntimeError)."""
 
     def __init__(self, particles, mask_radius_px: float, mask_edge_px: float, use_ctf: bool,
                  cache_bytes: int, share: np.ndarray, context: MPIContext) -> None:
         super().__init__(particles, mask_radius_px, mask_edge_px, use_ctf, cache_bytes=-1)
         self.share = np.asarray(share, np.int64)
         self.context = context
+        self.shared = 0  # > 0: inside `shared_reads` (every rank asks for the same images)
         self._slot = np.full(particles.n_particles, -1, np.int64)
         self._slot[self.share] = np.arange(self.share.size)
         self._own: np.ndarray | None = None
@@ -472,46 +499,76 @@ class RankImageSource(ImageSource):
         """Whether this rank's images are held in memory (else streamed)."""
         return self._own is not None
 
-    def half_planes(self, idx: np.ndarray) -> np.ndarray:
-        """(B, N, N//2+1) masked image FTs: this rank's from its cache, others read."""
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        """Images from the stacks: this rank's own particles only."""
+        idx = np.asarray(idx)
+        if idx.size and np.any(self._slot[idx] < 0):
+            raise RuntimeError(f"rank {self.context.rank} was asked for images of particles it "
+                               f"does not own (e.g. row {int(idx[self._slot[idx] < 0][0])}); "
+                               f"only the parallel hooks may share images (docs/mpi.md)")
+        return super()._read(idx)
+
+    def local_planes(self, idx: np.ndarray) -> np.ndarray:
+        """(B, N, N//2+1) masked FTs of this rank's own particles `idx` (cache or stacks)."""
         idx = np.asarray(idx)
         if self._own is None:
             return self._read(idx)
         slot = self._slot[idx]
-        if np.all(slot >= 0):
-            return self._own[slot]
-        out = np.empty((idx.size, self.box, self.box // 2 + 1), np.complex64)
-        mine = slot >= 0
-        out[mine] = self._own[slot[mine]]
-        out[~mine] = self._read(idx[~mine])
-        return out
+        if np.any(slot < 0):
+            return self._read(idx)  # raises: not this rank's
+        return self._own[slot]
+
+    def half_planes(self, idx: np.ndarray) -> np.ndarray:
+        """(B, N, N//2+1) masked image FTs: this rank's own, or inside `shared_reads` any
+        (a collective call then: every rank asks for the same `idx`)."""
+        if self.shared:
+            return self.context.gather_images(self, idx)
+        return self.local_planes(idx)
+
+    @contextlib.contextmanager
+    def shared_reads(self):
+        """While open, `half_planes` is collective: every rank asks for the same images, each
+        reads its own among them and they are exchanged."""
+        self.shared += 1
+        try:
+            yield self
+        finally:
+            self.shared -= 1
 
     def power_statistics(self, group_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As ImageSource's, over every rank's images (this rank's sums, reduced).
 
         The single-process sums go over read chunks of `chunk` particles, each summed in
         float32 (then added in float64). This rank sums the very same chunks (those starting
-        in its block; the images of the one running past its end are read from the stacks),
-        so each chunk sum is the same float32 number; their float64 sums are exact in
-        practice (float32 values of similar size), so the result does not depend on the
-        ranks."""
+        in its block; the images of one that runs past its block's end come from their owners,
+        `gather_images`), so each chunk sum is the same float32 number; only the float64 sum of
+        the chunk sums is taken in another order."""
         shape = (group_count, self.box, self.box // 2 + 1)
         power = np.zeros(shape)
         total = np.zeros(shape, np.complex128)
         count = np.zeros(group_count)
+        ctx = self.context
         n = self.particles.n_particles
+        ctx.rendezvous("the images' noise statistics")
+        # chunks spanning several ranks' blocks: gathered by every rank, kept by the first owner
+        straddling = {}
+        for start in range(0, n, self.chunk):
+            idx = np.arange(start, min(start + self.chunk, n), dtype=np.int64)
+            owners = ctx.owner(idx[[0, -1]], n)
+            if owners[0] != owners[1]:
+                ft = ctx.gather_images(self, idx)
+                if owners[0] == ctx.rank:
+                    straddling[start] = ft
         lo, hi = (int(self.share[0]), int(self.share[-1]) + 1) if self.share.size else (0, 0)
         first = -(-lo // self.chunk) * self.chunk
         for start in range(first, hi, self.chunk):
             idx = np.arange(start, min(start + self.chunk, n), dtype=np.int64)
-            ft = self.half_planes(idx)
+            ft = straddling[start] if start in straddling else self.local_planes(idx)
             for g in np.unique(self.groups[idx]):
                 sel = self.groups[idx] == g
                 power[g] += (np.abs(ft[sel]) ** 2).sum(axis=0)
                 total[g] += ft[sel].sum(axis=0)
                 count[g] += sel.sum()
-        ctx = self.context
-        ctx.rendezvous("the images' noise statistics")
         for a in (power, total.view(np.float64), count):
             ctx.allreduce(a)
         return power, total, count
