@@ -164,6 +164,17 @@ def test_a_failing_rank_ends_the_job_with_one_line(sim, tmp_path, mode):
     print(f"\n{mode}: exit {done.returncode} after {took:.1f} s: {lines[0]}")
 
 
+def test_bad_input_under_mpirun_is_one_line_and_exit_2(sim, tmp_path):
+    out = tmp_path / "never"
+    args = _refine_args(sim, out, 1)
+    args[args.index("--particle_diameter") + 1] = "5000"
+    done = _run_mpi(args, timeout=DEADLINE)
+    assert done.returncode == 2
+    lines = _error_lines(done.stderr, "refine")
+    assert len(lines) == 1 and "--particle_diameter 5000" in lines[0], done.stderr
+    assert not out.exists()
+
+
 def _states(out: Path) -> list[str]:
     return sorted(p.name for p in out.glob("run_it*_state.npz"))
 

@@ -3,9 +3,10 @@
 How a run is split:
 
 - particles: rank r of N owns the contiguous block of particle rows [n r / N, n (r+1) / N);
-  its `RankImageSource` caches (or streams) those images only. A pass over some particles
-  (a half-set, all of them) runs on each rank over the ones it owns, which is a contiguous
-  block of the pass's (sorted) index list;
+  its `RankImageSource` caches (or streams) those images only and reads no others (the few
+  that every rank needs at once are read by their owners and exchanged, `gather_images`).
+  A pass over some particles (a half-set, all of them) runs on each rank over the ones it
+  owns, which is a contiguous block of the pass's (sorted) index list;
 - reductions: every rank's `PassResult` is reduced in rank order. The sums (back-projector
   data and weight, residual power, counts, class masses, offset sums) are added element by
   element as rank 0's + rank 1's + ... in float64 (a reduce-scatter by `Alltoallv`, each rank
@@ -407,7 +408,7 @@ class MPIContext:
                       f"{np.median(peaks):.2f}, min {peaks.min():.2f}")
         images = stats[0]["images"] / 2**20
         lines.append(f"MPI: peak memory (VmHWM) {memory}; reduced {sums:.1f} MiB of sums, "
-                     f"gathered {tables:.1f} MiB of particle tables and {images:.1f} MiB of "
+                     f"gathered {tables:.2f} MiB of particle tables and {images:.2f} MiB of "
                      f"shared images in {reduce:.2f} s; waited {wait:.2f} s for the slowest rank")
         self.stats = dict(EMPTY_STATS)
         return lines
