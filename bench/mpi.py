@@ -5,6 +5,7 @@ of time per iteration against the number of nodes for 10^6 particles at box 256 
     python bench/mpi.py                        # 2,000 and 20,000 particles, box 64
     python bench/mpi.py --sizes 2000           # the small set only (about 3 minutes)
     python bench/mpi.py --sizes 2000 20000 --keep --dir /scratch/cryomap_bench_mpi
+    python bench/mpi.py --keep --reuse --cores 64     # the model again from the kept runs
 
 Each set is simulated once (bench/memory.py's `make_set`: SNR 0.1, CTF, random shifts), then
 refined for --iter iterations from the truth low-passed to 40 Å, (a) `cryomap refine --j 2`
@@ -14,21 +15,25 @@ iteration's wall time and parts (E-step, ..., reconstruct), and under mpirun the
 iteration with the time these took. Time per iteration is the median over the iterations
 before the final one (the final one runs at the full image size and is reported apart).
 
-The model (printed at the end) takes from the largest set's 2-rank run the compute per
-particle per iteration on one core (E-step, projections, sums, back-projection, candidate
-bookkeeping and reads), and the fixed part of an iteration that every rank repeats (the
-M-step: reconstruction, FSC, noise; it does not shrink with more ranks), and scales them to
-box 256 (compute per particle with the searched pixels, r_max^2; fixed part with the padded
-grid, box^3). The reduced bytes at box 256 are those of the two half-sets' back-projectors at
-the given r_max (exactly as `projector.empty_sums` sizes them); the particle tables with the
-measured bytes per particle. Communication is modelled as the reduction's two phases
-(reduce-scatter, then all-gather: each node sends and receives 2 V (N-1)/N bytes) over a link
-of --bandwidth GB/s plus --latency per message, and the all-gather of the tables.
+The model (printed at the end), t(N) = c P / (N cores) + s P + F + reduce(N), takes from
+the 2-rank runs: c, one core's compute per particle per iteration (the slowest rank's engine
+passes, run.log's MPI line, on the largest set), scaled to box 256 with the searched pixels
+(r_max^2); s and F, a straight-line fit over the set sizes of the rest of an iteration (wall
+time less the passes, reductions and waits): per-particle work that every rank repeats or
+rank 0 does alone (the M-step's per-particle tables, writing the STAR and state files), and
+the M-step on the padded grid that every rank repeats (reconstruction, FSC, noise), scaled
+with box^3. Neither shrinks with more ranks. The reduced bytes at box 256 are those of the
+two half-sets' back-projectors at the given r_max (as `projector.empty_sums` sizes them); the
+particle tables with the measured bytes per particle. Communication is modelled as the
+reduction's two phases (reduce-scatter, then all-gather: each node sends and receives
+2 V (N-1)/N bytes) over a link of --bandwidth GB/s plus --latency per message, and the
+all-gather of the tables and shared images.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -53,7 +58,8 @@ ITERATION = re.compile(r"^iteration\s+(\d+)( \(final\))?:.*?r_max\s+(\d+) px.*; 
 PART = re.compile(r"([A-Za-z-]+) (\d+\.\d+)(?: s)?")
 MPI_LINE = re.compile(r"^MPI: peak memory \(VmHWM\) (.*?) GiB.*?reduced (\d+\.\d+) MiB of sums, "
                       r"gathered (\d+\.\d+) MiB of particle tables and (\d+\.\d+) MiB of shared "
-                      r"images in (\d+\.\d+) s; waited (\d+\.\d+) s")
+                      r"images in (\d+\.\d+) s; waited (\d+\.\d+) s for the slowest rank; its "
+                      r"engine passes took (\d+\.\d+) s")
 #: Parts of an iteration that grow with the particles of a rank; the rest is the M-step.
 PER_PARTICLE = ("E-step", "project", "sums", "back-project", "candidates", "io")
 
@@ -84,7 +90,7 @@ def parse_log(text: str) -> list[dict]:
                                          if re.match(r"^\d", p)],
                                "sums": float(m.group(2)), "tables": float(m.group(3)),
                                "images": float(m.group(4)), "reduce": float(m.group(5)),
-                               "wait": float(m.group(6))}
+                               "wait": float(m.group(6)), "passes": float(m.group(7))}
     return rows
 
 
@@ -117,7 +123,7 @@ def summarise(rows: list[dict]) -> dict:
            "walls": [r["wall"] for r in rows]}
     mpi = [r["mpi"] for r in body if "mpi" in r]
     if mpi:
-        for key in ("sums", "tables", "images", "reduce", "wait"):
+        for key in ("sums", "tables", "images", "reduce", "wait", "passes"):
             out[key] = statistics.median(m[key] for m in mpi)
         out["peaks"] = [max(m["peaks"][i] for m in mpi) for i in range(len(mpi[0]["peaks"]))]
     return out
@@ -125,12 +131,13 @@ def summarise(rows: list[dict]) -> dict:
 
 def model(m: dict, n_particles: int, box_measured: int, cores: int, bandwidth: float,
           latency: float, r_max_fraction: float, pad: int = 2) -> None:
-    """Print time per iteration against nodes (module docstring)."""
+    """Print time per iteration against nodes (module docstring):
+    t(N) = c P / (N cores) + s P + F + reduce(N)."""
     box = 256
     r_meas, r_new = m["r_max"], r_max_fraction * box
-    # one core's compute per particle (2 ranks x 1 thread: each rank did n/2 particles)
-    core_s = m["per_particle_core_s"] * (r_new / r_meas) ** 2
-    fixed = m["fixed"] * (box / box_measured) ** 3
+    core_s = m["per_particle_core_s"] * (r_new / r_meas) ** 2  # c, split over the ranks
+    serial = m["serial_per_particle"] * n_particles  # s P, every rank (or rank 0) alike
+    fixed = m["fixed"] * (box / box_measured) ** 3  # F, the M-step on the padded grid
     mm = reference_radius(box, pad, r_new)
     sums = 2 * (2 * mm + 1) ** 2 * (mm + 1) * (8 + 4)  # two halves: complex64 + float32
     tables = m["table_bytes_per_particle"] * n_particles
@@ -138,14 +145,15 @@ def model(m: dict, n_particles: int, box_measured: int, cores: int, bandwidth: f
     print(f"\nModel: {n_particles:.0e} particles, box {box}, r_max {r_new:.0f} px (searched "
           f"pixels x{(r_new / r_meas) ** 2:.0f} of the measured r_max {r_meas:.0f}), 1 rank of "
           f"{cores} cores per node, links of {bandwidth:g} GB/s and {latency * 1e6:.0f} us")
-    print(f"  compute {core_s * 1e3:.2f} core-ms per particle per iteration (measured "
-          f"{m['per_particle_core_s'] * 1e3:.2f} at box {box_measured}, r_max {r_meas:.0f}); "
-          f"M-step repeated on every rank {fixed:.0f} s (measured {m['fixed']:.2f} s x "
-          f"{(box / box_measured) ** 3:.0f}); reduced per iteration {sums / 2**30:.2f} GiB "
-          f"of sums + {tables / 2**20:.0f} MiB of particle tables + {images / 2**20:.0f} MiB of "
-          f"shared images")
-    print(f"  {'nodes':>6} {'compute s':>10} {'reduce s':>9} {'M-step s':>9} {'s/iter':>9} "
-          f"{'speed-up':>9} {'efficiency':>10}")
+    print(f"  c = {core_s * 1e3:.1f} core-ms per particle per iteration, split over the ranks "
+          f"(measured {m['per_particle_core_s'] * 1e3:.2f} at box {box_measured}); s = "
+          f"{m['serial_per_particle'] * 1e3:.2f} ms per particle that no rank count shrinks "
+          f"({m['serial_note']}); F = {fixed:.0f} s of M-step on every rank (measured "
+          f"{m['fixed']:.2f} s x {(box / box_measured) ** 3:.0f}); reduced per iteration "
+          f"{sums / 2**30:.2f} GiB of sums + {tables / 2**20:.0f} MiB of particle tables + "
+          f"{images / 2**20:.0f} MiB of shared images")
+    print(f"  {'nodes':>6} {'compute s':>10} {'serial s':>9} {'M-step s':>9} {'reduce s':>9} "
+          f"{'s/iter':>9} {'speed-up':>9} {'efficiency':>10}")
     t1 = None
     knee = None
     for nodes in [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]:
@@ -153,21 +161,46 @@ def model(m: dict, n_particles: int, box_measured: int, cores: int, bandwidth: f
         share = (nodes - 1) / nodes
         reduce = (2 * sums * share + (tables + images) * share) / (bandwidth * 1e9) + \
             2 * (nodes - 1) * latency * max(1, int(np.ceil(sums / 4 / (16 << 20))))
-        total = compute + reduce + fixed
+        total = compute + serial + fixed + reduce
         t1 = t1 or total
-        eff = t1 / (nodes * total)
-        if knee is None and compute < reduce + fixed:
+        if knee is None and t1 / (nodes * total) < 0.5:
             knee = nodes
-        print(f"  {nodes:>6} {compute:>10.1f} {reduce:>9.2f} {fixed:>9.1f} {total:>9.1f} "
-              f"{t1 / total:>9.1f} {eff:>10.0%}")
-    limit = reduce + fixed
-    print(f"  It stops scaling where the per-node compute falls to the part no node count "
-          f"shrinks: the M-step every rank repeats ({fixed:.0f} s) plus the reduction "
-          f"({2 * sums / (bandwidth * 1e9):.1f} s for the sums, about constant in N) = "
-          f"{limit:.0f} s/iteration at best; compute falls below it from "
-          f"{knee if knee else '>1024'} nodes (about {core_s * n_particles / cores / limit:.0f} "
-          f"nodes for equal parts). Both parts are wall times measured on the same loaded "
-          f"machine, so the node count where they meet depends little on the load.")
+        print(f"  {nodes:>6} {compute:>10.1f} {serial:>9.1f} {fixed:>9.1f} {reduce:>9.2f} "
+              f"{total:>9.1f} {t1 / total:>9.1f} {t1 / (nodes * total):>10.0%}")
+    floor = serial + fixed + reduce
+    print(f"  It stops scaling where the compute per node falls to the part no node count "
+          f"shrinks: s P = {serial:.0f} s (per-particle work every rank repeats or rank 0 does "
+          f"alone) + F = {fixed:.0f} s (the M-step every rank repeats) + the reduction "
+          f"({2 * sums / (bandwidth * 1e9):.1f} s for the sums, about constant in N): "
+          f"{floor:.0f} s/iteration at best, at most {t1 / floor:.0f}x one node; efficiency "
+          f"falls below 50% from {knee if knee else '>1024'} nodes (compute equals that floor "
+          f"at {core_s * n_particles / cores / floor:.0f} nodes). The reduction itself is not "
+          f"the limit. Both sides are wall times measured on the same (loaded) machine, so "
+          f"where they meet depends little on the load.")
+
+
+def fit(results: dict) -> dict:
+    """The model's inputs from the 2-rank runs: one core's compute per particle (the slowest
+    rank's engine passes per iteration on the largest set, each rank holding n/2 particles),
+    and a fit over the set sizes of the rest of an iteration (its wall time less the passes,
+    the reductions and the waits): serial s per particle + fixed F."""
+    sizes = sorted(results)
+    two = {n: results[n]["2 ranks x 1 thread"] for n in sizes}
+    rest = {n: max(0.0, r["median"] - r["passes"] - r["reduce"] - r["wait"])
+            for n, r in two.items()}
+    if len(sizes) > 1:
+        serial = max(0.0, (rest[sizes[-1]] - rest[sizes[0]]) / (sizes[-1] - sizes[0]))
+        fixed = max(0.0, rest[sizes[0]] - serial * sizes[0])
+        note = (f"fit of the rest of an iteration, {rest[sizes[0]]:.2f} s at {sizes[0]} and "
+                f"{rest[sizes[-1]]:.2f} s at {sizes[-1]} particles")
+    else:
+        serial, fixed = 0.0, rest[sizes[0]]
+        note = "one set measured: taken as 0; run two sizes to measure it"
+    n, big = sizes[-1], two[sizes[-1]]
+    return {"per_particle_core_s": big["passes"] / (n / 2), "fixed": fixed,
+            "serial_per_particle": serial, "serial_note": note, "r_max": big["r_max"],
+            "table_bytes_per_particle": big["tables"] * 2**20 / n,
+            "image_bytes": big["images"] * 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--healpix_order", type=int, default=1)
     p.add_argument("--dir", type=Path, default=Path("/tmp/cryomap_bench_mpi"))
     p.add_argument("--keep", action="store_true", help="keep the sets and runs")
+    p.add_argument("--reuse", action="store_true",
+                   help="take the figures of runs kept (--keep) by an earlier call")
     p.add_argument("--model_particles", type=float, default=1e6)
     p.add_argument("--cores", type=int, default=32, help="cores per node in the model")
     p.add_argument("--bandwidth", type=float, default=10.0, help="GB/s per node in the model")
@@ -206,12 +241,21 @@ def main(argv: list[str] | None = None) -> int:
         runs = {}
         for label, ranks, threads in (("1 rank x 2 threads", 1, 2), ("2 ranks x 1 thread", 2, 1)):
             out = folder / f"run_{ranks}x{threads}"
+            saved = out / "bench.json"
+            if a.reuse and saved.exists():  # a kept run of an earlier call: its figures
+                print(f"  reusing {out}", flush=True)
+                figures = json.loads(saved.read_text())
+                runs[label] = {**summarise(parse_log((out / "run.log").read_text())),
+                               **figures}
+                continue
             shutil.rmtree(out, ignore_errors=True)
             launcher = [sys.executable] if ranks == 1 else [mpirun(), "-n", str(ranks),
                                                              sys.executable]
             rows, wall, cpu, load = run(launcher + ["-m", "cryomap", *common, "--o", str(out),
                                                "--j", str(threads)], out)
-            runs[label] = {**summarise(rows), "run_wall": wall, "cpu": cpu, "load": load}
+            figures = {"run_wall": wall, "cpu": cpu, "load": load}
+            saved.write_text(json.dumps(figures))
+            runs[label] = {**summarise(rows), **figures}
         results[n] = runs
         one, two = runs["1 rank x 2 threads"], runs["2 ranks x 1 thread"]
         print(f"\n{n} particles, box {a.box}:")
@@ -230,14 +274,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({total / 2**10 / max(two['reduce'], 1e-9):.2f} GiB/s on this node); waited "
               f"{two['wait']:.2f} s for the slower rank; peak memory per rank "
               f"{' '.join(f'{p:.2f}' for p in two['peaks'])} GiB")
-    n = max(results)
-    two = results[n]["2 ranks x 1 thread"]
-    # the fixed part without the communication, which the model adds for N nodes
-    fixed = max(0.0, two["fixed"] - two["reduce"] - two["wait"])
-    measured = {"per_particle_core_s": two["per_particle"] / (n / 2), "fixed": fixed,
-                "r_max": two["r_max"], "table_bytes_per_particle": two["tables"] * 2**20 / n,
-                "image_bytes": two["images"] * 2**20}
-    model(measured, int(a.model_particles), a.box, a.cores, a.bandwidth, a.latency,
+    model(fit(results), int(a.model_particles), a.box, a.cores, a.bandwidth, a.latency,
           a.r_max_fraction)
     if not a.keep:
         shutil.rmtree(a.dir, ignore_errors=True)

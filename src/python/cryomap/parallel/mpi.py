@@ -54,7 +54,8 @@ MIN_WAIT = 600.0
 #: ... and at least this many times the work this rank did since the last rendezvous.
 WAIT_FACTOR = 5.0
 #: The per-iteration figures (bytes reduced, gathered, exchanged; seconds).
-EMPTY_STATS = {"sums": 0, "tables": 0, "images": 0, "reduce": 0.0, "wait": 0.0}
+EMPTY_STATS = {"sums": 0, "tables": 0, "images": 0, "reduce": 0.0, "wait": 0.0,
+               "passes": 0.0}
 #: Elements reduced per Alltoallv/Allgatherv round (bounds the receive buffers: 128 MiB).
 SEGMENT = 16 << 20
 #: A rank other than 0 that refuses its input waits this long (s) before printing, so that
@@ -81,7 +82,8 @@ class _Report:
 
 
 def peak_memory() -> int:
-    """This process's peak resident memory (VmHWM, bytes; 0 where unknown)."""
+    """This process's peak resident memory in bytes (Linux: VmHWM; elsewhere getrusage's
+    ru_maxrss, which macOS gives in bytes)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -89,7 +91,9 @@ def peak_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _mpi_type(dtype: np.dtype):
@@ -304,7 +308,9 @@ class MPIContext:
                 search, image_class=np.asarray(search.image_class)[mine])
         a["progress"] = None
         self.passes += 1
+        t0 = time.perf_counter()
         local = engine.run_pass(*call.args, **call.kwargs)
+        self.stats["passes"] += time.perf_counter() - t0
         self._inject_fault()
         wait = self.rendezvous(f"the reduction of pass {self.passes}")
         t0 = time.perf_counter()
@@ -400,6 +406,7 @@ class MPIContext:
         tables = stats[0]["tables"] / 2**20
         reduce = max(s["reduce"] for s in stats)
         wait = max(s["wait"] for s in stats)
+        passes = max(s["passes"] for s in stats)
         if self.size <= 8:
             memory = " ".join(f"{p:.2f}" for p in peaks) + " GiB (ranks 0.." \
                      f"{self.size - 1})"
@@ -409,7 +416,8 @@ class MPIContext:
         images = stats[0]["images"] / 2**20
         lines.append(f"MPI: peak memory (VmHWM) {memory}; reduced {sums:.1f} MiB of sums, "
                      f"gathered {tables:.2f} MiB of particle tables and {images:.2f} MiB of "
-                     f"shared images in {reduce:.2f} s; waited {wait:.2f} s for the slowest rank")
+                     f"shared images in {reduce:.2f} s; waited {wait:.2f} s for the slowest rank; "
+                     f"its engine passes took {passes:.2f} s")
         self.stats = dict(EMPTY_STATS)
         return lines
 
