@@ -14,6 +14,7 @@ import importlib
 import pkgutil
 import sys
 
+from .. import parallel
 from ..errors import InputError
 
 
@@ -58,12 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mod.COMMAND, help=mod.HELP, description=mod.DESCRIPTION,
                            formatter_class=HelpFormatter)
         mod.add_arguments(p)
+        if mod.COMMAND in parallel.MPI_COMMANDS:  # [mpi hook]
+            p.add_argument("--mpi", action="store_true",
+                           help="run as one rank of an MPI job (implied under mpirun; "
+                                "docs/mpi.md)")
         p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cryomap` console script."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    if parallel.requested(words):  # [mpi hook] one rank of a parallel run (docs/mpi.md)
+        from ..parallel.launch import launch
+
+        code = launch(words)
+        if code is not None:
+            return code
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a refused option (one line printed)

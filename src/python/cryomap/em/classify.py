@@ -31,10 +31,10 @@ import numpy as np
 from .. import fourier, projector
 from ..euler import euler_to_matrix
 from ..masks import soft_sphere
+from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over ranks
 from ..sampling import PoseSampling
-from .accuracy import expected_accuracy
 from .data import ImageSource
-from .engine import Search, run_pass
+from .engine import Search
 from .model import next_r_max, resolution_shell, ssnr_from_fsc
 from .noise import NoiseModel
 from .options import EMOptions, bad_option

@@ -36,11 +36,11 @@ import numpy as np
 from .. import fourier, postprocess, projector
 from ..euler import angular_distance, euler_to_matrix
 from ..masks import soft_sphere
+from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over ranks
 from ..particles import ParticleSet, random_subsets
 from ..sampling import PoseSampling, angular_step
-from .accuracy import expected_accuracy
 from .data import ImageSource
-from .engine import PassResult, Search, run_pass
+from .engine import PassResult, Search
 from .model import fsc, next_r_max, resolution_shell, ssnr_from_fsc, tau2_from_fsc
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option

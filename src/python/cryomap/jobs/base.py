@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import parallel
 from ..errors import InputError
 from ..io.atomic import atomic_path, check_output_dir, make_output_dir, remove_stale_temps
 
@@ -63,7 +64,7 @@ class Log:
 
 def progress_bar(total: int, desc: str):
     """tqdm on a terminal, nothing otherwise (the log lines carry the progress)."""
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() or parallel.context() is not None:  # [mpi hook] no bar per rank
         return None
     from tqdm import tqdm
 
@@ -177,18 +178,19 @@ def check_memory(parts: dict[str, int], budget: int, hint: str = EM_HINT,
 
 
 def plan_memory(estimate: Callable[[int], dict[str, int]], n_particles: int, box: int,
-                budget: int, batch_memory: int) -> MemoryPlan:
+                budget: int, batch_memory: int, n_images: int | None = None) -> MemoryPlan:
     """Fit a run into `budget` bytes. `estimate(batch_memory)` gives the engine's parts
     without the image cache (`engine.estimate_memory`); the runtime, the per-particle tables,
     the image reads and (if chosen) the cache are added here. The batch memory is halved from
     `batch_memory` until the run fits (powers of two, so that nearby budgets give the same
     batches and so the same numbers); the images are cached when they fit as well (giving up
     batch memory down to CACHE_BATCH_MEMORY for it), else streamed from disk. InputError
-    when even MIN_BATCH_MEMORY does not fit."""
+    when even MIN_BATCH_MEMORY does not fit. n_images: the images this process would cache
+    (default n_particles; under mpirun a rank's share, `parallel.local_images`)."""
     from ..em.data import cache_size, read_chunk
 
     fixed = {"runtime": RUNTIME_BYTES, "particle tables": n_particles * PER_PARTICLE_BYTES}
-    images = cache_size(n_particles, box)
+    images = cache_size(n_particles if n_images is None else n_images, box)
     reads = read_chunk(box) * box * box * 48  # float32 + float64 images, complex128 FTs
     candidates = []
     bm = int(batch_memory)
@@ -481,11 +483,17 @@ class Job:
             return start.state
         fresh = start is None or start.state is None
         state = self.initial_state() if fresh else start.state
-        self.open()
-        for line in (start.notes if start is not None else []) + self.notes:
+        # [mpi hook] under mpirun every rank computes, rank 0 alone writes (docs/mpi.md)
+        writer = parallel.writes_outputs()
+        if writer:
+            self.open()
+        else:
+            self.log = lambda line: None
+        for line in (start.notes if start is not None else []) + self.notes + parallel.notes():
             self.log(line)
         if fresh:
-            self.write_job_file(self.description())
+            if writer:
+                self.write_job_file(self.description())
             self.log(self.header())
         else:
             self.log(f"continuing from iteration {start.iteration} in {self.outdir}")
@@ -494,12 +502,15 @@ class Job:
         while not self.finished(state):
             t0 = time.perf_counter()
             line = self.iterate(state)
-            if self.outdir is not None:
+            mpi_lines = parallel.after_iteration(state)  # [mpi hook] ranks' memory, reductions
+            if writer and self.outdir is not None:
                 root = iteration_root(self.outdir, state.iteration)
                 self.write_iteration(root, state)
                 save_state(Path(f"{root}_state.npz"), state)
             self.log(f"{line} ({time.perf_counter() - t0:.1f} s)")
-        if self.outdir is not None:
+            for note in mpi_lines:
+                self.log(note)
+        if writer and self.outdir is not None:
             self.write_final(state)
             self._mark_finished(state.iteration)
         return state

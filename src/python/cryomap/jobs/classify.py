@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import fourier, projector
+from .. import fourier, parallel, projector
 from ..em.classify import (
     ClassOptions,
     ClassState,
@@ -333,6 +333,9 @@ def random_subset_averages(source: ImageSource, sigma2: np.ndarray, subsets: np.
         if subset_size is not None and idx.size > subset_size:
             idx = np.sort(rng.choice(idx, subset_size, replace=False))
         rot = euler_to_matrix(0.0, 0.0, rng.uniform(0.0, 360.0, idx.size))
+        # [mpi hook] under mpirun each rank adds its own images; the sums are added up below
+        mine = parallel.own(idx, source.particles.n_particles)
+        idx, rot = idx[mine], rot[mine]
         bp = projector.BackProjector(box, pad, mask.r_max, interp, ndim=2)
         # in groups of images: memory bounded whatever the number of particles
         for start in range(0, idx.size, AVERAGE_GROUP):
@@ -341,6 +344,7 @@ def random_subset_averages(source: ImageSource, sigma2: np.ndarray, subsets: np.
             inv_s2 = noise.inv_sigma2(batch.group, mask)
             bp.add_slices(batch.ctf * batch.images * inv_s2, batch.ctf**2 * inv_s2, rot[part],
                           mask.coords)
+        parallel.sum_backprojectors([bp])  # [mpi hook]
         bp.finish()
         # plain average D/W inside the searched radius (no prior term)
         out[k] = bp.reconstruct(np.full(box // 2 + 1, np.inf), 1.0, mask.r_max,
@@ -408,7 +412,9 @@ def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOpt
          ) -> ClassState:
     try:
         plan = plan_memory(lambda bm: class_memory(particles, options, bm),
-                           particles.n_particles, particles.grid_box, budget, options.batch_memory)
+                           particles.n_particles, particles.grid_box, budget,
+                           options.batch_memory,
+                           parallel.local_images(particles.n_particles))  # [mpi hook]
         options = replace(options, batch_memory=plan.batch_memory)
         job = ClassifyJob(particles, star, reference_path, outdir, options, initialise, resume,
                           echo, plan)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import parallel
 from ..em.reconstruct import reconstruct_known_poses
 from ..em.refine import RefineOptions, RefineState, split_halves
 from ..errors import InputError
@@ -159,7 +160,7 @@ def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: 
         if subset is None:
             maps += [state.final_maps[1], state.final_maps[2]]
             paths += [] if out is None else list(half_map_paths(out))
-        if out is not None:
+        if out is not None and parallel.writes_outputs():  # [mpi hook] rank 0 alone writes
             with contextlib.ExitStack() as stack:  # all files or none
                 for path, volume in zip(paths, maps, strict=True):
                     tmp = stack.enter_context(atomic_path(path, suffix=".mrc"))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import parallel
 from ..em.data import ImageSource
 from ..em.model import ssnr_from_fsc
 from ..em.options import max_memory_bytes
@@ -101,10 +102,11 @@ def postprocess_command(outdir: Path, mask: str | Path | None) -> str:
 
 def image_source(particles: ParticleSet, options, cache_bytes: int | None = None
                  ) -> ImageSource:
-    """The particles' masked FTs for a job (cached when they fit `cache_bytes`)."""
-    return ImageSource(particles,
-                       mask_radius_px(options, particles.grid_box, particles.grid_pixel_size),
-                       options.mask_edge, options.use_ctf, cache_bytes)
+    """The particles' masked FTs for a job (cached when they fit `cache_bytes`); under mpirun
+    only this rank's particles'."""
+    return parallel.image_source(  # [mpi hook]
+        particles, mask_radius_px(options, particles.grid_box, particles.grid_pixel_size),
+        options.mask_edge, options.use_ctf, cache_bytes)
 
 
 class RefineJob(Job):
@@ -292,7 +294,9 @@ def refine(star: str | Path | ParticleSet, reference_path, outdir: str | Path | 
         if options.solvent_mask is not None:  # job.json: found again by --continue anywhere
             options = replace(options, solvent_mask=str(Path(options.solvent_mask).resolve()))
         plan = plan_memory(lambda bm: refine_memory(particles, options, bm),
-                           particles.n_particles, particles.grid_box, budget, options.batch_memory)
+                           particles.n_particles, particles.grid_box, budget,
+                           options.batch_memory,
+                           parallel.local_images(particles.n_particles))  # [mpi hook]
         options = replace(options, batch_memory=plan.batch_memory)
         job = RefineJob(particles, star, reference, reference_path, outdir, options, resume,
                         echo, plan, solvent_mask)
