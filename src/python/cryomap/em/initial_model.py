@@ -90,9 +90,9 @@ class InitialModelOptions(EMOptions):
         if self.n_classes < 1:
             raise bad_option("K", self.n_classes, "at least 1 class")
         if not (np.isfinite(self.fin_high) and self.fin_high > 0):
-            raise bad_option("fin_high", self.fin_high, "a resolution > 0 Å")
+            raise bad_option("grad_fin_resol", self.fin_high, "a resolution > 0 Å")
         if self.fin_high > self.ini_high:
-            raise bad_option("fin_high", self.fin_high,
+            raise bad_option("grad_fin_resol", self.fin_high,
                              f"a resolution <= --ini_high ({self.ini_high:g} Å)")
         for name, value in (("grad_ini_subset", self.ini_subset),
                             ("grad_fin_subset", self.fin_subset)):
@@ -121,7 +121,7 @@ class InitialModelOptions(EMOptions):
         """The particle-dependent checks of every E/M run, and resolutions the box holds."""
         super().validate_for(box, pixel_size)
         nyquist = 2.0 * pixel_size
-        for name, value in (("ini_high", self.ini_high), ("fin_high", self.fin_high)):
+        for name, value in (("ini_high", self.ini_high), ("grad_fin_resol", self.fin_high)):
             if value < nyquist * (box / 2) / (box / 2 - 1):
                 raise bad_option(name, f"{value:g}", f"a resolution >= "
                                  f"{nyquist * (box / 2) / (box / 2 - 1):.3g} Å (the box's "
