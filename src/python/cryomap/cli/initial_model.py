@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"resolution of the first iterations (Å; the same as --ini_high, "
                         f"default {d.ini_high:g})")
     p.add_argument("--grad_fin_resol", "--fin_high", dest="fin_high", type=float,
-                   default=d.fin_high, help="resolution of the last iterations (Å)")
+                   default=None, help="resolution of the last iterations (Å; default 18, or "
+                   "the finest the box holds)")
     p.add_argument("--grad_ini_subset", dest="ini_subset", type=int, default=None,
                    help="mini-batch size of the first iterations (default: 0.5%% of the "
                         "particles, 200 to 5000)")

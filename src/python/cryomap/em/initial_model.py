@@ -69,7 +69,9 @@ class InitialModelOptions(EMOptions):
     ini_high: float = 35.0  # Å: resolution of the first phase (RELION's --grad_ini_resol)
     iterations: int = 100  # --iter: mini-batches, the final full iteration included
     n_classes: int = 1  # --K
-    fin_high: float = 18.0  # Å: resolution of the last phase (RELION's --grad_fin_resol)
+    # Å: resolution of the last phase (RELION's --grad_fin_resol); None: 18 Å, or the finest
+    # the box holds if that is coarser (`for_box`)
+    fin_high: float | None = None
     ini_subset: int | None = None  # --grad_ini_subset (None: RELION's rule from n)
     fin_subset: int | None = None  # --grad_fin_subset (None: RELION's rule from n)
     ini_frac: float = 0.3  # --grad_ini_frac: share of iterations at the initial settings
@@ -89,9 +91,11 @@ class InitialModelOptions(EMOptions):
                                                       "the final full one)")
         if self.n_classes < 1:
             raise bad_option("K", self.n_classes, "at least 1 class")
-        if not (np.isfinite(self.fin_high) and self.fin_high > 0):
+        if self.fin_high is None:
+            pass
+        elif not (np.isfinite(self.fin_high) and self.fin_high > 0):
             raise bad_option("grad_fin_resol", self.fin_high, "a resolution > 0 Å")
-        if self.fin_high > self.ini_high:
+        elif self.fin_high > self.ini_high:
             raise bad_option("grad_fin_resol", self.fin_high,
                              f"a resolution <= --ini_high ({self.ini_high:g} Å)")
         for name, value in (("grad_ini_subset", self.ini_subset),
@@ -117,12 +121,28 @@ class InitialModelOptions(EMOptions):
         if not (np.isfinite(self.reseed_fraction) and 0 <= self.reseed_fraction < 1):
             raise bad_option("reseed_fraction", self.reseed_fraction, "a fraction in [0, 1)")
 
+    @staticmethod
+    def finest(box: int, pixel_size: float) -> float:
+        """The finest resolution (Å) a schedule may reach in this box: Nyquist less one
+        shell."""
+        return 2.0 * pixel_size * (box / 2) / (box / 2 - 1)
+
+    def for_box(self, box: int, pixel_size: float) -> InitialModelOptions:
+        """These options with the default final resolution made concrete: 18 Å, or the finest
+        the box holds (and at most --ini_high)."""
+        from dataclasses import replace
+
+        if self.fin_high is not None:
+            return self
+        fin = min(max(18.0, self.finest(box, pixel_size)), self.ini_high)
+        return replace(self, fin_high=float(fin))
+
     def validate_for(self, box: int, pixel_size: float) -> None:
         """The particle-dependent checks of every E/M run, and resolutions the box holds."""
         super().validate_for(box, pixel_size)
         nyquist = 2.0 * pixel_size
         for name, value in (("ini_high", self.ini_high), ("grad_fin_resol", self.fin_high)):
-            if value < nyquist * (box / 2) / (box / 2 - 1):
+            if value is not None and value < nyquist * (box / 2) / (box / 2 - 1):
                 raise bad_option(name, f"{value:g}", f"a resolution >= "
                                  f"{nyquist * (box / 2) / (box / 2 - 1):.3g} Å (the box's "
                                  f"Nyquist frequency, {nyquist:g} Å, less one shell)")
@@ -453,7 +473,7 @@ def initial_model_iteration(state: InitialModelState, problem: Problem,
     iteration's figures."""
     o, source = problem.options, problem.source
     box, pix, n = problem.box, problem.pixel_size, problem.n_particles
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     it = state.iteration + 1
     step = problem.step(it)
     rng = np.random.default_rng([o.seed, it, 41])
@@ -549,7 +569,8 @@ def initial_model_iteration(state: InitialModelState, problem: Problem,
         "average_pmax": float(np.mean(np.concatenate([r.estimates.max_prob for r in done]))),
         "mean_samples": float(np.mean(np.concatenate([r.estimates.n_samples for r in done]))),
         "centred_px": moved, "reseeded": reseeded,
-        "seconds": time.perf_counter() - t_start, "timings": timings,
+        "seconds": time.perf_counter() - t_start,
+        "cpu_seconds": time.process_time() - cpu_start, "timings": timings,
     }
     state.history.append(stats)
     return stats

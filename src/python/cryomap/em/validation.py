@@ -165,15 +165,18 @@ class _SectionScorer:
 
         s, j = self.ref_conj.shape
         r = rotations.shape[0]
-        combined = np.einsum("sab,rbc->srac", self.sections, rotations).reshape(-1, 3, 3)
-        mov = projector.project(self.mov_pr, combined, self.coords).reshape(s, r, j)
-        mov = mov.astype(np.complex128)
-        norm = np.sqrt((np.abs(mov) ** 2).sum(axis=(0, 2))) * self.ref_norm
+        # rows: rotation r, then section s (one matrix product for all)
+        combined = np.einsum("sab,rbc->rsac", self.sections, rotations).reshape(-1, 3, 3)
+        mov = projector.project(self.mov_pr, combined, self.coords).reshape(r, s * j)
+        norm = np.sqrt(np.einsum("ij,ij->i", mov.real, mov.real, dtype=np.float64)
+                       + np.einsum("ij,ij->i", mov.imag, mov.imag, dtype=np.float64))
+        norm *= self.ref_norm
         # in-plane part of each shift seen by each section: (Q_s t)_xy
         inplane = np.einsum("sab,tb->sta", self.sections[:, :2, :], shifts)  # (S, T, 2)
         phase = np.exp(-2j * np.pi * np.einsum("ja,sta->sjt", self.coords.astype(np.float64),
                                                 inplane) / self.box)  # (S, J, T)
-        cc = np.einsum("sj,srj,sjt->rt", self.ref_conj, mov, phase, optimize=True).real
+        weights = (self.ref_conj[:, :, None] * phase).astype(np.complex64).reshape(s * j, -1)
+        cc = (mov.astype(np.complex64) @ weights).real.astype(np.float64)  # (R, T)
         return cc / np.maximum(norm, 1e-300)[:, None]
 
 

@@ -231,6 +231,7 @@ def initial_model(star: str | Path, outdir: str | Path, options: InitialModelOpt
         check_classes(options.n_classes, particles, star)
         require_ctf(particles, star, options.use_ctf)
         check_particles_for_em(particles, options)
+        options = options.for_box(particles.box, particles.pixel_size)
         start = (find_resume_point(outdir, InitialModelState, particles.n_particles)
                  if resume else None)
         plan = plan_memory(lambda bm: initial_model_memory(particles, options, bm),
@@ -256,6 +257,7 @@ def initial_model_memory(particles: ParticleSet, options: InitialModelOptions,
     o = options
     bm = o.batch_memory if batch_memory is None else int(batch_memory)
     box, pix, n = particles.box, particles.pixel_size, particles.n_particles
+    o = o.for_box(box, pix)
     problem = Problem(_Geometry(box, pix), o, np.zeros((n, 2)))  # geometry only
     step = problem.step(o.iterations)
     sampling = PoseSampling.create(3, step.healpix_order, o.psi_step, o.offset_step,
