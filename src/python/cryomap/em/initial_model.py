@@ -293,9 +293,11 @@ class Problem:
 # -- sums on the full grid ---------------------------------------------------------------
 
 
-def full_radius(box: int) -> int:
-    """Fourier radius (px) of the running sums: everything a pass may reach."""
-    return box // 2
+def sums_radius(options: InitialModelOptions, box: int, pixel_size: float) -> int:
+    """Fourier radius (px) of the running sums: the largest radius of the schedule (its
+    final resolution), so that the sums and their reconstructions stay no larger than any
+    pass needs."""
+    return schedule(options, 1, box, pixel_size, 0.0, options.iterations).radius
 
 
 def _embed(small: np.ndarray, big_shape: tuple[int, ...]) -> np.ndarray:
@@ -308,9 +310,9 @@ def _embed(small: np.ndarray, big_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _backprojector(data: np.ndarray, weight: np.ndarray, box: int,
-                   options: EMOptions) -> projector.BackProjector:
-    """A finished back-projector holding the given full-grid sums."""
-    bp = projector.BackProjector(box, options.pad, full_radius(box), options.interp, 3)
+                   options: EMOptions, radius: int) -> projector.BackProjector:
+    """A finished back-projector holding the given running sums (Fourier radius `radius`)."""
+    bp = projector.BackProjector(box, options.pad, radius, options.interp, 3)
     if bp.data.shape != data.shape:
         raise ValueError("initial model: running sums on a different grid")
     bp.data, bp.weight = data.astype(np.complex64), weight.astype(np.float32)
@@ -346,7 +348,7 @@ def initial_state(problem: Problem, sigma2: np.ndarray, subset: np.ndarray,
     box, pix, n = problem.box, problem.pixel_size, problem.n_particles
     k_cls = o.n_classes
     step = problem.step(1)
-    m = projector.reference_radius(box, o.pad, full_radius(box))
+    m = projector.reference_radius(box, o.pad, sums_radius(o, box, pix))
     shape = (2 * m + 1, 2 * m + 1, m + 1)
     data = np.zeros((2, k_cls) + shape, np.complex64)
     weight = np.zeros((2, k_cls) + shape, np.float32)
@@ -403,12 +405,13 @@ def _maps_from_sums(state: InitialModelState, problem: Problem, radius: int) -> 
     state.fsc = np.zeros((k_cls, n_shells))
     state.tau2 = np.zeros((k_cls, n_shells))
     for k in range(k_cls):
-        bps = [_backprojector(state.data[h, k], state.weight[h, k], box, o) for h in (0, 1)]
+        bps = [_backprojector(state.data[h, k], state.weight[h, k], box, o,
+                              sums_radius(o, box, problem.pixel_size)) for h in (0, 1)]
         if not all(bp.weight.any() for bp in bps):
             state.references[k] = 0.0
             continue
         state.fsc[k], state.tau2[k] = half_set_fsc(bps, o, radius, box)
-        state.references[k] = final_maps(bps, state.fsc[k], o, radius, box)[0]
+        state.references[k] = final_maps(bps, state.fsc[k], o, radius, box, halves=False)[0]
 
 
 def _centre_classes(state: InitialModelState, problem: Problem) -> list[float]:

@@ -22,9 +22,9 @@ from ..em.initial_model import (
     InitialModelOptions,
     InitialModelState,
     Problem,
-    full_radius,
     initial_model_iteration,
     initial_state,
+    sums_radius,
 )
 from ..em.model import ssnr_from_fsc
 from ..em.noise import NoiseModel
@@ -266,7 +266,7 @@ def initial_model_memory(particles: ParticleSet, options: InitialModelOptions,
     k = o.n_classes
     bsize = class_batch_size(search, k, bm)
     parts = estimate_memory(n, box, pix, k, search, 3, o.pad, bsize, bm, core.max_threads(), 0)
-    m = projector.reference_radius(box, o.pad, full_radius(box))
+    m = projector.reference_radius(box, o.pad, sums_radius(o, box, pix))
     grid = (2 * m + 1) ** 2 * (m + 1)
     parts["running sums"] = 2 * k * grid * 12 * 2  # D (complex64) + W (float32), and a copy
     parts["maps"] = parts.get("maps", 0) + 3 * k * box**3 * 8
