@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import shutil
 import tempfile
 import time
@@ -196,6 +197,9 @@ def main() -> None:
     simulate(root, box, pix, cfg["n"], args.snr, seed=1)
     print(f"simulated in {time.perf_counter() - t_all:.1f} s", flush=True)
     seeds = list(range(1, cfg["seeds"] + 1))
+    # each process's BLAS and OpenMP pools at --threads (the children inherit the variables)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
     ctx = mp.get_context("spawn")  # no fork after OpenMP has started
     results = []
     # the seeds in --jobs processes; the reference refinement in one more, at the same time
