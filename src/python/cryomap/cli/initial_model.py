@@ -40,6 +40,11 @@ example:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = InitialModelOptions()
     add_em_arguments(p, d)
+    for action in p._actions:  # the shared options' help, as this command uses them
+        if action.dest == "ini_high":
+            action.help = "resolution of the first iterations (Å; RELION's --grad_ini_resol)"
+        elif action.dest == "ref":
+            action.help = "not used: initial_model makes its maps from the particles alone"
     p.add_argument("--K", dest="n_classes", type=int, default=d.n_classes,
                    help="number of classes")
     p.add_argument("--iter", dest="iterations", type=int, default=None,
