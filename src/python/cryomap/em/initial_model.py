@@ -17,16 +17,17 @@ Each iteration t (a mini-batch, RELION's VDAM and cryoSPARC's ab-initio schedule
 3. the maps are the MAP reconstruction of the running sums with RELION's tau2 rule
    (`BackProjector.reconstruct`), tau2 from the FSC of the two pseudo half-sets (random halves
    of the particles, aligned against the same map: RELION's grad_pseudo_halfsets) times
-   --tau2_fudge; sigma2, the class distribution and the origin search follow the same
-   forgetting;
+   --tau2_fudge; sigma2 and the class distribution follow the same forgetting;
+   translations are searched (flat prior) around each particle's input origin;
 4. each map is moved to its centre of mass (the sums with it), since nothing else fixes
    the position of a map made from nothing.
 
-The resolution grows from --ini_high to --fin_high and the batch from --grad_ini_subset to
---grad_fin_subset over the middle of the run (RELION's ini/fin fractions), while the
-forgetting eta falls from --grad_ini_stepsize to --grad_stepsize; the HEALPix order follows
-the resolution. The last iteration is a plain EM iteration over all particles (every
-particle's pose and class against the final maps, and the maps from all of them).
+The resolution grows from --ini_high to --grad_fin_resol and the batch from
+--grad_ini_subset to --grad_fin_subset over the middle of the run (RELION's ini/fin
+fractions), while the forgetting eta falls from --grad_ini_stepsize to --grad_stepsize;
+the HEALPix order follows the resolution. The last iteration is a plain EM iteration over
+all particles (every particle's pose and class against the final maps, and the maps from all
+of them).
 
 Why online EM on the sums rather than a gradient step on the map: the M-step stays the exact
 MAP reconstruction of refinement (the tau2 prior enters as it does there), the step size is a
