@@ -131,6 +131,16 @@ def class2d(d: Path, out: Path, *extra: str, star: str | None = None) -> list[st
             "--particle_diameter", "96"] + list(extra)
 
 
+def initial_model(d: Path, out: Path, *extra: str, star: str | None = None) -> list[str]:
+    return ["initial_model", "--i", star or str(d / "particles.star"), "--o", str(out),
+            "--iter", "2"] + FAST + list(extra)
+
+
+def flip_hand(d: Path, out: Path, *extra: str, volume: str | None = None) -> list[str]:
+    return ["flip_hand", "--i", volume or str(d / "ref.mrc"), "--o", str(out / "flipped.mrc")
+            ] + list(extra)
+
+
 def project(d: Path, out: Path, *extra: str, ang: str | None = None,
             volume: str | None = None) -> list[str]:
     return ["project", "--i", volume or str(d / "ref.mrc"), "--ang", ang or str(d / "truth.star"),
@@ -268,6 +278,50 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
      ("--strict_highres_exp",)),
     ("class2d-reference-wrong-box", lambda d, o: class2d(d, o, "--ref", map_file(
         d, "img8.mrc", np.zeros((8, 8)))), ("img8.mrc", "box")),
+    # initial_model / flip_hand
+    ("initial_model-K-0", lambda d, o: initial_model(d, o, "--K", "0"), ("--K 0",)),
+    ("initial_model-K-more-than-particles", lambda d, o: initial_model(d, o, "--K", "50"),
+     ("--K 50",)),
+    ("initial_model-iter-1", lambda d, o: initial_model(d, o, "--iter", "1"), ("--iter 1",)),
+    ("initial_model-fin-above-ini", lambda d, o: initial_model(
+        d, o, "--ini_high", "35", "--grad_fin_resol", "50"), ("--grad_fin_resol 50",)),
+    ("initial_model-fin-beyond-nyquist", lambda d, o: initial_model(
+        d, o, "--grad_fin_resol", "10"), ("--grad_fin_resol 10", "Nyquist")),
+    ("initial_model-subset-0", lambda d, o: initial_model(d, o, "--grad_ini_subset", "0"),
+     ("--grad_ini_subset 0",)),
+    ("initial_model-subsets-decreasing", lambda d, o: initial_model(
+        d, o, "--grad_ini_subset", "10", "--grad_fin_subset", "5"), ("--grad_fin_subset 5",)),
+    ("initial_model-stepsize-0", lambda d, o: initial_model(d, o, "--grad_stepsize", "0"),
+     ("--grad_stepsize 0",)),
+    ("initial_model-fractions-above-1", lambda d, o: initial_model(
+        d, o, "--grad_ini_frac", "0.8", "--grad_fin_frac", "0.5"), ("--grad_fin_frac",)),
+    ("initial_model-perturbation-negative", lambda d, o: initial_model(
+        d, o, "--init_perturbation", "-1"), ("--init_perturbation",)),
+    ("initial_model-reference-given", lambda d, o: initial_model(
+        d, o, "--ref", str(d / "ref.mrc")), ("--ref", "no reference")),
+    ("initial_model-sym-unknown", lambda d, o: initial_model(d, o, "--sym", "Q3"),
+     ("--sym",)),
+    ("initial_model-diameter-too-large", lambda d, o: initial_model(
+        d, o, "--particle_diameter", "5000"), ("--particle_diameter 5000",)),
+    ("initial_model-cs-missing", lambda d, o: initial_model(d, o, star=star_with(
+        d, "nocs_im", lambda b: b.__setitem__("optics", b["optics"].drop(
+            columns=["rlnSphericalAberration"])))), ("nocs_im.star", "rlnSphericalAberration")),
+    ("initial_model-continue-without-run", lambda d, o: ["initial_model", "--o", str(o),
+                                                         "--continue"], ("job.json",)),
+    ("initial_model-continue-refine-run", lambda d, o: damaged_run(d, o, json.dumps(
+        {"kind": "refine", "i": "x.star", "ref": None, "options": {}})) or
+     ["initial_model", "--o", str(o), "--continue"], ("not an initial model",)),
+    ("initial_model-continue-bad-option", lambda d, o: damaged_run(d, o, json.dumps(
+        {"kind": "initial_model", "i": "x.star", "ref": None,
+         "options": {"stepsize": 2}})) or ["initial_model", "--o", str(o), "--continue"],
+     ("job.json", "grad_stepsize")),
+    ("flip_hand-input-missing", lambda d, o: flip_hand(d, d, volume=str(d / "nope.mrc")),
+     ("nope.mrc",)),
+    ("flip_hand-input-2d", lambda d, o: flip_hand(d, d, volume=str(d / "image.mrc")),
+     ("image.mrc", "3D")),
+    ("flip_hand-output-is-input", lambda d, o: ["flip_hand", "--i", str(d / "ref.mrc"), "--o",
+                                                str(d / "ref.mrc")], ("--o", "same file")),
+    ("flip_hand-output-folder-missing", lambda d, o: flip_hand(d, o), ("--o",)),
     # project
     ("project-angle-nan", lambda d, o: project(d, d, ang=star_with(
         d, "angnan", set_value("particles", "rlnAngleTilt", np.nan, 2), "truth.star")),
@@ -394,3 +448,6 @@ def test_the_same_commands_succeed_on_good_input(data, tmp_path):
     assert main(simulate(data, tmp_path / "s")) == 0
     assert main(project(data, tmp_path)) == 0
     assert main(mask(data, tmp_path)) == 0
+    assert main(initial_model(data, tmp_path / "im")) == 0
+    assert (tmp_path / "im" / "run_class001.mrc").exists()
+    assert main(flip_hand(data, tmp_path)) == 0

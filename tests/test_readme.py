@@ -19,7 +19,8 @@ SMALLER = [("--box 64", "--box 32"), ("--angpix 3.0", "--angpix 6.0"), ("--n 200
            ("--K 50", "--K 4"),
            ("--auto_bfac", "--adhoc_bfac -100")]  # the small run is worse than 10 Å
 #: Extra options of the E/M commands in the test (few iterations, a small search).
-FAST = {"refine": "--iter 2 --offset_range 2 --offset_step 1 --j 2",
+FAST = {"initial_model": "--iter 6 --j 2",
+        "refine": "--iter 2 --offset_range 2 --offset_step 1 --j 2",
         "class3d": "--healpix_order 1 --offset_range 2 --offset_step 1 --j 2",
         "class2d": "--offset_range 2 --offset_step 1 --j 2",
         "reconstruct": "--j 2"}
@@ -44,11 +45,14 @@ def test_readme_chain_is_complete():
     """The chain makes its own inputs and covers the main steps (names as in the README)."""
     commands = readme_chain()
     verbs = [shlex.split(c)[1] for c in commands]
-    for verb in ("phantom", "simulate", "refine", "mask", "postprocess", "reconstruct",
-                 "class3d", "class2d"):
+    for verb in ("phantom", "simulate", "initial_model", "refine", "mask", "postprocess",
+                 "reconstruct", "class3d", "class2d"):
         assert verb in verbs, verb
-    assert verbs.index("phantom") < verbs.index("simulate") < verbs.index("refine") \
-        < verbs.index("mask") < verbs.index("postprocess")
+    assert verbs.index("phantom") < verbs.index("simulate") < verbs.index("initial_model") \
+        < verbs.index("refine") < verbs.index("mask") < verbs.index("postprocess")
+    # particles -> initial_model -> refine: no outside map
+    refine = commands[verbs.index("refine")]
+    assert "--ref InitialModel/job001/run_class001.mrc" in refine
     class3d = commands[verbs.index("class3d")]
     sim = [c for c in commands if " --variants " in c and c.split()[1] == "simulate"]
     assert sim, "class3d needs data of several structures (simulate --variants K)"

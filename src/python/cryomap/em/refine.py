@@ -516,10 +516,12 @@ def voxel_tau2(volume: np.ndarray, bp: projector.BackProjector,
 
 
 def final_maps(bps: list[projector.BackProjector], fsc_curve: np.ndarray,
-               options: RefineOptions, r_max: int, box: int) -> np.ndarray:
+               options: RefineOptions, r_max: int, box: int, halves: bool = True
+               ) -> np.ndarray:
     """(combined, half 1, half 2): the map from both halves' sums together with tau2 from the
     FSC of the joined halves F' = sqrt(2F/(1+F)), and the unregularised half maps (RELION's
-    run_class001.mrc and run_half{1,2}_class001_unfil.mrc)."""
+    run_class001.mrc and run_half{1,2}_class001_unfil.mrc); with halves=False the combined
+    map alone, (1, N, N, N)."""
     both = projector.BackProjector(box, options.pad, r_max, options.interp, bps[0].ndim)
     both.data = bps[0].data + bps[1].data
     both.weight = bps[0].weight + bps[1].weight
@@ -531,6 +533,8 @@ def final_maps(bps: list[projector.BackProjector], fsc_curve: np.ndarray,
     tau2[r_max + 1:] = 0.0
     edge = _edge(box, both.ndim)
     combined = both.reconstruct(tau2, options.tau2_fudge, r_max) * edge
+    if not halves:
+        return combined[None]
     # unfiltered: no prior term (tau2 -> infinity), RELION's floor only
     inf = np.full(box // 2 + 1, np.inf)
     halves = [bp.reconstruct(inf, 1.0, r_max, minres_map=box) * edge for bp in bps]
