@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from .._kernels import set_threads
 from ..em.initial_model import InitialModelOptions
 from ..errors import InputError
-from .._kernels import set_threads
 from .options import add_em_arguments, options_from_args, run_settings
 
 COMMAND = "initial_model"
