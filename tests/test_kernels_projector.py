@@ -261,3 +261,18 @@ def test_magnified_matrices_match_reference(interp: str) -> None:
     backproject_ref(rdata, rweight, s, sw, mag, coords, scale, interp)
     _close(data, rdata)
     _close(weight, rweight)
+
+
+@pytest.mark.parametrize("box, pad", [(16, 2), (17, 2), (16, 1)])
+def test_reference_is_zero_beyond_the_nyquist_sphere_as_relion(box, pad):
+    """RELION's projector keeps padded-grid voxels with r^2 <= round(pad * (N // 2))^2 only
+    (computeFourierTransformMap); the corners of the padded cube are zero."""
+    rng = np.random.default_rng(box + pad)
+    ref = projector.prepare_reference(rng.normal(size=(box,) * 3), pad=pad)
+    m = ref.data.shape[-1] - 1
+    k = np.arange(-m, m + 1)
+    r2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + np.arange(m + 1)[None, None, :] ** 2
+    limit = round(pad * (box // 2)) ** 2
+    assert np.all(ref.data[r2 > limit] == 0)
+    inside = ref.data[(r2 <= limit) & (r2 > 0)]
+    assert np.count_nonzero(inside) > 0.99 * inside.size  # nothing inside is lost

@@ -101,7 +101,20 @@ def prepare_reference(volume: np.ndarray, pad: int = 2, interp: str = "linear",
     else:
         ft = fourier.fft2_centered(padded) * (float(n_pad) ** 2 / float(n) ** 2)
     m = reference_radius(n, pad, r_max)
-    return Reference(fourier.to_centred(ft, m), n, pad, interp)
+    return Reference(nyquist_sphere(fourier.to_centred(ft, m), n, pad), n, pad, interp)
+
+
+def nyquist_sphere(centred: np.ndarray, box: int, pad: int) -> np.ndarray:
+    """The centred padded FT with every voxel beyond the box's Nyquist sphere set to zero:
+    RELION's projector keeps r^2 <= round(pad * (N // 2))^2 only (docs/conventions.md,
+    "Projection"), so interpolation near |k| = N/2 reads the same values as relion_project."""
+    m = centred.shape[-1] - 1
+    k = np.arange(-m, m + 1, dtype=np.float64)
+    kz = k[:, None, None] if centred.shape[0] > 1 else np.zeros((1, 1, 1))
+    r2 = kz**2 + k[None, :, None] ** 2 + np.arange(m + 1, dtype=np.float64)[None, None, :] ** 2
+    limit = float(np.round(pad * (box // 2))) ** 2
+    centred[r2 > limit] = 0
+    return centred
 
 
 def project(reference: Reference, rotations: np.ndarray, coords: np.ndarray) -> np.ndarray:
