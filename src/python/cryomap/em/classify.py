@@ -325,8 +325,8 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
     # class's) until the searches are local; only then are the classes seeded and told apart
     consensus = state.schedule is not None and state.seeded_at is None and k_cls > 1
     # then the classes are told apart at the consensus poses (classification without
-    # alignment, which reaches the Bayes limit at true poses: docs/method.md) until the
-    # assignments settle, and only then are the poses refined per class by local searches
+    # alignment, near the Bayes limit at true poses: docs/method.md) until the assignments
+    # settle, and only then are each class's poses searched again
     fixed = (state.schedule is not None and state.seeded_at is not None
              and not state.fixed_done)
     search = class_search(o, state.iteration + 1, radius, 2.0 * mask_radius * pix, hard,
@@ -479,9 +479,9 @@ FIXED_INNER = 5
 #: FIXED_MIN iterations) ...
 FIXED_SETTLED = 0.002
 FIXED_MIN = 5
-#: ... or after at most this share of the iterations left at the seeding. Measured (bench/
-#: classify.py, 48 px, 8 % share): local searches per class after too few fixed-pose
-#: iterations cost 5 points of accuracy, so by default the poses stay fixed until settled.
+#: ... or after at most this share of the iterations left at the seeding. Measured (48 px,
+#: 8 % share): per-class pose searches after too few fixed-pose iterations cost 5 points of
+#: accuracy, so by default the poses stay fixed until the classes settle.
 FIXED_SHARE = 1.0
 
 
