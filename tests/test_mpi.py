@@ -147,11 +147,24 @@ def test_a_failing_rank_ends_the_job_with_one_line(sim, tmp_path, mode):
     env = {"CRYOMAP_MPI_FAULT": f"1:2:{mode}"}
     if mode == "hang":  # the rendezvous deadline (default: at least 10 minutes)
         env["CRYOMAP_MPI_TIMEOUT"] = "8"
+
+    def run(out: Path) -> subprocess.CompletedProcess:
+        try:
+            return _run_mpi(_refine_args(sim, out, 1), env=env, timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a rank that failed ({mode}) did not end the job within "
+                        f"{DEADLINE:.0f} s")
+
     t0 = time.monotonic()
-    try:
-        done = _run_mpi(_refine_args(sim, tmp_path / "out", 1), env=env, timeout=DEADLINE)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank that failed ({mode}) did not end the job within {DEADLINE:.0f} s")
+    done = run(tmp_path / "out")
+    if done.returncode != 0 and not done.stderr.strip():
+        # once, in a full CI-like run, mpirun ended with no output at all (not reproduced
+        # alone or in this file); a silent exit is retried once, in a fresh folder, so that
+        # a launcher hiccup is told apart from a missing error line (which fails twice)
+        print(f"\n{mode}: mpirun exit {done.returncode} with empty stderr (stdout "
+              f"{done.stdout[-300:]!r}); retrying once")
+        t0 = time.monotonic()
+        done = run(tmp_path / "out_retry")
     took = time.monotonic() - t0
     assert done.returncode != 0
     lines = _error_lines(done.stderr, "refine")
