@@ -6,9 +6,10 @@ class3d: for each share s, a two-class set of a ribosome-sized phantom (box 64, 
 with a compact piece holding s of its mass removed. Printed per share: the best possible
 accuracy (from the true poses and maps: the mean over images of Phi(||P_A - P_B|| / 2 sigma)),
 then for each --modes: class3d's accuracy from one map (A low-passed to 40 Å) with the
-defaults (`classic`: RELION's Class3D) or with `--auto_sampling --tau2_fudge 1` (`auto`), and
-`--skip_align --tau2_fudge 1` at the true poses (`skip`); the class proportions against the
-truth, and the time.
+defaults (`classic`: RELION's Class3D schedule) or with `--auto_sampling --tau2_fudge 1`
+(`auto`), and `--skip_align --tau2_fudge 1` at the true poses (`skip`), all else at class3d's
+defaults (--class_temperature 4, --class_difference_fsc 0.143); the class proportions against
+the truth, and the time.
 
 class2d: K = 10 on 10 views (5 of each of two phantoms), SNR 0.05, 5000 particles: the
 membership, each average's correlation with its clean projection, seconds per iteration.

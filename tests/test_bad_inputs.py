@@ -264,6 +264,10 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
     ("class3d-iter-0", lambda d, o: class3d(d, o, "--iter", "0"), ("--iter 0",)),
     ("class3d-perturbation-negative", lambda d, o: class3d(d, o, "--init_perturbation", "-1"),
      ("--init_perturbation",)),
+    ("class3d-difference-fsc-1", lambda d, o: class3d(d, o, "--class_difference_fsc", "1"),
+     ("--class_difference_fsc", "[0, 1)")),
+    ("class3d-class-temperature-below-1", lambda d, o: class3d(
+        d, o, "--class_temperature", "0.5"), ("--class_temperature", ">= 1")),
     ("class3d-reference-2d", lambda d, o: class3d(d, o)[:4] + [str(d / "image.mrc")]
      + class3d(d, o)[5:], ("image.mrc", "3D")),
     ("class3d-cs-missing", lambda d, o: class3d(d, o, star=star_with(

@@ -33,7 +33,8 @@ Particles = ParticleSet | PathLike
 Reference = Volume | PathLike
 
 #: Defaults of 3D and 2D classification where they differ from ClassOptions' (RELION's GUI).
-CLASS3D_DEFAULTS = {"n_classes": 4, "tau2_fudge": 4.0, "psi_step": None}
+CLASS3D_DEFAULTS = {"n_classes": 4, "tau2_fudge": 4.0, "psi_step": None,
+                    "class_temperature": 4.0}
 CLASS2D_DEFAULTS = {"n_classes": 50, "tau2_fudge": 2.0, "psi_step": 10.0}
 
 
@@ -360,8 +361,8 @@ def classify3d(particles: Particles, reference: Reference | Sequence[Volume] | N
     reference: one map (every class starts from it, low-passed to ini_high and perturbed),
     a list of K maps, or an MRC / STAR path as on the command line. option_values replace
     fields of em.classify.ClassOptions (defaults as `cryomap class3d`: n_classes=4,
-    tau2_fudge=4, iterations=25), e.g. n_classes=2, iterations=10, healpix_order=2. Other
-    arguments as `refine`.
+    tau2_fudge=4, class_temperature=4, iterations=25), e.g. n_classes=2, iterations=10,
+    healpix_order=2. Other arguments as `refine`.
     """
     return _classify(3, particles, reference, outdir, options, resume, angpix, max_memory,
                      threads, echo, option_values)

@@ -20,7 +20,9 @@ split. Classes start from the reference low-passed to --ini_high, each with its 
 perturbation, and in the first iteration each particle stays in a random class (RELION's
 seeds); --ref may instead list K maps in a STAR file (rlnReferenceImage), used as they are.
 --skip_align classifies at the poses in --i (e.g. a refinement's run_data.star).
-See docs/method.md.
+Beyond RELION, for subtle differences (docs/method.md): the classes differ only up to the
+resolution where their differences are supported (--class_difference_fsc), and the class
+posterior is softened early on (--class_temperature 4, annealed to 1).
 Outputs in --o, RELION's layout: run_itNNN_classNNN.mrc, run_itNNN_model.star
 (rlnClassDistribution), run_itNNN_data.star (rlnClassNumber); run_classNNN.mrc, run_model.star,
 run_data.star and run.log at the end. Defaults as RELION's GUI: --K 4, --iter 25,
@@ -34,9 +36,10 @@ example:
 
 
 def add_class_arguments(p: argparse.ArgumentParser, n_classes: int, tau2_fudge: float,
-                        psi_step: float | None) -> None:
+                        psi_step: float | None, class_temperature: float = 1.0) -> None:
     """The shared options plus those of classification."""
-    d = ClassOptions(n_classes=n_classes, tau2_fudge=tau2_fudge, psi_step=psi_step)
+    d = ClassOptions(n_classes=n_classes, tau2_fudge=tau2_fudge, psi_step=psi_step,
+                     class_temperature=class_temperature)
     add_em_arguments(p, d)
     p.add_argument("--K", dest="n_classes", type=int, default=d.n_classes,
                    help="number of classes")
@@ -48,9 +51,11 @@ def add_class_arguments(p: argparse.ArgumentParser, n_classes: int, tau2_fudge: 
                         "only to its most probable class")
     p.add_argument("--class_temperature", "--class-temperature", dest="class_temperature",
                    type=float, default=d.class_temperature,
-                   help="class-similarity control: the class posterior is raised to 1/T, T "
-                        "falling from this value to 1 over the first half of the iterations "
-                        "(after the classes are seeded); 1: plain EM")
+                   help=f"class-similarity control: the class posterior is raised to 1/T in the "
+                        f"M-step, T falling from this value to 1 over the first half of the "
+                        f"iterations (after the classes are seeded); keeps a particle's own "
+                        f"noise from freezing it in its seed class; 1: plain EM, as RELION "
+                        f"(default {d.class_temperature:g})")
     p.add_argument("--split_halves", "--split-halves", dest="split_halves",
                    action="store_true", default=d.split_halves,
                    help="gold-standard classes: each half-set is classified against the other "
@@ -86,6 +91,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "them at the consensus poses until settled, then search each class's "
                         "poses again (use with --tau2_fudge 1 on small sets; docs/method.md). "
                         "Off: RELION's Class3D, classes aligned from the first iteration")
+    p.add_argument("--class_difference_fsc", "--class-difference-fsc", dest="difference_fsc",
+                   type=float, default=ClassOptions.difference_fsc,
+                   help="the classes differ only up to the resolution where the half-set FSC of "
+                        "their differences from the consensus reaches this; beyond it each "
+                        "class is the consensus map (keeps noise at high resolution from "
+                        "deciding classes; docs/method.md). 0: off, as RELION")
     p.add_argument("--init_perturbation", "--init-perturbation", dest="perturbation",
                    type=float, default=ClassOptions().perturbation,
                    help="random low-resolution perturbation of each initial class, in units "

@@ -141,8 +141,10 @@ class ClassifyJob(Job):
         dist = " ".join(f"{d:.3f}" for d in s["distribution"])
         split = "".join(f", class {k + 1} re-seeded from class {b + 1}"
                         for k, b in s["reseeded"])
+        diff = ("" if s.get("difference_resolution") is None
+                else f", classes differ to {s['difference_resolution']:.1f} Å")
         return (f"iteration {s['iteration']:3d}{' (hard)' if hard else ''}: r_max {s['r_max']:3d}"
-                f" px, best class {s['resolution']:.1f} Å (SSNR 1), classes [{dist}]{split}, "
+                f" px, best class {s['resolution']:.1f} Å (SSNR 1){diff}, classes [{dist}]{split}, "
                 f"changed {100 * s['changed_fraction']:.1f}%, log-lik {s['log_likelihood']:.6e}, "
                 f"<Pmax> {s['average_pmax']:.3f}, <nsig> {s['mean_n_significant']:.1f}, "
                 f"{s['mean_samples']:.0f} samples/image; E-step {t.get('estep', 0):.1f} s, "
