@@ -6,10 +6,11 @@ class3d: for each share s, a two-class set of a ribosome-sized phantom (box 64, 
 with a compact piece holding s of its mass removed. Printed per share: the best possible
 accuracy (from the true poses and maps: the mean over images of Phi(||P_A - P_B|| / 2 sigma)),
 then for each --modes: class3d's accuracy from one map (A low-passed to 40 Å) with the
-defaults (`classic`: RELION's Class3D schedule) or with `--auto_sampling --tau2_fudge 1`
-(`auto`), and `--skip_align --tau2_fudge 1` at the true poses (`skip`), all else at class3d's
-defaults (--class_temperature 4, --class_difference_fsc 0.143); the class proportions against
-the truth, and the time.
+defaults (`classic`: RELION's Class3D schedule) or with `--auto_sampling` (`auto`), and
+`--skip_align --tau2_fudge 1` at the true poses (`skip`), all else at class3d's defaults
+(--tau2_fudge 4, --class_temperature 4, --class_difference_fsc 0.143); the class proportions
+against the truth, and the time. `--extra` adds options to every mode (the last value given
+wins, e.g. `--extra --tau2_fudge 1`).
 
 class2d: K = 10 on 10 views (5 of each of two phantoms), SNR 0.05, 5000 particles: the
 membership, each average's correlation with its clean projection, seconds per iteration.
@@ -91,8 +92,8 @@ def run_class3d(args) -> None:
               f"proportions {np.round(true_fr, 3)}", flush=True)
         modes = {"classic": ("from one map, defaults (RELION's Class3D)", "particles.star",
                              []),
-                 "auto": ("from one map, --auto_sampling --tau2_fudge 1", "particles.star",
-                          ["--auto_sampling", "--tau2_fudge", "1"]),
+                 "auto": ("from one map, --auto_sampling", "particles.star",
+                          ["--auto_sampling"]),
                  "skip": ("--skip_align at the true poses, --tau2_fudge 1", "truth.star",
                           ["--skip_align", "--tau2_fudge", "1"])}
         for mode in args.modes:

@@ -12,7 +12,6 @@
 #include <cmath>
 #include <complex>
 #include <cstdint>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -26,26 +25,24 @@ using cfloat = std::complex<float>;
 template <typename T>
 void require(const py::array& a, const char* name, int ndim) {
     if (!a.dtype().is(py::dtype::of<T>())) {
-        std::ostringstream s;
-        s << name << ": expected dtype " << std::string(py::str(py::dtype::of<T>()))
-          << ", got " << std::string(py::str(a.dtype()));
-        throw py::value_error(s.str());
+        throw py::value_error(std::string(name) + ": expected dtype " +
+                              std::string(py::str(py::dtype::of<T>())) + ", got " +
+                              std::string(py::str(a.dtype())));
     }
     if (!(a.flags() & py::array::c_style)) {
         throw py::value_error(std::string(name) + ": expected a C-contiguous array");
     }
     if (a.ndim() != ndim) {
-        std::ostringstream s;
-        s << name << ": expected " << ndim << " dimensions, got " << a.ndim();
-        throw py::value_error(s.str());
+        throw py::value_error(std::string(name) + ": expected " + std::to_string(ndim) +
+                              " dimensions, got " + std::to_string(a.ndim()));
     }
 }
 
 inline void require_dim(const py::array& a, const char* name, int axis, py::ssize_t n) {
     if (a.shape(axis) != n) {
-        std::ostringstream s;
-        s << name << ": expected size " << n << " on axis " << axis << ", got " << a.shape(axis);
-        throw py::value_error(s.str());
+        throw py::value_error(std::string(name) + ": expected size " + std::to_string(n) +
+                              " on axis " + std::to_string(axis) + ", got " +
+                              std::to_string(a.shape(axis)));
     }
 }
 

@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="for subtle differences: refine the poses against one consensus map "
                         "on refinement's sampling schedule, then seed the classes and classify "
                         "them at the consensus poses until settled, then search each class's "
-                        "poses again (use with --tau2_fudge 1 on small sets; docs/method.md). "
+                        "poses again (docs/method.md). "
                         "Off: RELION's Class3D, classes aligned from the first iteration")
     p.add_argument("--class_difference_fsc", "--class-difference-fsc", dest="difference_fsc",
                    type=float, default=ClassOptions.difference_fsc,

@@ -442,8 +442,9 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
                     state.difference_shell, curves.max(axis=0), o.difference_fsc, radius)
                 consensus_map = pooled(*bps).reconstruct(
                     state.distribution @ tau2, o.tau2_fudge, radius, MINRES_MAP) * edge
+                # the sharp Fourier edge rings: keep the maps inside the same sphere
                 state.references[:] = limit_differences(state.references, consensus_map,
-                                                        state.difference_shell)
+                                                        state.difference_shell) * edge
         state.class_tau2, state.class_ssnr = tau2, ssnr
         state.class_resolution_shell = shells
         return results, t_pass, tau2, ssnr, shells
