@@ -25,8 +25,8 @@ resolution where their differences are supported (--class_difference_fsc), and t
 posterior is softened early on (--class_temperature 4, annealed to 1).
 Outputs in --o, RELION's layout: run_itNNN_classNNN.mrc, run_itNNN_model.star
 (rlnClassDistribution), run_itNNN_data.star (rlnClassNumber); run_classNNN.mrc, run_model.star,
-run_data.star and run.log at the end. Defaults as RELION's GUI: --K 4, --iter 25,
---tau2_fudge 4.
+run_data.star and run.log at the end. Defaults as RELION's GUI (--K 4, --iter 25,
+--tau2_fudge 4), and --class_temperature 4.
 
 example:
   cryomap class3d --i particles.star --ref consensus.mrc --o Class3D/job001 --K 4 \\
@@ -51,10 +51,10 @@ def add_class_arguments(p: argparse.ArgumentParser, n_classes: int, tau2_fudge: 
                         "only to its most probable class")
     p.add_argument("--class_temperature", "--class-temperature", dest="class_temperature",
                    type=float, default=d.class_temperature,
-                   help=f"class-similarity control: the class posterior is raised to 1/T in the "
-                        f"M-step, T falling from this value to 1 over the first half of the "
-                        f"iterations (after the classes are seeded); keeps a particle's own "
-                        f"noise from freezing it in its seed class; 1: plain EM, as RELION "
+                   help="class-similarity control: the class posterior is raised to 1/T in the "
+                        "M-step, T falling from this value to 1 over the first half of the "
+                        "iterations (after the classes are seeded); keeps a particle's own "
+                        "noise from freezing it in its seed class; 1: plain EM, as RELION "
                         f"(default {d.class_temperature:g})")
     p.add_argument("--split_halves", "--split-halves", dest="split_halves",
                    action="store_true", default=d.split_halves,
