@@ -37,36 +37,11 @@ from cryomap.cli.class3d import class_options
 from cryomap.cli.main import build_parser
 from cryomap.ctf import CtfParams
 from cryomap.em.classify import ClassOptions
-from cryomap.em.refine import lowpass
-from cryomap.em.validation import bayes_accuracy
-from cryomap.io.mrc import write_map
+from cryomap.em.validation import two_class_set
 from cryomap.jobs.classify import classify2d, classify3d
 from cryomap.particles import make_optics_table
-from cryomap.phantom import RIBOSOME_SCALE, make_phantom, make_phantom_variant
-from cryomap.simulate import project_images, simulate_particles, write_simulation
-
-
-def two_class_set(out: Path, box: int, pix: float, n: int, share: float, snr: float,
-                  seed: int):
-    """Simulate; returns (true class (n,), best possible accuracy per image)."""
-    diameter = 0.8 * box * pix
-    scale = RIBOSOME_SCALE * diameter / 256.0
-    a = make_phantom(box, pix, scale=scale)
-    b = make_phantom(box, pix, scale=scale, remove_share=share)
-    sim = simulate_particles([a, b], pix, n, snr=snr, seed=seed, max_shift_px=3.0)
-    clean = simulate_particles([a, b], pix, n, snr=None, seed=seed, max_shift_px=3.0)[0]
-    sigma = float(np.sqrt(np.mean(np.var(clean, axis=(1, 2), dtype=np.float64)) / snr))
-    write_simulation(out, *sim, pixel_size=pix)
-    write_map(out / "reference.mrc", lowpass(a.astype(np.float64), pix, 40.0).astype(
-        np.float32), pix)
-    df = sim[3]
-    angles = df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
-    origins = df[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / pix
-    ctf = CtfParams(defocus_u=df["rlnDefocusU"].to_numpy(),
-                    defocus_v=df["rlnDefocusV"].to_numpy(),
-                    defocus_angle=df["rlnDefocusAngle"].to_numpy())
-    best = bayes_accuracy(a, b, angles, origins, ctf, pix, sigma)
-    return df["rlnClassNumber"].to_numpy() - 1, best, diameter
+from cryomap.phantom import RIBOSOME_SCALE, make_phantom_variant
+from cryomap.simulate import project_images, write_simulation
 
 
 def class3d_options(argv: list[str]) -> ClassOptions:
@@ -86,7 +61,7 @@ def run_class3d(args) -> None:
     for share in args.shares:
         root = Path(tempfile.mkdtemp(prefix="cryomap_cls3d_"))
         truth, best, diameter = two_class_set(root, args.box, args.angpix, args.n, share,
-                                              args.snr, args.seed)
+                                              args.snr, args.seed, max_shift_px=3.0)
         true_fr = np.bincount(truth, minlength=2) / truth.size
         print(f"\nshare {share:.0%}: best possible accuracy {100 * best.mean():.1f}%, true "
               f"proportions {np.round(true_fr, 3)}", flush=True)

@@ -23,13 +23,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cryomap.ctf import CtfParams
-from cryomap.em.refine import lowpass
-from cryomap.em.validation import bayes_accuracy
-from cryomap.io.mrc import write_map
+from cryomap.em.validation import two_class_set
 from cryomap.io.star import read_star
-from cryomap.phantom import RIBOSOME_SCALE, make_phantom
-from cryomap.simulate import simulate_particles, write_simulation
 
 BOX, PIX, N, SNR, SHARE = 40, 7.5, 600, 0.1, 0.15
 SKIP_MARGIN = 0.03  # accuracy points below the best possible, at the true poses
@@ -41,26 +36,10 @@ SUBTLE_MARGIN = 0.10
 
 
 def _two_class_set(root, box: int, pix: float, n: int, share: float, seed: int):
-    """Simulate A and A with `share` of its mass removed; (truth, best possible, diameter)."""
-    diameter = 0.8 * box * pix
-    scale = RIBOSOME_SCALE * diameter / 256.0
-    a = make_phantom(box, pix, scale=scale)
-    b = make_phantom(box, pix, scale=scale, remove_share=share)
-    sim = simulate_particles([a, b], pix, n, snr=SNR, seed=seed, max_shift_px=2.0)
-    clean = simulate_particles([a, b], pix, n, snr=None, seed=seed, max_shift_px=2.0)[0]
-    sigma = float(np.sqrt(np.mean(np.var(clean, axis=(1, 2), dtype=np.float64)) / SNR))
-    write_simulation(root, *sim, pixel_size=pix)
-    write_map(root / "reference.mrc",
-              lowpass(a.astype(np.float64), pix, 40.0).astype(np.float32), pix)
-    df = sim[3]
-    angles = df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
-    origins = df[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / pix
-    ctf = CtfParams(defocus_u=df["rlnDefocusU"].to_numpy(),
-                    defocus_v=df["rlnDefocusV"].to_numpy(),
-                    defocus_angle=df["rlnDefocusAngle"].to_numpy())
-    best = float(bayes_accuracy(a, b, angles, origins, ctf, pix, sigma).mean())
-    truth = df["rlnClassNumber"].to_numpy() - 1
-    return root, truth, best, diameter
+    """(root, truth, best possible accuracy, diameter) of `validation.two_class_set`."""
+    truth, best, diameter = two_class_set(root, box, pix, n, share, SNR, seed,
+                                          max_shift_px=2.0)
+    return root, truth, float(best.mean()), diameter
 
 
 @pytest.fixture(scope="module")

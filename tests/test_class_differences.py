@@ -20,7 +20,6 @@ from cryomap.em.classify import (
     difference_limited,
     extend_difference_shell,
     limit_differences,
-    pooled,
 )
 
 BOX = 24
@@ -107,7 +106,7 @@ def test_pooled_adds_sums_and_leaves_the_inputs():
     a = _sums(rng, np.ones(shape), np.ones(shape), 0.1)
     b = _sums(rng, np.ones(shape), 2 * np.ones(shape), 0.1)
     a_data = a.data.copy()
-    p = pooled(a, b)
+    p = projector.BackProjector.pooled([a, b])
     assert np.allclose(p.data, a.data + b.data) and np.allclose(p.weight, 3.0)
     assert np.array_equal(a.data, a_data) and np.allclose(a.weight, 1.0)
 

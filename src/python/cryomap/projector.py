@@ -10,6 +10,7 @@ reference pixel k of the image grid sits at p * A^T k in it.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,6 +238,15 @@ class BackProjector:
             raise ValueError("BackProjector.add: different grids")
         self.data = self.data + other.data
         self.weight = self.weight + other.weight
+
+    @classmethod
+    def pooled(cls, bps: list[BackProjector]) -> BackProjector:
+        """One back-projector holding the sums of several on the same grid (e.g. two
+        half-sets'); the inputs are left as they are."""
+        out = copy.copy(bps[0])
+        for bp in bps[1:]:
+            out.add(bp)
+        return out
 
     def shells(self) -> np.ndarray:
         """Shell index (unpadded Fourier px) of every voxel: round(|q| / p)."""

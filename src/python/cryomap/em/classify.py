@@ -30,7 +30,6 @@ collapsing"):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field, fields
@@ -144,7 +143,6 @@ class ClassState:
     fixed_done: bool = False
     # Fourier shell up to which the classes may differ (limit_differences); None: no limit
     difference_shell: int | None = None
-    difference_curve: np.ndarray | None = None  # (N//2+1,) its FSC, the largest over classes
     history: list = field(default_factory=list)
 
     @property
@@ -181,7 +179,6 @@ def initial_state(source: ImageSource, options: ClassOptions, references: np.nda
     schedule = None
     if options.auto_sampling and options.ndim == 3 and not options.skip_align:
         schedule = starting_schedule(options)
-    r_max = initial_r_max(source.box, source.pixel_size, options)
     return ClassState(
         schedule=schedule,
         difference_shell=int(np.ceil(source.box * source.pixel_size / options.ini_high))
@@ -191,7 +188,7 @@ def initial_state(source: ImageSource, options: ClassOptions, references: np.nda
         if halves else None,
         iteration=0, references=np.asarray(references, np.float64),
         distribution=np.full(k, 1.0 / k), sigma2=noise.sigma2,
-        r_max=r_max,
+        r_max=initial_r_max(source.box, source.pixel_size, options),
         angles=np.array(angles, np.float64), origins_px=np.array(origins_px, np.float64),
         class_number=np.zeros(n, np.int64), class_prob=np.full((n, k), 1.0 / k),
         max_prob=np.zeros(n), n_significant=np.zeros(n, np.int64), log_likelihood=np.zeros(n),
@@ -425,7 +422,8 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
         else:
             refs = results[0][1]
             half_bps = [r.backprojectors for r, _ in results]
-            bps = [pooled(*group) for group in zip(*half_bps, strict=True)]
+            bps = [projector.BackProjector.pooled(list(group))
+                   for group in zip(*half_bps, strict=True)]
             tau2 = np.array([reference_tau2(r, n_shells) for r in refs])
             ssnr = np.zeros((k_cls, n_shells))
             for k, bp in enumerate(bps):
@@ -436,11 +434,10 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
                 ssnr[k] = class_ssnr(bp, tau2[k], o.tau2_fudge, radius)
             shells = np.array([resolution_shell(s, 1.0) for s in ssnr])
             if state.difference_shell is not None:
-                curves = difference_fsc(half_bps, n_shells)
-                state.difference_curve = curves.max(axis=0)
                 state.difference_shell = extend_difference_shell(
-                    state.difference_shell, curves.max(axis=0), o.difference_fsc, radius)
-                consensus_map = pooled(*bps).reconstruct(
+                    state.difference_shell, difference_fsc(half_bps, n_shells).max(axis=0),
+                    o.difference_fsc, radius)
+                consensus_map = projector.BackProjector.pooled(bps).reconstruct(
                     state.distribution @ tau2, o.tau2_fudge, radius, MINRES_MAP) * edge
                 # the sharp Fourier edge rings: keep the maps inside the same sphere
                 state.references[:] = limit_differences(state.references, consensus_map,
@@ -548,14 +545,6 @@ def difference_limited(options: ClassOptions, n_classes: int) -> bool:
 def difference_halves(n: int, seed: int) -> np.ndarray:
     """(n,) 1/2: the fixed random half-sets whose class sums give the differences' FSC."""
     return equal_split(n, 2, np.random.default_rng([seed, 43])) + 1
-
-
-def pooled(*bps: projector.BackProjector) -> projector.BackProjector:
-    """One back-projector holding the sums of several (the inputs are left as they are)."""
-    out = copy.copy(bps[0])
-    for bp in bps[1:]:
-        out.add(bp)
-    return out
 
 
 def difference_fsc(half_bps: list[list[projector.BackProjector]], n_shells: int

@@ -522,10 +522,7 @@ def final_maps(bps: list[projector.BackProjector], fsc_curve: np.ndarray,
     FSC of the joined halves F' = sqrt(2F/(1+F)), and the unregularised half maps (RELION's
     run_class001.mrc and run_half{1,2}_class001_unfil.mrc); with halves=False the combined
     map alone, (1, N, N, N)."""
-    both = projector.BackProjector(box, options.pad, r_max, options.interp, bps[0].ndim)
-    both.data = bps[0].data + bps[1].data
-    both.weight = bps[0].weight + bps[1].weight
-    both._folded = True
+    both = projector.BackProjector.pooled(bps)
     f = np.clip(fsc_curve, 0.0, 1.0)
     joined = np.sqrt(2 * f / (1 + f))
     tau2 = tau2_from_fsc(joined, both.shell_mean_weight(), options.pad, options.tau2_fudge,

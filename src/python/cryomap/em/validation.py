@@ -68,6 +68,41 @@ def bayes_accuracy(map_a: np.ndarray, map_b: np.ndarray, angles: np.ndarray,
     return np.array([0.5 * (1.0 + erf(v / sqrt(2.0))) for v in z])
 
 
+def two_class_set(out, box: int, pixel_size: float, n: int, share: float, snr: float,
+                  seed: int, max_shift_px: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Simulate a two-class set in folder `out` (`simulate.write_simulation`'s files, and
+    reference.mrc: class A low-passed to 40 Å): class A a ribosome-sized phantom filling 0.8
+    of the box, class B the same with a compact piece holding `share` of its mass removed.
+    Returns (true class (n,) 0/1, best possible accuracy per image (bayes_accuracy), particle
+    diameter in Å)."""
+    from ..ctf import CtfParams
+    from ..io.mrc import write_map
+    from ..phantom import RIBOSOME_SCALE, make_phantom
+    from ..simulate import simulate_particles, write_simulation
+    from .refine import lowpass
+
+    diameter = 0.8 * box * pixel_size
+    scale = RIBOSOME_SCALE * diameter / 256.0
+    a = make_phantom(box, pixel_size, scale=scale)
+    b = make_phantom(box, pixel_size, scale=scale, remove_share=share)
+    sim = simulate_particles([a, b], pixel_size, n, snr=snr, seed=seed,
+                             max_shift_px=max_shift_px)
+    clean = simulate_particles([a, b], pixel_size, n, snr=None, seed=seed,
+                               max_shift_px=max_shift_px)[0]
+    sigma = float(np.sqrt(np.mean(np.var(clean, axis=(1, 2), dtype=np.float64)) / snr))
+    write_simulation(out, *sim, pixel_size=pixel_size)
+    write_map(out / "reference.mrc",
+              lowpass(a.astype(np.float64), pixel_size, 40.0).astype(np.float32), pixel_size)
+    df = sim[3]
+    angles = df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
+    origins = df[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / pixel_size
+    ctf = CtfParams(defocus_u=df["rlnDefocusU"].to_numpy(),
+                    defocus_v=df["rlnDefocusV"].to_numpy(),
+                    defocus_angle=df["rlnDefocusAngle"].to_numpy())
+    best = bayes_accuracy(a, b, angles, origins, ctf, pixel_size, sigma)
+    return df["rlnClassNumber"].to_numpy() - 1, best, diameter
+
+
 # -- map alignment ---------------------------------------------------------------------------
 
 
