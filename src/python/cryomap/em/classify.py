@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over rank
 from ..sampling import PoseSampling
 from .data import ImageSource
 from .engine import Search
-from .model import fsc, next_r_max, resolution_shell, ssnr_from_fsc
+from .model import fsc, next_r_max, resolution_shell, ssnr_from_fsc, state_from_saved
 from .noise import NoiseModel
 from .options import EMOptions, bad_option
 from .refine import MIN_SIGMA2_OFFSET, AutoSampling, mask_radius_px, pose_change
@@ -152,16 +152,11 @@ class ClassState:
     @classmethod
     def from_saved(cls, values: dict) -> ClassState:
         values = dict(values)
-        for name in ("iteration", "r_max"):
-            values[name] = int(values[name])
-        for name in ("seeded_at", "difference_shell"):
-            if values.get(name) is not None:
-                values[name] = int(values[name])
-        values["offset_sigma"] = float(values["offset_sigma"])
         if values.get("schedule") is not None:
             values["schedule"] = AutoSampling(**values["schedule"])
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        return state_from_saved(cls, values,
+                                ints=("iteration", "r_max", "seeded_at", "difference_shell"),
+                                floats=("offset_sigma",))
 
 
 def initial_state(source: ImageSource, options: ClassOptions, references: np.ndarray,

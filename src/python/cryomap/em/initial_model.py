@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,7 +51,7 @@ from ..sampling import PoseSampling, angular_step
 from .classify import center_of_mass_shift
 from .data import ImageSource
 from .engine import PassResult, Search, run_pass
-from .model import resolution_shell
+from .model import resolution_shell, state_from_saved
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
 from .refine import final_maps, half_set_fsc, mask_radius_px
@@ -251,11 +251,7 @@ class InitialModelState:
 
     @classmethod
     def from_saved(cls, values: dict) -> InitialModelState:
-        values = dict(values)
-        for name in ("iteration", "r_max"):
-            values[name] = int(values[name])
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        return state_from_saved(cls, values, ints=("iteration", "r_max"))
 
 
 @dataclass

@@ -7,7 +7,22 @@ round(|k|); τ² likewise for the map; FSC per shell with FSC(0) = 1.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
+
+
+def state_from_saved(cls, values: dict, ints: tuple[str, ...] = (),
+                     floats: tuple[str, ...] = ()):
+    """A state dataclass from its saved values (jobs/base.save_state): the named scalars made
+    int or float again (those saved as None stay None), names the class lacks dropped."""
+    values = dict(values)
+    for names, kind in ((ints, int), (floats, float)):
+        for name in names:
+            if values.get(name) is not None:
+                values[name] = kind(values[name])
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def shell_sums(values: np.ndarray, shells: np.ndarray, n_shells: int) -> np.ndarray:

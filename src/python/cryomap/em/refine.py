@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,7 +41,14 @@ from ..particles import ParticleSet, random_subsets
 from ..sampling import PoseSampling, angular_step
 from .data import ImageSource
 from .engine import PassResult, Search
-from .model import fsc, next_r_max, resolution_shell, ssnr_from_fsc, tau2_from_fsc
+from .model import (
+    fsc,
+    next_r_max,
+    resolution_shell,
+    ssnr_from_fsc,
+    state_from_saved,
+    tau2_from_fsc,
+)
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
 
@@ -212,13 +219,9 @@ class RefineState:
 
     @classmethod
     def from_saved(cls, values: dict) -> RefineState:
-        values = dict(values)
-        values["schedule"] = AutoSampling(**values["schedule"])
-        for name in ("iteration", "r_max"):
-            values[name] = int(values[name])
-        values["offset_sigma"] = float(values["offset_sigma"])
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        values = dict(values, schedule=AutoSampling(**values["schedule"]))
+        return state_from_saved(cls, values, ints=("iteration", "r_max"),
+                                floats=("offset_sigma",))
 
 
 # -- one iteration -------------------------------------------------------------------------
