@@ -57,7 +57,7 @@ def diameter_of(box: int, pix: float) -> float:
 def simulate(root: Path, box: int, pix: float, n: int, snr: float, seed: int) -> None:
     """The particle set (particles.star, truth.star), truth.mrc and start.mrc (truth
     low-passed to 40 Å)."""
-    from cryomap.em.refine import lowpass
+    from cryomap.fourier import initial_lowpass
     from cryomap.io.mrc import write_map
     from cryomap.phantom import RIBOSOME_SCALE, make_phantom
     from cryomap.simulate import simulate_particles, write_simulation
@@ -67,7 +67,7 @@ def simulate(root: Path, box: int, pix: float, n: int, snr: float, seed: int) ->
                              astigmatism=1000.0)
     write_simulation(root, *sim, pixel_size=pix, truth_maps=truth)
     write_map(root / "truth.mrc", truth, pix)
-    write_map(root / "start.mrc", lowpass(truth.astype(np.float64), pix, 40.0)
+    write_map(root / "start.mrc", initial_lowpass(truth.astype(np.float64), 40.0, pix)
               .astype(np.float32), pix)
 
 
@@ -75,7 +75,8 @@ def resolution_vs_truth(volume: np.ndarray, truth: np.ndarray, pix: float,
                         align: bool) -> tuple[float, bool]:
     """FSC-0.5 resolution (Å, interpolated) of a map against the truth; with align=True after
     moving it onto the truth in the better hand. Returns (resolution, mirrored)."""
-    from cryomap.em.validation import align_maps, fsc_maps, fsc_resolution
+    from cryomap.em.validation import align_maps
+    from cryomap.resolution import fsc_maps, resolution_angstrom
 
     volume = np.asarray(volume, np.float64)
     mirrored = False
@@ -83,7 +84,7 @@ def resolution_vs_truth(volume: np.ndarray, truth: np.ndarray, pix: float,
         a = align_maps(volume, truth, pix, resolution=max(2.5 * pix, 20.0), mirror=True)
         volume, mirrored = a.aligned, a.mirrored
     box = truth.shape[0]
-    return fsc_resolution(fsc_maps(volume, truth), box, pix, 0.5, interpolate=True), mirrored
+    return resolution_angstrom(fsc_maps(volume, truth), box, pix, 0.5, interpolate=True), mirrored
 
 
 def _refine_options(box: int, pix: float):

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryomap.em.refine import lowpass
+from cryomap.fourier import initial_lowpass
 from cryomap.io.mrc import read_map, write_map
 from cryomap.projector import reference_radius
 
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             make_set(folder, n, a.box, a.angpix, 0.1, seed=1)
         start = folder / "start.mrc"
         truth, _ = read_map(folder / "ref.mrc")
-        write_map(start, lowpass(truth.astype(np.float64), a.angpix, 40.0).astype(np.float32),
+        write_map(start, initial_lowpass(truth.astype(np.float64), 40.0,
+                                         a.angpix).astype(np.float32),
                   a.angpix)
         common = ["refine", "--i", str(folder / "particles.star"), "--ref", str(start),
                   "--iter", str(a.iter), "--healpix_order", str(a.healpix_order),

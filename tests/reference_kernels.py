@@ -259,3 +259,38 @@ def make_problem(rng: np.random.Generator, n_img: int, n_shift: int, n_rot: int,
         if median_gap > 0:
             p.inv_sigma2 = (p.inv_sigma2 * (gap / median_gap)).astype(np.float32)
     return p
+
+
+def regularised_average_ref(data: np.ndarray, weight: np.ndarray, tau2: np.ndarray, pad: int,
+                            ndim: int, tau2_fudge: float, r_max: float,
+                            minres_map: int) -> np.ndarray:
+    """RELION's reconstruct on the centred padded grid, as NumPy arrays (the reference of
+    core.regularised_average): V = D / max(W', <W'>_shell / 1000), W' = W + 1/(p^d T tau2) at
+    shells round(|q|/p) >= minres_map (1/(0.001 W) where tau2 is 0), the mean over floor shells
+    floor(|q|/p) capped at r_max - 1 inside |q| < round(r_max p), V = 0 outside; tau2 per
+    shell (n,) or per voxel (no floor)."""
+    nz, ny, nx = data.shape
+    kz = np.arange(nz) - nz // 2
+    ky = np.arange(ny) - ny // 2
+    kx = np.arange(nx)
+    r = np.sqrt((kz[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2)
+                .astype(np.float64))
+    shells = np.floor(r / pad + 0.5).astype(np.int64)
+    inside = r < round(r_max * pad)
+    w = weight.astype(np.float64)
+    t2 = tau2[np.minimum(shells, tau2.size - 1)] if tau2.ndim == 1 else tau2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv_tau2 = np.where(t2 > 0, 1.0 / (pad**ndim * tau2_fudge * np.where(t2 > 0, t2, 1.0)),
+                            np.where(w > 1e-20, 1.0 / (0.001 * np.where(w > 1e-20, w, 1.0)),
+                                     0.0))
+    w = np.where(shells >= minres_map, w + inv_tau2, w)
+    if tau2.ndim == 1:
+        n_shells = tau2.size
+        fs = np.minimum(np.floor(r / pad), max(int(r_max) - 1, 0)).astype(np.int64)
+        sel = inside & (fs < n_shells)
+        total = np.bincount(fs[sel], weights=w[sel], minlength=n_shells)
+        count = np.bincount(fs[sel], minlength=n_shells)
+        mean = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+        w = np.maximum(w, mean[np.minimum(fs, n_shells - 1)] / 1000.0)
+    out = np.where(inside & (w > 0), data / np.where(w > 0, w, 1.0), 0.0)
+    return out.astype(np.complex64)

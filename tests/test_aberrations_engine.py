@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from cryomap.em.refine import RefineOptions
-from cryomap.em.validation import fsc_maps
 from cryomap.io.mrc import read_map, write_map
 from cryomap.io.star import read_star, write_star
 from cryomap.jobs.reconstruct import reconstruct
 from cryomap.jobs.refine import refine
 from cryomap.phantom import make_phantom
+from cryomap.resolution import fsc_maps
 from cryomap.simulate import simulate_particles, write_simulation
 
 BOX, PIX, SCALE, N, SNR = 32, 3.0, 0.5, 300, 4.0

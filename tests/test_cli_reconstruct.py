@@ -4,6 +4,7 @@ says, --sym and --subset, and bad input refused with one line before anything is
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,11 @@ from cryomap.cli.main import main
 from cryomap.em.data import ImageSource
 from cryomap.em.reconstruct import reconstruct_known_poses
 from cryomap.em.refine import RefineOptions, mask_radius_px
-from cryomap.em.validation import fsc_maps, fsc_resolution
 from cryomap.io.mrc import read_map
 from cryomap.io.star import read_star, write_star
 from cryomap.particles import load_particles
 from cryomap.phantom import make_phantom
+from cryomap.resolution import fsc_maps, resolution_angstrom
 from cryomap.simulate import simulate_particles, write_simulation
 
 BOX, PIX, N = 32, 6.0, 240
@@ -43,16 +44,20 @@ def _run(*args: str) -> int:
 
 
 def _resolution(volume: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
-    return fsc_resolution(fsc_maps(np.asarray(volume, np.float64), truth), BOX, PIX, threshold,
+    return resolution_angstrom(fsc_maps(np.asarray(volume, np.float64), truth), BOX, PIX, threshold,
                           interpolate=True)
 
 
 def test_maps_are_reconstruct_known_poses_and_recover_the_truth(sim, tmp_path, capsys):
     out, truth = sim
     assert _run("--i", str(out / "poses.star"), "--o", str(tmp_path / "rec.mrc"), "--ctf") == 0
-    assert "half-set FSC 0.143" in capsys.readouterr().out
+    logged = re.search(r"half-set FSC 0.143 at ([0-9.]+) Å", capsys.readouterr().out)
+    assert logged is not None
     maps = [read_map(tmp_path / name)[0] for name in ("rec.mrc", "rec_half1.mrc",
                                                       "rec_half2.mrc")]
+    # the logged resolution is the FSC 0.143 of the written half maps (to the log's 0.01 Å)
+    written = resolution_angstrom(fsc_maps(maps[1], maps[2]), BOX, PIX)
+    assert float(logged.group(1)) == pytest.approx(written, abs=0.006)
     assert read_map(tmp_path / "rec.mrc")[1] == pytest.approx(PIX)
     particles = load_particles(out / "poses.star")
     options = RefineOptions(use_ctf=True)
@@ -65,7 +70,7 @@ def test_maps_are_reconstruct_known_poses_and_recover_the_truth(sim, tmp_path, c
     # the combined map's FSC against the truth reaches 0.5 where the half-set FSC reaches
     # 0.143 (sqrt(2F / (1 + F)) = 0.5 at F = 0.143), within a shell or so
     r_truth = _resolution(maps[0], truth)
-    r_halves = fsc_resolution(state.fsc, BOX, PIX, 0.143, interpolate=True)
+    r_halves = resolution_angstrom(state.fsc, BOX, PIX, 0.143, interpolate=True)
     shuffled = _resolution(maps[0], truth[::-1])  # negative control: a mirrored truth
     print(f"\nreconstruct: {r_truth:.2f} Å vs truth (FSC 0.5), half-set FSC 0.143 at "
           f"{r_halves:.2f} Å; against the mirrored truth {shuffled:.1f} Å")

@@ -23,11 +23,12 @@ from cryomap.em.data import ImageSource
 from cryomap.em.initial_model import InitialModelOptions, schedule, shift_sums
 from cryomap.em.reconstruct import reconstruct_known_poses
 from cryomap.em.refine import RefineOptions, mask_radius_px
-from cryomap.em.validation import align_maps, fsc_maps, fsc_resolution, transform_map
+from cryomap.em.validation import align_maps, transform_map
 from cryomap.euler import euler_to_matrix
 from cryomap.io.star import read_star
 from cryomap.particles import load_particles
 from cryomap.phantom import RIBOSOME_SCALE, make_phantom
+from cryomap.resolution import fsc_maps, resolution_angstrom
 from cryomap.simulate import simulate_particles, write_simulation
 
 BOX, PIX = 32, 10.0
@@ -46,7 +47,7 @@ COMMON = ["--particle_diameter", f"{DIAMETER:g}", "--offset_range", "2", "--offs
 
 
 def _resolution(volume: np.ndarray, truth: np.ndarray) -> float:
-    return fsc_resolution(fsc_maps(np.asarray(volume, np.float64), truth), BOX, PIX, 0.5,
+    return resolution_angstrom(fsc_maps(np.asarray(volume, np.float64), truth), BOX, PIX, 0.5,
                           interpolate=True)
 
 

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from cryomap.cli.main import main
-from cryomap.em.validation import angular_errors, fsc_maps, fsc_resolution
+from cryomap.em.validation import angular_errors
 from cryomap.io.mrc import read_map
 from cryomap.io.star import read_star
 from cryomap.particles import load_particles, output_stack_name
+from cryomap.resolution import fsc_maps, resolution_angstrom
 
 BOX, PIX = 24, 7.0
 FAST = ["--healpix_order", "1", "--offset_range", "1", "--offset_step", "1",
@@ -79,7 +80,7 @@ def test_chained_refinement_is_a_real_refinement(project):
     # the truth (40 Å start; 30° sampling oversampled to 15° at 7 Å/px, 24 px, SNR 1)
     truth, _ = read_map(project / "Simulate/job001/truth_map.mrc")
     result, _ = read_map(project / "Refine3D/job004/run_class001.mrc")
-    res = fsc_resolution(fsc_maps(result.astype(np.float64), truth.astype(np.float64)),
+    res = resolution_angstrom(fsc_maps(result.astype(np.float64), truth.astype(np.float64)),
                          BOX, PIX, 0.5)
     assert res <= 4.0 * PIX, res
     true = read_star(project / "Simulate/job001/truth.star")["particles"]

@@ -9,7 +9,12 @@ from scipy.spatial.transform import Rotation
 
 from cryomap import euler, fourier, projector
 from cryomap._kernels import core
-from reference_kernels import backproject_ref, phase_shift_ref, project_ref
+from reference_kernels import (
+    backproject_ref,
+    phase_shift_ref,
+    project_ref,
+    regularised_average_ref,
+)
 
 INTERP = {"nearest": 0, "linear": 1}
 
@@ -79,6 +84,42 @@ def test_backproject_matches_reference(case: int, interp: str) -> None:
     backproject_ref(rdata, rweight, s, sw, rot, coords, scale, interp)
     _close(data, rdata)
     _close(weight, rweight)
+
+
+@pytest.mark.parametrize("copies", [1, 2, 3])
+@pytest.mark.parametrize("case", [0, 3, 5])
+def test_backproject_into_copies_sums_to_the_reference(case: int, copies: int) -> None:
+    """A stack of C accumulators (one per thread): the copies sum to the NumPy reference and
+    each copy holds a disjoint share of the slices (threads never share one)."""
+    box, ndim, n_rot, r_max, scale, *inside = CASES[case]
+    rng, coords, rot, vol = _case(250 + case, box, ndim, 4 * n_rot, r_max, scale, *inside)
+    shape = (rot.shape[0], coords.shape[0])
+    s = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+    sw = rng.uniform(size=shape).astype(np.float32)
+    data = np.zeros((copies,) + vol.shape, np.complex64)
+    weight = np.zeros((copies,) + vol.shape, np.float32)
+    core.backproject(data, weight, s, sw, rot, coords, scale, INTERP["linear"])
+    rdata, rweight = np.zeros(vol.shape, np.complex128), np.zeros(vol.shape)
+    backproject_ref(rdata, rweight, s, sw, rot, coords, scale, "linear")
+    _close(data.sum(0), rdata)
+    _close(weight.sum(0), rweight)
+    # every copy that holds anything holds a whole slice's sum: a copy equals the reference
+    # back-projection of a subset of the slices (here: each is one of the contiguous blocks)
+    filled = [c for c in range(copies) if np.any(weight[c])]
+    assert filled and (core.max_threads() == 1 or len(filled) == min(copies,
+                                                                     core.max_threads()))
+
+
+def test_backproject_stack_checks() -> None:
+    rng, coords, rot, vol = _case(260, 15, 3, 3, 6, 2.0, True)
+    s = np.ones((3, coords.shape[0]), np.complex64)
+    sw = np.ones((3, coords.shape[0]), np.float32)
+    with pytest.raises(ValueError, match="weight"):
+        core.backproject(np.zeros((2,) + vol.shape, np.complex64),
+                         np.zeros((3,) + vol.shape, np.float32), s, sw, rot, coords, 2.0, 1)
+    with pytest.raises(ValueError, match="dimensions"):
+        core.backproject(np.zeros((1, 1) + vol.shape, np.complex64),
+                         np.zeros((1, 1) + vol.shape, np.float32), s, sw, rot, coords, 2.0, 1)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
@@ -276,3 +317,32 @@ def test_reference_is_zero_beyond_the_nyquist_sphere_as_relion(box, pad):
     assert np.all(ref.data[r2 > limit] == 0)
     inside = ref.data[(r2 <= limit) & (r2 > 0)]
     assert np.count_nonzero(inside) > 0.99 * inside.size  # nothing inside is lost
+
+
+@pytest.mark.parametrize("ndim, box, pad, r_max, minres", [(3, 16, 2, 8, 5), (3, 15, 2, 6.5, 2),
+                                                          (3, 12, 1, 6, 0), (2, 16, 2, 8, 5)])
+def test_regularised_average_matches_reference(ndim, box, pad, r_max, minres) -> None:
+    """core.regularised_average (RELION's reconstruct) against the NumPy loop: per-shell tau2
+    (zeros, infinities and finite values: no prior, none at all, a prior) with the 1/1000
+    floor, and per-voxel tau2 without it."""
+    rng = np.random.default_rng(box + minres)
+    data0, _ = projector.empty_sums(box, pad, r_max, ndim)
+    shape = data0.shape
+    data = (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+    weight = rng.uniform(0, 2, shape).astype(np.float32)
+    weight[rng.uniform(size=shape) < 0.2] = 0.0  # voxels no slice reached
+    weight[rng.uniform(size=shape) < 0.05] = 1e-6  # tiny weights: the floor's case
+    n = box // 2 + 1
+    tau2 = rng.uniform(0.1, 3.0, n)
+    tau2[n // 2] = 0.0
+    tau2[-1] = np.inf
+    for t2, fudge in ((tau2, 1.0), (tau2, 4.0), (np.full(n, np.inf), 1.0),
+                      (rng.uniform(0.0, 2.0, shape), 2.0)):
+        got = core.regularised_average(data, weight, np.ascontiguousarray(t2, np.float64),
+                                       float(pad), ndim, fudge, float(r_max), minres)
+        expect = regularised_average_ref(data, weight, np.asarray(t2, np.float64), pad, ndim,
+                                         fudge, r_max, minres)
+        _close(got, expect, 1e-6)
+    with pytest.raises(ValueError, match="tau2"):
+        core.regularised_average(data, weight, np.ones((2, 2, 2)), float(pad), ndim, 1.0,
+                                 float(r_max), minres)

@@ -1,4 +1,5 @@
-"""Model-state pieces of the EM: FSC, resolution rule, τ² from FSC, map update, masks."""
+"""Model-state pieces of the EM: τ² from FSC, the E-step radius, σ², map update, masks (the FSC
+and the resolution rule: test_resolution.py)."""
 
 import numpy as np
 import pytest
@@ -6,31 +7,6 @@ import pytest
 from cryomap import fourier, projector
 from cryomap.em import model
 from cryomap.masks import soft_sphere
-
-
-def test_fsc_identical_and_independent():
-    rng = np.random.default_rng(1)
-    n = 24
-    a = fourier.fft3_centered(rng.standard_normal((n, n, n)))
-    b = fourier.fft3_centered(rng.standard_normal((n, n, n)))
-    shells = fourier.shell_index_3d(n)
-    same = model.fsc(a, 3.0 * a, shells, n // 2 + 1)
-    np.testing.assert_allclose(same, 1.0, atol=1e-12)
-    indep = model.fsc(a, b, shells, n // 2 + 1)
-    assert indep[0] == 1.0
-    # independent noise: |FSC| ~ 1/sqrt(#voxels in shell); shells >= 4 hold > 100 voxels
-    assert np.all(np.abs(indep[4:]) < 0.35)
-    anti = model.fsc(a, -a, shells, n // 2 + 1)
-    np.testing.assert_allclose(anti[1:], -1.0, atol=1e-12)
-
-
-def test_resolution_shell_rule():
-    curve = np.array([1.0, 0.99, 0.9, 0.6, 0.3, 0.1, 0.2, 0.05])
-    # last shell before the first drop below the threshold
-    assert model.resolution_shell(curve, 0.143) == 4
-    assert model.resolution_shell(curve, 0.5) == 3
-    assert model.resolution_shell(np.ones(6), 0.143) == 5
-    assert model.resolution_shell(np.array([1.0, 0.0, 0.0]), 0.143) == 1
 
 
 def test_tau2_from_fsc_matches_relion_formula():

@@ -27,7 +27,7 @@ pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install '.[mp
                                      "mpirun tests need it")
 
 from cryomap.cli.main import main  # noqa: E402
-from cryomap.em.refine import lowpass  # noqa: E402
+from cryomap.fourier import initial_lowpass  # noqa: E402
 from cryomap.io.mrc import read_map, write_map  # noqa: E402
 from cryomap.io.star import read_star  # noqa: E402
 from cryomap.phantom import RIBOSOME_SCALE, make_phantom, make_phantom_variant  # noqa: E402
@@ -68,7 +68,8 @@ def sim(tmp_path_factory) -> Path:
     truth = make_phantom(BOX, PIX, scale=SCALE)
     write_simulation(out / "one", *simulate_particles(truth, PIX, N, snr=SNR, seed=5,
                                                        max_shift_px=2.0), pixel_size=PIX)
-    write_map(out / "start.mrc", lowpass(truth.astype(np.float64), PIX, 40.0).astype(np.float32),
+    write_map(out / "start.mrc",
+              initial_lowpass(truth.astype(np.float64), 40.0, PIX).astype(np.float32),
               PIX)
     maps = [make_phantom_variant(v, BOX, PIX, scale=SCALE) for v in (0, 3)]
     write_simulation(out / "two", *simulate_particles(maps, PIX, N, snr=SNR, seed=6,

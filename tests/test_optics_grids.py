@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 
 from cryomap.em.refine import RefineOptions
-from cryomap.em.validation import fsc_maps
 from cryomap.io.mrc import read_map, write_map, write_stack
 from cryomap.io.star import read_star, write_star
 from cryomap.jobs.reconstruct import reconstruct
 from cryomap.jobs.refine import refine
 from cryomap.particles import load_particles, write_particles
 from cryomap.phantom import make_phantom
+from cryomap.resolution import fsc_maps
 from cryomap.simulate import simulate_particles
 
 BOX, PIX, SCALE = 32, 3.0, 0.5  # a 75 Å molecule in a 96 Å box

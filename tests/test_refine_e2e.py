@@ -10,13 +10,15 @@ import pytest
 
 from cryomap.em.data import ImageSource
 from cryomap.em.reconstruct import reconstruct_known_poses
-from cryomap.em.refine import RefineOptions, lowpass, mask_radius_px
-from cryomap.em.validation import angular_errors, fsc_maps, fsc_resolution
+from cryomap.em.refine import RefineOptions, mask_radius_px
+from cryomap.em.validation import angular_errors
+from cryomap.fourier import initial_lowpass
 from cryomap.io.mrc import read_map, write_map
 from cryomap.io.star import read_star
 from cryomap.jobs.refine import refine
 from cryomap.particles import load_particles
 from cryomap.phantom import RIBOSOME_SCALE, make_phantom
+from cryomap.resolution import fsc_maps, resolution_angstrom
 from cryomap.simulate import simulate_particles, write_simulation
 
 BOX, PIX, N, SNR = 40, 6.0, 800, 0.1
@@ -32,7 +34,8 @@ def run(tmp_path_factory):
     truth = make_phantom(BOX, PIX, scale=RIBOSOME_SCALE * DIAMETER / 256)
     sim = simulate_particles(truth, PIX, N, snr=SNR, seed=1, max_shift_px=3.0)
     write_simulation(out, *sim, pixel_size=PIX)
-    write_map(out / "start.mrc", lowpass(truth.astype(np.float64), PIX, 40.0).astype(np.float32),
+    write_map(out / "start.mrc",
+              initial_lowpass(truth.astype(np.float64), 40.0, PIX).astype(np.float32),
               PIX)
     options = RefineOptions(particle_diameter=DIAMETER, ini_high=40.0, offset_range=5,
                             offset_step=2)
@@ -51,14 +54,14 @@ def test_refinement_reaches_the_true_pose_reconstruction(run):
     oracle = reconstruct_known_poses(source, true_angles, true_origins, state.subset, options)
 
     def res(volume):
-        return fsc_resolution(fsc_maps(np.asarray(volume, np.float64), truth), BOX, PIX, 0.5,
+        return resolution_angstrom(fsc_maps(np.asarray(volume, np.float64), truth), BOX, PIX, 0.5,
                               interpolate=True)
 
     r_refined, r_oracle = res(refined), res(oracle.final_maps[0])
     halves = [res(state.final_maps[h]) / res(oracle.final_maps[h]) for h in (1, 2)]
     errors = angular_errors(state.angles, true_angles)
     # negative control: against the mirror image of the truth the check must fail
-    r_mirror = fsc_resolution(fsc_maps(refined.astype(np.float64), truth[::-1]), BOX, PIX, 0.5,
+    r_mirror = resolution_angstrom(fsc_maps(refined.astype(np.float64), truth[::-1]), BOX, PIX, 0.5,
                               interpolate=True)
     print(f"\nrefined vs truth {r_refined:.2f} Å (FSC 0.5), oracle {r_oracle:.2f} Å: ratio "
           f"{r_refined / r_oracle:.3f}; half maps {halves[0]:.3f}, {halves[1]:.3f}; median "

@@ -15,15 +15,17 @@ from cryomap import symmetry
 from cryomap.em.classify import ClassOptions
 from cryomap.em.data import ImageSource
 from cryomap.em.reconstruct import reconstruct_known_poses
-from cryomap.em.refine import RefineOptions, lowpass, mask_radius_px
-from cryomap.em.validation import angular_errors, fsc_maps, fsc_resolution
+from cryomap.em.refine import RefineOptions, mask_radius_px
+from cryomap.em.validation import angular_errors
 from cryomap.euler import euler_to_matrix
+from cryomap.fourier import initial_lowpass
 from cryomap.io.mrc import read_map, write_map
 from cryomap.io.star import read_star, write_star
 from cryomap.jobs.classify import classify3d
 from cryomap.jobs.refine import refine
 from cryomap.particles import load_particles
 from cryomap.phantom import RIBOSOME_SCALE, make_phantom
+from cryomap.resolution import fsc_maps, resolution_angstrom
 from cryomap.simulate import simulate_particles, write_simulation
 
 BOX, PIX, N, SNR = 32, 7.0, 300, 0.2
@@ -37,7 +39,7 @@ ORACLE_RATIO = 1.08
 
 
 def _resolution(volume: np.ndarray, truth: np.ndarray) -> float:
-    return fsc_resolution(fsc_maps(np.asarray(volume, np.float64), truth), BOX, PIX, 0.5,
+    return resolution_angstrom(fsc_maps(np.asarray(volume, np.float64), truth), BOX, PIX, 0.5,
                           interpolate=True)
 
 
@@ -72,7 +74,7 @@ def _runs(sym: str, tmp_path_factory) -> dict:
     sim = simulate_particles(truth.astype(np.float32), PIX, N, snr=SNR, seed=1,
                              max_shift_px=2.0)
     write_simulation(out, *sim, pixel_size=PIX)
-    write_map(out / "start.mrc", lowpass(truth, PIX, 40.0).astype(np.float32), PIX)
+    write_map(out / "start.mrc", initial_lowpass(truth, 40.0, PIX).astype(np.float32), PIX)
     result = {"sym": sym, "out": out, "truth": truth, "truth_df": sim[3]}
     for s in (sym, "C1"):
         t0 = time.perf_counter()

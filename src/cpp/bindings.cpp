@@ -23,6 +23,15 @@ PYBIND11_MODULE(CRYOMAP_MODULE_NAME, m) {
           py::arg("slice_weights"), py::arg("rotations"), py::arg("coords"), py::arg("scale"),
           py::arg("interp"),
           "Adjoint of project: accumulate slices and their weights into data/weight in place.");
+    m.def("regularised_average", &regularised_average, py::arg("data"), py::arg("weight"),
+          py::arg("tau2"), py::arg("pad"), py::arg("ndim"), py::arg("tau2_fudge"),
+          py::arg("r_max"), py::arg("minres_map"),
+          "RELION's reconstruct on the centred padded grid: D / max(W + 1/(p^d T tau2), "
+          "<.>_shell / 1000) inside round(r_max p); tau2 per shell (n,) or per voxel.");
+    m.def("symmetrise_sums", &symmetrise_sums, py::arg("data"), py::arg("weight"),
+          py::arg("operators"), py::arg("radius"),
+          "Point-group sum of back-projection sums: data/weight + sum_R S(R k) for |k| <= "
+          "radius (trilinear, Friedel mates conjugated); returns (data, weight).");
     m.def("phase_shift", &phase_shift, py::arg("images"), py::arg("coords"), py::arg("shifts"),
           py::arg("box"),
           "Translate each image (B,J) by its shift (B,2 px) with RELION's sign convention.");

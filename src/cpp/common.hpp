@@ -61,9 +61,10 @@ struct VolumeShape {
     int cz, cy;      // index of kz = 0 and ky = 0
 };
 
-inline VolumeShape volume_shape(const py::array& v, const char* name) {
-    VolumeShape s{(int)v.shape(0), (int)v.shape(1), (int)v.shape(2), (int)v.shape(0) / 2,
-                  (int)v.shape(1) / 2};
+// The centred half-volume shape of the last three axes of v (`lead` axes before them).
+inline VolumeShape volume_shape_of(const py::array& v, int lead, const char* name) {
+    VolumeShape s{(int)v.shape(lead), (int)v.shape(lead + 1), (int)v.shape(lead + 2),
+                  (int)v.shape(lead) / 2, (int)v.shape(lead + 1) / 2};
     if (s.ny % 2 == 0 || s.nz % 2 == 0) {
         throw py::value_error(std::string(name) +
                               ": centred half-volume needs odd Z and Y extents");
@@ -75,6 +76,10 @@ inline VolumeShape volume_shape(const py::array& v, const char* name) {
         throw py::value_error(std::string(name) + ": expected Z extent 1 (2D) or equal to Y");
     }
     return s;
+}
+
+inline VolumeShape volume_shape(const py::array& v, const char* name) {
+    return volume_shape_of(v, 0, name);
 }
 
 enum class Interp { Nearest = 0, Linear = 1 };

@@ -2,6 +2,8 @@
 
 #include <omp.h>
 
+#include <algorithm>
+
 namespace cryomap {
 
 namespace {
@@ -99,7 +101,7 @@ py::array_t<cfloat> project(const py::array& volume_ft, const py::array& rotatio
     cfloat* slices = out.mutable_data();
     {
         py::gil_scoped_release release;
-const bool fast = linear_fast_path(k, g.n_pix, scale, vs, interp, rot, g.n_rot);
+        const bool fast = linear_fast_path(k, g.n_pix, scale, vs, interp, rot, g.n_rot);
         const int64_t sy = vs.nx, sz = (int64_t)vs.ny * vs.nx;
 #pragma omp parallel for schedule(static)
         for (py::ssize_t r = 0; r < g.n_rot; ++r) {
@@ -137,12 +139,20 @@ const bool fast = linear_fast_path(k, g.n_pix, scale, vs, interp, rot, g.n_rot);
 void backproject(py::array& data, py::array& weight, const py::array& slices,
                  const py::array& slice_weights, const py::array& rotations,
                  const py::array& coords, double scale, int interp_code) {
-    require<cfloat>(data, "data", 3);
-    require<float>(weight, "weight", 3);
-    const VolumeShape vs = volume_shape(data, "data");
-    for (int ax = 0; ax < 3; ++ax) require_dim(weight, "weight", ax, data.shape(ax));
+    // data (C, nz, ny, nx) or (nz, ny, nx) = one copy: thread c accumulates into copy c only,
+    // so no thread waits and no copy is made here; the caller sums the copies.
+    if (data.ndim() != 3 && data.ndim() != 4)
+        throw py::value_error("data: expected a (nz, ny, nx) volume or a (copies, nz, ny, nx) "
+                              "stack, got " + std::to_string(data.ndim()) + " dimensions");
+    const int lead = (int)data.ndim() - 3;
+    require<cfloat>(data, "data", (int)data.ndim());
+    require<float>(weight, "weight", (int)data.ndim());
+    for (int ax = 0; ax < data.ndim(); ++ax) require_dim(weight, "weight", ax, data.shape(ax));
     if (!data.writeable() || !weight.writeable())
         throw py::value_error("data, weight: expected writeable arrays");
+    const int n_copies = lead ? (int)data.shape(0) : 1;
+    if (n_copies < 1) throw py::value_error("data: expected at least one copy");
+    const VolumeShape vs = volume_shape_of(data, lead, "data");
     const SliceGeometry g = check_geometry(rotations, coords);
     require<cfloat>(slices, "slices", 2);
     require_dim(slices, "slices", 0, g.n_rot);
@@ -162,27 +172,17 @@ void backproject(py::array& data, py::array& weight, const py::array& slices,
     const float* sw = static_cast<const float*>(slice_weights.data());
     const double* rot = static_cast<const double*>(rotations.data());
     const float* k = static_cast<const float*>(coords.data());
-    const size_t n_vox = (size_t)data.size();
+    const size_t n_vox = (size_t)vs.nz * vs.ny * vs.nx;
 
     py::gil_scoped_release release;
     const bool fast = linear_fast_path(k, g.n_pix, scale, vs, interp, rot, g.n_rot);
     const int64_t sy = vs.nx, sz = (int64_t)vs.ny * vs.nx;
-    // Each thread splats its orientations into a private volume (no atomics), then the private
-    // volumes are summed in parallel over voxels. Memory: threads x (8 + 4) bytes x voxels.
-    const int n_threads = std::max(1, std::min<int>(omp_get_max_threads(), (int)g.n_rot));
-    std::vector<std::vector<cfloat>> dpriv(n_threads - 1);
-    std::vector<std::vector<float>> wpriv(n_threads - 1);
+    const int n_threads = std::max(1, std::min<int>(omp_get_max_threads(), n_copies));
 #pragma omp parallel num_threads(n_threads)
     {
         const int tid = omp_get_thread_num();
-        cfloat* dv = dvol;
-        float* wv = wvol;
-        if (tid > 0) {
-            dpriv[tid - 1].assign(n_vox, cfloat(0.f, 0.f));
-            wpriv[tid - 1].assign(n_vox, 0.f);
-            dv = dpriv[tid - 1].data();
-            wv = wpriv[tid - 1].data();
-        }
+        cfloat* dv = dvol + (size_t)tid * n_vox;
+        float* wv = wvol + (size_t)tid * n_vox;
         Footprint f;
 #pragma omp for schedule(static)
         for (py::ssize_t r = 0; r < g.n_rot; ++r) {
@@ -221,14 +221,6 @@ void backproject(py::array& data, py::array& weight, const py::array& slices,
                 }
             }
         }
-        // implicit barrier above; now reduce the private volumes into the output
-#pragma omp for schedule(static)
-        for (size_t v = 0; v < n_vox; ++v) {
-            for (int t = 0; t < n_threads - 1; ++t) {
-                dvol[v] += dpriv[t][v];
-                wvol[v] += wpriv[t][v];
-            }
-        }
     }
 }
 
@@ -259,6 +251,189 @@ py::array_t<cfloat> phase_shift(const py::array& images, const py::array& coords
         }
     }
     return out;
+}
+
+}  // namespace cryomap
+
+namespace cryomap {
+
+py::array_t<cfloat> regularised_average(const py::array& data, const py::array& weight,
+                                        const py::array& tau2, double pad, int ndim,
+                                        double tau2_fudge, double r_max, int minres_map) {
+    require<cfloat>(data, "data", 3);
+    require<float>(weight, "weight", 3);
+    for (int ax = 0; ax < 3; ++ax) require_dim(weight, "weight", ax, data.shape(ax));
+    const VolumeShape vs = volume_shape(data, "data");
+    require<double>(tau2, "tau2", tau2.ndim() == 3 ? 3 : 1);
+    const bool per_voxel = tau2.ndim() == 3;
+    if (per_voxel)
+        for (int ax = 0; ax < 3; ++ax) require_dim(tau2, "tau2", ax, data.shape(ax));
+    if (!(pad > 0.0) || !(tau2_fudge > 0.0) || !(r_max >= 0.0) || (ndim != 2 && ndim != 3))
+        throw py::value_error("pad, tau2_fudge > 0, r_max >= 0 and ndim 2 or 3 expected");
+    const py::ssize_t n_tau = per_voxel ? 0 : tau2.shape(0);
+    if (!per_voxel && n_tau < 1) throw py::value_error("tau2: expected at least one shell");
+    const cfloat* d = static_cast<const cfloat*>(data.data());
+    const float* w = static_cast<const float*>(weight.data());
+    const double* t2 = static_cast<const double*>(tau2.data());
+    py::array_t<cfloat> out({data.shape(0), data.shape(1), data.shape(2)});
+    cfloat* o = out.mutable_data();
+    const int64_t n_vox = (int64_t)vs.nz * vs.ny * vs.nx;
+    const double limit = std::round(r_max * pad);  // inside: |q| < round(r_max * pad)
+    const double prior_scale = std::pow(pad, ndim) * tau2_fudge;
+    const int n_floor = std::max((int)r_max - 1, 0);  // floor shells are capped at r_max - 1
+    const int n_shells = per_voxel ? 1 : (int)n_tau;
+    py::gil_scoped_release release;
+
+    // W' = W + 1/(p^d T tau2) at shells >= minres_map; where tau2 is 0, 1/(0.001 W)
+    auto w_prime = [&](int64_t v, double r, double wv) {
+        const int64_t shell = (int64_t)std::floor(r / pad + 0.5);
+        if (shell < minres_map) return wv;
+        const double t = per_voxel ? t2[v] : t2[std::min<int64_t>(shell, n_tau - 1)];
+        if (t > 0.0) return wv + 1.0 / (prior_scale * t);
+        return wv > 1e-20 ? wv + 1.0 / (0.001 * wv) : wv;
+    };
+    auto radius = [&](int64_t v) {
+        const int64_t z = v / ((int64_t)vs.ny * vs.nx), y = (v / vs.nx) % vs.ny, x = v % vs.nx;
+        const double kz = (double)(z - vs.cz), ky = (double)(y - vs.cy), kx = (double)x;
+        return std::sqrt(kz * kz + ky * ky + kx * kx);
+    };
+    // per floor shell (inside only): the mean of W', summed per thread then in thread order
+    std::vector<double> mean(n_shells, 0.0);
+    if (!per_voxel) {
+        const int n_threads = omp_get_max_threads();
+        std::vector<std::vector<double>> sum(n_threads, std::vector<double>(n_shells, 0.0));
+        std::vector<std::vector<int64_t>> cnt(n_threads, std::vector<int64_t>(n_shells, 0));
+#pragma omp parallel num_threads(n_threads)
+        {
+            const int tid = omp_get_thread_num();
+#pragma omp for schedule(static)
+            for (int64_t v = 0; v < n_vox; ++v) {
+                const double r = radius(v);
+                if (!(r < limit)) continue;
+                const int fs = std::min((int)std::floor(r / pad), n_floor);
+                if (fs >= n_shells) continue;
+                sum[tid][fs] += w_prime(v, r, (double)w[v]);
+                cnt[tid][fs] += 1;
+            }
+        }
+        for (int s = 0; s < n_shells; ++s) {
+            double total = 0.0;
+            int64_t count = 0;
+            for (int t = 0; t < n_threads; ++t) { total += sum[t][s]; count += cnt[t][s]; }
+            mean[s] = count > 0 ? total / (double)count : 0.0;
+        }
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t v = 0; v < n_vox; ++v) {
+        const double r = radius(v);
+        double wp = w_prime(v, r, (double)w[v]);
+        if (!per_voxel) {
+            const int fs = std::min((int)std::floor(r / pad), n_floor);
+            wp = std::max(wp, mean[std::min(fs, n_shells - 1)] / 1000.0);
+        }
+        o[v] = (r < limit && wp > 0.0)
+                   ? cfloat((float)(d[v].real() / wp), (float)(d[v].imag() / wp))
+                   : cfloat(0.f, 0.f);
+    }
+    return out;
+}
+
+}  // namespace cryomap
+
+namespace cryomap {
+
+namespace {
+
+// out = in + sum_R S(R k) for voxels |k| <= radius (trilinear, a negative-x point read as the
+// conjugate of its Friedel mate); the kernel of symmetrise_sums, in the arrays' precision.
+template <typename T>
+py::tuple symmetrise_sums_impl(const py::array& data, const py::array& weight,
+                               const py::array& operators, double radius) {
+    using C = std::complex<T>;
+    require<C>(data, "data", 3);
+    require<T>(weight, "weight", 3);
+    for (int ax = 0; ax < 3; ++ax) require_dim(weight, "weight", ax, data.shape(ax));
+    require<double>(operators, "operators", 3);
+    require_dim(operators, "operators", 1, 3);
+    require_dim(operators, "operators", 2, 3);
+    const VolumeShape vs = volume_shape(data, "data");
+    const int m = vs.nx - 1;
+    if (vs.nz != 2 * m + 1) throw py::value_error("data: expected a 3D centred half-volume");
+    if (!(radius >= 0.0) || radius > m - 1)
+        throw py::value_error("radius: expected 0 <= radius <= m - 1 = " + std::to_string(m - 1));
+    const C* d = static_cast<const C*>(data.data());
+    const T* w = static_cast<const T*>(weight.data());
+    const double* ops = static_cast<const double*>(operators.data());
+    const py::ssize_t n_ops = operators.shape(0);
+    py::array_t<C> out_d({data.shape(0), data.shape(1), data.shape(2)});
+    py::array_t<T> out_w({data.shape(0), data.shape(1), data.shape(2)});
+    C* od = out_d.mutable_data();
+    T* ow = out_w.mutable_data();
+    const int64_t sy = vs.nx, sz = (int64_t)vs.ny * vs.nx;
+    const double r2max = radius * radius + 1e-9;
+    {
+        py::gil_scoped_release release;
+        std::copy(d, d + (size_t)data.size(), od);
+        std::copy(w, w + (size_t)weight.size(), ow);
+        // operator by operator, in tiles of kTile^3 voxels: a rotated tile reads a compact
+        // part of the arrays (cache), and each voxel sums the operators in their order
+        constexpr int kTile = 8;
+        const int tz = (vs.nz + kTile - 1) / kTile, ty = (vs.ny + kTile - 1) / kTile,
+                  tx = (m + 1 + kTile - 1) / kTile;
+        for (py::ssize_t o = 0; o < n_ops; ++o) {
+            const double* a = ops + 9 * o;
+#pragma omp parallel for schedule(dynamic, 4)
+            for (int t = 0; t < tz * ty * tx; ++t) {
+                const int z0 = (t / (ty * tx)) * kTile, y0 = ((t / tx) % ty) * kTile,
+                          x0 = (t % tx) * kTile;
+                for (int z = z0; z < std::min(z0 + kTile, vs.nz); ++z) {
+                    const double kz = z - m;
+                    for (int y = y0; y < std::min(y0 + kTile, vs.ny); ++y) {
+                        const double ky = y - m;
+                        for (int x = x0; x < std::min(x0 + kTile, m + 1); ++x) {
+                            const double kx = x;
+                            if (kx * kx + ky * ky + kz * kz > r2max) continue;
+                            double p[3] = {a[0] * kx + a[1] * ky + a[2] * kz,
+                                           a[3] * kx + a[4] * ky + a[5] * kz,
+                                           a[6] * kx + a[7] * ky + a[8] * kz};
+                            const bool conj = p[0] < 0.0;
+                            if (conj) { p[0] = -p[0]; p[1] = -p[1]; p[2] = -p[2]; }
+                            const double fx = std::floor(p[0]), fy = std::floor(p[1]),
+                                         fz = std::floor(p[2]);
+                            const T dx = (T)(p[0] - fx), dy = (T)(p[1] - fy), dz = (T)(p[2] - fz);
+                            const T ex = T(1) - dx, ey = T(1) - dy, ez = T(1) - dz;
+                            const int64_t base = ((int64_t)fz + m) * sz
+                                                 + ((int64_t)fy + m) * sy + (int64_t)fx;
+                            const C* q = d + base;
+                            const T* u = w + base;
+                            C sd = ((q[0] * ex + q[1] * dx) * ey + (q[sy] * ex + q[sy + 1] * dx) * dy)
+                                       * ez
+                                   + ((q[sz] * ex + q[sz + 1] * dx) * ey
+                                      + (q[sz + sy] * ex + q[sz + sy + 1] * dx) * dy) * dz;
+                            const T swt = ((u[0] * ex + u[1] * dx) * ey
+                                           + (u[sy] * ex + u[sy + 1] * dx) * dy) * ez
+                                          + ((u[sz] * ex + u[sz + 1] * dx) * ey
+                                             + (u[sz + sy] * ex + u[sz + sy + 1] * dx) * dy) * dz;
+                            if (conj) sd = std::conj(sd);
+                            const int64_t v = z * sz + y * sy + x;
+                            od[v] += sd;
+                            ow[v] += swt;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    return py::make_tuple(out_d, out_w);
+}
+
+}  // namespace
+
+py::tuple symmetrise_sums(const py::array& data, const py::array& weight,
+                          const py::array& operators, double radius) {
+    if (data.dtype().is(py::dtype::of<std::complex<double>>()))
+        return symmetrise_sums_impl<double>(data, weight, operators, radius);
+    return symmetrise_sums_impl<float>(data, weight, operators, radius);
 }
 
 }  // namespace cryomap

@@ -10,9 +10,28 @@ py::array_t<cfloat> project(const py::array& volume_ft, const py::array& rotatio
 
 // Adjoint of project(): data[v] += sum_{r,j} w_{rjv} * slices[r,j] (conjugated for Friedel
 // mates) and weight[v] += sum_{r,j} w_{rjv} * slice_weights[r,j]. Accumulates in place.
+// data and weight may be stacks of copies (C, nz, ny, nx): up to C threads each accumulate
+// into their own copy (the sum of the copies is the back-projection).
 void backproject(py::array& data, py::array& weight, const py::array& slices,
                  const py::array& slice_weights, const py::array& rotations,
                  const py::array& coords, double scale, int interp);
+
+// RELION's reconstruct on the centred padded grid: V = D / max(W', <W'>_shell / 1000) with
+// W' = W + 1/(pad^ndim tau2_fudge tau2) at shells round(|q|/pad) >= minres_map (1/(0.001 W)
+// where tau2 is 0), the floor's mean over floor(|q|/pad) (capped at r_max - 1) inside
+// |q| < round(r_max pad), V = 0 outside. tau2 (n_shells,) per shell, or per voxel (the
+// grid's shape: no floor). Returns complex64 of the grid's shape.
+py::array_t<cfloat> regularised_average(const py::array& data, const py::array& weight,
+                                        const py::array& tau2, double pad, int ndim,
+                                        double tau2_fudge, double r_max, int minres_map);
+
+// Back-projection sums summed over a point group (RELION's applyPointGroupSymmetry): for each
+// voxel k of the centred half-volume with |k| <= radius, data/weight + sum over `operators`
+// (n, 3, 3; the identity left out) of the sums at R k, trilinear, a point with negative x
+// read as the conjugate of its Friedel mate; other voxels as given. complex64/float32 or
+// complex128/float64 arrays; returns (data, weight) new arrays of the same dtypes.
+py::tuple symmetrise_sums(const py::array& data, const py::array& weight,
+                          const py::array& operators, double radius);
 
 // out[b, j] = images[b, j] * exp(-2 pi i (kx_j sx_b + ky_j sy_b) / box): translates image b by
 // +(sx_b, sy_b) pixels in RELION's sign convention (docs/conventions.md "Shifts").

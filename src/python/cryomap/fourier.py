@@ -64,6 +64,12 @@ def shell_index_3d(n: int) -> np.ndarray:
     return shell_index(np.sqrt(kx * kx + ky * ky + kz * kz))
 
 
+def shell_sums(values: np.ndarray, shells: np.ndarray, n_shells: int) -> np.ndarray:
+    """Sum of values over each shell index 0..n_shells-1 (indices beyond are dropped)."""
+    keep = shells < n_shells
+    return np.bincount(shells[keep].ravel(), weights=values[keep].ravel(), minlength=n_shells)
+
+
 def hermitian_weights_2d(n: int) -> np.ndarray:
     """How many full-plane pixels each half-plane pixel stands for (1 or 2).
 
@@ -140,21 +146,21 @@ def to_centred(ft: np.ndarray, m: int) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.complex64)
 
 
-def from_centred(centred: np.ndarray, n: int) -> np.ndarray:
+def from_centred(centred: np.ndarray, n: int, dtype=np.complex128) -> np.ndarray:
     """Place a centred half-volume (or (1, 2m+1, m+1) half-plane) into the rfft layout of box n.
 
     Frequencies outside the centred crop are zero; those beyond max_centred_radius(n) are
-    dropped. Returns (n, n//2+1) for 2D input.
+    dropped. Returns (n, n//2+1) for 2D input, of `dtype` (complex64: single-precision FFTs).
     """
     m = centred.shape[-1] - 1
     m0 = min(m, max_centred_radius(n))
     idx = np.arange(-m0, m0 + 1) % n
     c = slice(m - m0, m + m0 + 1)
     if centred.shape[0] == 1:
-        out = np.zeros((n, n // 2 + 1), dtype=np.complex128)
+        out = np.zeros((n, n // 2 + 1), dtype=dtype)
         out[idx, : m0 + 1] = centred[0][c, : m0 + 1]
         return out
-    out = np.zeros((n, n, n // 2 + 1), dtype=np.complex128)
+    out = np.zeros((n, n, n // 2 + 1), dtype=dtype)
     out[np.ix_(idx, idx, np.arange(m0 + 1))] = centred[c, c, : m0 + 1]
     return out
 
@@ -353,6 +359,20 @@ def lowpass_weights(n: int, shell: float, edge_width: int = 2, ndim: int = 3) ->
         return (r <= lo).astype(np.float64)
     t = np.clip((r - lo) / (hi - lo), 0.0, 1.0)
     return 0.5 + 0.5 * np.cos(np.pi * t)
+
+
+def initial_lowpass(volume: np.ndarray, resolution: float, pixel_size: float,
+                    edge_width: float = 2.0) -> np.ndarray:
+    """A map low-passed as RELION filters a refinement's initial reference
+    (initialLowPassFilterReferences): a raised cosine through 1/2 at the unrounded radius
+    N * pixel_size / resolution, `edge_width` shells wide. `lowpass_map` is RELION's other
+    filter, whose edge sits at the rounded shell."""
+    v = np.asarray(volume, dtype=np.float64)
+    n = v.shape[0]
+    kz, ky, kx = half_volume_freqs(n)
+    r = np.sqrt(kx * kx + ky * ky + kz * kz)
+    t = np.clip((r - n * pixel_size / resolution) / edge_width + 0.5, 0.0, 1.0)
+    return ifft3_centered(fft3_centered(v) * (0.5 + 0.5 * np.cos(np.pi * t)), n)
 
 
 def lowpass_map(volume: np.ndarray, resolution: float, pixel_size: float,

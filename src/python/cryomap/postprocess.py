@@ -2,12 +2,13 @@
 
 Steps, each a function here:
 
-1. `fsc_curve` of the unmasked half maps, and of the half maps times the solvent mask.
+1. The FSC (`resolution.fsc`) of the unmasked half maps, and of the half maps times the
+   solvent mask.
 2. `randomise_phases` of both halves beyond the first shell where the unmasked FSC drops below
    `randomize_at_fsc` (0.8), then masked: the FSC of these is the correlation the mask alone
    creates. `corrected_fsc` = (FSC_masked − FSC_random) / (1 − FSC_random) from two shells
    beyond that shell on, FSC_masked before (Chen et al. 2013, as RELION).
-3. `resolution_shell`: the last shell before the corrected FSC first drops below 0.143.
+3. `resolution.resolution_shell`: the last shell before the corrected FSC first drops below 0.143.
 4. The average of the two unmasked halves is weighted per shell by sqrt(2 FSC / (1 + FSC))
    (`fsc_weighting`, Rosenthal & Henderson 2003), sharpened by exp(−B s²/4) (`apply_bfactor`)
    with B from a straight-line fit to its Guinier plot (`guinier_plot`, `fit_bfactor`; B =
@@ -26,48 +27,7 @@ import numpy as np
 from . import fourier
 from .errors import InputError
 from .masks import check_mask
-
-#: The FSC threshold of the final resolution (gold standard).
-FSC_THRESHOLD = 0.143
-
-
-def fsc_curve(ft1: np.ndarray, ft2: np.ndarray) -> np.ndarray:
-    """FSC of two half-volume FTs (n, n, n//2+1) per shell 0..n/2 (shell round(|k|); voxels
-    beyond n/2 ignored). FSC(0) is set to 1, as RELION does when it comes out <= 0."""
-    n = ft1.shape[0]
-    shells = fourier.shell_index_3d(n)
-    keep = shells <= n // 2
-    s = shells[keep]
-
-    def shell_sum(v: np.ndarray) -> np.ndarray:
-        return np.bincount(s, weights=v[keep], minlength=n // 2 + 1)
-
-    num = shell_sum(np.real(ft1 * np.conj(ft2)))
-    den = np.sqrt(shell_sum(np.abs(ft1) ** 2) * shell_sum(np.abs(ft2) ** 2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-    if out[0] <= 0:
-        out[0] = 1.0
-    return out
-
-
-def fsc_maps(map1: np.ndarray, map2: np.ndarray) -> np.ndarray:
-    """FSC of two real cubic maps per shell 0..N/2 (`fsc_curve`)."""
-    return fsc_curve(fourier.fft3_centered(map1), fourier.fft3_centered(map2))
-
-
-def first_shell_below(curve: np.ndarray, threshold: float) -> int:
-    """First shell >= 1 whose value is below threshold; -1 if none (RELION's search for the
-    phase-randomisation shell)."""
-    below = np.nonzero(curve[1:] < threshold)[0]
-    return int(below[0]) + 1 if below.size else -1
-
-
-def resolution_shell(curve: np.ndarray, threshold: float = FSC_THRESHOLD) -> int:
-    """Last shell before the curve first drops below threshold, scanning from shell 0 (RELION's
-    final-resolution rule). 0 if it drops at shell 1 (no resolution)."""
-    below = np.nonzero(curve < threshold)[0]
-    return int(below[0]) - 1 if below.size else curve.size - 1
+from .resolution import first_shell_below, fsc, fsc_maps, resolution_shell
 
 
 def randomise_phases(volume: np.ndarray, shell: int, seed: int = 0) -> np.ndarray:
@@ -259,7 +219,7 @@ def postprocess(half1: np.ndarray, half2: np.ndarray, mask: np.ndarray, pixel_si
     warnings: list[str] = []
 
     ft1, ft2 = fourier.fft3_centered(h1), fourier.fft3_centered(h2)
-    fsc_unmasked = fsc_curve(ft1, ft2)
+    fsc_unmasked = fsc(ft1, ft2)
     fsc_masked = fsc_maps(h1 * m, h2 * m)
     r0 = first_shell_below(fsc_unmasked, o.randomize_at_fsc)
     if r0 < 1:

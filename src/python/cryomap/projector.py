@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -35,6 +36,7 @@ def padded_size(box: int, pad: int) -> int:
     return box * pad
 
 
+@lru_cache(maxsize=4)
 def gridding_correction(box: int, pad: int, interp: str, ndim: int = 3) -> np.ndarray:
     """Real-space attenuation of the interpolation kernel on a box-sized grid (centred).
 
@@ -46,7 +48,9 @@ def gridding_correction(box: int, pad: int, interp: str, ndim: int = 3) -> np.nd
     grids = np.meshgrid(*([c] * ndim), indexing="ij")
     r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
     s = np.sinc(r / (pad * box))  # numpy sinc(x) = sin(pi x)/(pi x)
-    return s * s if interp == "linear" else s
+    out = s * s if interp == "linear" else s
+    out.flags.writeable = False  # cached: shared by every caller
+    return out
 
 
 def _embed(x: np.ndarray, n_pad: int) -> np.ndarray:
@@ -98,7 +102,9 @@ def prepare_reference(volume: np.ndarray, pad: int = 2, interp: str = "linear",
     corrected = volume / gridding_correction(n, pad, interp, ndim)
     padded = _embed(corrected, n_pad)
     if ndim == 3:
-        ft = fourier.fft3_centered(padded) * (float(n_pad) ** 3 / float(n) ** 2)
+        # single precision, as the reference is kept (complex64): a third of the time
+        ft = fourier.fft3_centered(padded.astype(np.float32)) * (float(n_pad) ** 3
+                                                                 / float(n) ** 2)
     else:
         ft = fourier.fft2_centered(padded) * (float(n_pad) ** 2 / float(n) ** 2)
     m = reference_radius(n, pad, r_max)
@@ -138,7 +144,9 @@ def backproject(data: np.ndarray, weight: np.ndarray, slices: np.ndarray,
                 slice_weights: np.ndarray, rotations: np.ndarray, coords: np.ndarray,
                 pad: int, interp: str) -> None:
     """Accumulate slices (R, J) and their weights into data/weight in place (adjoint of
-    project, same interpolation)."""
+    project, same interpolation). data/weight may be stacks (C, ...) of C copies: up to C
+    threads then accumulate at once, each into its own copy (their sum is the result); a
+    single volume is accumulated by one thread."""
     core.backproject(data, weight, np.ascontiguousarray(slices, dtype=np.complex64),
                      np.ascontiguousarray(slice_weights, dtype=np.float32),
                      np.ascontiguousarray(rotations, dtype=np.float64),
@@ -154,7 +162,9 @@ def map_from_reference_ft(centred: np.ndarray, box: int, pad: int, interp: str) 
     prepare_reference divides by it too, so this is not prepare_reference's inverse.
     """
     n_pad = padded_size(box, pad)
-    full = fourier.from_centred(centred, n_pad)
+    # single precision: the sums are float32 already, and the padded FFT is the iteration's
+    # largest (float64 would cost 3x the time and twice the memory)
+    full = fourier.from_centred(centred, n_pad, np.complex64)
     if centred.shape[0] == 1:
         x = fourier.ifft2_centered(full, n_pad) * (float(box) ** 2 / float(n_pad) ** 2)
         ndim = 2
@@ -187,17 +197,53 @@ class BackProjector:
                  interp: str = "linear", ndim: int = 3) -> None:
         self.box, self.pad, self.interp, self.ndim = int(box), int(pad), interp, int(ndim)
         self.r_max = box // 2 if r_max is None else float(r_max)
-        self.data, self.weight = empty_sums(box, pad, self.r_max, ndim)
+        self._data, self._weight = empty_sums(box, pad, self.r_max, ndim)
+        # one accumulator per thread while slices are added (`add_slices`), summed into
+        # data/weight when these are read: the kernel's threads never share a voxel
+        self._copies: tuple[np.ndarray, np.ndarray] | None = None
         self._folded = False
         self.symmetry = "C1"  # the point group the sums were summed over (symmetrise)
+
+    def _gather(self) -> None:
+        """Sum the per-thread accumulators into data and weight (fixed order)."""
+        if self._copies is not None:
+            d, w = self._copies
+            self._copies = None
+            self._data = self._data + d.sum(axis=0)
+            self._weight = self._weight + w.sum(axis=0)
+
+    @property
+    def data(self) -> np.ndarray:
+        """D on the centred padded grid (complex64)."""
+        self._gather()
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._gather()
+        self._data = value
+
+    @property
+    def weight(self) -> np.ndarray:
+        """W on the centred padded grid (float32)."""
+        self._gather()
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: np.ndarray) -> None:
+        self._gather()
+        self._weight = value
 
     def add_slices(self, data_slices: np.ndarray, weight_slices: np.ndarray,
                    rotations: np.ndarray, coords: np.ndarray) -> None:
         """Back-project slice sums (R, J) at rotations (R, 3, 3) for image pixels coords."""
         if self._folded:
             raise RuntimeError("BackProjector: sums already finished; start a new one")
-        backproject(self.data, self.weight, data_slices, weight_slices, rotations, coords,
-                    self.pad, self.interp)
+        if self._copies is None:
+            shape = (max(1, core.max_threads()),) + self._data.shape
+            self._copies = (np.zeros(shape, np.complex64), np.zeros(shape, np.float32))
+        backproject(self._copies[0], self._copies[1], data_slices, weight_slices, rotations,
+                    coords, self.pad, self.interp)
 
     def finish(self) -> BackProjector:
         """Fold the redundant kx = 0 plane (Hermitian symmetry); call once, after all slices."""
@@ -243,6 +289,7 @@ class BackProjector:
     def pooled(cls, bps: list[BackProjector]) -> BackProjector:
         """One back-projector holding the sums of several on the same grid (e.g. two
         half-sets'); the inputs are left as they are."""
+        bps[0]._gather()
         out = copy.copy(bps[0])
         for bp in bps[1:]:
             out.add(bp)
@@ -252,11 +299,6 @@ class BackProjector:
         """Shell index (unpadded Fourier px) of every voxel: round(|q| / p)."""
         return padded_shells(self.data.shape, self.pad)
 
-    def unregularised(self) -> np.ndarray:
-        """D / W where W > 0 (RELION's unregularised average, used for the half-set FSC)."""
-        w = self.weight
-        return np.where(w > 0, self.data / np.where(w > 0, w, 1.0), 0.0)
-
     def reconstruct_ft(self, tau2: np.ndarray, tau2_fudge: float = 1.0,
                        r_max: float | None = None, minres_map: int = 5) -> np.ndarray:
         """The regularised map on the padded grid (centred layout), RELION's reconstruct:
@@ -264,28 +306,17 @@ class BackProjector:
         eq. (20), RELION's form of eq. (14)); where tau2 is 0 the term is 1/(0.001 W) (almost
         no regularisation), below shell `minres_map` no term is added, and beyond r_max V = 0.
 
-        tau2: per shell (N//2+1,) or per voxel (the grid's shape; then no floor).
+        tau2: per shell (N//2+1,) or per voxel (the grid's shape; then no floor). The C++
+        kernel `core.regularised_average` (its NumPy reference: tests/reference_kernels.py).
         """
-        n_shells = self.box // 2 + 1
-        shells = self.shells()
         r_max = self.r_max if r_max is None else float(r_max)
-        inside = np.sqrt(_padded_r2(self.data.shape)) < round(r_max * self.pad)
-        w = self.weight.astype(np.float64)
-        t2 = tau2[np.minimum(shells, tau2.size - 1)] if tau2.ndim == 1 else tau2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv_tau2 = np.where(t2 > 0, 1.0 / (self.pad**self.ndim * tau2_fudge
-                                               * np.where(t2 > 0, t2, 1.0)),
-                                np.where(w > 1e-20, 1.0 / (0.001 * np.where(w > 1e-20, w, 1.0)),
-                                         0.0))
-        w = np.where(shells >= minres_map, w + inv_tau2, w)
-        if tau2.ndim == 1:
-            # floor at 1/1000 of the shell's mean weight (RELION's guard against tiny W')
-            floor_shells = np.floor(np.sqrt(_padded_r2(self.data.shape)) / self.pad)
-            fs = np.minimum(floor_shells, max(int(r_max) - 1, 0)).astype(np.int64)
-            mean = shell_mean_sums(w, np.where(inside, fs, n_shells + 1), n_shells)
-            w = np.maximum(w, mean[np.minimum(fs, n_shells - 1)] / 1000.0)
-        out = np.where(inside & (w > 0), self.data / np.where(w > 0, w, 1.0), 0.0)
-        return out.astype(np.complex64)
+        tau2 = np.asarray(tau2, np.float64)
+        if tau2.ndim == 1:  # one value per shell 0..N/2 (the last one beyond)
+            n_shells = self.box // 2 + 1
+            tau2 = tau2[np.minimum(np.arange(n_shells), tau2.size - 1)]
+        return core.regularised_average(self.data, self.weight, np.ascontiguousarray(tau2),
+                                        float(self.pad), self.ndim, float(tau2_fudge), r_max,
+                                        int(minres_map))
 
     def reconstruct(self, tau2: np.ndarray, tau2_fudge: float = 1.0,
                     r_max: float | None = None, minres_map: int = 5) -> np.ndarray:

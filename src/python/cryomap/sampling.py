@@ -316,95 +316,87 @@ class PoseSampling:
                 prior_out.append(-(d[k] ** 2) / (2 * sigma**2))
                 counts.append(k.size)
             return _csr(counts, keys_out, prior_out)
-        order = self.healpix_order + level
-        nside = 1 << order
-        n_psi = self.n_psi_at(level)
-        # every direction within the limit of the previous one, plus one pixel of margin
-        radius = np.deg2rad(limit + angular_step(order))
-        q_psi = np.arange(n_psi)
-        psi = np.deg2rad(self.psi_values(q_psi, level))
-        cs = np.cos(psi), np.sin(psi)
         previous = np.asarray(previous, np.float64).reshape(-1, 3, 3)
         ops = self.operators()
-        if ops is not None:
-            return self._local_symmetric(previous, ops, sigma, limit, level, radius, cs)
-        for prev in previous:
-            # grid direction a3 (unperturbed) ~ Q d_prev, since rows transform as a3 Q = d
-            centre = self.rotation @ prev[2]
-            pix = _healpy().query_disc(nside, centre, radius, nest=True)
-            if pix.size == 0:
-                pix = np.array([_healpy().vec2pix(nside, *centre, nest=True)])
-            theta_deg = self._window_angles(nside, pix, prev, cs)
-            keep = theta_deg <= limit
-            if not keep.any():  # sampling coarser than the window: the nearest orientation
-                keep = theta_deg == theta_deg.min()
-            p_idx, q_idx = np.nonzero(keep)
-            keys_out.append(pix[p_idx].astype(np.int64) * n_psi + q_psi[q_idx])
-            prior_out.append(-(theta_deg[p_idx, q_idx] ** 2) / (2 * sigma**2))
-            counts.append(p_idx.size)
-        return _csr(counts, keys_out, prior_out)
-
-    def _window_angles(self, nside: int, pix: np.ndarray, prev: np.ndarray,
-                       cs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """(P, n_psi) rotation angles (degrees) between the grid orientations of pixels `pix`
-        (every in-plane angle, cos/sin in cs) and the pose prev (3, 3)."""
-        c, s = cs
-        theta, phi = _healpy().pix2ang(nside, pix, nest=True)
-        a0 = euler_to_matrix(np.rad2deg(phi), np.rad2deg(theta), 0.0)  # (P, 3, 3)
-        m = a0 @ self.rotation @ prev.T  # A' prev^T with A' = Rz(-psi) A0 Q
-        # tr(Rz(-psi) M) = cos psi (M00 + M11) + sin psi (M10 - M01) + M22
-        tr = (c[None, :] * (m[:, 0, 0] + m[:, 1, 1])[:, None]
-              + s[None, :] * (m[:, 1, 0] - m[:, 0, 1])[:, None] + m[:, 2, 2][:, None])
-        return np.rad2deg(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
-
-    def _local_symmetric(self, previous: np.ndarray, ops: np.ndarray, sigma: float,
-                         limit: float, level: int, radius: float,
-                         cs: tuple[np.ndarray, np.ndarray]
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """local_orientations under a point group: the union of the windows around every
-        symmetry copy of each previous pose, restricted to the level's allowed pixels, each
-        orientation with its angle to the nearest copy."""
-        hp = _healpy()
+        copies = previous[:, None] if ops is None else np.einsum("bij,gjk->bgik", previous,
+                                                                 ops)
+        # every direction within the limit of a copy, plus one pixel of margin
         order = self.healpix_order + level
-        nside = 1 << order
-        n_psi = self.n_psi_at(level)
-        q_psi = np.arange(n_psi)
-        allowed = self.allowed_pixels(level)
-        # pixel -> its key's direction part (level 0: index among the kept pixels)
-        index = np.full(12 * nside * nside, -1, np.int64)
-        index[allowed] = np.arange(allowed.size) if level == 0 and self.restricted else allowed
-        allowed_vec = np.stack(hp.pix2vec(nside, allowed, nest=True), axis=1)
-        keys_out, prior_out, counts = [], [], []
-        for prev in previous:
-            copies = prev[None] @ ops  # every equivalent pose A R
-            keys, theta = [], []
-            for copy in copies:
-                pix = hp.query_disc(nside, self.rotation @ copy[2], radius, nest=True)
-                pix = pix[index[pix] >= 0]
-                if pix.size:
-                    keys.append((index[pix][:, None] * n_psi + q_psi[None, :]).ravel())
-                    theta.append(self._window_angles(nside, pix, copy, cs).ravel())
-            if not keys:  # no kept direction near any copy (sparse corners of the unit)
-                # the nearest orientation is at most half a psi step further than the
-                # nearest direction: score every direction that close against every copy
-                dots = ((copies[:, 2, :] @ self.rotation.T) @ allowed_vec.T).max(0)
-                dist = np.rad2deg(np.arccos(np.clip(dots, -1.0, 1.0)))
-                pix = allowed[dist <= dist.min() + 360.0 / n_psi]
-                for copy in copies:
-                    keys.append((index[pix][:, None] * n_psi + q_psi[None, :]).ravel())
-                    theta.append(self._window_angles(nside, pix, copy, cs).ravel())
-            keys, theta = np.concatenate(keys), np.concatenate(theta)
-            srt = np.lexsort((theta, keys))  # per key, its nearest copy first
-            keys, theta = keys[srt], theta[srt]
-            first = np.r_[True, keys[1:] != keys[:-1]]
-            keys, theta = keys[first], theta[first]
-            keep = theta <= limit
-            if not keep.any():  # sampling coarser than the window: the nearest orientation
-                keep = theta == theta.min()
-            keys_out.append(keys[keep])
-            prior_out.append(-(theta[keep] ** 2) / (2 * sigma**2))
-            counts.append(int(keep.sum()))
+        radius = np.deg2rad(limit + angular_step(order))
+        n_dir = _level_directions(self, level)[0].size
+        chunk = int(max(1, min(256, _WINDOW_DOTS // max(1, copies.shape[1] * n_dir))))
+        counts, keys_out, prior_out = [], [], []
+        for s in range(0, previous.shape[0], chunk):
+            part = copies[s:s + chunk]
+            keys, theta, image = self._windows(part, level, radius, limit)
+            inside = theta <= limit
+            bounds = np.searchsorted(image, np.arange(part.shape[0] + 1))
+            for b in range(part.shape[0]):
+                sel = slice(bounds[b], bounds[b + 1])
+                k, t, keep = keys[sel], theta[sel], inside[sel]
+                if not keep.any():  # sampling coarser than the window: the nearest one
+                    if k.size == 0:
+                        k, t = self._nearest(part[b], level)
+                    keep = t == t.min()
+                keys_out.append(k[keep])
+                prior_out.append(-(t[keep] ** 2) / (2 * sigma**2))
+                counts.append(int(keep.sum()))
         return _csr(counts, keys_out, prior_out)
+
+    def _windows(self, copies: np.ndarray, level: int, radius: float, limit: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The level's orientations within `limit` degrees of a copy of each image's pose
+        (copies (B, G, 3, 3): the poses' symmetry copies A R), among those whose direction
+        lies within `radius` (radians) of one, or where none is, the nearest of those: their
+        keys, the rotation angle (degrees) to the nearest copy, and the image, sorted by image
+        and key (each key once per image)."""
+        n_copies = copies.shape[1]
+        n_psi = self.n_psi_at(level)
+        nside = 1 << (self.healpix_order + level)
+        pixels, dirs, key_of = _level_directions(self, level)
+        # grid direction a3 (unperturbed) ~ Q d, since rows transform as a3 Q = d
+        centres = copies[:, :, 2, :] @ self.rotation.T  # (B, G, 3)
+        near = (centres.reshape(-1, 3) @ dirs.T) >= np.cos(radius)
+        flat, p_idx = np.nonzero(near)
+        if flat.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
+        b_idx, g_idx = np.divmod(flat, n_copies)
+        # angle between A' = Rz(-psi) A0 Q and the copy P: tr(Rz(-psi) M) with M = A0 Q P^T
+        theta_pix, phi_pix = _healpy().pix2ang(nside, pixels[p_idx], nest=True)
+        a0 = euler_to_matrix(np.rad2deg(phi_pix), np.rad2deg(theta_pix), 0.0)
+        m = a0 @ self.rotation @ np.swapaxes(copies[b_idx, g_idx], 1, 2)
+        psi = np.deg2rad(self.psi_values(np.arange(n_psi), level))
+        c, sn = np.cos(psi), np.sin(psi)
+        tr = (c[None, :] * (m[:, 0, 0] + m[:, 1, 1])[:, None]
+              + sn[None, :] * (m[:, 1, 0] - m[:, 0, 1])[:, None] + m[:, 2, 2][:, None])
+        # within the limit (tr >= 1 + 2 cos(limit)), or an image's nearest orientations
+        # where none is; the pairs (b_idx) are in ascending image order
+        inside = tr >= 1.0 + 2.0 * np.cos(np.deg2rad(limit))
+        starts = np.flatnonzero(np.r_[True, b_idx[1:] != b_idx[:-1]])
+        best = np.maximum.reduceat(tr.max(1), starts)
+        has = np.maximum.reduceat(inside.any(1), starts)
+        group = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, b_idx.size]))
+        keep = inside | (~has[group][:, None] & (tr == best[group][:, None]))
+        pair, q = np.nonzero(keep)
+        theta = np.rad2deg(np.arccos(np.clip((tr[pair, q] - 1.0) / 2.0, -1.0, 1.0)))
+        image = b_idx[pair]
+        keys = key_of[p_idx[pair]] * n_psi + q
+        srt = np.lexsort((theta, keys, image))  # per (image, key) the nearest copy first
+        keys, theta, image = keys[srt], theta[srt], image[srt]
+        first = np.r_[True, (keys[1:] != keys[:-1]) | (image[1:] != image[:-1])]
+        return keys[first], theta[first], image[first]
+
+    def _nearest(self, copies: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, angles) of the orientations of the level's directions nearest to any copy
+        (G, 3, 3) of a pose, for a pose near none (sparse corners of an asymmetric unit): the
+        nearest orientation is at most half a psi step further than the nearest direction."""
+        pixels, dirs, _ = _level_directions(self, level)
+        dots = ((copies[:, 2, :] @ self.rotation.T) @ dirs.T).max(0)
+        dist = np.rad2deg(np.arccos(np.clip(dots, -1.0, 1.0)))
+        close = dist <= dist.min() + 360.0 / self.n_psi_at(level)
+        radius = np.deg2rad(dist[close].max()) + 1e-9
+        keys, theta, _ = self._windows(copies[None], level, radius, 0.0)
+        return keys, theta
 
     def rotation_angle(self, rotations: np.ndarray, previous: np.ndarray) -> np.ndarray:
         """(n,) angle in degrees between rotations (n, 3, 3) and previous (n, 3, 3): of the
@@ -445,6 +437,34 @@ def asymmetric_unit_pixels(order: int, name: str) -> np.ndarray:
     from .symmetry import point_group
 
     return _asymmetric_unit_cached(int(order), point_group(name).name)
+
+
+#: Dot products of (pose copies x directions) computed at once while finding windows.
+_WINDOW_DOTS = 1 << 22
+
+
+def _level_directions(s: PoseSampling, level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The level's allowed HEALPix pixels (ascending), their unit vectors (P, 3), and each
+    one's key part (its index among level 0's kept pixels with symmetry, else the pixel)."""
+    return _directions_cached(s.healpix_order + level, level == 0 and s.restricted,
+                              s.symmetry, int(s.healpix_order))
+
+
+@functools.lru_cache(maxsize=16)
+def _directions_cached(order: int, restricted0: bool, symmetry: str, order0: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nside = 1 << order
+    if symmetry == "C1":
+        pixels = np.arange(12 * nside * nside, dtype=np.int64)
+    else:
+        sub = 4 ** (order - order0)
+        unit = asymmetric_unit_pixels(order0, symmetry)
+        pixels = (unit[:, None] * sub + np.arange(sub)[None, :]).ravel()
+    dirs = np.stack(_healpy().pix2vec(nside, pixels, nest=True), axis=1)
+    key_of = np.arange(pixels.size, dtype=np.int64) if restricted0 else pixels
+    for a in (pixels, dirs, key_of):
+        a.flags.writeable = False
+    return pixels, dirs, key_of
 
 
 def _csr(counts: list[int], keys: list[np.ndarray], prior: list[np.ndarray]

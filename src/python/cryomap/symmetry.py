@@ -384,24 +384,6 @@ def _check_hermitian_plane(data: np.ndarray, weight: np.ndarray) -> None:
                          "(fourier.symmetrize_kx0_plane), as RELION does before symmetrising")
 
 
-def _tiled_ball(m: int, radius: float, tile: int = 8) -> np.ndarray:
-    """Flat indices of the centred half-volume voxels with |k| <= radius, tile by tile (tile^3
-    blocks): a rotated tile reads a compact part of the arrays, which halves the time of
-    symmetrize_sums at box 128 against raster order."""
-    side = 2 * m + 1
-    shape = (side, side, m + 1)
-    padded = [-(-s // tile) * tile for s in shape]
-    flat = np.full(padded, -1, dtype=np.int64)
-    flat[:side, :side, :m + 1] = np.arange(side * side * (m + 1)).reshape(shape)
-    blocks = flat.reshape(padded[0] // tile, tile, padded[1] // tile, tile, padded[2] // tile,
-                          tile).transpose(0, 2, 4, 1, 3, 5).reshape(-1)
-    blocks = blocks[blocks >= 0]
-    kz, rest = np.divmod(blocks, side * (m + 1))
-    ky, kx = np.divmod(rest, m + 1)
-    kz, ky = kz - m, ky - m
-    return blocks[kx * kx + ky * ky + kz * kz <= radius * radius + 1e-9]
-
-
 def symmetrize_sums(data: np.ndarray, weight: np.ndarray, name: str | PointGroup,
                     radius: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Back-projection sums summed over the group's operators (RELION's
@@ -418,7 +400,7 @@ def symmetrize_sums(data: np.ndarray, weight: np.ndarray, name: str | PointGroup
     back-projected over the asymmetric unit and summed here they stand for a search over all
     directions. Returns new arrays of the input dtypes.
 
-    Pure NumPy, one core: about 100 ns per voxel and operator (timings in docs/symmetry.md).
+    The C++ kernel `core.symmetrise_sums` (tests/test_symmetry.py holds its loop reference).
     """
     g = point_group(name)
     data = np.asarray(data)
@@ -437,39 +419,17 @@ def symmetrize_sums(data: np.ndarray, weight: np.ndarray, name: str | PointGroup
         return data.copy(), weight.copy()
     _check_hermitian_plane(data, weight)
 
-    # Read in the input precision (complex64/float32 for the kernels' sums).
-    dflat = np.ascontiguousarray(data, dtype=np.result_type(data.dtype, np.complex64))
-    wflat = np.ascontiguousarray(weight, dtype=np.result_type(weight.dtype, np.float32))
-    dflat, wflat = dflat.reshape(-1), wflat.reshape(-1)
-    side = 2 * m + 1
-    strides = (1, m + 1, side * (m + 1))  # flat strides of kx, ky + m, kz + m
-    inside = _tiled_ball(m, r)
-    kz, rest = np.divmod(inside, side * (m + 1))
-    ky, kx = np.divmod(rest, m + 1)
-    coords = np.stack([kx, ky - m, kz - m]).astype(np.float32)
-    shift = np.array([0.0, m, m], dtype=np.float32)[:, None]
-    acc_d = np.zeros(inside.size, dtype=np.complex128)
-    acc_w = np.zeros(inside.size, dtype=np.float64)
-    for rmat in ops[1:]:
-        exact = _is_grid_permutation(rmat)
-        r32 = rmat.astype(np.float32)
-        for s in range(0, inside.size, _CHUNK):
-            p = r32 @ coords[:, s:s + _CHUNK]  # columns R k
-            sign = np.where(p[0] < 0, np.float32(-1.0), np.float32(1.0))
-            p *= sign  # read the Friedel mate -R k of a point with negative kx ...
-            p += shift
-            if exact:
-                pi = np.rint(p).astype(np.int64)
-                lin = pi[0] * strides[0] + pi[1] * strides[1] + pi[2] * strides[2]
-                vd, vw = dflat[lin], wflat[lin]
-            else:
-                idx, w = _trilinear_terms(p, strides)
-                vd = (np.take(dflat, idx) * w).sum(axis=0)
-                vw = (np.take(wflat, idx) * w).sum(axis=0)
-            acc_d[s:s + _CHUNK] += vd.real + 1j * (vd.imag * sign)  # ... conjugated
-            acc_w[s:s + _CHUNK] += vw
-    out_d = data.astype(np.complex128)
-    out_w = weight.astype(np.float64)
-    out_d.reshape(-1)[inside] += acc_d
-    out_w.reshape(-1)[inside] += acc_w
-    return out_d.astype(data.dtype), out_w.astype(weight.dtype)
+    # the C++ kernel in the input's precision: complex64/float32 (the engine's sums) or
+    # complex128/float64
+    single = data.dtype == np.complex64
+    dtypes = (np.complex64, np.float32) if single else (np.complex128, np.float64)
+    out_d, out_w = _core().symmetrise_sums(np.ascontiguousarray(data, dtypes[0]),
+                                           np.ascontiguousarray(weight, dtypes[1]),
+                                           np.ascontiguousarray(ops[1:], np.float64), r)
+    return out_d.astype(data.dtype, copy=False), out_w.astype(weight.dtype, copy=False)
+
+
+def _core():
+    from ._kernels import core
+
+    return core

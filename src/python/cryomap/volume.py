@@ -36,11 +36,11 @@ class FSC:
 
     def resolution(self, threshold: float = 0.143) -> float:
         """Resolution (Å) of the last shell before the curve first drops below `threshold`
-        (RELION's rule, em.model.resolution_shell, as refinement reports it): 0.143 for two
+        (RELION's rule, resolution.resolution_angstrom, as refinement reports it): 0.143 for two
         half maps, 0.5 against a known map."""
-        from .em.model import resolution_shell
+        from .resolution import resolution_angstrom
 
-        return float(self.box * self.pixel_size / resolution_shell(self.curve, threshold))
+        return resolution_angstrom(self.curve, self.box, self.pixel_size, threshold)
 
 
 @dataclass
@@ -134,9 +134,9 @@ class Volume:
         return Volume(out.astype(np.float32), self.pixel_size)
 
     def fsc(self, other: Volume | np.ndarray) -> FSC:
-        """Fourier shell correlation with another map of the same box (postprocess.fsc_maps);
+        """Fourier shell correlation with another map of the same box (resolution.fsc_maps);
         `.resolution(0.143)` for half maps, `.resolution(0.5)` against a known map."""
-        from .postprocess import fsc_maps
+        from .resolution import fsc_maps
 
         other_data = other.data if isinstance(other, Volume) else np.asarray(other)
         if self.ndim != 3 or other_data.shape != self.data.shape:

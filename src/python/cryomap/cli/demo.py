@@ -49,10 +49,10 @@ def wrong_start(volume: np.ndarray, pixel_size: float, resolution: float,
                 rng: np.random.Generator, strength: float = 0.5) -> np.ndarray:
     """The map low-passed to `resolution` plus a random field low-passed the same way, with
     `strength` times the low-passed map's standard deviation."""
-    from ..em.refine import lowpass
+    from ..fourier import initial_lowpass
 
-    low = lowpass(volume, pixel_size, resolution)
-    noise = lowpass(rng.standard_normal(volume.shape), pixel_size, resolution)
+    low = initial_lowpass(volume, resolution, pixel_size)
+    noise = initial_lowpass(rng.standard_normal(volume.shape), resolution, pixel_size)
     return low + strength * low.std() / noise.std() * noise
 
 
@@ -82,7 +82,7 @@ def save_sections(path: Path, truth: np.ndarray, result: np.ndarray) -> None:
 def run(args: argparse.Namespace) -> int:
     from .._kernels import set_threads
     from ..em.refine import RefineOptions
-    from ..em.validation import angular_errors, fsc_maps, fsc_resolution
+    from ..em.validation import angular_errors
     from ..io.atomic import check_output_dir, make_output_dir, remove_stale_temps
     from ..io.mrc import check_pixel_size, read_map, write_map
     from ..io.star import read_star
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from ..jobs.refine import refine
     from ..particles import output_stack_name
     from ..phantom import RIBOSOME_SCALE, make_phantom
+    from ..resolution import fsc_maps, resolution_angstrom
     from ..simulate import STACK_NAME, simulate_particles, write_simulation
 
     # every option checked before the simulation is written
@@ -133,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
                    out / "refine", options)
     result, _ = read_map(out / "refine" / "run_class001.mrc")
     curve = fsc_maps(result.astype(np.float64), truth.astype(np.float64))
-    res_truth = fsc_resolution(curve, args.box, args.angpix, 0.143)
-    res_truth05 = fsc_resolution(curve, args.box, args.angpix, 0.5, interpolate=True)
+    res_truth = resolution_angstrom(curve, args.box, args.angpix, 0.143)
+    res_truth05 = resolution_angstrom(curve, args.box, args.angpix, 0.5, interpolate=True)
     res_half = state.history[-1]["resolution"]
     truth_df = read_star(out / "particles" / "truth.star")["particles"]
     true_angles = truth_df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()

@@ -40,10 +40,11 @@ from .. import fourier, projector
 from ..euler import euler_to_matrix
 from ..masks import soft_sphere
 from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over ranks
+from ..resolution import fsc, resolution_shell
 from ..sampling import PoseSampling
 from .data import ImageSource
 from .engine import Search
-from .model import fsc, next_r_max, resolution_shell, ssnr_from_fsc, state_from_saved
+from .model import next_r_max, ssnr_from_fsc, state_from_saved
 from .noise import NoiseModel
 from .options import EMOptions, bad_option
 from .refine import MIN_SIGMA2_OFFSET, AutoSampling, mask_radius_px, pose_change
@@ -408,12 +409,12 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
                 state.half_references[:] = state.references[None]
             tau2 = np.repeat(t2[None], k_cls, axis=0)
             ssnr = np.repeat(class_ssnr(bp, t2, o.tau2_fudge, radius)[None], k_cls, axis=0)
-            shells = np.array([resolution_shell(x, 1.0) for x in ssnr])
+            shells = np.maximum([resolution_shell(x, 1.0) for x in ssnr], 1)
         elif state.half_references is not None:
             tau2, ssnr, fsc_k = _gold_standard_maps(state, [r for r, _ in results], o, radius,
                                                     box, edge)
             state.class_fsc = fsc_k
-            shells = np.array([resolution_shell(f, 0.143) for f in fsc_k])
+            shells = np.maximum([resolution_shell(f, 0.143) for f in fsc_k], 1)
         else:
             refs = results[0][1]
             half_bps = [r.backprojectors for r, _ in results]
@@ -427,7 +428,7 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
                     image = center_image(image)
                 state.references[k] = image
                 ssnr[k] = class_ssnr(bp, tau2[k], o.tau2_fudge, radius)
-            shells = np.array([resolution_shell(s, 1.0) for s in ssnr])
+            shells = np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1)
             if state.difference_shell is not None:
                 state.difference_shell = extend_difference_shell(
                     state.difference_shell, difference_fsc(half_bps, n_shells).max(axis=0),
@@ -452,7 +453,7 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
         results, t_pass, tau2, ssnr, shells = em_step()
         if inner and float(np.mean(before != state.class_number)) < FIXED_SETTLED:
             break
-    best = int(np.array([resolution_shell(s, 1.0) for s in ssnr]).max())
+    best = int(np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1).max())
     state.iteration += 1
     state.r_max = next_radius(best, box, pix, o)
     message = None
@@ -463,7 +464,7 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
         if not fixed:  # the sampling stays as it is while the poses are fixed
             acc_rot, acc_trans = class_pose_accuracy(state, source, o, radius, noise, sphere)
             message = state.schedule.update(best, orientation_change, offset_change, acc_rot,
-                                            acc_trans, o, pix)
+                                            acc_trans, o, pix, mask_radius)
         if consensus and (state.schedule.local or  # poses are good enough: seed the classes
                           state.iteration >= max(1, int(CONSENSUS_SHARE * o.iterations))):
             state.assigned = equal_split(n, k_cls, np.random.default_rng(
@@ -623,7 +624,7 @@ def _gold_standard_maps(state: ClassState, results, o: ClassOptions, radius: int
         bps = [results[0].backprojectors[k], results[1].backprojectors[k]]
         curves[k], tau2[k] = half_set_fsc(bps, o, radius, box)
         halves = [bps[h].reconstruct(tau2[k], o.tau2_fudge, radius) * edge for h in (0, 1)]
-        combined = final_maps(bps, curves[k], o, radius, box)[0]
+        combined = final_maps(bps, curves[k], o, radius, box, halves=False)[0]
         if o.center_classes and o.ndim == 2:  # the same move for the halves and the whole
             shift = center_of_mass_shift(combined)
             halves = [translate_image(m, shift) for m in halves]

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import fourier, projector
 from ..ctf import magnified_rotations
-from ..euler import euler_to_matrix, matrix_to_euler
+from ..euler import matrix_to_euler
 from ..sampling import PoseSampling, coarse_radius
 from .data import Batch, ImageSource
 from .estep import expectation, expectation_subsets
@@ -50,6 +50,9 @@ class Search:
     sampling: the pose grid of this iteration (level 0 and its children).
     oversampling: number of levels below level 0 (0: the coarse grid alone).
     radius: Fourier radius (px) of the final level (the current resolution's radius).
+    recon_radius: Fourier radius (px) of the M-step sums and the back-projection (None: radius).
+        Beyond the E-step's radius the sums hold data that no pose was fitted to, so the
+        half-set FSC there measures the resolution the data reach, not the search's limit.
     particle_diameter: Å, for the coarse radius of levels above the final one.
     local_sigma: degrees; a local search around each image's previous pose with this sigma
         (search to 3 sigma), None for a global search.
@@ -88,6 +91,13 @@ class Search:
     image_class: np.ndarray | None = None  # (n,) per pass image: its only class, -1 for any
     max_significant: int = 200
     min_class_mass: float = 1e-6
+    recon_radius: int | None = None
+
+    @property
+    def sums_radius(self) -> int:
+        """Fourier radius (px) of the M-step sums: recon_radius, never below radius."""
+        return self.radius if self.recon_radius is None else max(self.radius,
+                                                                 int(self.recon_radius))
 
     @property
     def levels(self) -> int:
@@ -127,7 +137,9 @@ class PassResult:
 
     estimates: PoseEstimates
     backprojectors: list[projector.BackProjector]
-    residual: np.ndarray  # (groups, bins) sum over images of posterior-weighted |X - CTF A|^2
+    # (groups, bins) sum over images of posterior-weighted |X - CTF A|^2 within the E-step
+    # radius (bins beyond it are 0)
+    residual: np.ndarray
     count: np.ndarray  # (groups,) images
     class_mass: np.ndarray  # (K,) summed class probabilities
     offset_sq: float  # sum over images of posterior-expected |origin - prior centre|^2 (px^2)
@@ -186,12 +198,12 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
     centre = np.zeros((n, 2)) if offset_prior is None else np.asarray(offset_prior, np.float64)
     timings = {"project": 0.0, "estep": 0.0, "sums": 0.0, "backproject": 0.0, "io": 0.0,
                "candidates": 0.0}
-    mask = fourier.pixel_mask(box, search.radius)
+    mask = fourier.pixel_mask(box, search.sums_radius)  # the E-step levels use its inner part
     bins, n_bins = noise.bins(mask)
     radii = [search.level_radius(lv, box, pix) for lv in range(search.levels + 1)]
     columns = [np.flatnonzero(mask.shell <= r) for r in radii]
-    bps = [projector.BackProjector(box, references[0].pad, search.radius, references[0].interp,
-                                   ndim) for _ in range(k_cls)]
+    bps = [projector.BackProjector(box, references[0].pad, search.sums_radius,
+                                   references[0].interp, ndim) for _ in range(k_cls)]
     residual = np.zeros((noise.n_groups, n_bins))
     count = np.zeros(noise.n_groups)
     class_mass = np.zeros(k_cls)
@@ -208,7 +220,7 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
         coords0 = mask.coords[columns[0]]
     # The final level of a global search without oversampling is the same for every batch
     # too: its slice sums are accumulated over all batches and back-projected once.
-    shared_final = global0 and search.levels == 0
+    shared_final = global0 and search.levels == 0 and search.sums_radius == search.radius
 
     def flush_shared() -> None:
         t0 = time.perf_counter()
@@ -268,7 +280,8 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
                 timings["sums"] += time.perf_counter() - t0
             else:
                 rp[chunk] = _sums_and_backproject(sub, s2, level, b_idx, s_idx, t_idx, w, bps,
-                                                  references, mask, bins, n_bins, timings)
+                                                  references, mask, columns[-1], bins, n_bins,
+                                                  timings)
         np.add.at(residual, batch.group, rp)
         np.add.at(count, batch.group, 1)
         if progress is not None:
@@ -280,6 +293,8 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
         # [symmetry hook] level 0 covered one asymmetric unit: sum over the point group
         bp.finish().symmetrise(search.sampling.symmetry)
     timings["backproject"] += time.perf_counter() - t0
+    # beyond the E-step radius the residual is the images' power alone: no noise estimate
+    residual[:, noise.bin_shells(mask) > search.radius] = 0.0
     return PassResult(est, bps, residual, count, class_mass, offset_sq, timings)
 
 
@@ -327,23 +342,29 @@ def _select_images(level: _Level, chunk: np.ndarray) -> _Level:
 
 def _sums_and_backproject(batch: Batch, inv_s2: np.ndarray, level: _Level, b_idx, s_idx,
                           t_idx, w, bps: list[projector.BackProjector],
-                          references: list[projector.Reference], mask, bins, n_bins,
+                          references: list[projector.Reference], mask, inner, bins, n_bins,
                           timings) -> np.ndarray:
     """M-step sums over the final level's used slices, back-projected into each class's
     back-projector; returns the residual power (B, bins). Slices scored at a smaller radius
-    (images that were not oversampled) are projected again at the full one."""
+    (images that were not oversampled) are projected again at the E-step's radius (the mask
+    columns `inner`); beyond it (sums out to recon_radius) the slices are zero: the data sums
+    need no projection, and the residual there is not a noise estimate (`run_pass`)."""
     t0 = time.perf_counter()
     used, s_loc = np.unique(s_idx, return_inverse=True)
-    if level.slices.shape[1] != mask.n_pixels:
+    if level.slices.shape[1] != inner.size:
         sub = _Level(level.level, level.slice_class[used], level.slice_key[used],
                      level.rotations[used], level.shifts, magnification=level.magnification)
-        slices = _project_level(references, sub, mask.coords)
+        slices = _project_level(references, sub, mask.coords[inner])
         timings["project"] += time.perf_counter() - t0
         t0 = time.perf_counter()
     elif used.size == level.slices.shape[0]:
         slices = level.slices
     else:
         slices = level.slices[used]
+    if inner.size != mask.n_pixels:
+        full = np.zeros((slices.shape[0], mask.n_pixels), np.complex64)
+        full[:, inner] = slices
+        slices = full
     data_s = np.zeros(slices.shape, np.complex64)
     weight_s = np.zeros(slices.shape, np.float32)
     rp = maximization_sums_sparse(batch.images, batch.ctf, inv_s2, slices, level.shifts,
@@ -730,23 +751,6 @@ def _store_estimates(est: PoseEstimates, rows, level: _Level, b_idx, s_idx, t_id
     est.log_likelihood[rows] = level.log_marginal
 
 
-def rotations_from_angles(angles: np.ndarray) -> np.ndarray:
-    """(n, 3, 3) A matrices of (n, 3) Euler angles."""
-    return euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a run (MemAvailable; 8 GiB when unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
 def estimate_memory(n_particles: int, box: int, pixel_size: float, n_classes: int,
                     search: Search, ndim: int, pad: int, batch_size: int, slice_memory: int,
                     threads: int, cache_bytes: int) -> dict[str, int]:
@@ -757,7 +761,7 @@ def estimate_memory(n_particles: int, box: int, pixel_size: float, n_classes: in
     n_half = box * (box // 2 + 1)
     images = n_particles * n_half * 8
     cached = images if images <= cache_bytes else 0
-    j = int(np.pi * search.radius**2 / 2) + 1
+    j = int(np.pi * search.sums_radius**2 / 2) + 1
     parts = {"images": cached}
     global0 = not (search.fixed_poses or search.local_sigma is not None)
     n_t = s.translations().shape[0]
@@ -771,7 +775,7 @@ def estimate_memory(n_particles: int, box: int, pixel_size: float, n_classes: in
         parts["level-0 weights"] = min(batch_size, n_particles) * n_t * 4096 * 4
     parts["candidate slices"] = 3 * slice_memory if search.levels else 0
     parts["batch images"] = min(batch_size, n_particles) * j * 20
-    m = projector.reference_radius(box, pad, search.radius)
+    m = projector.reference_radius(box, pad, search.sums_radius)
     grid = (1 if ndim == 2 else 2 * m + 1) * (2 * m + 1) * (m + 1)
     parts["back-projectors"] = n_classes * grid * 12 * (1 + max(threads - 1, 0)) + grid * 64
     parts["maps"] = n_classes * 2 * box**ndim * 8

@@ -47,11 +47,12 @@ import numpy as np
 
 from .. import fourier, projector
 from ..masks import soft_sphere
+from ..resolution import resolution_shell
 from ..sampling import PoseSampling, angular_step
 from .classify import center_of_mass_shift
 from .data import ImageSource
 from .engine import PassResult, Search, run_pass
-from .model import resolution_shell, state_from_saved
+from .model import state_from_saved
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
 from .refine import final_maps, half_set_fsc, mask_radius_px
@@ -554,7 +555,7 @@ def initial_model_iteration(state: InitialModelState, problem: Problem,
         state, o, np.random.default_rng([o.seed, it, 43]))
     state.iteration = it
     state.r_max = step.radius
-    shells = np.array([resolution_shell(f, 0.5) for f in state.fsc])
+    shells = np.maximum([resolution_shell(f, 0.5) for f in state.fsc], 1)
     timings: dict = {}
     for r in done:
         for key, v in r.timings.items():

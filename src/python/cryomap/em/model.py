@@ -1,8 +1,9 @@
-"""Model state between EM iterations: noise spectra σ², prior spectra τ², FSC and resolution.
+"""Model state between EM iterations: noise spectra σ², prior spectra τ² from the FSC, and the
+E-step radius that follows the resolution.
 
 Conventions (docs/method.md eqs. (3), (21), (22)): σ² is the variance of each of Re and Im of an
 N^-2-normalised Fourier coefficient, one spectrum per optics group indexed by shell
-round(|k|); τ² likewise for the map; FSC per shell with FSC(0) = 1.
+round(|k|); τ² likewise for the map. The FSC and resolution are `cryomap.resolution`'s.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import fields
 
 import numpy as np
+
+from ..fourier import shell_sums
 
 
 def state_from_saved(cls, values: dict, ints: tuple[str, ...] = (),
@@ -23,32 +26,6 @@ def state_from_saved(cls, values: dict, ints: tuple[str, ...] = (),
                 values[name] = kind(values[name])
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in known})
-
-
-def shell_sums(values: np.ndarray, shells: np.ndarray, n_shells: int) -> np.ndarray:
-    """Sum of values over each shell index 0..n_shells-1 (indices beyond are dropped)."""
-    keep = shells < n_shells
-    return np.bincount(shells[keep].ravel(), weights=values[keep].ravel(), minlength=n_shells)
-
-
-def fsc(ft1: np.ndarray, ft2: np.ndarray, shells: np.ndarray, n_shells: int) -> np.ndarray:
-    """Fourier shell correlation of two half-grid FTs with per-element shell indices."""
-    num = shell_sums(np.real(ft1 * np.conj(ft2)), shells, n_shells)
-    d1 = shell_sums(np.abs(ft1) ** 2, shells, n_shells)
-    d2 = shell_sums(np.abs(ft2) ** 2, shells, n_shells)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = num / np.sqrt(d1 * d2)
-    out = np.nan_to_num(out, nan=0.0)
-    out[0] = 1.0
-    return out
-
-
-def resolution_shell(fsc_curve: np.ndarray, threshold: float) -> int:
-    """Last shell before the FSC first drops below threshold (RELION's rule, docs/method.md
-    eq. (22)); >= 1."""
-    below = np.nonzero(fsc_curve[1:] < threshold)[0]
-    last = (below[0] if below.size else fsc_curve.size - 1)  # index in fsc[1:] = shell - 1
-    return max(int(last), 1)
 
 
 def initial_sigma2(power_sum: np.ndarray, mean_ft: np.ndarray, n_images: int,

@@ -65,21 +65,33 @@ class NoiseModel:
             return np.arange(mask.n_pixels, dtype=np.int64), mask.n_pixels
         return mask.shell.astype(np.int64), mask.box // 2 + 1
 
-    def update(self, residual: np.ndarray, count: np.ndarray, mask: fourier.PixelMask) -> None:
+    def bin_shells(self, mask: fourier.PixelMask) -> np.ndarray:
+        """(bins,) the shell of each residual bin (`bins`)."""
+        if self.per_pixel:
+            return mask.shell.astype(np.int64)
+        return np.arange(mask.box // 2 + 1)
+
+    def update(self, residual: np.ndarray, count: np.ndarray, mask: fourier.PixelMask,
+               max_shell: int | None = None) -> None:
         """docs/method.md eq. (15), pooled as RELION does: sigma2 = sum g |X - CTF A|^2 /
         (2 n Npix) per shell and optics group (per pixel: Npix = 1). residual (groups, bins)
-        from the M-step sums, count (groups,) images. Shells beyond the mask keep their value."""
+        from the M-step sums over the mask's pixels, count (groups,) images. Shells beyond the
+        mask, or beyond max_shell (the E-step's radius: the residual holds no projection
+        there), keep their value (RELION updates sigma2 within the current size only)."""
         nx = mask.box // 2 + 1
-        rows, cols = mask.flat_index // nx, mask.flat_index % nx
+        limit = mask.r_max if max_shell is None else min(int(max_shell), mask.r_max)
+        keep = mask.shell <= limit
+        rows, cols = mask.flat_index[keep] // nx, mask.flat_index[keep] % nx
         shells2 = fourier.shell_index_2d(mask.box)
-        npix = np.bincount(mask.shell, minlength=residual.shape[1])
+        npix = np.bincount(mask.shell[keep], minlength=residual.shape[1])
         for g in range(self.n_groups):
             if count[g] == 0:
                 continue
             # keep 1/sigma2 finite in float32 (a pixel with no residual would get sigma2 = 0)
             floor = 1e-12 * self.sigma2[g].max()
             if self.per_pixel:
-                self.sigma2[g, rows, cols] = np.maximum(residual[g] / (2.0 * count[g]), floor)
+                self.sigma2[g, rows, cols] = np.maximum(residual[g][keep] / (2.0 * count[g]),
+                                                        floor)
                 continue
             for s in np.nonzero(npix)[0]:
                 self.sigma2[g][shells2 == s] = max(residual[g, s] / (2.0 * count[g] * npix[s]),

@@ -38,22 +38,18 @@ from ..euler import angular_distance, euler_to_matrix
 from ..masks import soft_sphere
 from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over ranks
 from ..particles import ParticleSet, random_subsets
+from ..resolution import FSC_THRESHOLD, first_shell_below, fsc_maps, resolution_shell
 from ..sampling import PoseSampling, angular_step
 from .data import ImageSource
 from .engine import PassResult, Search
-from .model import (
-    fsc,
-    next_r_max,
-    resolution_shell,
-    ssnr_from_fsc,
-    state_from_saved,
-    tau2_from_fsc,
-)
+from .model import next_r_max, state_from_saved, tau2_from_fsc
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
 
 # RELION's minimum offset prior variance (--min_sigma2_offset, Å^2)
 MIN_SIGMA2_OFFSET = 2.0
+#: Finest translational step (px, after oversampling) the schedule goes down to.
+MIN_OFFSET_STEP = 0.1
 
 
 @dataclass
@@ -80,6 +76,27 @@ class RefineOptions(EMOptions):
             raise bad_option("max_iterations", self.max_iterations, "at least 1")
 
 
+def level0_order(options: EMOptions, order: int) -> int:
+    """The HEALPix order of level 0 of a global search at `order`: the finest order up to
+    `order` whose grid (the asymmetric unit's, with --sym) holds no more orientations than an
+    asymmetric particle's starting grid (--healpix_order, C1), and at least --healpix_order.
+    The levels below follow the significant samples down to `order`, so an asymmetric
+    particle's global search costs about its coarse search; a point group's smaller unit buys
+    a finer level 0 for the same cost, which its pseudo-symmetric low-resolution views need
+    (a cage is almost a sphere at the coarse radius)."""
+    start = options.healpix_order
+    psi0 = options.psi_step if options.psi_step is not None else angular_step(start)
+    if order <= start or options.sym.upper() == "C1":
+        return min(start, order)
+    budget = PoseSampling.create(3, start, psi0, 1.0, 0.0).n_orientations(0)
+    level0 = start
+    while level0 < order and PoseSampling.create(
+            3, level0 + 1, psi0 / 2 ** (level0 + 1 - start), 1.0, 0.0,
+            symmetry=options.sym).n_orientations(0) <= budget:
+        level0 += 1
+    return level0
+
+
 @dataclass
 class AutoSampling:
     """The state of RELION's auto-sampling schedule (see the module docstring)."""
@@ -103,29 +120,27 @@ class AutoSampling:
 
     def sampling(self, options: EMOptions, iteration: int) -> tuple[PoseSampling, int]:
         """This iteration's grid (perturbed by a seeded draw) and its number of levels below
-        level 0. A global search at an order above --healpix_order starts from the starting
-        order's grid and follows the significant samples down."""
+        level 0 (`level0_order`)."""
         rng = np.random.default_rng([options.seed, iteration, 17])
         start = options.healpix_order
         psi0 = options.psi_step if options.psi_step is not None else angular_step(start)
-        if self.local:
-            level0, levels = self.order, options.oversampling
-        else:
-            level0, levels = min(start, self.order), self.order - min(start, self.order) \
-                + options.oversampling
+        level0 = self.order if self.local else level0_order(options, self.order)
+        levels = self.order - level0 + options.oversampling
         psi_step = psi0 / 2 ** (level0 - start) if level0 >= start else psi0
         sampling = PoseSampling.create(3, level0, psi_step, self.offset_step, self.offset_range,
                                        options.perturb, rng, symmetry=options.sym)
         return sampling, levels
 
     def search(self, options: RefineOptions, iteration: int, radius: int, diameter: float,
-               offset_sigma: float | None, fixed_poses: bool = False) -> Search:
-        """The engine's search for an iteration of a refinement."""
+               offset_sigma: float | None, fixed_poses: bool = False,
+               recon_radius: int | None = None) -> Search:
+        """The engine's search for an iteration of a refinement: the E-step out to `radius`,
+        the M-step sums out to `recon_radius` (None: radius)."""
         sampling, levels = self.sampling(options, iteration)
         return Search(sampling, levels, radius, diameter, local_sigma=self.sigma_ang,
                       fixed_poses=fixed_poses, offset_sigma=offset_sigma,
                       adaptive_fraction=options.adaptive_fraction,
-                      force_max=options.force_max)
+                      force_max=options.force_max, recon_radius=recon_radius)
 
     def fine_step(self, options: EMOptions) -> float:
         """The angular step after oversampling (degrees)."""
@@ -133,10 +148,12 @@ class AutoSampling:
 
     def update(self, shell: int, orientation_change: float, offset_change: float,
                accuracy_rot: float, accuracy_trans: float, options: EMOptions,
-               pixel_size: float) -> str | None:
-        """After an iteration: count iterations without resolution gain and without large
-        pose changes (RELION's 3 % / 40 % rule), then make the sampling finer or declare
-        convergence. Returns a log line when the sampling changes."""
+               pixel_size: float, particle_radius: float) -> str | None:
+        """After an iteration: count iterations without resolution gain (`shell`, the
+        half-map FSC's 0.143 shell) and without large pose changes (RELION's 3 % / 40 %
+        rule), then make the sampling finer or declare convergence. particle_radius (px)
+        ties the translational step to the angular one (`_finer`). Returns a log line when
+        the sampling changes."""
         if shell > self.best_shell:
             self.best_shell, self.iter_wo_resolution_gain = shell, 0
         else:
@@ -160,19 +177,24 @@ class AutoSampling:
                     options.oversampling + 1:
                 self.fine_enough = True
             else:
-                message = self._finer(offset_change, accuracy_trans, options, pixel_size)
+                message = self._finer(offset_change, accuracy_trans, options, pixel_size,
+                                      particle_radius)
         if self.fine_enough and self.iter_wo_resolution_gain >= 1 \
                 and self.iter_wo_large_changes >= 1:
             self.converged = True
         return message
 
     def _finer(self, offset_change: float, accuracy_trans: float, options: EMOptions,
-               pixel_size: float) -> str:
+               pixel_size: float, particle_radius: float) -> str:
         """One HEALPix order up; translations from the observed accuracy and changes
-        (RELION's rules, in px)."""
+        (RELION's rules, in px), the oversampled step also no coarser than the distance the
+        particle's edge moves by one oversampled angular step, down to MIN_OFFSET_STEP: a
+        pose is then as fine in translation as in rotation."""
         over = 2**options.oversampling
-        # RELION's coarsest step after the first stage: 1.5 Å (before oversampling)
-        new_step = min(1.5 / pixel_size, 0.75 * accuracy_trans) * over
+        edge = np.deg2rad(angular_step(self.order + 1 + options.oversampling)) * particle_radius
+        # RELION: at most 1.5 Å, 3/4 of the accuracy (oversampled step)
+        fine = max(min(1.5 / pixel_size, 0.75 * accuracy_trans, edge), MIN_OFFSET_STEP)
+        new_step = fine * over
         new_range = min(5.0 * offset_change, 1.3 * self.offset_range)
         new_range = max(new_range, 1.5 * new_step)
         if new_range > 4.0 * new_step:
@@ -189,7 +211,7 @@ class AutoSampling:
         self.smallest_orientation_change = self.smallest_offset_change = 999.0
         return (f"sampling: HEALPix order {self.order} ({angular_step(self.order):.2f} deg, "
                 f"{self.fine_step(options):.2f} oversampled), offsets {self.offset_step:.2f} px "
-                f"in {self.offset_range:.2f} px, "
+                f"({self.offset_step / over:.2f} oversampled) in {self.offset_range:.2f} px, "
                 + (f"local searches (sigma {self.sigma_ang:.2f} deg)" if self.local
                    else "global searches"))
 
@@ -266,18 +288,6 @@ def mask_radius_px(options: RefineOptions, box: int, pix: float) -> float:
     return options.particle_diameter / (2.0 * pix)
 
 
-def lowpass(volume: np.ndarray, pixel_size: float, resolution: float,
-            width_shells: float = 2.0) -> np.ndarray:
-    """A map low-passed to `resolution` Å with a raised-cosine edge of `width_shells`."""
-    n = volume.shape[0]
-    ft = fourier.fft3_centered(volume)
-    kz, ky, kx = fourier.half_volume_freqs(n)
-    r = np.sqrt(kx * kx + ky * ky + kz * kz)
-    cut = n * pixel_size / resolution
-    t = np.clip((r - cut) / width_shells + 0.5, 0, 1)
-    return fourier.ifft3_centered(ft * (0.5 + 0.5 * np.cos(np.pi * t)), n)
-
-
 def split_halves(particles: ParticleSet, rng: np.random.Generator,
                  log: Callable[[str], None] | None = None) -> np.ndarray:
     """Half-sets (n,) 1/2 of a refinement, class3d --split_halves or a reconstruction: the
@@ -294,7 +304,7 @@ def initial_state(refinement: Refinement, reference: np.ndarray, angles: np.ndar
     o = refinement.options
     box, pix = refinement.box, refinement.pixel_size
     n = angles.shape[0]
-    ref = lowpass(np.asarray(reference, np.float64), pix, o.ini_high)
+    ref = fourier.initial_lowpass(np.asarray(reference, np.float64), o.ini_high, pix)
     r0 = int(np.ceil(box * pix / o.ini_high))
     noise = NoiseModel.from_images(refinement.source, o.noise_model == "pixel")
     schedule = AutoSampling(order=o.healpix_order, offset_step=o.offset_step,
@@ -320,20 +330,34 @@ def batch_size(search: Search, n_shifts: int, memory: int) -> int:
     return int(max(8, min(2048, memory // max(per_image, 1))))
 
 
+def recon_radius(radius: int, box: int, fixed_poses: bool = False) -> int:
+    """Fourier radius (px) of an iteration's M-step sums, half maps and FSC: twice the E-step
+    radius, up to Nyquist (at known poses Nyquist). Beyond the E-step radius no pose was
+    fitted to the data, so the FSC there is the data's; twice the radius is room for the
+    resolution to double in one iteration, and the next radius (its shell + --incr_size)
+    then grows with it: the radius can never hold the resolution down."""
+    return box // 2 if fixed_poses else min(box // 2, 2 * int(radius))
+
+
 def refine_iteration(state: RefineState, refinement: Refinement,
                      progress: Callable[[int], None] | None = None) -> dict:
     """One E/M iteration over both half-sets; updates `state` in place and returns the
-    iteration's figures (a dict for run.log and the history)."""
+    iteration's figures (a dict for run.log and the history).
+
+    The E-step searches out to state.r_max; the M-step sums, the half maps and their FSC go
+    further (`recon_radius`, within --maxres's r_limit), so the resolution is measured where
+    the data reach, and the next E-step radius is that resolution's shell plus --incr_size."""
     o, source = refinement.options, refinement.source
     box, pix = refinement.box, refinement.pixel_size
     t_start = time.perf_counter()
     sched = state.schedule
     final = sched.converged or (o.iterations is not None and state.iteration + 1 >= o.iterations)
     radius = box // 2 if final else state.r_max
+    recon = recon_radius(radius, box, o.fixed_poses)
     if refinement.r_limit is not None:
-        radius = min(radius, refinement.r_limit)
+        radius, recon = min(radius, refinement.r_limit), min(recon, refinement.r_limit)
     search = sched.search(o, state.iteration + 1, radius, refinement.diameter,
-                          state.offset_sigma, o.fixed_poses)
+                          state.offset_sigma, o.fixed_poses, recon_radius=recon)
     noise = NoiseModel(state.sigma2, o.noise_model == "pixel")
     sphere = reference_mask(refinement)
     previous = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
@@ -347,20 +371,12 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         res = run_pass(source, members, [ref], search, noise, previous[members],
                        prev_origins[members], batch_size=bsize, slice_memory=o.batch_memory,
                        progress=progress)
-        e = res.estimates
-        state.angles[members] = e.angles
-        state.origins_px[members] = e.origins
-        state.max_prob[members] = e.max_prob
-        state.n_significant[members] = e.n_significant
-        state.log_likelihood[members] = e.log_likelihood
-        state.angular_spread[members] = e.angular_spread
-        state.offset_spread[members] = e.offset_spread
+        _store(state, members, res)
         results.append(res)
     t_pass = time.perf_counter()
     # eq. (15): sigma2 pooled over both halves; the origin prior's width (RELION's M-step)
-    mask = fourier.pixel_mask(box, radius)
     noise.update(results[0].residual + results[1].residual, results[0].count + results[1].count,
-                 mask)
+                 fourier.pixel_mask(box, recon), max_shell=radius)
     state.sigma2 = noise.sigma2
     n_img = max(1.0, float(results[0].count.sum() + results[1].count.sum()))
     if not o.fixed_poses:
@@ -368,40 +384,39 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         state.offset_sigma = float(np.sqrt(max(sigma2_off, MIN_SIGMA2_OFFSET / pix**2)))
     # half-set FSC, tau2, half maps (eqs. (14), (16))
     bps = [r.backprojectors[0] for r in results]
-    state.fsc, state.tau2 = half_set_fsc(
-        bps, o, radius, box, refinement.solvent_mask if o.solvent_correct_fsc else None,
-        seed=int(np.random.default_rng([o.seed, state.iteration + 1, 31]).integers(2**31)))
+    gold = gold_standard(bps, o, recon, box,
+                         refinement.solvent_mask if o.solvent_correct_fsc else None,
+                         seed=int(np.random.default_rng([o.seed, state.iteration + 1, 31])
+                                  .integers(2**31)))
+    state.fsc, state.tau2 = gold.fsc, gold.tau2
     for h, bp in enumerate(bps):
         t2 = state.tau2
         if o.prior_model == "voxel":
             t2 = voxel_tau2(state.volumes[h] * sphere, bp, o)
-        state.volumes[h] = bp.reconstruct(t2, o.tau2_fudge, radius) * _edge(box)
+        state.volumes[h] = bp.reconstruct(t2, o.tau2_fudge, recon) * _edge(box)
     # pose changes and accuracies
     new_rot = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
     orientation_change = float(np.mean(pose_change(previous, new_rot, o.sym)))
     offset_change = float(np.sqrt(np.mean((state.origins_px - prev_origins) ** 2)))
     accuracy_rot, accuracy_trans = pose_accuracy(state, refinement, radius, noise)
-    ssnr_shell = resolution_shell(ssnr_from_fsc(state.fsc, o.tau2_fudge), 1.0)
-    ires = resolution_shell(state.fsc, 0.143)
-    ires05 = resolution_shell(state.fsc, 0.5)
+    ires = max(resolution_shell(state.fsc, FSC_THRESHOLD), 1)
+    ires05 = max(resolution_shell(state.fsc, 0.5), 1)
     state.iteration += 1
     stage = (f"order {sched.order} ({angular_step(sched.order):.2f} deg, "
-             f"{sched.fine_step(o):.2f} oversampled), offsets {sched.offset_step:.2f} px in "
+             f"{sched.fine_step(o):.2f} oversampled), offsets {sched.offset_step:.2f} px "
+             f"({sched.offset_step / 2**o.oversampling:.2f} oversampled) in "
              f"{sched.offset_range:.2f} px, " + (f"local (sigma {sched.sigma_ang:.2f} deg)"
                                                  if sched.local else "global"))
     message = None
     if final:
-        state.final_maps = final_maps(bps, state.fsc, o, radius, box)
+        state.final_maps = final_maps(bps, state.fsc, o, recon, box, unfiltered=gold.halves)
         sched.final_done = True
     elif not o.fixed_poses:
-        message = sched.update(ssnr_shell, orientation_change, offset_change, accuracy_rot,
-                               accuracy_trans, o, pix)
+        message = sched.update(ires, orientation_change, offset_change, accuracy_rot,
+                               accuracy_trans, o, pix, refinement.mask_radius)
         if state.iteration >= o.max_iterations and o.iterations is None:
             sched.converged = True
-    high_fsc = float(state.fsc[min(radius, state.fsc.size - 1)]) > 0.2
-    grow = int(round(box / 8)) if (high_fsc and float(state.max_prob.mean()) > 0.1) \
-        else o.incr_size
-    state.r_max = min(next_r_max(ssnr_shell, box, grow), box // 2 - 1)
+    state.r_max = min(next_r_max(ires, box, o.incr_size), box // 2 - 1)
     timings: dict = {}
     for r in results:
         for k, v in r.timings.items():
@@ -409,11 +424,12 @@ def refine_iteration(state: RefineState, refinement: Refinement,
     timings["reconstruct"] = time.perf_counter() - t_pass
     samples = np.concatenate([r.estimates.n_samples for r in results])
     stats = {
-        "iteration": state.iteration, "r_max": int(radius), "final": bool(final),
-        "stage": stage, "local": bool(sched.local and not final or search.local_sigma),
+        "iteration": state.iteration, "r_max": int(radius), "recon_radius": int(recon),
+        "final": bool(final), "stage": stage,
+        "local": bool(sched.local and not final or search.local_sigma),
         "healpix_order": int(search.sampling.healpix_order), "levels": int(search.levels),
         "resolution_shell": int(ires), "resolution": float(box * pix / ires),
-        "resolution_05": float(box * pix / ires05), "ssnr_shell": int(ssnr_shell),
+        "resolution_05": float(box * pix / ires05), "fsc_mask": gold.mask,
         "log_likelihood": float(state.log_likelihood.sum()),
         "average_pmax": float(state.max_prob.mean()),
         "mean_n_significant": float(state.n_significant.mean()),
@@ -421,11 +437,24 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         "orientations_level0": int(search.sampling.n_orientations(0)),
         "orientation_change": orientation_change, "offset_change": offset_change,
         "accuracy_rot": accuracy_rot, "accuracy_trans": accuracy_trans,
+        "offset_step": float(sched.offset_step / 2**o.oversampling),
         "offset_sigma_angst": state.offset_sigma * pix,
         "seconds": time.perf_counter() - t_start, "timings": timings, "message": message,
     }
     state.history.append(stats)
     return stats
+
+
+def _store(state: RefineState, members: np.ndarray, result: PassResult) -> None:
+    """A half-set pass's per-particle estimates into the state."""
+    e = result.estimates
+    state.angles[members] = e.angles
+    state.origins_px[members] = e.origins
+    state.max_prob[members] = e.max_prob
+    state.n_significant[members] = e.n_significant
+    state.log_likelihood[members] = e.log_likelihood
+    state.angular_spread[members] = e.angular_spread
+    state.offset_spread[members] = e.offset_spread
 
 
 def pose_accuracy(state: RefineState, refinement: Refinement, radius: int,
@@ -462,45 +491,72 @@ def pose_change(a: np.ndarray, b: np.ndarray, sym: str = "C1") -> np.ndarray:
     return symmetric_distance(a, b, sym)
 
 
-def half_set_fsc(bps: list[projector.BackProjector], options: RefineOptions, r_max: int,
-                 box: int, solvent_mask: np.ndarray | None = None, seed: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """FSC between the unregularised half averages D/W (shells beyond r_max set to 0: they
-    were not searched) and tau2 from it (docs/method.md eq. (21)). With a
-    solvent mask, the FSC is `solvent_corrected_fsc` of the two halves instead (RELION's
-    --solvent_correct_fsc; `seed` draws the random phases)."""
+@dataclass
+class GoldStandard:
+    """The half maps of an iteration and what they measure: the unfiltered half maps (D/W,
+    RELION's floor only, as `final_maps` writes them), their FSC (solvent-corrected with a
+    mask), tau2 from it (docs/method.md eq. (21)), and which mask the FSC used."""
+
+    halves: np.ndarray  # (2, N, N, N) unfiltered half maps
+    fsc: np.ndarray  # (N//2+1,) per shell
+    tau2: np.ndarray  # (N//2+1,) per shell, 0 beyond the reconstruction radius
+    mask: str  # "no mask" or "solvent mask (phase-randomisation corrected)"
+
+
+def unfiltered_halves(bps: list[projector.BackProjector], r_max: int, box: int) -> np.ndarray:
+    """(2, N, N, N) the half maps with no prior term (tau2 -> infinity, RELION's floor only)
+    out to r_max, with the reconstruction's soft edge: run_half{1,2}_class001_unfil.mrc."""
+    inf = np.full(box // 2 + 1, np.inf)
+    edge = _edge(box, bps[0].ndim)
+    return np.stack([bp.reconstruct(inf, 1.0, r_max, minres_map=box) * edge for bp in bps])
+
+
+def gold_standard(bps: list[projector.BackProjector], options: RefineOptions, r_max: int,
+                  box: int, solvent_mask: np.ndarray | None = None, seed: int = 0
+                  ) -> GoldStandard:
+    """The unfiltered half maps of two half-sets' sums out to r_max, the FSC between them
+    (`resolution.fsc_maps`; with a solvent mask RELION's --solvent_correct_fsc,
+    `solvent_corrected_fsc`, `seed` drawing the random phases), and tau2 from it. The FSC is
+    that of the maps written as run_half*_unfil.mrc, so the resolution reported is theirs."""
     h1, h2 = bps
-    n_shells = box // 2 + 1
+    halves = unfiltered_halves(bps, r_max, box)
     if solvent_mask is None:
-        curve = fsc(h1.unregularised(), h2.unregularised(), h1.shells(), n_shells)
+        curve, mask = fsc_maps(halves[0], halves[1]), "no mask"
     else:
-        curve = solvent_corrected_fsc(bps, solvent_mask, r_max, seed)
+        curve = solvent_corrected_fsc(halves, solvent_mask, seed)
+        mask = "solvent mask, phase-randomisation corrected"
     curve[r_max + 1:] = 0.0
     w_mean = 0.5 * (h1.shell_mean_weight() + h2.shell_mean_weight())
     tau2 = tau2_from_fsc(curve, w_mean, options.pad, options.tau2_fudge, h1.ndim)
     tau2[r_max + 1:] = 0.0
-    return curve, tau2
+    return GoldStandard(halves, curve, tau2, mask)
 
 
-def solvent_corrected_fsc(bps: list[projector.BackProjector], mask: np.ndarray, r_max: int,
-                          seed: int = 0, randomize_at_fsc: float = 0.8) -> np.ndarray:
+def half_set_fsc(bps: list[projector.BackProjector], options: RefineOptions, r_max: int,
+                 box: int, solvent_mask: np.ndarray | None = None, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(FSC, tau2) of `gold_standard`."""
+    gold = gold_standard(bps, options, r_max, box, solvent_mask, seed)
+    return gold.fsc, gold.tau2
+
+
+def solvent_corrected_fsc(halves: np.ndarray, mask: np.ndarray, seed: int = 0,
+                          randomize_at_fsc: float = 0.8) -> np.ndarray:
     """RELION's solvent-corrected gold-standard FSC during refinement
-    (reconstructUnregularisedMapAndCalculateSolventCorrectedFSC): the unregularised half maps
-    (D/W, no prior), their FSC unmasked and masked, the masked FSC of the halves with phases
+    (reconstructUnregularisedMapAndCalculateSolventCorrectedFSC) of the unfiltered half maps
+    (2, N, N, N): their FSC unmasked and masked, the masked FSC of the halves with phases
     randomised beyond the first shell where the unmasked FSC drops below 0.8, and
     (FSC_masked - FSC_random) / (1 - FSC_random) from two shells beyond it (0 where the random
     one is the larger), `postprocess`'s pieces. If the unmasked FSC never drops below 0.8, the
-    unmasked FSC. Shells 0..N/2 of the unpadded grid."""
-    box = bps[0].box
-    unfiltered = np.full(box // 2 + 1, np.inf)  # no prior term: D/W with RELION's floor
-    h1, h2 = (bp.reconstruct(unfiltered, 1.0, r_max, minres_map=box) for bp in bps)
-    unmasked = postprocess.fsc_maps(h1, h2)
-    shell = postprocess.first_shell_below(unmasked, randomize_at_fsc)
+    unmasked FSC. Shells 0..N/2."""
+    h1, h2 = halves
+    unmasked = fsc_maps(h1, h2)
+    shell = first_shell_below(unmasked, randomize_at_fsc)
     if shell < 1:
         return unmasked
-    masked = postprocess.fsc_maps(h1 * mask, h2 * mask)
-    random = postprocess.fsc_maps(postprocess.randomise_phases(h1, shell, seed) * mask,
-                                  postprocess.randomise_phases(h2, shell, seed + 1) * mask)
+    masked = fsc_maps(h1 * mask, h2 * mask)
+    random = fsc_maps(postprocess.randomise_phases(h1, shell, seed) * mask,
+                      postprocess.randomise_phases(h2, shell, seed + 1) * mask)
     curve = postprocess.corrected_fsc(masked, random, shell)
     far = np.arange(curve.size) >= shell + 2
     curve[far & (random > masked)] = 0.0
@@ -519,23 +575,21 @@ def voxel_tau2(volume: np.ndarray, bp: projector.BackProjector,
 
 
 def final_maps(bps: list[projector.BackProjector], fsc_curve: np.ndarray,
-               options: RefineOptions, r_max: int, box: int, halves: bool = True
-               ) -> np.ndarray:
+               options: RefineOptions, r_max: int, box: int, halves: bool = True,
+               unfiltered: np.ndarray | None = None) -> np.ndarray:
     """(combined, half 1, half 2): the map from both halves' sums together with tau2 from the
-    FSC of the joined halves F' = sqrt(2F/(1+F)), and the unregularised half maps (RELION's
-    run_class001.mrc and run_half{1,2}_class001_unfil.mrc); with halves=False the combined
-    map alone, (1, N, N, N)."""
+    FSC of the joined halves F' = sqrt(2F/(1+F)), and the unfiltered half maps (RELION's
+    run_class001.mrc and run_half{1,2}_class001_unfil.mrc; `unfiltered_halves` unless given
+    as `unfiltered` (2, N, N, N)); with halves=False the combined map alone, (1, N, N, N)."""
     both = projector.BackProjector.pooled(bps)
     f = np.clip(fsc_curve, 0.0, 1.0)
     joined = np.sqrt(2 * f / (1 + f))
     tau2 = tau2_from_fsc(joined, both.shell_mean_weight(), options.pad, options.tau2_fudge,
                          both.ndim)
     tau2[r_max + 1:] = 0.0
-    edge = _edge(box, both.ndim)
-    combined = both.reconstruct(tau2, options.tau2_fudge, r_max) * edge
+    combined = both.reconstruct(tau2, options.tau2_fudge, r_max) * _edge(box, both.ndim)
     if not halves:
         return combined[None]
-    # unfiltered: no prior term (tau2 -> infinity), RELION's floor only
-    inf = np.full(box // 2 + 1, np.inf)
-    halves = [bp.reconstruct(inf, 1.0, r_max, minres_map=box) * edge for bp in bps]
-    return np.stack([combined] + halves)
+    if unfiltered is None:
+        unfiltered = unfiltered_halves(bps, r_max, box)
+    return np.concatenate([combined[None], unfiltered])

@@ -1,4 +1,5 @@
-"""Figures against a known truth (simulations): FSC vs the true map, orientation errors."""
+"""Figures against a known truth (simulations): orientation errors, the best possible
+classification, map alignment. The FSC against the truth is `cryomap.resolution`'s."""
 
 from __future__ import annotations
 
@@ -8,32 +9,6 @@ import numpy as np
 
 from .. import fourier
 from ..euler import angular_distance, euler_to_matrix
-from .model import fsc, resolution_shell
-
-
-def fsc_maps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """FSC between two real-space maps of one box, shells 0..N/2."""
-    n = a.shape[0]
-    return fsc(fourier.fft3_centered(a), fourier.fft3_centered(b), fourier.shell_index_3d(n),
-               n // 2 + 1)
-
-
-def fsc_resolution(curve: np.ndarray, box: int, pixel_size: float,
-                   threshold: float = 0.143, interpolate: bool = False) -> float:
-    """Resolution in Å where an FSC curve drops below threshold: the last shell before it
-    (RELION's rule), or with interpolate=True the frequency where the curve crosses the
-    threshold, linearly interpolated between the two shells around the first crossing."""
-    if not interpolate:
-        return float(box * pixel_size / resolution_shell(curve, threshold))
-    below = np.nonzero(curve[1:] < threshold)[0]
-    if below.size == 0:
-        return float(box * pixel_size / (curve.size - 1))
-    s = int(below[0]) + 1  # first shell below
-    if s == 1:
-        return float(box * pixel_size / 1.0)
-    f0, f1 = curve[s - 1], curve[s]
-    x = (s - 1) + (f0 - threshold) / (f0 - f1)
-    return float(box * pixel_size / x)
 
 
 def angular_errors(angles: np.ndarray, true_angles: np.ndarray, sym: str = "C1"
@@ -76,10 +51,10 @@ def two_class_set(out, box: int, pixel_size: float, n: int, share: float, snr: f
     Returns (true class (n,) 0/1, best possible accuracy per image (bayes_accuracy), particle
     diameter in Å)."""
     from ..ctf import CtfParams
+    from ..fourier import initial_lowpass
     from ..io.mrc import write_map
     from ..phantom import RIBOSOME_SCALE, make_phantom
     from ..simulate import simulate_particles, write_simulation
-    from .refine import lowpass
 
     diameter = 0.8 * box * pixel_size
     scale = RIBOSOME_SCALE * diameter / 256.0
@@ -92,7 +67,8 @@ def two_class_set(out, box: int, pixel_size: float, n: int, share: float, snr: f
     sigma = float(np.sqrt(np.mean(np.var(clean, axis=(1, 2), dtype=np.float64)) / snr))
     write_simulation(out, *sim, pixel_size=pixel_size)
     write_map(out / "reference.mrc",
-              lowpass(a.astype(np.float64), pixel_size, 40.0).astype(np.float32), pixel_size)
+              initial_lowpass(a.astype(np.float64), 40.0, pixel_size).astype(np.float32),
+              pixel_size)
     df = sim[3]
     angles = df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     origins = df[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / pixel_size

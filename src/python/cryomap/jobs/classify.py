@@ -28,9 +28,10 @@ from ..em.classify import (
 from ..em.data import ImageSource
 from ..em.noise import NoiseModel
 from ..em.options import max_memory_bytes
-from ..em.refine import lowpass, split_halves
+from ..em.refine import split_halves
 from ..errors import InputError
 from ..euler import euler_to_matrix
+from ..fourier import initial_lowpass
 from ..io.atomic import atomic_path
 from ..io.mrc import open_stack, read_map, write_stack
 from ..io.star import read_star
@@ -225,12 +226,12 @@ def perturbed_references(reference: np.ndarray, pixel_size: float, resolution: f
     """K copies of the reference low-passed to `resolution` Å, each plus an independent random
     field low-passed the same way with `strength` x the low-passed map's standard deviation
     (K = 1: the low-passed reference unchanged). Returns (K, N, N, N) float64."""
-    low = lowpass(np.asarray(reference, np.float64), pixel_size, resolution)
+    low = initial_lowpass(np.asarray(reference, np.float64), resolution, pixel_size)
     if n_classes == 1 or strength == 0:
         return np.repeat(low[None], n_classes, axis=0)
     out = np.empty((n_classes,) + low.shape)
     for k in range(n_classes):
-        noise = lowpass(rng.standard_normal(low.shape), pixel_size, resolution)
+        noise = initial_lowpass(rng.standard_normal(low.shape), resolution, pixel_size)
         out[k] = low + strength * low.std() / max(noise.std(), 1e-30) * noise
     return out
 
@@ -450,7 +451,7 @@ def classify3d(star: str | Path | ParticleSet, reference_path, outdir: str | Pat
 
     def initialise(source, sigma2, seed_class, rng):
         if len(references) > 1:  # K distinct maps: used as they are, no seeds
-            return np.stack([lowpass(r, source.pixel_size, options.ini_high)
+            return np.stack([initial_lowpass(r, options.ini_high, source.pixel_size)
                              for r in references]), None
         refs = perturbed_references(references[0], source.pixel_size, options.ini_high,
                                     options.n_classes, options.perturbation, rng)

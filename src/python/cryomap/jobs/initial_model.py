@@ -144,12 +144,12 @@ class InitialModelJob(Job):
         n = box // 2 + 1
         k = state.n_classes
         fsc = state.fsc if state.fsc is not None else np.zeros((k, n))
-        from ..em.model import resolution_shell
+        from ..resolution import resolution_shell
 
         noise = NoiseModel(state.sigma2)
         figures = ModelFigures(
             box=box, pixel_size=pix, class_names=names, class_distribution=state.distribution,
-            class_resolution_shell=np.array([resolution_shell(f, 0.5) for f in fsc]),
+            class_resolution_shell=np.maximum([resolution_shell(f, 0.5) for f in fsc], 1),
             current_size=2 * state.r_max,
             ssnr=np.stack([ssnr_from_fsc(f, o.tau2_fudge) for f in fsc]),
             tau2=state.tau2 if state.tau2 is not None else np.zeros((k, n)),

@@ -173,7 +173,8 @@ class RefineJob(Job):
         return (f"iteration {s['iteration']:3d}{' (final)' if s['final'] else ''}: {s['stage']}, "
                 f"{s['mean_samples']:.0f} samples/image ({s['orientations_level0']} orientations "
                 f"at level 0); r_max {s['r_max']} px, resolution "
-                f"{s['resolution']:.2f} Å (FSC 0.143), {s['resolution_05']:.2f} Å (0.5); "
+                f"{s['resolution']:.2f} Å (FSC 0.143 of the unfiltered half maps out to "
+                f"{s['recon_radius']} px, {s['fsc_mask']}), {s['resolution_05']:.2f} Å (0.5); "
                 f"changes {s['orientation_change']:.2f} deg, {s['offset_change']:.2f} px; "
                 f"accuracy {s['accuracy_rot']:.2f} deg, {s['accuracy_trans']:.2f} px; <Pmax> "
                 f"{s['average_pmax']:.3f}, <nsig> {s['mean_n_significant']:.0f}; E-step "
@@ -193,7 +194,7 @@ class RefineJob(Job):
         noise = NoiseModel(state.sigma2)
         return ModelFigures(
             box=box, pixel_size=pix, class_names=names, class_distribution=np.ones(1),
-            class_resolution_shell=np.array([last.get("ssnr_shell", 1)]),
+            class_resolution_shell=np.array([last.get("resolution_shell", 1)]),
             current_size=2 * int(last.get("r_max", state.r_max)),
             ssnr=ssnr_from_fsc(fsc, o.tau2_fudge)[None],
             tau2=(state.tau2 if state.tau2 is not None else np.zeros(n))[None],
@@ -227,8 +228,9 @@ class RefineJob(Job):
         write_data_star(out / "run_data.star", self.particles, self._data_table(state))
         res = state.history[-1]["resolution"] if state.history else float("nan")
         plot_fsc(out / "run_fsc.png", state.fsc, self.particles.grid_box, pix, res)
-        self.log(f"final resolution {res:.2f} Å (half-map FSC 0.143); map "
-                 f"{out / 'run_class001.mrc'}")
+        mask = state.history[-1].get("fsc_mask", "no mask") if state.history else "no mask"
+        self.log(f"final resolution {res:.2f} Å (FSC 0.143 of run_half1_class001_unfil.mrc "
+                 f"and run_half2_class001_unfil.mrc, {mask}); map {out / 'run_class001.mrc'}")
         if self.options.solvent_mask is None:
             self.log(f"make a solvent mask, e.g. cryomap mask --i {out / 'run_class001.mrc'} "
                      f"--o {out / 'mask.mrc'} --lowpass 15 --ini_threshold <threshold> "
