@@ -145,9 +145,8 @@ def aligned_correlation(image: np.ndarray, reference: np.ndarray, step: float = 
 def run_class2d(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="cryomap_cls2d_"))
     truth, clean, diameter = views_set(root, args.box, args.angpix, args.n2d, 0.05, args.seed)
-    options = ClassOptions(n_classes=10, ndim=2, iterations=args.iter2d,
-                           particle_diameter=diameter, psi_step=10.0, offset_range=5,
-                           offset_step=1, tau2_fudge=2.0)
+    options = ClassOptions.defaults(2, n_classes=10, iterations=args.iter2d,
+                                    particle_diameter=diameter, offset_range=5, offset_step=1)
     t0 = time.perf_counter()
     state = classify2d(root / "particles.star", root / "run", options, echo=None)
     wall = time.perf_counter() - t0

@@ -117,8 +117,8 @@ def run_seed(root: str, seed: int, cfg: dict, threads: int, refine_too: bool) ->
     res_init, mirrored = resolution_vs_truth(state.references[0], truth, pix, align=True)
     result = {"seed": seed, "initial_resolution": res_init, "initial_mirrored": mirrored,
               "initial_wall": wall_init, "iterations": len(state.history),
-              "initial_seconds_per_iteration": [h["seconds"] for h in state.history],
-              "initial_cpu_seconds": float(sum(h["cpu_seconds"] for h in state.history))}
+              "initial_seconds_per_iteration": [h.seconds for h in state.history],
+              "initial_cpu_seconds": float(sum(h.cpu_seconds for h in state.history))}
     if refine_too:
         t0 = time.perf_counter()
         rs = refine(root_p / "particles.star", out / "run_class001.mrc",
@@ -127,7 +127,7 @@ def run_seed(root: str, seed: int, cfg: dict, threads: int, refine_too: bool) ->
         result["refine_resolution"], result["refine_mirrored"] = resolution_vs_truth(
             rs.final_maps[0], truth, pix, align=True)
         result["refine_iterations"] = len(rs.history)
-        result["refine_half_set"] = float(rs.history[-1]["resolution"])
+        result["refine_half_set"] = float(rs.history[-1].resolution)
     return result
 
 
@@ -162,7 +162,7 @@ def run_reference(root: str, threads: int) -> dict:
     particles.close()
     res_oracle, _ = resolution_vs_truth(oracle.final_maps[0], truth, pix, align=False)
     return {"refine_resolution": res, "refine_wall": wall, "refine_iterations": len(rs.history),
-            "refine_half_set": float(rs.history[-1]["resolution"]), "oracle": res_oracle}
+            "refine_half_set": float(rs.history[-1].resolution), "oracle": res_oracle}
 
 
 def main() -> None:

@@ -112,8 +112,8 @@ def accuracy(args: argparse.Namespace) -> None:
         a, b = res(halves[h - 1]), res(oracle.final_maps[h])
         print(f"half map {h}: {a:.2f} Å vs {b:.2f} Å; ratio {a / b:.3f}")
     written = resolution_shell(fsc_maps(*halves), 0.143)
-    logged = state.history[-1]["resolution_shell"]
-    print(f"log: {state.history[-1]['resolution']:.2f} Å (shell {logged}); written unfiltered "
+    logged = state.history[-1].resolution_shell
+    print(f"log: {state.history[-1].resolution:.2f} Å (shell {logged}); written unfiltered "
           f"half maps: FSC 0.143 at shell {written} ({box * pix / max(written, 1):.2f} Å)")
     err = angular_errors(state.angles, angles, args.sym)
     shift = np.linalg.norm(state.origins_px - origins, axis=1)
@@ -122,12 +122,12 @@ def accuracy(args: argparse.Namespace) -> None:
           f"px ({np.median(shift) * pix:.2f} Å)")
     print(f"\nwall time of the whole auto-refine: {wall:.1f} s, {len(state.history)} "
           f"iterations")
-    stages: dict[str, list[dict]] = {}
+    stages: dict[str, list] = {}
     for h in state.history:
-        stages.setdefault("final iteration" if h["final"] else h["stage"], []).append(h)
+        stages.setdefault("final iteration" if h.final else h.stage, []).append(h)
     for key, its in stages.items():
-        parts = {k: np.mean([h["timings"].get(k, 0.0) for h in its]) for k in PARTS}
-        print(f"  {key}: {len(its)} iterations, {np.mean([h['seconds'] for h in its]):.1f} s "
+        parts = {k: np.mean([h.timings.get(k, 0.0) for h in its]) for k in PARTS}
+        print(f"  {key}: {len(its)} iterations, {np.mean([h.seconds for h in its]):.1f} s "
               f"each (" + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) + ")")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
@@ -180,8 +180,8 @@ def cost_box(box: int, n: int, seed: int, max_memory: float | None) -> dict:
         t0 = time.perf_counter()
         stats = refine_iteration(state, refinement)
         out["stages"][name] = {"seconds": time.perf_counter() - t0,
-                               **{k: stats["timings"].get(k, 0.0) for k in PARTS},
-                               "samples": stats["mean_samples"], "r_max": stats["r_max"]}
+                               **{k: stats.timings.get(k, 0.0) for k in PARTS},
+                               "samples": stats.mean_samples, "r_max": stats.r_max}
         out["estimate_gib"] = max(out.get("estimate_gib", 0.0), plan.total / 2**30)
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     particles.close()

@@ -3,7 +3,7 @@ phantoms, end to end through the command line, plus the class-posterior algebra.
 
 Figures (pytest -s prints them): membership recovered (best label permutation), correlation of
 each class average with the clean projection of its view after the best in-plane rotation and
-translation (and with the best other view, for contrast), and what --hard-last does to the class
+translation (and with the best other view, for contrast), and what --hard_last does to the class
 posteriors.
 """
 

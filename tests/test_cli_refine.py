@@ -11,8 +11,6 @@ import pytest
 from cryomap.cli.main import main
 from cryomap.io.mrc import read_map, write_map
 from cryomap.io.star import read_star, write_star
-from cryomap.phantom import make_phantom
-from cryomap.simulate import simulate_particles, write_simulation
 
 BOX, PIX = 24, 7.0
 FAST = ["--healpix_order", "1", "--offset_range", "1", "--offset_step", "1",
@@ -20,13 +18,8 @@ FAST = ["--healpix_order", "1", "--offset_range", "1", "--offset_step", "1",
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("refine_cli")
-    truth = make_phantom(BOX, PIX)
-    write_simulation(out, *simulate_particles(truth, PIX, 80, snr=1.0, seed=2, max_shift_px=1),
-                     pixel_size=PIX)
-    write_map(out / "ref.mrc", truth, PIX)
-    return out
+def sim(phantom_set) -> Path:
+    return phantom_set("refine_cli", BOX, PIX, 80, seed=2)
 
 
 def _error_line(capsys) -> str:

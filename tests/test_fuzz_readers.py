@@ -12,9 +12,10 @@ import pytest
 
 from cryomap.cli.main import main
 from cryomap.errors import InputError
+from cryomap.halves import random_subsets
 from cryomap.io.mrc import PIXEL_SIZE_RANGE, open_stack, read_map, write_map, write_stack
 from cryomap.io.star import read_star
-from cryomap.particles import load_particles, make_optics_table, random_subsets, write_particles
+from cryomap.particles import load_particles, make_optics_table, write_particles
 
 BOX = 8
 N_IMAGES = 4

@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 
 from cryomap.cli.main import main
-from cryomap.io.mrc import write_map
 from cryomap.io.star import read_star, write_star
-from cryomap.phantom import make_phantom
-from cryomap.simulate import simulate_particles, write_simulation
 
 BOX, PIX, N = 24, 7.0, 60
 FAST = ["--healpix_order", "1", "--offset_range", "1", "--offset_step", "1",
@@ -21,13 +18,8 @@ FAST = ["--healpix_order", "1", "--offset_range", "1", "--offset_step", "1",
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("halves")
-    truth = make_phantom(BOX, PIX)
-    write_simulation(out, *simulate_particles(truth, PIX, N, snr=1.0, seed=4, max_shift_px=1),
-                     pixel_size=PIX)
-    write_map(out / "ref.mrc", truth, PIX)
-    return out
+def sim(phantom_set) -> Path:
+    return phantom_set("halves", BOX, PIX, N, seed=4)
 
 
 def _with_subsets(sim: Path, name: str, values) -> str:
@@ -72,7 +64,7 @@ def test_class3d_split_halves_resplits_a_one_sided_set(sim, tmp_path):
     out = tmp_path / "c"
     options = ClassOptions(iterations=1, n_classes=2, healpix_order=1, offset_range=1.0,
                            offset_step=1.0, ini_high=40.0, particle_diameter=140.0,
-                           split_halves=True)
+                           split_halves=True, tau2_fudge=1.0, class_temperature=1.0)
     state = classify3d(star, sim / "ref.mrc", out, options, echo=None)
     log = (out / "run.log").read_text()
     assert "rlnRandomSubset is 2 for every particle" in log and "split at random" in log

@@ -36,8 +36,9 @@ DIAMETER = 0.8 * BOX * PIX
 SCALE = RIBOSOME_SCALE * DIAMETER / 256  # RIBOSOME_SCALE: 256 Å across
 N, SNR, ITERATIONS, FINAL = 800, 0.1, 14, 30.0
 # the initial model's FSC-0.5 resolution vs the truth (better hand) may be at most this much
-# worse than the true-pose reconstruction's at the same radius (measured 1.25 on this set)
-ORACLE_RATIO = 1.4
+# worse than the true-pose reconstruction's at the same radius: measured 1.29 on this set
+# (50.2 Å against 38.9 Å, 2 threads), margin 0.06 for the last bits that thread counts change
+ORACLE_RATIO = 1.35
 # map alignment for the checks: a coarser global search than align_maps' default (enough for
 # these maps, three times faster)
 ALIGN = {"resolution": 25.0, "healpix_order": 1, "n_sections": 32,
@@ -93,7 +94,6 @@ def test_initial_model_from_random_maps_reaches_the_true_pose_reconstruction(sin
           f"{aligned.correlation:.3f}; other hand {other.correlation:.3f}); true-pose "
           f"reconstruction at the same radius {res_oracle:.1f} Å; ratio {res / res_oracle:.3f}")
     assert res <= ORACLE_RATIO * res_oracle
-    assert aligned.correlation >= other.correlation
 
 
 def test_the_initial_model_is_a_reference_for_refine(single, tmp_path):

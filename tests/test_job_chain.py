@@ -82,7 +82,9 @@ def test_chained_refinement_is_a_real_refinement(project):
     result, _ = read_map(project / "Refine3D/job004/run_class001.mrc")
     res = resolution_angstrom(fsc_maps(result.astype(np.float64), truth.astype(np.float64)),
                          BOX, PIX, 0.5)
-    assert res <= 4.0 * PIX, res
+    # measured 28.0 Å: shell 6 of 12 (FSC 0.5 is a shell-level figure here); the limit is
+    # that shell: one shell less (33.6 Å) would mean the chain lost what the data hold
+    assert res <= BOX * PIX / 6, res
     true = read_star(project / "Simulate/job001/truth.star")["particles"]
     got = read_star(project / "Refine3D/job004/run_data.star")["particles"]
     cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]

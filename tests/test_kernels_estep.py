@@ -7,7 +7,7 @@ import pytest
 
 from cryomap import fourier
 from cryomap._kernels import core
-from cryomap.em.estep import Posterior, choose_batch_size, expectation
+from cryomap.em.estep import Posterior, expectation
 from reference_kernels import expectation_ref, make_problem, prune_ref
 
 # (B, T, R, J, box): odd and even boxes, J not a multiple of 8, B = T = R = 1 and bigger
@@ -212,12 +212,6 @@ def test_zero_inv_sigma2_drops_pixels() -> None:
     out = core.expectation(*p.args(), lpr, lps, 1.0)
     ref = expectation_ref(*p.args(), lpr, lps, 1.0)
     _check(out, ref, 1.0)
-
-
-def test_choose_batch_size() -> None:
-    assert choose_batch_size(21, 4608, 512 * 2**20) == 512 * 2**20 // (21 * 4608 * 4)
-    assert choose_batch_size(10**4, 10**6, 1) == 1
-    assert choose_batch_size(1, 1, 400) == 100
 
 
 def _valid_args(rng: np.random.Generator) -> list:

@@ -19,10 +19,8 @@ import pytest
 
 from cryomap.cli.main import main
 from cryomap.io.atomic import stale_temps
-from cryomap.io.mrc import read_map, write_map
+from cryomap.io.mrc import read_map
 from cryomap.io.star import read_star
-from cryomap.phantom import make_phantom
-from cryomap.simulate import simulate_particles, write_simulation
 
 BOX, PIX, N = 24, 7.0, 40
 SEED = 20240917
@@ -30,13 +28,8 @@ KILLS = 3  # SIGKILLs per run before it is let finish
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("kill")
-    truth = make_phantom(BOX, PIX)
-    write_simulation(out, *simulate_particles(truth, PIX, N, snr=1.0, seed=3, max_shift_px=1),
-                     pixel_size=PIX)
-    write_map(out / "ref.mrc", truth, PIX)
-    return out
+def sim(phantom_set) -> Path:
+    return phantom_set("kill", BOX, PIX, N, seed=3)
 
 
 def _cmd(command: str, sim: Path, out: Path) -> list[str]:

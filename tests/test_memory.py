@@ -13,25 +13,18 @@ from cryomap import fourier
 from cryomap.em import data as data_module
 from cryomap.em.data import ImageSource, cache_size, read_chunk
 from cryomap.errors import InputError
-from cryomap.io.mrc import open_stack, read_map, write_map, write_stack
+from cryomap.io.mrc import open_stack, read_map, write_stack
 from cryomap.jobs import base
 from cryomap.jobs.base import MIN_BATCH_MEMORY, plan_memory
 from cryomap.particles import load_particles
-from cryomap.phantom import make_phantom
-from cryomap.simulate import simulate_particles, write_simulation
 
 BOX, PIX, N = 24, 7.0, 30
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("memory")
-    truth = make_phantom(BOX, PIX)
-    write_simulation(d, *simulate_particles(truth, PIX, N, snr=1.0, seed=6, max_shift_px=1),
-                     pixel_size=PIX)
-    write_map(d / "ref.mrc", truth, PIX)
-    return d
+def sim(phantom_set) -> Path:
+    return phantom_set("memory", BOX, PIX, N, seed=6)
 
 
 def _estimate(batch_memory: int) -> dict[str, int]:
@@ -145,3 +138,18 @@ def test_reading_a_stack_leaves_no_pages_resident(tmp_path):
         grown = _rss_file_kib() - start
     assert np.isfinite(total) and first.shape == (1, box, box)
     assert grown < 16 * 1024, f"{grown} KiB of the 64 MiB stack stayed resident"
+
+
+def test_batch_size_keeps_the_level0_weights_within_the_batch_memory():
+    """engine.batch_size, the one rule of refine, classify and initial_model: 4 bytes per
+    image, translation, class and level-0 orientation (LOCAL_WINDOW for a local or
+    fixed-pose search), between 8 and 2048 images."""
+    from cryomap.em.engine import LOCAL_WINDOW, Search, batch_size
+    from cryomap.sampling import PoseSampling
+
+    s = PoseSampling.create(3, 2, 15.0, 2.0, 6.0)  # 4608 orientations, 29 translations
+    n_t, n_r = s.translations().shape[0], s.n_orientations(0)
+    glob, local = Search(s, 1, 10, 100.0), Search(s, 1, 10, 100.0, local_sigma=3.0)
+    assert batch_size(glob, 2, 512 * MiB) == 512 * MiB // (4 * n_t * 2 * n_r)
+    assert batch_size(local, 1, 512 * MiB) == min(2048, 512 * MiB // (4 * n_t * LOCAL_WINDOW))
+    assert batch_size(glob, 50, MiB) == 8 and batch_size(glob, 1, 1 << 40) == 2048

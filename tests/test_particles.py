@@ -8,13 +8,13 @@ import pytest
 
 from cryomap.ctf import CtfParams
 from cryomap.errors import InputError
+from cryomap.halves import random_subsets
 from cryomap.io.mrc import write_stack
 from cryomap.io.star import read_star
 from cryomap.particles import (
     ParticleSet,
     load_particles,
     make_optics_table,
-    random_subsets,
     write_particles,
 )
 

@@ -76,8 +76,8 @@ def test_refinement_reaches_the_true_pose_reconstruction(run):
 def test_schedule_and_outputs(run):
     out, _, _, state, _ = run
     hist = state.history
-    assert hist[-1]["final"] and hist[-1]["r_max"] == BOX // 2
-    orders = [h["healpix_order"] + h["levels"] for h in hist]  # finest order searched
+    assert hist[-1].final and hist[-1].r_max == BOX // 2
+    orders = [h.healpix_order + h.levels for h in hist]  # finest order searched
     assert orders[-1] > orders[0]  # the sampling became finer
     log = (out / "refine" / "run.log").read_text()
     assert "sampling: HEALPix order 3" in log and "(final)" in log

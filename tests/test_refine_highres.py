@@ -75,11 +75,11 @@ def test_reported_resolution_is_that_of_the_written_half_maps(run):
     halves = [read_map(out / f"run_half{h}_class001_unfil.mrc")[0] for h in (1, 2)]
     written = resolution_shell(fsc_maps(*halves), 0.143)
     last = state.history[-1]
-    assert abs(last["resolution_shell"] - written) <= 1
+    assert abs(last.resolution_shell - written) <= 1
     model = read_star(out / "run_model.star")
     assert float(model["model_general"]["rlnCurrentResolution"]) == pytest.approx(
-        last["resolution"])
-    assert f"final resolution {last['resolution']:.2f} Å" in (out / "run.log").read_text()
+        last.resolution)
+    assert f"final resolution {last.resolution:.2f} Å" in (out / "run.log").read_text()
 
 
 def test_the_radius_follows_the_resolution(run):
@@ -89,15 +89,15 @@ def test_the_radius_follows_the_resolution(run):
     out, _, state, _, options = run
     hist = state.history
     first = hist[0]
-    assert first["recon_radius"] == min(2 * first["r_max"], BOX // 2) > first["r_max"]
+    assert first.recon_radius == min(2 * first.r_max, BOX // 2) > first.r_max
     fsc = read_star(out / "run_it001_model.star")["model_class_1"]["rlnGoldStandardFsc"]
     fsc = fsc.to_numpy()
-    beyond = fsc[first["r_max"] + 1:first["recon_radius"] + 1]
+    beyond = fsc[first.r_max + 1:first.recon_radius + 1]
     assert np.count_nonzero(beyond) == beyond.size  # measured, not cut at the radius
-    assert not np.any(fsc[first["recon_radius"] + 1:])
+    assert not np.any(fsc[first.recon_radius + 1:])
     for before, h in zip(hist[:-2], hist[1:-1], strict=True):
-        assert h["r_max"] == min(before["resolution_shell"] + options.incr_size, BOX // 2 - 1)
-        assert h["recon_radius"] == min(2 * h["r_max"], BOX // 2)
+        assert h.r_max == min(before.resolution_shell + options.incr_size, BOX // 2 - 1)
+        assert h.recon_radius == min(2 * h.r_max, BOX // 2)
 
 
 def test_translations_as_fine_as_rotations(run):
@@ -105,9 +105,9 @@ def test_translations_as_fine_as_rotations(run):
     edge moves by one oversampled angular step (down to 0.1 px)."""
     _, _, state, _, options = run
     radius = mask_radius_px(options, BOX, PIX)
-    later = [h for h in state.history if h["healpix_order"] + h["levels"] > 3]
+    later = [h for h in state.history if h.healpix_order + h.levels > 3]
     assert later
     for h in later:
-        order = int(h["stage"].split()[1])
+        order = int(h.stage.split()[1])
         edge = np.deg2rad(angular_step(order + options.oversampling)) * radius
-        assert h["offset_step"] <= max(edge, 0.1) + 1e-9
+        assert h.offset_step <= max(edge, 0.1) + 1e-9

@@ -99,9 +99,9 @@ def test_symmetric_refinement_reaches_c1_with_fewer_orientations(runs):
     m_c1, _ = read_map(out / "C1" / "run_class001.mrc")
     r_sym, r_c1 = _resolution(m_sym, truth), _resolution(m_c1, truth)
     r_oracle = _resolution(runs["oracle"].final_maps[0], truth)
-    n_sym = st_sym.history[0]["orientations_level0"]
-    n_c1 = st_c1.history[0]["orientations_level0"]
-    samples = [np.mean([h["mean_samples"] for h in s.history]) for s in (st_sym, st_c1)]
+    n_sym = st_sym.history[0].orientations_level0
+    n_c1 = st_c1.history[0].orientations_level0
+    samples = [np.mean([h.mean_samples for h in s.history]) for s in (st_sym, st_c1)]
     true_angles, _ = _true_poses(runs["truth_df"])
     errors = angular_errors(st_sym.angles, true_angles, sym)
     print(f"\n{sym}: {r_sym:.2f} Å (FSC 0.5 vs truth), C1 {r_c1:.2f} Å, true poses with {sym} "
@@ -156,12 +156,12 @@ def test_local_searches_find_poses_given_as_other_symmetry_copies(tmp_path_facto
                             sym=sym)
     state = refine(out / "start_poses.star", out / sym / "run_class001.mrc", tmp_path / "local",
                    options, echo=None)
-    assert all(h["local"] for h in state.history)
+    assert all(h.local for h in state.history)
     errors = angular_errors(state.angles, true_angles, sym)
     moved = np.median(angular_errors(state.angles, np.stack([rot, tilt, psi], 1)))
     print(f"\nlocal {sym}: error median {np.median(errors):.2f} deg, 95th percentile "
           f"{np.percentile(errors, 95):.2f} deg from starts 3 deg off (global search: 9 deg); "
-          f"median plain change {moved:.1f} deg; {state.history[-1]['mean_samples']:.0f} "
+          f"median plain change {moved:.1f} deg; {state.history[-1].mean_samples:.0f} "
           f"samples/image")
     # within the data's accuracy of the truth, every particle (a window without the copies
     # would hold no orientation of the unit for 3/4 of them)
@@ -173,10 +173,11 @@ def test_class3d_maps_are_symmetric(tmp_path_factory, tmp_path):
     runs = _runs("D2", tmp_path_factory)
     sym, out = runs["sym"], runs["out"]
     options = ClassOptions(n_classes=2, iterations=2, healpix_order=1, offset_range=2.0,
-                           offset_step=2.0, particle_diameter=DIAMETER, sym=sym)
+                           offset_step=2.0, particle_diameter=DIAMETER, sym=sym,
+                           tau2_fudge=1.0, class_temperature=1.0)
     state = classify3d(out / "particles.star", out / "start.mrc", tmp_path / "cls", options,
                        echo=None)
-    assert state.history[-1]["mean_samples"] > 0
+    assert state.history[-1].mean_samples > 0
     for k in range(2):
         volume, _ = read_map(tmp_path / "cls" / f"run_class{k + 1:03d}.mrc")
         assert _symmetry_error(volume, sym) <= 1e-6

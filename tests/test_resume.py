@@ -1,5 +1,7 @@
 """--continue on damaged and finished runs: a corrupt last iteration falls back to the one
-before (said in run.log) and still gives the uninterrupted run's map bit for bit; temporary
+before (said in run.log) and still gives the uninterrupted run's map bit for bit; damaged
+states only, or a state of another layout, stop with one line (never a silent restart);
+temporary
 files of interrupted writes are removed; a finished run is left alone; the thread count of
 the first start is kept; a state of another particle set is refused."""
 
@@ -66,11 +68,64 @@ def test_corrupt_last_state_falls_back_to_the_one_before(finished, tmp_path):
     assert same_map(run, finished / "run")
 
 
-def test_all_states_corrupt_starts_again(finished, tmp_path):
-    run = interrupted(finished, tmp_path / "run", after=1)
-    (run / "run_it001_state.npz").write_bytes(b"PK\x03\x04 not a zip")
+def test_empty_last_state_falls_back_and_says_so(finished, tmp_path, capsys):
+    run = interrupted(finished, tmp_path / "run", after=3)
+    (run / "run_it003_state.npz").write_bytes(b"")  # a disk that filled up
+    (run / "run_it003_data.star").write_bytes(b"")
+    capsys.readouterr()
     assert main(["refine", "--o", str(run), "--continue"]) == 0
-    assert "starting from the beginning" in (run / "run.log").read_text()
+    out = capsys.readouterr().out
+    assert "run_it003_state.npz: the saved state is unreadable" in out
+    assert "continuing from iteration 2" in out
+    assert same_map(run, finished / "run")
+
+
+def _damaged_run_is_refused(run: Path, capsys, words: list[str]) -> None:
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["refine", "--o", str(run), "--continue"]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 1 and "Traceback" not in captured.err
+    assert all(w in captured.err for w in words), captured.err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written
+
+
+def test_all_states_damaged_stops_instead_of_starting_again(finished, tmp_path, capsys):
+    run = interrupted(finished, tmp_path / "run", after=2)
+    (run / "run_it001_state.npz").write_bytes(b"PK\x03\x04 not a zip")
+    state = run / "run_it002_state.npz"
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    _damaged_run_is_refused(run, capsys, ["no intact iteration state", "run_it001_state.npz",
+                                          "run_it002_state.npz", "another --o"])
+
+
+def _with_schema(path: Path, schema: dict | None) -> None:
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "__schema__"}
+    if schema is not None:
+        arrays["__schema__"] = np.array(json.dumps(schema))
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+@pytest.mark.parametrize("schema", [None, {"state": "RefineState", "version": 99},
+                                    {"state": "ClassState", "version": 1}])
+def test_state_of_another_layout_stops(finished, tmp_path, capsys, schema):
+    """A state written by another cryomap version (or no schema recorded, as before it was)
+    or by another job is refused with one line, not misread and not skipped."""
+    run = interrupted(finished, tmp_path / "run", after=2)
+    for it in (1, 2):
+        _with_schema(run / f"run_it{it:03d}_state.npz", schema)
+    _damaged_run_is_refused(run, capsys, ["run_it002_state.npz", "another layout",
+                                          "'version': 1"])
+
+
+def test_stopped_during_the_first_iteration_starts_again_and_says_so(finished, tmp_path,
+                                                                      capsys):
+    run = interrupted(finished, tmp_path / "run", after=0)
+    capsys.readouterr()
+    assert main(["refine", "--o", str(run), "--continue"]) == 0
+    assert "no iteration had finished; starting from the beginning" in capsys.readouterr().out
     assert same_map(run, finished / "run")
 
 

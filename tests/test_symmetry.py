@@ -414,16 +414,19 @@ def test_symmetrised_unit_weights_count_the_operators():
         np.testing.assert_array_equal(w2[r > 8.0 + 1e-6], 1.0)  # beyond the radius: as given
 
 
-def test_symmetrize_sums_matches_a_loop_reference(monkeypatch):
+@pytest.mark.parametrize("axis,angle", [((0.3, -0.5, 0.8), 37.0),  # interpolated
+                                        ((0, 0, 1), 90.0),  # grid permutations: the kernel's
+                                        ((1, 1, 1), 120.0)])  # gather path
+def test_symmetrize_sums_matches_a_loop_reference(monkeypatch, axis, angle):
     # RELION's formula voxel by voxel: S'(k) = sum_R S(R k), trilinear, conjugate mate for
-    # R k with negative x; written independently of the vectorised code.
+    # R k with negative x; written independently of the C++ kernel.
     m = 6
     rng = np.random.default_rng(4)
     vol = rng.normal(size=(12, 12, 12))
     d = fourier.to_centred(fourier.fft3_centered(vol), 5).astype(np.complex128)
     d = np.pad(d, ((1, 1), (1, 1), (0, 1)))  # radius 6 array, data within 5
     w = np.abs(d) ** 2
-    r_ = about((0.3, -0.5, 0.8), 37.0)
+    r_ = about(axis, angle)
     ops = np.array([np.eye(3), r_])
 
     def sample(arr, p):

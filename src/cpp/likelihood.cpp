@@ -96,6 +96,33 @@ struct ImageStats {
     bool finite = true;
 };
 
+// The per-image outputs of the E-step kernels, written by image index from any thread.
+struct ImageOutputs {
+    py::array_t<int64_t> best_r, best_t, n_sig;
+    py::array_t<double> max_prob, log_marginal, min_diff2;
+
+    explicit ImageOutputs(py::ssize_t B)
+        : best_r(B), best_t(B), n_sig(B), max_prob(B), log_marginal(B), min_diff2(B) {
+        p_r = best_r.mutable_data(); p_t = best_t.mutable_data(); p_n = n_sig.mutable_data();
+        p_max = max_prob.mutable_data(); p_log = log_marginal.mutable_data();
+        p_min = min_diff2.mutable_data();
+    }
+    // image i's statistics, with its best orientation and translation as indices r and t
+    void store(py::ssize_t i, const ImageStats& st, int64_t r, int64_t t) {
+        p_r[i] = r; p_t[i] = t; p_n[i] = st.n_significant;
+        p_max[i] = st.max_prob; p_log[i] = st.log_marginal; p_min[i] = st.min_diff2;
+    }
+    void into(py::dict& out) const {
+        out["best_r"] = best_r; out["best_t"] = best_t; out["max_prob"] = max_prob;
+        out["n_significant"] = n_sig; out["log_marginal"] = log_marginal;
+        out["min_diff2"] = min_diff2;
+    }
+
+   private:
+    int64_t *p_r, *p_t, *p_n;
+    double *p_max, *p_log, *p_min;
+};
+
 struct Entry {
     float w;
     int64_t index;
@@ -464,13 +491,8 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
     const EStepBlocking blk{block_rows > 0 ? block_rows : 512, block_cols > 0 ? block_cols : 512};
 
     py::array_t<float> weights({B, T, R});
-    py::array_t<int64_t> best_r(B), best_t(B), n_sig(B);
-    py::array_t<double> max_prob(B), log_marginal(B), min_diff2(B);
+    ImageOutputs outputs(B);
     float* w = weights.mutable_data();
-    int64_t *o_best_r = best_r.mutable_data(), *o_best_t = best_t.mutable_data(),
-            *o_nsig = n_sig.mutable_data();
-    double *o_pmax = max_prob.mutable_data(), *o_logm = log_marginal.mutable_data(),
-           *o_min = min_diff2.mutable_data();
     bool scores_finite = true;
     {
         py::gil_scoped_release release;
@@ -494,12 +516,7 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
 #pragma omp atomic write
                     scores_finite = false;
                 }
-                o_best_r[i] = st.best_r;
-                o_best_t[i] = st.best_t;
-                o_nsig[i] = st.n_significant;
-                o_pmax[i] = st.max_prob;
-                o_logm[i] = st.log_marginal;
-                o_min[i] = st.min_diff2;
+                outputs.store(i, st, st.best_r, st.best_t);
             }
         }
     }
@@ -509,12 +526,7 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
             "images, slices or inv_sigma2");
     py::dict out;
     out["weights"] = weights;
-    out["best_r"] = best_r;
-    out["best_t"] = best_t;
-    out["max_prob"] = max_prob;
-    out["n_significant"] = n_sig;
-    out["log_marginal"] = log_marginal;
-    out["min_diff2"] = min_diff2;
+    outputs.into(out);
     return out;
 }
 
@@ -598,13 +610,8 @@ py::dict expectation_subsets(const py::array& images, const py::array& ctf,
         max_t = std::max<py::ssize_t>(max_t, ti);
     }
     py::array_t<float> weights(bp[B]);
-    py::array_t<int64_t> best_r(B), best_t(B), n_sig(B);
-    py::array_t<double> max_prob(B), log_marginal(B), min_diff2(B);
+    ImageOutputs outputs(B);
     float* w = weights.mutable_data();
-    int64_t *o_best_r = best_r.mutable_data(), *o_best_t = best_t.mutable_data(),
-            *o_nsig = n_sig.mutable_data();
-    double *o_pmax = max_prob.mutable_data(), *o_logm = log_marginal.mutable_data(),
-           *o_min = min_diff2.mutable_data();
     bool scores_finite = true;
     {
         py::gil_scoped_release release;
@@ -671,12 +678,7 @@ py::dict expectation_subsets(const py::array& images, const py::array& ctf,
                     scores_finite = false;
                     continue;
                 }
-                o_best_r[i] = rl.index[r0 + st.best_r];
-                o_best_t[i] = sl.index[t0 + st.best_t];
-                o_nsig[i] = st.n_significant;
-                o_pmax[i] = st.max_prob;
-                o_logm[i] = st.log_marginal;
-                o_min[i] = st.min_diff2;
+                outputs.store(i, st, rl.index[r0 + st.best_r], sl.index[t0 + st.best_t]);
             }
         }
     }
@@ -687,12 +689,7 @@ py::dict expectation_subsets(const py::array& images, const py::array& ctf,
     py::dict out;
     out["weights"] = weights;
     out["block_ptr"] = block_ptr;
-    out["best_r"] = best_r;
-    out["best_t"] = best_t;
-    out["max_prob"] = max_prob;
-    out["n_significant"] = n_sig;
-    out["log_marginal"] = log_marginal;
-    out["min_diff2"] = min_diff2;
+    outputs.into(out);
     return out;
 }
 

@@ -382,6 +382,37 @@ py::tuple symmetrise_sums_impl(const py::array& data, const py::array& weight,
                   tx = (m + 1 + kTile - 1) / kTile;
         for (py::ssize_t o = 0; o < n_ops; ++o) {
             const double* a = ops + 9 * o;
+            // a signed permutation (the 90 and 180 degree turns about x, y, z: all of C4, D4,
+            // T and O in RELION's settings) maps grid points onto grid points: a gather
+            int ia[9];
+            bool permutation = true;
+            for (int i = 0; i < 9; ++i) {
+                ia[i] = (int)std::lround(a[i]);
+                permutation = permutation && std::abs(a[i] - ia[i]) < 1e-9;
+            }
+            if (permutation) {
+#pragma omp parallel for schedule(static)
+                for (int z = 0; z < vs.nz; ++z) {
+                    const int kz = z - m;
+                    for (int y = 0; y < vs.ny; ++y) {
+                        const int ky = y - m;
+                        for (int kx = 0; kx <= m; ++kx) {
+                            if ((double)kx * kx + (double)ky * ky + (double)kz * kz > r2max)
+                                continue;
+                            int px = ia[0] * kx + ia[1] * ky + ia[2] * kz,
+                                py = ia[3] * kx + ia[4] * ky + ia[5] * kz,
+                                pz = ia[6] * kx + ia[7] * ky + ia[8] * kz;
+                            const bool conj = px < 0;
+                            if (conj) { px = -px; py = -py; pz = -pz; }
+                            const int64_t src = ((int64_t)pz + m) * sz + ((int64_t)py + m) * sy + px;
+                            const int64_t v = (int64_t)z * sz + (int64_t)y * sy + kx;
+                            od[v] += conj ? std::conj(d[src]) : d[src];
+                            ow[v] += w[src];
+                        }
+                    }
+                }
+                continue;
+            }
 #pragma omp parallel for schedule(dynamic, 4)
             for (int t = 0; t < tz * ty * tx; ++t) {
                 const int z0 = (t / (ty * tx)) * kTile, y0 = ((t / tx) % ty) * kTile,

@@ -28,33 +28,53 @@ Example (docs/api.md has it at test sizes, run by the test suite):
     result.map.asnumpy(), result.map.pixel_size, result.resolution, result.particles
 """
 
-# The module `cryomap.simulate` is loaded first, so that the name `cryomap.simulate` stays the
-# API function below (a submodule loaded later would replace the package's attribute).
-from . import simulate as _simulate_module
-from .api import (
-    ClassifyResult,
-    ReconstructResult,
-    RefineResult,
-    SimulationResult,
-    classify2d,
-    classify3d,
-    get_threads,
-    particles_from_images,
-    read_particles,
-    reconstruct,
-    refine,
-    set_threads,
-    simulate,
-)
-from .errors import InputError
-from .particles import ParticleSet
-from .volume import FSC, Volume
-
-del _simulate_module
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
+
+# The API is imported on first use (PEP 562), so that `import cryomap` (and the CLI's --help)
+# does not pay for pandas and the kernels: name -> the module that defines it.
+_API = {
+    **dict.fromkeys(("ClassifyResult", "ReconstructResult", "RefineResult", "SimulationResult",
+                     "classify2d", "classify3d", "get_threads", "particles_from_images",
+                     "read_particles", "reconstruct", "refine", "set_threads", "simulate"),
+                    ".api"),
+    "InputError": ".errors",
+    "ParticleSet": ".particles",
+    "FSC": ".volume",
+    "Volume": ".volume",
+}
 
 __all__ = ["Volume", "FSC", "ParticleSet", "particles_from_images", "read_particles",
            "simulate", "refine", "classify3d", "classify2d", "reconstruct", "set_threads",
            "get_threads", "SimulationResult", "RefineResult", "ClassifyResult",
            "ReconstructResult", "InputError", "__version__"]
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cryomap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+class _Package(types.ModuleType):
+    """The package module: the name `cryomap.simulate` is the API function, also once the
+    submodule `cryomap.simulate` is loaded (the import system would bind the module to it;
+    the module stays in sys.modules)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _API and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

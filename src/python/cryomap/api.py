@@ -25,7 +25,7 @@ from .volume import FSC, Volume
 __all__ = ["set_threads", "get_threads", "read_particles", "particles_from_images",
            "simulate", "refine",
            "classify3d", "classify2d", "reconstruct", "SimulationResult", "RefineResult",
-           "ClassifyResult", "ReconstructResult", "CLASS3D_DEFAULTS", "CLASS2D_DEFAULTS"]
+           "ClassifyResult", "ReconstructResult"]
 
 PathLike = str | os.PathLike
 Echo = Callable[[str], None] | None
@@ -33,9 +33,6 @@ Particles = ParticleSet | PathLike
 Reference = Volume | PathLike
 
 #: Defaults of 3D and 2D classification where they differ from ClassOptions' (RELION's GUI).
-CLASS3D_DEFAULTS = {"n_classes": 4, "tau2_fudge": 4.0, "psi_step": None,
-                    "class_temperature": 4.0}
-CLASS2D_DEFAULTS = {"n_classes": 50, "tau2_fudge": 2.0, "psi_step": 10.0}
 
 
 # -- threads and particles ---------------------------------------------------------------------
@@ -88,15 +85,15 @@ def _check_reference(reference) -> None:
                     f"{type(reference).__name__} (wrap an array as Volume(array, pixel_size))")
 
 
-def _options(cls, options, values: dict, defaults: dict | None = None):
-    """An options dataclass: `options` (or cls(**defaults)) with `values` replacing fields;
-    validated (InputError) and the symmetry name made canonical."""
+def _options(cls, options, values: dict):
+    """An options dataclass: `options` (or cls()) with `values` replacing fields; validated
+    (InputError) and the symmetry name made canonical."""
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; expected some of "
                         f"{', '.join(sorted(names))}")
-    base = cls(**(defaults or {})) if options is None else replace(options)
+    base = cls() if options is None else replace(options)
     out = replace(base, **values)
     out.validate()
     from .symmetry import point_group
@@ -288,7 +285,7 @@ def refine(particles: Particles, reference: Reference | None = None,
         map=Volume(np.asarray(maps[0], np.float32), pix),
         half_maps=(Volume(np.asarray(maps[1], np.float32), pix),
                    Volume(np.asarray(maps[2], np.float32), pix)),
-        fsc=fsc, resolution=float(state.history[-1]["resolution"]) if state.history
+        fsc=fsc, resolution=float(state.history[-1].resolution) if state.history
         else fsc.resolution(),
         particles=refine_table(ps, state), iterations=int(state.iteration),
         outdir=None if outdir is None else Path(outdir), state=state)
@@ -326,10 +323,9 @@ def _classify(ndim: int, particles: Particles, reference, outdir, options, resum
     from .jobs.classify import classify2d as run_2d
     from .jobs.classify import classify3d as run_3d
 
-    defaults = dict(CLASS3D_DEFAULTS if ndim == 3 else CLASS2D_DEFAULTS, ndim=ndim)
     if "ndim" in option_values or (options is not None and options.ndim != ndim):
         raise ValueError(f"classify{ndim}d: options.ndim must be {ndim}")
-    opts = _options(ClassOptions, options, option_values, defaults)
+    opts = _options(ClassOptions, options or ClassOptions.defaults(ndim), option_values)
     _check_reference(reference)
     set_threads(threads)
     ps = _particles(particles, angpix)

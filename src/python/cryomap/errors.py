@@ -6,3 +6,8 @@ class InputError(ValueError):
 
     The message names the file, the field and what was expected, in one line.
     """
+
+
+def one_line(text: str) -> str:
+    """A message on one line (a file name or a value may hold a newline)."""
+    return " ".join(text.split("\n"))

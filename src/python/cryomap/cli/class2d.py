@@ -7,7 +7,7 @@ import argparse
 
 from ..errors import InputError
 from .class3d import add_class_arguments, class_options
-from .options import run_settings
+from .options import continued_run, run_settings
 
 COMMAND = "class2d"
 HELP = "2D classification (class averages) by EM with class marginalisation"
@@ -32,9 +32,7 @@ example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..api import CLASS2D_DEFAULTS
-
-    add_class_arguments(p, **CLASS2D_DEFAULTS)
+    add_class_arguments(p, 2)
     p.add_argument("--center_classes", "--center-classes", dest="center_classes",
                    action="store_true",
                    help="keep the averages centred: move each one's centre of mass to the box "
@@ -49,14 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from ..jobs.classify import saved_run
 
     if args.resume and args.i is None:
-        job = saved_run(args.o)
+        job, threads, memory = continued_run(args, saved_run)
         options = job["options"]
         if options.ndim != 2:
             raise InputError(f"{args.o}: the run there is a 3D classification; use class3d")
-        if args.iterations is not None:
-            options.iterations = args.iterations
-            options.validate()
-        threads, memory = run_settings(args, job)
         classify2d(job["i"], args.o, reference=job["ref"], options=options, resume=True,
                    max_memory=memory, threads=threads)
         return 0

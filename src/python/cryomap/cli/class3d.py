@@ -7,7 +7,12 @@ import argparse
 
 from ..em.classify import ClassOptions
 from ..errors import InputError
-from .options import add_em_arguments, options_from_args, run_settings
+from .options import (
+    add_em_arguments,
+    continued_run,
+    options_from_args,
+    run_settings,
+)
 
 COMMAND = "class3d"
 HELP = "3D classification by EM with class marginalisation"
@@ -35,18 +40,17 @@ example:
 """
 
 
-def add_class_arguments(p: argparse.ArgumentParser, n_classes: int, tau2_fudge: float,
-                        psi_step: float | None, class_temperature: float = 1.0) -> None:
-    """The shared options plus those of classification."""
-    d = ClassOptions(n_classes=n_classes, tau2_fudge=tau2_fudge, psi_step=psi_step,
-                     class_temperature=class_temperature)
-    add_em_arguments(p, d)
+def add_class_arguments(p: argparse.ArgumentParser, ndim: int) -> None:
+    """The shared options plus those of classification, with class{ndim}d's defaults
+    (`ClassOptions.defaults`)."""
+    d = ClassOptions.defaults(ndim)
+    add_em_arguments(p, d, exclude=() if ndim == 3 else ("sym",))  # 2D: no point group
     p.add_argument("--K", dest="n_classes", type=int, default=d.n_classes,
                    help="number of classes")
     p.add_argument("--iter", dest="iterations", type=int, default=None,
                    help=f"number of iterations (default {d.iterations}; with --continue, the "
                         "saved run's)")
-    p.add_argument("--hard-last", "--hard_last", dest="hard_last", action="store_true",
+    p.add_argument("--hard_last", "--hard-last", dest="hard_last", action="store_true",
                    help="hard classification in the last iteration: each particle contributes "
                         "only to its most probable class")
     p.add_argument("--class_temperature", "--class-temperature", dest="class_temperature",
@@ -79,9 +83,7 @@ def class_options(args: argparse.Namespace, ndim: int) -> ClassOptions:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..api import CLASS3D_DEFAULTS
-
-    add_class_arguments(p, **CLASS3D_DEFAULTS)
+    add_class_arguments(p, 3)
     p.add_argument("--skip_align", "--skip-align", dest="skip_align", action="store_true",
                    help="classify without alignment: every particle at its pose in --i")
     p.add_argument("--auto_sampling", "--auto-sampling", dest="auto_sampling",
@@ -98,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "class is the consensus map (keeps noise at high resolution from "
                         "deciding classes; docs/method.md). 0: off, as RELION")
     p.add_argument("--init_perturbation", "--init-perturbation", dest="perturbation",
-                   type=float, default=ClassOptions().perturbation,
+                   type=float, default=ClassOptions.defaults(3).perturbation,
                    help="random low-resolution perturbation of each initial class, in units "
                         "of the low-passed reference's standard deviation")
 
@@ -109,14 +111,10 @@ def run(args: argparse.Namespace) -> int:
     from ..jobs.classify import saved_run
 
     if args.resume and args.i is None:
-        job = saved_run(args.o)
+        job, threads, memory = continued_run(args, saved_run)
         options = job["options"]
         if options.ndim != 3:
             raise InputError(f"{args.o}: the run there is a 2D classification; use class2d")
-        if args.iterations is not None:
-            options.iterations = args.iterations
-            options.validate()
-        threads, memory = run_settings(args, job)
         classify3d(job["i"], job["ref"], args.o, options=options, resume=True,
                    max_memory=memory, threads=threads)
         return 0

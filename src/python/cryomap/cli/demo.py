@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     curve = fsc_maps(result.astype(np.float64), truth.astype(np.float64))
     res_truth = resolution_angstrom(curve, args.box, args.angpix, 0.143)
     res_truth05 = resolution_angstrom(curve, args.box, args.angpix, 0.5, interpolate=True)
-    res_half = state.history[-1]["resolution"]
+    res_half = state.history[-1].resolution
     truth_df = read_star(out / "particles" / "truth.star")["particles"]
     true_angles = truth_df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     err = angular_errors(state.angles, true_angles)

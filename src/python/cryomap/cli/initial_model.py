@@ -8,7 +8,12 @@ import argparse
 from .._kernels import set_threads
 from ..em.initial_model import InitialModelOptions
 from ..errors import InputError
-from .options import add_em_arguments, options_from_args, run_settings
+from .options import (
+    add_em_arguments,
+    continued_run,
+    options_from_args,
+    run_settings,
+)
 
 COMMAND = "initial_model"
 HELP = "ab-initio initial model(s) from the particles alone, by stochastic mini-batch EM"
@@ -40,12 +45,12 @@ example:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = InitialModelOptions()
-    add_em_arguments(p, d)
+    # no reference, local searches, origin prior or E-step radius rule: the schedule sets them
+    add_em_arguments(p, d, exclude=("ref", "sigma_ang", "offset_sigma", "incr_size"))
     for action in p._actions:  # the shared options' help, as this command uses them
         if action.dest == "ini_high":
             action.help = "resolution of the first iterations (Å; RELION's --grad_ini_resol)"
-        elif action.dest == "ref":
-            action.help = "not used: initial_model makes its maps from the particles alone"
+    p.add_argument("--ref", help=argparse.SUPPRESS)  # refused in run(): no reference here
     p.add_argument("--K", dest="n_classes", type=int, default=d.n_classes,
                    help="number of classes")
     p.add_argument("--iter", dest="iterations", type=int, default=None,
@@ -91,12 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--ref {args.ref}: initial_model makes its maps from the particles "
                          f"alone; expected no reference (use it with refine or class3d)")
     if args.resume and args.i is None:
-        job = saved_run(args.o)
+        job, threads, memory = continued_run(args, saved_run)
         options = job["options"]
-        if args.iterations is not None:
-            options.iterations = args.iterations
-            options.validate()
-        threads, memory = run_settings(args, job)
         set_threads(threads)
         initial_model(job["i"], args.o, options, resume=True, max_memory=memory)
         return 0

@@ -15,7 +15,7 @@ import pkgutil
 import sys
 
 from .. import parallel
-from ..errors import InputError
+from ..errors import InputError, one_line
 
 
 def _subcommand_modules() -> list:
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mpi", action="store_true",
                            help="run as one rank of an MPI job (implied under mpirun; "
                                 "docs/mpi.md)")
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if parallel.requested(words):  # [mpi hook] one rank of a parallel run (docs/mpi.md)
         from ..parallel.launch import launch
 
-        code = launch(words)
+        code = launch(words, build_parser)
         if code is not None:
             return code
     try:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except InputError as e:
-        print(f"cryomap {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"cryomap {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file the checks could not foresee (e.g. removed meanwhile)
         where = f"{e.filename}: " if e.filename else ""
@@ -96,11 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cryomap {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _one_line(text: str) -> str:
-    """A message on one line (a file name or a value may hold a newline)."""
-    return " ".join(text.split("\n"))
 
 
 if __name__ == "__main__":

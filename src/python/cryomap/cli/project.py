@@ -31,7 +31,7 @@ stack (by its path from the working folder, as RELION writes image paths).
 
 example:
   cryomap project --i map.mrc --ang truth.star --o proj.mrcs --ctf
-  cryomap project --i map.mrc --ang poses.star --o noisy.mrcs --ctf --add-noise --snr 0.05
+  cryomap project --i map.mrc --ang poses.star --o noisy.mrcs --ctf --add_noise --snr 0.05
 """
 
 _ANGLES = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -50,10 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--angpix", type=float, metavar="A", default=None,
                    help="pixel size of the map (A); default: from the map header")
     p.add_argument("--ctf", action="store_true", help="apply the CTF of each row")
-    p.add_argument("--add-noise", "--add_noise", dest="add_noise", action="store_true",
+    p.add_argument("--add_noise", "--add-noise", dest="add_noise", action="store_true",
                    help="add white Gaussian noise (variance = signal variance / --snr)")
     p.add_argument("--snr", type=float, default=0.1, help="signal-to-noise ratio with "
-                                                          "--add-noise")
+                                                          "--add_noise")
     p.add_argument("--seed", "--random_seed", type=seed_arg, default=0, help="noise random seed")
     p.add_argument("--pad", type=int, choices=(1, 2), default=2, help="padding factor")
     p.add_argument("--interp", choices=("nearest", "linear"), default="linear",
@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     elif out.suffix != ".mrcs":
         out = out.with_name(out.name + ".mrcs")
     if args.add_noise and not (args.snr > 0 and np.isfinite(args.snr)):
-        raise InputError(f"--snr {args.snr}: expected a finite value > 0 with --add-noise")
+        raise InputError(f"--snr {args.snr}: expected a finite value > 0 with --add_noise")
     star_out = out.with_suffix(".star")
     check_output_file(out, "--o")
     check_output_file(star_out, "--o")

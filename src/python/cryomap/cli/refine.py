@@ -6,7 +6,12 @@ import argparse
 
 from ..em.refine import RefineOptions
 from ..errors import InputError
-from .options import add_em_arguments, options_from_args, run_settings
+from .options import (
+    add_em_arguments,
+    continued_run,
+    options_from_args,
+    run_settings,
+)
 
 COMMAND = "refine"
 HELP = "3D auto-refinement by MAP-EM with gold-standard half-sets"
@@ -43,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto_local_healpix_order", "--auto-local-healpix-order", type=int,
                    default=d.auto_local_healpix_order,
                    help="HEALPix order from which the searches are local")
-    p.add_argument("--prior-model", "--prior_model", dest="prior_model",
+    p.add_argument("--prior_model", "--prior-model", dest="prior_model",
                    default=d.prior_model,
                    help="tau2 from the half-map FSC (fsc, RELION) or per voxel (voxel)")
     p.add_argument("--solvent_mask", "--solvent-mask", default=None, metavar="MASK",
@@ -62,12 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from ..jobs.refine import saved_run
 
     if args.resume and args.i is None:
-        job = saved_run(args.o)
+        job, threads, memory = continued_run(args, saved_run)
         options = job["options"]
-        if args.iterations is not None:
-            options.iterations = args.iterations
-            options.validate()
-        threads, memory = run_settings(args, job)
         refine(job["i"], job["ref"], args.o, options=options, resume=True,
                max_memory=memory, threads=threads)
         return 0

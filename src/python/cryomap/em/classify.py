@@ -43,11 +43,12 @@ from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over rank
 from ..resolution import fsc, resolution_shell
 from ..sampling import PoseSampling
 from .data import ImageSource
-from .engine import Search
+from .engine import PassResult, Search, batch_size
+from .iteration import merge_timings, offset_sigma, rotations, store_estimates
 from .model import next_r_max, ssnr_from_fsc, state_from_saved
 from .noise import NoiseModel
 from .options import EMOptions, bad_option
-from .refine import MIN_SIGMA2_OFFSET, AutoSampling, mask_radius_px, pose_change
+from .refine import AutoSampling, mask_radius_px, pose_change
 
 # Shells below this are reconstructed without the prior term (RELION's --minres_map).
 MINRES_MAP = 5
@@ -57,6 +58,8 @@ MINRES_MAP = 5
 class ClassOptions(EMOptions):
     """Options of a classification: the shared ones and the classes'."""
 
+    # class3d's defaults (RELION's Class3D); class2d's: `ClassOptions.defaults(2)`
+    tau2_fudge: float = 4.0
     iterations: int = 25
     n_classes: int = 4  # --K
     ndim: int = 3  # reference dimensionality: 3 (class3d) or 2 (class2d)
@@ -75,7 +78,7 @@ class ClassOptions(EMOptions):
     split_halves: bool = False
     # class-similarity control: the class posterior raised to 1/T before the M-step, T falling
     # geometrically from class_temperature to 1 over the first half of the iterations
-    class_temperature: float = 1.0
+    class_temperature: float = 4.0
     # 3D with alignment: the poses refined against one consensus map on refinement's schedule
     # (finer HEALPix orders up to local searches), then the classes seeded and classified at
     # those poses until settled, then each class's poses searched again from the starting
@@ -86,6 +89,15 @@ class ClassOptions(EMOptions):
     # consensus are supported (the half-set FSC of the differences stays >= this); beyond it
     # every class is the consensus map. 0: off (RELION)
     difference_fsc: float = 0.143
+
+    @classmethod
+    def defaults(cls, ndim: int = 3, **values) -> ClassOptions:
+        """The options of class3d (ndim 3: the dataclass defaults) or class2d (ndim 2:
+        RELION's Class2D, 50 classes, T = 2, in-plane step 10°, no class temperature), with
+        `values` over them: what the command line and the Python API start from."""
+        base = {} if ndim == 3 else {"n_classes": 50, "tau2_fudge": 2.0, "psi_step": 10.0,
+                                     "class_temperature": 1.0}
+        return cls(**{**base, "ndim": ndim, **values})
 
     def validate(self) -> None:
         """Every option in range (InputError naming the option and the range)."""
@@ -110,6 +122,30 @@ class ClassOptions(EMOptions):
         if self.highres_limit is not None and not (np.isfinite(self.highres_limit)
                                                    and self.highres_limit > 0):
             raise bad_option("strict_highres_exp", self.highres_limit, "a resolution > 0 Å")
+
+
+@dataclass
+class ClassIteration:
+    """The figures of one classification iteration: run.log's line, the history."""
+
+    iteration: int
+    r_max: int  # px, the E-step's Fourier radius
+    resolution_shell: int  # the best class's (SSNR 1, or FSC 0.143 with split halves)
+    resolution: float  # Å, of resolution_shell
+    class_resolution: list[float]  # Å, each class's
+    difference_resolution: float | None  # Å, how far the classes may differ (None: off)
+    distribution: list[float]  # the class prior
+    changed_fraction: float  # particles whose best class changed
+    log_likelihood: float
+    average_pmax: float
+    mean_n_significant: float
+    mean_samples: float  # final-level samples scored per image
+    hard: bool
+    reseeded: list  # (class, from class) pairs re-seeded this iteration
+    seconds: float
+    timings: dict[str, float]  # seconds by stage (`iteration.merge_timings`)
+    message: str | None  # the schedule's line when the sampling changed
+    stage: str  # the sampling, in words
 
 
 @dataclass
@@ -144,7 +180,7 @@ class ClassState:
     fixed_done: bool = False
     # Fourier shell up to which the classes may differ (limit_differences); None: no limit
     difference_shell: int | None = None
-    history: list = field(default_factory=list)
+    history: list[ClassIteration] = field(default_factory=list)
 
     @property
     def n_classes(self) -> int:
@@ -152,7 +188,7 @@ class ClassState:
 
     @classmethod
     def from_saved(cls, values: dict) -> ClassState:
-        values = dict(values)
+        values = dict(values, history=[ClassIteration(**h) for h in values.get("history", [])])
         if values.get("schedule") is not None:
             values["schedule"] = AutoSampling(**values["schedule"])
         return state_from_saved(cls, values,
@@ -312,15 +348,191 @@ def class_search(options: ClassOptions, iteration: int, radius: int, diameter: f
                   class_temperature=temperature(options, iteration, seeded_at))
 
 
-def class_batch_size(search: Search, n_classes: int, memory: int) -> int:
-    """Images per batch so that a batch's dense level-0 weights stay within `memory`."""
-    per_image = 4 * search.sampling.translations().shape[0] * n_classes * (
-        search.sampling.n_orientations(0) if search.local_sigma is None else 4096)
-    return int(max(8, min(2048, memory // max(per_image, 1))))
+@dataclass
+class _ClassStep:
+    """One class iteration's mode and fixed inputs (`class_iteration`)."""
+
+    state: ClassState
+    source: ImageSource
+    options: ClassOptions
+    search: Search
+    noise: NoiseModel
+    sphere: np.ndarray  # the particle mask the references are multiplied by
+    radius: int  # the E-step's and the maps' Fourier radius (px)
+    mask_radius: float  # px
+    consensus: bool  # poses refined against one map, every class's (before seeding)
+    fixed: bool  # the fixed-pose phase of the sampling schedule
+    previous: np.ndarray  # (n, 3, 3) rotations at the start of the iteration
+    batch: int
+    progress: object = None
+
+
+def _class_step(state: ClassState, source: ImageSource, o: ClassOptions, hard: bool,
+                progress) -> _ClassStep:
+    box, pix = source.box, source.pixel_size
+    k_cls = state.n_classes
+    mask_radius = mask_radius_px(o, box, pix)
+    # with the sampling schedule, the poses are refined against one consensus map (every
+    # class's) until the searches are local; only then are the classes seeded and told apart
+    consensus = state.schedule is not None and state.seeded_at is None and k_cls > 1
+    # then the classes are told apart at the consensus poses (classification without
+    # alignment, near the Bayes limit at true poses: docs/method.md) until the assignments
+    # settle, and only then are each class's poses searched again
+    fixed = (state.schedule is not None and state.seeded_at is not None
+             and not state.fixed_done)
+    search = class_search(o, state.iteration + 1, state.r_max, 2.0 * mask_radius * pix, hard,
+                          state.offset_sigma,
+                          np.ones(1) if consensus else state.distribution,
+                          None if consensus else state.assigned, state.schedule,
+                          fixed_poses=fixed, seeded_at=state.seeded_at or 0)
+    if not consensus:
+        state.assigned = None
+    return _ClassStep(state, source, o, search, NoiseModel(state.sigma2, o.noise_model == "pixel"),
+                      soft_sphere(box, mask_radius, o.mask_edge, o.ndim), state.r_max,
+                      mask_radius, consensus, fixed, rotations(state.angles),
+                      batch_size(search, k_cls, o.batch_memory), progress)
+
+
+def _class_passes(step: _ClassStep) -> list[tuple[PassResult, list[projector.Reference]]]:
+    """The E-step: one pass per group of particles with the references it is compared with
+    (a half-set with the other half's maps, with split_halves); estimates into the state."""
+    state, o, n = step.state, step.options, step.state.angles.shape[0]
+
+    def prepare(maps: np.ndarray) -> list[projector.Reference]:
+        return [projector.prepare_reference(r * step.sphere, o.pad, o.interp, step.radius)
+                for r in maps]
+
+    if step.consensus:
+        passes = [(np.arange(n), prepare(state.references[:1]))]
+    elif state.half_references is not None:  # half h: classified with the other half's maps
+        passes = [(np.flatnonzero(state.subset == h), prepare(state.half_references[2 - h]))
+                  for h in (1, 2)]
+    else:
+        refs = prepare(state.references)
+        if state.difference_shell is not None:  # two half-sets for the differences' FSC
+            halves = difference_halves(n, o.seed)
+            passes = [(np.flatnonzero(halves == h), refs) for h in (1, 2)]
+        else:
+            passes = [(np.arange(n), refs)]
+    results = []
+    for members, refs in passes:
+        res = run_pass(step.source, members, refs, step.search, step.noise,
+                       step.previous[members], state.origins_px[members],
+                       batch_size=step.batch, slice_memory=o.batch_memory,
+                       progress=step.progress)
+        store_estimates(state, members, res.estimates)
+        if not step.consensus:
+            state.class_prob[members] = res.estimates.class_prob
+            state.class_number[members] = res.estimates.best_class
+        results.append((res, refs))
+    return results
+
+
+def _consensus_map(step: _ClassStep, results, edge: np.ndarray, n_shells: int):
+    """M-step before the classes are seeded: one map, every class's."""
+    state, o, k_cls = step.state, step.options, step.state.n_classes
+    bp, ref = results[0][0].backprojectors[0], results[0][1][0]
+    t2 = reference_tau2(ref, n_shells)
+    state.references[:] = bp.reconstruct(t2, o.tau2_fudge, step.radius, MINRES_MAP) * edge
+    if state.half_references is not None:
+        state.half_references[:] = state.references[None]
+    tau2 = np.repeat(t2[None], k_cls, axis=0)
+    ssnr = np.repeat(class_ssnr(bp, t2, o.tau2_fudge, step.radius)[None], k_cls, axis=0)
+    return tau2, ssnr, np.maximum([resolution_shell(x, 1.0) for x in ssnr], 1)
+
+
+def _class_maps(step: _ClassStep, results, edge: np.ndarray, n_shells: int):
+    """M-step of RELION's classification: each class's map with tau2 from its power; the
+    differences from the consensus limited to where they are supported."""
+    state, o, radius = step.state, step.options, step.radius
+    refs = results[0][1]
+    half_bps = [r.backprojectors for r, _ in results]
+    bps = [projector.BackProjector.pooled(list(group)) for group in zip(*half_bps, strict=True)]
+    tau2 = np.array([reference_tau2(r, n_shells) for r in refs])
+    ssnr = np.zeros((state.n_classes, n_shells))
+    for k, bp in enumerate(bps):
+        image = bp.reconstruct(tau2[k], o.tau2_fudge, radius, MINRES_MAP) * edge
+        if o.center_classes and o.ndim == 2:
+            image = center_image(image)
+        state.references[k] = image
+        ssnr[k] = class_ssnr(bp, tau2[k], o.tau2_fudge, radius)
+    shells = np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1)
+    if state.difference_shell is not None:
+        state.difference_shell = extend_difference_shell(
+            state.difference_shell, difference_fsc(half_bps, n_shells).max(axis=0),
+            o.difference_fsc, radius)
+        consensus_map = projector.BackProjector.pooled(bps).reconstruct(
+            state.distribution @ tau2, o.tau2_fudge, radius, MINRES_MAP) * edge
+        # the sharp Fourier edge rings: keep the maps inside the same sphere
+        state.references[:] = limit_differences(state.references, consensus_map,
+                                                state.difference_shell) * edge
+    return tau2, ssnr, shells
+
+
+def _class_m_step(step: _ClassStep, results) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """σ², the origin prior, the class distribution and the maps (updates the state);
+    returns tau2, SSNR and the resolution shell of each class."""
+    state, o = step.state, step.options
+    box, pix = step.source.box, step.source.pixel_size
+    n = state.angles.shape[0]
+    mask = fourier.pixel_mask(box, step.radius)
+    step.noise.update(sum(r.residual for r, _ in results), sum(r.count for r, _ in results),
+                      mask)
+    state.sigma2 = step.noise.sigma2
+    if not (o.skip_align or step.fixed):
+        state.offset_sigma = offset_sigma(sum(r.offset_sq for r, _ in results), n, pix)
+    mass = sum(r.class_mass for r, _ in results)
+    if not step.consensus:
+        state.distribution = mass / max(mass.sum(), 1e-300)
+    edge = soft_sphere(box, box / 2.0 - 1.0, 1.0, o.ndim)
+    n_shells = box // 2 + 1
+    if step.consensus:
+        tau2, ssnr, shells = _consensus_map(step, results, edge, n_shells)
+    elif state.half_references is not None:
+        tau2, ssnr, fsc_k = _gold_standard_maps(state, [r for r, _ in results], o, step.radius,
+                                                box, edge)
+        state.class_fsc = fsc_k
+        shells = np.maximum([resolution_shell(f, 0.143) for f in fsc_k], 1)
+    else:
+        tau2, ssnr, shells = _class_maps(step, results, edge, n_shells)
+    state.class_tau2, state.class_ssnr = tau2, ssnr
+    state.class_resolution_shell = shells
+    return tau2, ssnr, shells
+
+
+def _schedule_step(step: _ClassStep, previous_class: np.ndarray,
+                   previous_origins: np.ndarray, best: int) -> str | None:
+    """The sampling schedule after an iteration: finer sampling, the classes seeded once the
+    consensus poses are good, the poses searched per class once the classes settled."""
+    state, o, n = step.state, step.options, step.state.angles.shape[0]
+    pix = step.source.pixel_size
+    message = None
+    orientation_change = float(np.mean(pose_change(step.previous, rotations(state.angles),
+                                                   o.sym)))
+    offset_change = float(np.sqrt(np.mean((state.origins_px - previous_origins) ** 2)))
+    if not step.fixed:  # the sampling stays as it is while the poses are fixed
+        acc_rot, acc_trans = class_pose_accuracy(state, step.source, o, step.radius,
+                                                 step.noise, step.sphere)
+        message = state.schedule.update(best, orientation_change, offset_change, acc_rot,
+                                        acc_trans, o, pix, step.mask_radius)
+    if step.consensus and (state.schedule.local or  # poses are good enough: seed the classes
+                           state.iteration >= max(1, int(CONSENSUS_SHARE * o.iterations))):
+        state.assigned = equal_split(n, state.n_classes, np.random.default_rng(
+            [o.seed, state.iteration, 3]))
+        state.seeded_at = state.iteration
+        message = (message or "") + "; classes seeded (random equal split), poses fixed"
+    elif step.fixed and fixed_phase_over(state, o, previous_class):
+        # each class's poses searched again from the coarse grid: a class unlike the
+        # consensus (a large piece missing) may have been aligned wrongly to it
+        state.fixed_done = True
+        state.schedule = starting_schedule(o)
+        message = (message or "") + ("; classes settled: poses searched per class from "
+                                     "the starting sampling")
+    return message
 
 
 def class_iteration(state: ClassState, source: ImageSource, options: ClassOptions,
-                    hard: bool = False, progress=None) -> dict:
+                    hard: bool = False, progress=None) -> ClassIteration:
     """One EM iteration over all particles and classes; updates `state` in place and returns
     the iteration's figures.
 
@@ -332,176 +544,47 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
     o = options
     t_start = time.perf_counter()
     box, pix = source.box, source.pixel_size
-    k_cls = state.n_classes
-    radius = state.r_max
-    mask_radius = mask_radius_px(o, box, pix)
-    sphere = soft_sphere(box, mask_radius, o.mask_edge, o.ndim)
-    n_shells = box // 2 + 1
-    # with the sampling schedule, the poses are refined against one consensus map (every
-    # class's) until the searches are local; only then are the classes seeded and told apart
-    consensus = state.schedule is not None and state.seeded_at is None and k_cls > 1
-    # then the classes are told apart at the consensus poses (classification without
-    # alignment, near the Bayes limit at true poses: docs/method.md) until the assignments
-    # settle, and only then are each class's poses searched again
-    fixed = (state.schedule is not None and state.seeded_at is not None
-             and not state.fixed_done)
-    search = class_search(o, state.iteration + 1, radius, 2.0 * mask_radius * pix, hard,
-                          state.offset_sigma,
-                          np.ones(1) if consensus else state.distribution,
-                          None if consensus else state.assigned, state.schedule,
-                          fixed_poses=fixed, seeded_at=state.seeded_at or 0)
-    if not consensus:
-        state.assigned = None
-    noise = NoiseModel(state.sigma2, o.noise_model == "pixel")
-    n = state.angles.shape[0]
-    previous = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
+    step = _class_step(state, source, o, hard, progress)
     previous_class = state.class_number.copy()
     previous_origins = state.origins_px.copy()
-    batch = class_batch_size(search, k_cls, o.batch_memory)
-
-    def prepare(maps: np.ndarray) -> list[projector.Reference]:
-        return [projector.prepare_reference(r * sphere, o.pad, o.interp, radius) for r in maps]
-
-    def em_step():
-        """One E/M pass over the particles and the M-step (updates `state`)."""
-        if consensus:
-            passes = [(np.arange(n), prepare(state.references[:1]))]
-        elif state.half_references is not None:  # half h: classified with the other half's maps
-            passes = [(np.flatnonzero(state.subset == h), prepare(state.half_references[2 - h]))
-                      for h in (1, 2)]
-        else:
-            refs = prepare(state.references)
-            if state.difference_shell is not None:  # two half-sets for the differences' FSC
-                halves = difference_halves(n, o.seed)
-                passes = [(np.flatnonzero(halves == h), refs) for h in (1, 2)]
-            else:
-                passes = [(np.arange(n), refs)]
-        results = []
-        for members, refs in passes:
-            res = run_pass(source, members, refs, search, noise, previous[members],
-                           state.origins_px[members], batch_size=batch,
-                           slice_memory=o.batch_memory, progress=progress)
-            e = res.estimates
-            state.angles[members], state.origins_px[members] = e.angles, e.origins
-            if not consensus:
-                state.class_prob[members] = e.class_prob
-                state.class_number[members] = e.best_class
-            state.max_prob[members], state.n_significant[members] = e.max_prob, e.n_significant
-            state.log_likelihood[members] = e.log_likelihood
-            results.append((res, refs))
-        t_pass = time.perf_counter()
-        mask = fourier.pixel_mask(box, radius)
-        noise.update(sum(r.residual for r, _ in results), sum(r.count for r, _ in results), mask)
-        state.sigma2 = noise.sigma2
-        if not (o.skip_align or fixed):
-            offset_sq = sum(r.offset_sq for r, _ in results)
-            state.offset_sigma = float(np.sqrt(max(offset_sq / (2.0 * max(n, 1)),
-                                                   MIN_SIGMA2_OFFSET / pix**2)))
-        mass = sum(r.class_mass for r, _ in results)
-        if not consensus:
-            state.distribution = mass / max(mass.sum(), 1e-300)
-        edge = soft_sphere(box, box / 2.0 - 1.0, 1.0, o.ndim)
-        if consensus:  # one map, every class's
-            bp, ref = results[0][0].backprojectors[0], results[0][1][0]
-            t2 = reference_tau2(ref, n_shells)
-            state.references[:] = bp.reconstruct(t2, o.tau2_fudge, radius, MINRES_MAP) * edge
-            if state.half_references is not None:
-                state.half_references[:] = state.references[None]
-            tau2 = np.repeat(t2[None], k_cls, axis=0)
-            ssnr = np.repeat(class_ssnr(bp, t2, o.tau2_fudge, radius)[None], k_cls, axis=0)
-            shells = np.maximum([resolution_shell(x, 1.0) for x in ssnr], 1)
-        elif state.half_references is not None:
-            tau2, ssnr, fsc_k = _gold_standard_maps(state, [r for r, _ in results], o, radius,
-                                                    box, edge)
-            state.class_fsc = fsc_k
-            shells = np.maximum([resolution_shell(f, 0.143) for f in fsc_k], 1)
-        else:
-            refs = results[0][1]
-            half_bps = [r.backprojectors for r, _ in results]
-            bps = [projector.BackProjector.pooled(list(group))
-                   for group in zip(*half_bps, strict=True)]
-            tau2 = np.array([reference_tau2(r, n_shells) for r in refs])
-            ssnr = np.zeros((k_cls, n_shells))
-            for k, bp in enumerate(bps):
-                image = bp.reconstruct(tau2[k], o.tau2_fudge, radius, MINRES_MAP) * edge
-                if o.center_classes and o.ndim == 2:
-                    image = center_image(image)
-                state.references[k] = image
-                ssnr[k] = class_ssnr(bp, tau2[k], o.tau2_fudge, radius)
-            shells = np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1)
-            if state.difference_shell is not None:
-                state.difference_shell = extend_difference_shell(
-                    state.difference_shell, difference_fsc(half_bps, n_shells).max(axis=0),
-                    o.difference_fsc, radius)
-                consensus_map = projector.BackProjector.pooled(bps).reconstruct(
-                    state.distribution @ tau2, o.tau2_fudge, radius, MINRES_MAP) * edge
-                # the sharp Fourier edge rings: keep the maps inside the same sphere
-                state.references[:] = limit_differences(state.references, consensus_map,
-                                                        state.difference_shell) * edge
-        state.class_tau2, state.class_ssnr = tau2, ssnr
-        state.class_resolution_shell = shells
-        return results, t_pass, tau2, ssnr, shells
-
     # at fixed poses (--skip_align, or the fixed-pose phase) a pass is cheap (one pose per
     # image), so an iteration runs up to FIXED_INNER of them: EM from random seeds needs many
     # passes to settle
-    for inner in range(FIXED_INNER if fixed or (o.skip_align and k_cls > 1) else 1):
+    for inner in range(FIXED_INNER if step.fixed or (o.skip_align and state.n_classes > 1)
+                       else 1):
         before = state.class_number.copy()
         if inner:  # the seeds' restriction holds for the first pass only
-            search = dataclasses.replace(search, image_class=None,
-                                         class_prior=state.distribution)
-        results, t_pass, tau2, ssnr, shells = em_step()
+            step.search = dataclasses.replace(step.search, image_class=None,
+                                              class_prior=state.distribution)
+        results = _class_passes(step)
+        t_pass = time.perf_counter()
+        tau2, ssnr, shells = _class_m_step(step, results)
         if inner and float(np.mean(before != state.class_number)) < FIXED_SETTLED:
             break
     best = int(np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1).max())
     state.iteration += 1
     state.r_max = next_radius(best, box, pix, o)
-    message = None
-    if state.schedule is not None:
-        new_rot = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
-        orientation_change = float(np.mean(pose_change(previous, new_rot, o.sym)))
-        offset_change = float(np.sqrt(np.mean((state.origins_px - previous_origins) ** 2)))
-        if not fixed:  # the sampling stays as it is while the poses are fixed
-            acc_rot, acc_trans = class_pose_accuracy(state, source, o, radius, noise, sphere)
-            message = state.schedule.update(best, orientation_change, offset_change, acc_rot,
-                                            acc_trans, o, pix, mask_radius)
-        if consensus and (state.schedule.local or  # poses are good enough: seed the classes
-                          state.iteration >= max(1, int(CONSENSUS_SHARE * o.iterations))):
-            state.assigned = equal_split(n, k_cls, np.random.default_rng(
-                [o.seed, state.iteration, 3]))
-            state.seeded_at = state.iteration
-            message = (message or "") + "; classes seeded (random equal split), poses fixed"
-        elif fixed and fixed_phase_over(state, o, previous_class):
-            # each class's poses searched again from the coarse grid: a class unlike the
-            # consensus (a large piece missing) may have been aligned wrongly to it
-            state.fixed_done = True
-            state.schedule = starting_schedule(o)
-            message = (message or "") + ("; classes settled: poses searched per class from "
-                                         "the starting sampling")
+    message = None if state.schedule is None else _schedule_step(
+        step, previous_class, previous_origins, best)
     reseeded = [] if hard or state.iteration > o.iterations // 2 else reseed_empty_classes(
         state, o, np.random.default_rng([o.seed, state.iteration]))
-    timings: dict = {}
-    for r, _ in results:
-        for key, v in r.timings.items():
-            timings[key] = timings.get(key, 0.0) + v
-    timings["reconstruct"] = time.perf_counter() - t_pass
+    timings = merge_timings((r for r, _ in results), time.perf_counter() - t_pass)
     samples = np.concatenate([r.estimates.n_samples for r, _ in results])
-    stats = {
-        "iteration": state.iteration, "r_max": int(radius), "resolution_shell": int(shells.max()),
-        "resolution": float(box * pix / shells.max()),
-        "class_resolution": [float(box * pix / s) for s in shells],
-        "difference_resolution": None if state.difference_shell is None
+    stats = ClassIteration(
+        iteration=state.iteration, r_max=int(step.radius),
+        resolution_shell=int(shells.max()), resolution=float(box * pix / shells.max()),
+        class_resolution=[float(box * pix / s) for s in shells],
+        difference_resolution=None if state.difference_shell is None
         else float(box * pix / max(state.difference_shell, 1)),
-        "distribution": [float(d) for d in state.distribution],
-        "changed_fraction": float(np.mean(previous_class != state.class_number))
+        distribution=[float(d) for d in state.distribution],
+        changed_fraction=float(np.mean(previous_class != state.class_number))
         if state.iteration > 1 else 1.0,
-        "log_likelihood": float(state.log_likelihood.sum()),
-        "average_pmax": float(state.max_prob.mean()),
-        "mean_n_significant": float(state.n_significant.mean()),
-        "mean_samples": float(samples.mean()), "hard": bool(hard),
-        "reseeded": reseeded, "seconds": time.perf_counter() - t_start, "timings": timings,
-        "message": message, "stage": _stage(search) + (", consensus" if consensus else ""),
-    }
+        log_likelihood=float(state.log_likelihood.sum()),
+        average_pmax=float(state.max_prob.mean()),
+        mean_n_significant=float(state.n_significant.mean()),
+        mean_samples=float(samples.mean()), hard=bool(hard), reseeded=reseeded,
+        seconds=time.perf_counter() - t_start, timings=timings, message=message,
+        stage=_stage(step.search) + (", consensus" if step.consensus else ""))
     state.history.append(stats)
     return stats
 

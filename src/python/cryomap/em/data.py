@@ -208,3 +208,19 @@ class ImageSource:
                 total[g] += ft[sel].sum(axis=0)
                 count[g] += sel.sum()
         return power, total, count
+
+
+@dataclass
+class Work:
+    """What a job's iterations work on and is not state: an ImageSource (its box and pixel
+    size); refine's `Refinement` and initial_model's `Problem` add their options."""
+
+    source: ImageSource
+
+    @property
+    def box(self) -> int:
+        return self.source.box
+
+    @property
+    def pixel_size(self) -> float:
+        return self.source.pixel_size

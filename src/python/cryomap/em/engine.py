@@ -191,10 +191,7 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
     k_cls = len(references)
     ndim = references[0].ndim
     n = indices.size
-    prior = np.full(k_cls, 1.0 / k_cls) if search.class_prior is None else np.asarray(
-        search.class_prior, np.float64)
-    log_class = np.log(np.maximum(prior, MIN_CLASS_PRIOR) / np.maximum(prior, MIN_CLASS_PRIOR)
-                       .sum())
+    log_class = _log_class_prior(search, k_cls)
     centre = np.zeros((n, 2)) if offset_prior is None else np.asarray(offset_prior, np.float64)
     timings = {"project": 0.0, "estep": 0.0, "sums": 0.0, "backproject": 0.0, "io": 0.0,
                "candidates": 0.0}
@@ -224,10 +221,10 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
 
     def flush_shared() -> None:
         t0 = time.perf_counter()
-        cls_of = level0_table[0]
+        cls_of = level0_table.klass
         for k in range(k_cls):
             sel = np.flatnonzero(cls_of == k)
-            bps[k].add_slices(acc_data[sel], acc_weight[sel], level0_table[4][sel],
+            bps[k].add_slices(acc_data[sel], acc_weight[sel], level0_table.projection_matrices[sel],
                               mask.coords)
         timings["backproject"] += time.perf_counter() - t0
 
@@ -248,8 +245,8 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
             timings["project"] += time.perf_counter() - t0
             table_key = mag_key
             if shared_final:
-                acc_data = np.zeros(level0_table[3].shape, np.complex64)
-                acc_weight = np.zeros(level0_table[3].shape, np.float32)
+                acc_data = np.zeros(level0_table.slices.shape, np.complex64)
+                acc_weight = np.zeros(level0_table.slices.shape, np.float32)
         level0 = _level_zero(batch, inv_s2, rows, references, search, level0_table,
                              previous_rotations, previous_origins, centre, log_class,
                              mask, columns[0], timings)
@@ -273,9 +270,9 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
             t0 = time.perf_counter()
             if shared_final:
                 rp[chunk] = maximization_sums(
-                    sub.images, sub.ctf, s2, level0_table[3], level.shifts, box,
+                    sub.images, sub.ctf, s2, level0_table.slices, level.shifts, box,
                     _dense(b_idx, t_idx, s_idx, w, chunk.size, level.shifts.shape[0],
-                           level0_table[3].shape[0]),
+                           level0_table.slices.shape[0]),
                     bins, n_bins, acc_data, acc_weight, coords=mask.coords)
                 timings["sums"] += time.perf_counter() - t0
             else:
@@ -296,6 +293,15 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
     # beyond the E-step radius the residual is the images' power alone: no noise estimate
     residual[:, noise.bin_shells(mask) > search.radius] = 0.0
     return PassResult(est, bps, residual, count, class_mass, offset_sq, timings)
+
+
+def _log_class_prior(search: Search, k_cls: int) -> np.ndarray:
+    """log pi_k of the search's class prior (uniform without one), floored at
+    MIN_CLASS_PRIOR and renormalised (docs/method.md eq. (17))."""
+    prior = np.full(k_cls, 1.0 / k_cls) if search.class_prior is None else np.asarray(
+        search.class_prior, np.float64)
+    floored = np.maximum(prior, MIN_CLASS_PRIOR)
+    return np.log(floored / floored.sum())
 
 
 def _chunks(level0: _Level, search: Search, max_slices: int
@@ -420,15 +426,25 @@ def _batches(order: np.ndarray, mag_keys: np.ndarray, batch_size: int
     return out
 
 
+@dataclass
+class SliceTable:
+    """The level-0 table of a global search: every class at every orientation."""
+
+    klass: np.ndarray  # (S,) class of each slice
+    keys: np.ndarray  # (S,) orientation key at level 0
+    rotations: np.ndarray  # (S, 3, 3) A
+    slices: np.ndarray  # (S, J0) projections at level 0's radius, sampled at A^T M k
+    projection_matrices: np.ndarray  # (S, 3, 3) what was projected with: A, or A magnified
+
+
 def _global_table(references: list[projector.Reference], keys0: np.ndarray, rot0: np.ndarray,
-                  coords0: np.ndarray, magnification: np.ndarray | None) -> tuple:
-    """The level-0 table of a global search: (class, key, rotation A, slices, projection
-    matrices) of every class at every orientation; slices sampled at A^T M k."""
+                  coords0: np.ndarray, magnification: np.ndarray | None) -> SliceTable:
+    """The `SliceTable` of a global search (projection matrices magnified by M)."""
     k_cls = len(references)
     proj0 = rot0 if magnification is None else magnified_rotations(rot0, magnification)
     slices0 = np.concatenate([projector.project(ref, proj0, coords0) for ref in references])
-    return (np.repeat(np.arange(k_cls), keys0.size), np.tile(keys0, k_cls),
-            np.tile(rot0, (k_cls, 1, 1)), slices0, np.tile(proj0, (k_cls, 1, 1)))
+    return SliceTable(np.repeat(np.arange(k_cls), keys0.size), np.tile(keys0, k_cls),
+                      np.tile(rot0, (k_cls, 1, 1)), slices0, np.tile(proj0, (k_cls, 1, 1)))
 
 
 def _shift_log_prior(origins: np.ndarray, shifts: np.ndarray, centre: np.ndarray,
@@ -455,24 +471,26 @@ def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
         shifts = s.translations(oversampled=False)
         lps = _shift_log_prior(prev_origin[rows], shifts, centre[rows], search.offset_sigma)
         t0 = time.perf_counter()
-        n_per = table[3].shape[0] // k_cls
+        n_per = table.slices.shape[0] // k_cls
         parts = []  # images restricted to one class see only that class's block
         log_marg, scored = np.zeros(b), np.zeros(b, np.int64)
         for a in np.unique(allowed):
             sel = np.flatnonzero(allowed == a)
             block = slice(None) if a < 0 else slice(a * n_per, (a + 1) * n_per)
             offset = 0 if a < 0 else a * n_per
-            post = expectation(x[sel], ctf[sel], w[sel], table[3][block], shifts, box,
-                               log_class[table[0][block]], lps[sel], search.adaptive_fraction,
-                               coords=coords, **_class_pruning(search, table[0][block], 0))
+            post = expectation(x[sel], ctf[sel], w[sel], table.slices[block], shifts, box,
+                               log_class[table.klass[block]], lps[sel],
+                               search.adaptive_fraction, coords=coords,
+                               **_class_pruning(search, table.klass[block], 0))
             bi, ti, si = np.nonzero(post.weights)
             parts.append((sel[bi], ti, si + offset, post.weights[bi, ti, si]))
             log_marg[sel] = post.log_marginal
             scored[sel] = shifts.shape[0] * post.weights.shape[2]
         timings["estep"] += time.perf_counter() - t0
         bi, ti, si, wv = (np.concatenate(z) for z in zip(*parts, strict=True))
-        return _Level(0, table[0], table[1], table[2], shifts, bi, ti, si,
-                      wv.astype(np.float64), table[3], log_marg, scored, batch.magnification)
+        return _Level(0, table.klass, table.keys, table.rotations, shifts, bi, ti, si,
+                      wv.astype(np.float64), table.slices, log_marg, scored,
+                      batch.magnification)
     t0 = time.perf_counter()
     if search.fixed_poses:
         # one candidate per class: the image's pose; translation = the origin's fraction
@@ -751,6 +769,20 @@ def _store_estimates(est: PoseEstimates, rows, level: _Level, b_idx, s_idx, t_id
     est.log_likelihood[rows] = level.log_marginal
 
 
+#: Orientations per image assumed for a local (or fixed-pose) search when sizing batches: its
+#: windows hold a few thousand samples at most.
+LOCAL_WINDOW = 4096
+
+
+def batch_size(search: Search, n_classes: int, memory: int) -> int:
+    """Images per batch (8 to 2048) so that a batch's dense level-0 weights (4 bytes per
+    image, translation, class and orientation) stay within `memory` bytes."""
+    global0 = search.local_sigma is None and not search.fixed_poses
+    n_orient = search.sampling.n_orientations(0) if global0 else LOCAL_WINDOW
+    per_image = 4 * max(1, search.sampling.translations().shape[0]) * n_classes * n_orient
+    return int(max(8, min(2048, memory // max(per_image, 1))))
+
+
 def estimate_memory(n_particles: int, box: int, pixel_size: float, n_classes: int,
                     search: Search, ndim: int, pad: int, batch_size: int, slice_memory: int,
                     threads: int, cache_bytes: int) -> dict[str, int]:
@@ -772,7 +804,7 @@ def estimate_memory(n_particles: int, box: int, pixel_size: float, n_classes: in
         parts["level-0 slices"] = n_slices * (j0 * 8 + 72) * (2 if search.levels == 0 else 1)
         parts["level-0 weights"] = min(batch_size, n_particles) * n_t * n_slices * 4
     else:
-        parts["level-0 weights"] = min(batch_size, n_particles) * n_t * 4096 * 4
+        parts["level-0 weights"] = min(batch_size, n_particles) * n_t * LOCAL_WINDOW * 4
     parts["candidate slices"] = 3 * slice_memory if search.levels else 0
     parts["batch images"] = min(batch_size, n_particles) * j * 20
     m = projector.reference_radius(box, pad, search.sums_radius)

@@ -60,6 +60,22 @@ def pixel_coords(box: int, n_pixels: int, coords: np.ndarray | None = None) -> n
     return coords
 
 
+def kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box: int,
+                  coords: np.ndarray | None) -> tuple:
+    """The arguments every E- and M-step kernel starts with, in the kernels' dtypes: images
+    (B, J) complex64, ctf and inv_sigma2 (B, J) float32, slices (R, J) complex64, the pixels'
+    coords (J, 2) float32, shifts (T, 2) float64 and the box (ValueError on images that are
+    not (B, J))."""
+    images = np.ascontiguousarray(images, dtype=np.complex64)
+    if images.ndim != 2:
+        raise ValueError(f"images: expected 2 dimensions (B, J), got shape {images.shape}")
+    return (images, np.ascontiguousarray(ctf, dtype=np.float32),
+            np.ascontiguousarray(inv_sigma2, dtype=np.float32),
+            np.ascontiguousarray(slices, dtype=np.complex64),
+            pixel_coords(box, images.shape[1], coords),
+            np.ascontiguousarray(shifts, dtype=np.float64), int(box))
+
+
 def expectation(
     images: np.ndarray,
     ctf: np.ndarray,
@@ -109,14 +125,11 @@ def expectation(
     pose are 0 (float32 normal range) and do not count in n_significant.
 
     Memory: the (B, T, R) float32 weights plus O(B J + T J) and O(tile) scratch per thread;
-    see `choose_batch_size`.
+    the engine sizes batches for it (`engine.batch_size`).
     """
-    images = np.ascontiguousarray(images, dtype=np.complex64)
-    if images.ndim != 2:
-        raise ValueError(f"images: expected 2 dimensions (B, J), got shape {images.shape}")
-    n_img, n_pix = images.shape
-    slices = np.ascontiguousarray(slices, dtype=np.complex64)
-    shifts = np.ascontiguousarray(shifts, dtype=np.float64)
+    inputs = kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box, coords)
+    images, slices, shifts = inputs[0], inputs[3], inputs[5]
+    n_img = images.shape[0]
     n_rot = slices.shape[0] if slices.ndim == 2 else 0
     n_shift = shifts.shape[0] if shifts.ndim == 2 else 0
     if log_prior_rot is None:
@@ -127,13 +140,7 @@ def expectation(
     if lps.ndim == 1:
         lps = np.broadcast_to(lps, (n_img, lps.shape[0]))
     out = core.expectation(
-        images,
-        np.ascontiguousarray(ctf, dtype=np.float32),
-        np.ascontiguousarray(inv_sigma2, dtype=np.float32),
-        slices,
-        pixel_coords(box, n_pix, coords),
-        shifts,
-        int(box),
+        *inputs,
         np.ascontiguousarray(log_prior_rot, dtype=np.float64),
         np.ascontiguousarray(lps),
         float(significant_fraction),
@@ -149,15 +156,6 @@ def _groups(slice_class: np.ndarray | None) -> np.ndarray:
     if slice_class is None:
         return np.zeros(0, np.int64)
     return np.ascontiguousarray(slice_class, dtype=np.int64)
-
-
-def choose_batch_size(n_shifts: int, n_rot: int, memory_bytes: int = 512 * 2**20) -> int:
-    """Images per batch so that the (B, T, R) float32 weights fit in `memory_bytes` (>= 1).
-
-    The kernels' other scratch is O(tile) or O(B * T * J) and small beside it for R >> J.
-    """
-    per_image = max(1, int(n_shifts)) * max(1, int(n_rot)) * 4
-    return max(1, int(memory_bytes) // per_image)
 
 
 @dataclass
@@ -207,15 +205,8 @@ def expectation_subsets(
     log marginal, precision, per-class pruning) as `expectation`. The lists are int64 CSR
     arrays; a prior of -inf excludes a candidate; every image needs at least one allowed pose.
     """
-    images = np.ascontiguousarray(images, dtype=np.complex64)
-    if images.ndim != 2:
-        raise ValueError(f"images: expected 2 dimensions (B, J), got shape {images.shape}")
     out = core.expectation_subsets(
-        images, np.ascontiguousarray(ctf, dtype=np.float32),
-        np.ascontiguousarray(inv_sigma2, dtype=np.float32),
-        np.ascontiguousarray(slices, dtype=np.complex64),
-        pixel_coords(box, images.shape[1], coords),
-        np.ascontiguousarray(shifts, dtype=np.float64), int(box),
+        *kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box, coords),
         np.ascontiguousarray(rot_ptr, dtype=np.int64),
         np.ascontiguousarray(rot_index, dtype=np.int64),
         np.ascontiguousarray(rot_log_prior, dtype=np.float64),

@@ -47,11 +47,13 @@ import numpy as np
 
 from .. import fourier, projector
 from ..masks import soft_sphere
+from ..parallel import run_pass  # [mpi hook] (initial_model runs in one process today)
 from ..resolution import resolution_shell
 from ..sampling import PoseSampling, angular_step
 from .classify import center_of_mass_shift
-from .data import ImageSource
-from .engine import PassResult, Search, run_pass
+from .data import Work
+from .engine import PassResult, Search, batch_size
+from .iteration import merge_timings, store_estimates
 from .model import state_from_saved
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
@@ -216,6 +218,28 @@ def healpix_order_for(resolution: float, options: EMOptions, diameter: float) ->
 
 
 @dataclass
+class InitialModelIteration:
+    """The figures of one initial-model iteration: run.log's line, the history."""
+
+    iteration: int
+    final: bool  # the last pass, over all particles
+    batch: int  # particles in the mini-batch
+    resolution_target: float  # Å, this iteration's
+    r_max: int  # px
+    healpix_order: int
+    eta: float  # step size: the share of the running sums the batch replaces
+    pseudo_resolution: list[float]  # Å, each class's FSC 0.5 of its pseudo half-sets
+    distribution: list[float]
+    average_pmax: float
+    mean_samples: float
+    centred_px: list[float]  # how far each class was moved to the box centre
+    reseeded: list
+    seconds: float
+    cpu_seconds: float
+    timings: dict[str, float]
+
+
+@dataclass
 class InitialModelState:
     """Everything an iteration needs and produces (saved after each iteration)."""
 
@@ -237,7 +261,7 @@ class InitialModelState:
     fsc: np.ndarray | None = None  # (K, N//2+1) pseudo half-set FSC
     tau2: np.ndarray | None = None  # (K, N//2+1)
     assigned: np.ndarray | None = None  # (n,) class a particle is restricted to next, or -1
-    history: list = field(default_factory=list)
+    history: list[InitialModelIteration] = field(default_factory=list)
 
     @property
     def n_classes(self) -> int:
@@ -252,24 +276,17 @@ class InitialModelState:
 
     @classmethod
     def from_saved(cls, values: dict) -> InitialModelState:
+        values = dict(values, history=[InitialModelIteration(**h)
+                                       for h in values.get("history", [])])
         return state_from_saved(cls, values, ints=("iteration", "r_max"))
 
 
 @dataclass
-class Problem:
+class Problem(Work):
     """What the iterations work on and is not state: the images, options and geometry."""
 
-    source: ImageSource
     options: InitialModelOptions
     input_origins: np.ndarray  # (n, 2) px: the centre of every translation search
-
-    @property
-    def box(self) -> int:
-        return self.source.box
-
-    @property
-    def pixel_size(self) -> float:
-        return self.source.pixel_size
 
     @property
     def mask_radius(self) -> float:
@@ -469,7 +486,8 @@ def _reseed(state: InitialModelState, options: InitialModelOptions,
 
 
 def initial_model_iteration(state: InitialModelState, problem: Problem,
-                            progress: Callable[[int], None] | None = None) -> dict:
+                            progress: Callable[[int], None] | None = None
+                            ) -> InitialModelIteration:
     """One mini-batch (or the final full) iteration; updates `state` in place and returns the
     iteration's figures."""
     o, source = problem.options, problem.source
@@ -497,9 +515,8 @@ def initial_model_iteration(state: InitialModelState, problem: Problem,
     sphere = soft_sphere(box, problem.mask_radius, o.mask_edge, 3)
     refs = [projector.prepare_reference(v * sphere, o.pad, o.interp, step.radius)
             for v in state.references]
-    from .classify import class_batch_size
 
-    bsize = class_batch_size(search, k_cls, o.batch_memory)
+    bsize = batch_size(search, k_cls, o.batch_memory)
     results: list[PassResult] = []
     for h in (1, 2):
         rows = np.flatnonzero(state.subset[batch] == h)
@@ -516,13 +533,8 @@ def initial_model_iteration(state: InitialModelState, problem: Problem,
         res = run_pass(source, members, refs, sub_search, noise, prev,
                        problem.input_origins[members], batch_size=bsize,
                        slice_memory=o.batch_memory, progress=progress)
-        e = res.estimates
-        state.angles[members] = e.angles
-        state.origins_px[members] = e.origins
-        state.class_number[members] = e.best_class
-        state.max_prob[members] = e.max_prob
-        state.n_significant[members] = e.n_significant
-        state.log_likelihood[members] = e.log_likelihood
+        store_estimates(state, members, res.estimates)
+        state.class_number[members] = res.estimates.best_class
         state.seen[members] = it
         results.append(res)
     t_pass = time.perf_counter()
@@ -556,22 +568,16 @@ def initial_model_iteration(state: InitialModelState, problem: Problem,
     state.iteration = it
     state.r_max = step.radius
     shells = np.maximum([resolution_shell(f, 0.5) for f in state.fsc], 1)
-    timings: dict = {}
-    for r in done:
-        for key, v in r.timings.items():
-            timings[key] = timings.get(key, 0.0) + v
-    timings["reconstruct"] = time.perf_counter() - t_pass
-    stats = {
-        "iteration": it, "final": bool(step.final), "batch": int(batch.size),
-        "resolution_target": step.resolution, "r_max": int(step.radius),
-        "healpix_order": int(step.healpix_order), "eta": step.eta,
-        "pseudo_resolution": [float(box * pix / s) for s in shells],
-        "distribution": [float(d) for d in state.distribution],
-        "average_pmax": float(np.mean(np.concatenate([r.estimates.max_prob for r in done]))),
-        "mean_samples": float(np.mean(np.concatenate([r.estimates.n_samples for r in done]))),
-        "centred_px": moved, "reseeded": reseeded,
-        "seconds": time.perf_counter() - t_start,
-        "cpu_seconds": time.process_time() - cpu_start, "timings": timings,
-    }
+    timings = merge_timings(done, time.perf_counter() - t_pass)
+    stats = InitialModelIteration(
+        iteration=it, final=bool(step.final), batch=int(batch.size),
+        resolution_target=step.resolution, r_max=int(step.radius),
+        healpix_order=int(step.healpix_order), eta=step.eta,
+        pseudo_resolution=[float(box * pix / s) for s in shells],
+        distribution=[float(d) for d in state.distribution],
+        average_pmax=float(np.mean(np.concatenate([r.estimates.max_prob for r in done]))),
+        mean_samples=float(np.mean(np.concatenate([r.estimates.n_samples for r in done]))),
+        centred_px=moved, reseeded=reseeded, seconds=time.perf_counter() - t_start,
+        cpu_seconds=time.process_time() - cpu_start, timings=timings)
     state.history.append(stats)
     return stats

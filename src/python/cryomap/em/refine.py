@@ -35,19 +35,19 @@ import numpy as np
 
 from .. import fourier, postprocess, projector
 from ..euler import angular_distance, euler_to_matrix
+from ..halves import random_subsets
 from ..masks import soft_sphere
 from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over ranks
-from ..particles import ParticleSet, random_subsets
+from ..particles import ParticleSet
 from ..resolution import FSC_THRESHOLD, first_shell_below, fsc_maps, resolution_shell
 from ..sampling import PoseSampling, angular_step
-from .data import ImageSource
-from .engine import PassResult, Search
+from .data import Work
+from .engine import PassResult, Search, batch_size
+from .iteration import merge_timings, offset_sigma, rotations, store_estimates
 from .model import next_r_max, state_from_saved, tau2_from_fsc
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
 
-# RELION's minimum offset prior variance (--min_sigma2_offset, Å^2)
-MIN_SIGMA2_OFFSET = 2.0
 #: Finest translational step (px, after oversampling) the schedule goes down to.
 MIN_OFFSET_STEP = 0.1
 
@@ -217,6 +217,38 @@ class AutoSampling:
 
 
 @dataclass
+class RefineIteration:
+    """The figures of one refine iteration: run.log's line, model.star, the history."""
+
+    iteration: int
+    r_max: int  # px, the E-step's Fourier radius
+    recon_radius: int  # px, the radius of the sums, half maps and FSC
+    final: bool
+    stage: str  # the sampling, in words
+    local: bool
+    healpix_order: int
+    levels: int  # oversampled levels below level 0
+    resolution_shell: int  # the half maps' FSC 0.143 shell (>= 1)
+    resolution: float  # Å, of resolution_shell
+    resolution_05: float  # Å, at FSC 0.5
+    fsc_mask: str  # what the FSC was computed in
+    log_likelihood: float
+    average_pmax: float
+    mean_n_significant: float
+    mean_samples: float  # final-level samples scored per image
+    orientations_level0: int
+    orientation_change: float  # degrees, mean
+    offset_change: float  # px, RMS
+    accuracy_rot: float  # degrees (eq. (27))
+    accuracy_trans: float  # px
+    offset_step: float  # px, after oversampling
+    offset_sigma_angst: float
+    seconds: float
+    timings: dict[str, float]  # seconds by stage (`iteration.merge_timings`)
+    message: str | None  # the schedule's line when the sampling changed
+
+
+@dataclass
 class RefineState:
     """Everything an iteration needs and produces (saved after each iteration)."""
 
@@ -237,11 +269,12 @@ class RefineState:
     fsc: np.ndarray | None = None
     tau2: np.ndarray | None = None
     final_maps: np.ndarray | None = None  # (3, N, N, N) combined, half 1, half 2 (unfiltered)
-    history: list = field(default_factory=list)  # one dict of figures per iteration
+    history: list[RefineIteration] = field(default_factory=list)
 
     @classmethod
     def from_saved(cls, values: dict) -> RefineState:
-        values = dict(values, schedule=AutoSampling(**values["schedule"]))
+        values = dict(values, schedule=AutoSampling(**values["schedule"]),
+                      history=[RefineIteration(**h) for h in values.get("history", [])])
         return state_from_saved(cls, values, ints=("iteration", "r_max"),
                                 floats=("offset_sigma",))
 
@@ -250,22 +283,13 @@ class RefineState:
 
 
 @dataclass
-class Refinement:
+class Refinement(Work):
     """The data and options an iteration works on (what is not state)."""
 
-    source: ImageSource
     options: RefineOptions
     mask_radius: float  # px, particle mask
     solvent_mask: np.ndarray | None = None  # (N, N, N) in [0, 1], masks.check_mask'ed
     r_limit: int | None = None  # px, the largest Fourier radius of any pass (None: N/2)
-
-    @property
-    def box(self) -> int:
-        return self.source.box
-
-    @property
-    def pixel_size(self) -> float:
-        return self.source.pixel_size
 
     @property
     def diameter(self) -> float:
@@ -292,7 +316,7 @@ def split_halves(particles: ParticleSet, rng: np.random.Generator,
                  log: Callable[[str], None] | None = None) -> np.ndarray:
     """Half-sets (n,) 1/2 of a refinement, class3d --split_halves or a reconstruction: the
     particles' rlnRandomSubset when valid with both halves non-empty, else a random equal
-    split with a line through `log` saying why (`particles.random_subsets` with
+    split with a line through `log` saying why (`halves.random_subsets` with
     resplit_invalid; docs/conventions.md, "Half sets")."""
     return random_subsets(particles, rng, log=log, resplit_invalid=True)
 
@@ -322,14 +346,6 @@ def initial_state(refinement: Refinement, reference: np.ndarray, angles: np.ndar
         offset_sigma=o.offset_sigma / pix, schedule=schedule)
 
 
-def batch_size(search: Search, n_shifts: int, memory: int) -> int:
-    """Images per batch so that a batch's dense level-0 weights stay within `memory`."""
-    per_image = 4 * max(1, n_shifts) * search.sampling.n_orientations(0)
-    if search.local_sigma is not None or search.fixed_poses:
-        per_image = 4 * 4096 * max(1, n_shifts)  # windows of a few thousand samples at most
-    return int(max(8, min(2048, memory // max(per_image, 1))))
-
-
 def recon_radius(radius: int, box: int, fixed_poses: bool = False) -> int:
     """Fourier radius (px) of an iteration's M-step sums, half maps and FSC: twice the E-step
     radius, up to Nyquist (at known poses Nyquist). Beyond the E-step radius no pose was
@@ -340,9 +356,9 @@ def recon_radius(radius: int, box: int, fixed_poses: bool = False) -> int:
 
 
 def refine_iteration(state: RefineState, refinement: Refinement,
-                     progress: Callable[[int], None] | None = None) -> dict:
+                     progress: Callable[[int], None] | None = None) -> RefineIteration:
     """One E/M iteration over both half-sets; updates `state` in place and returns the
-    iteration's figures (a dict for run.log and the history).
+    iteration's figures (also appended to state.history).
 
     The E-step searches out to state.r_max; the M-step sums, the half maps and their FSC go
     further (`recon_radius`, within --maxres's r_limit), so the resolution is measured where
@@ -360,10 +376,10 @@ def refine_iteration(state: RefineState, refinement: Refinement,
                           state.offset_sigma, o.fixed_poses, recon_radius=recon)
     noise = NoiseModel(state.sigma2, o.noise_model == "pixel")
     sphere = reference_mask(refinement)
-    previous = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
+    previous = rotations(state.angles)
     prev_origins = state.origins_px.copy()
     results: list[PassResult] = []
-    bsize = batch_size(search, search.sampling.translations().shape[0], o.batch_memory)
+    bsize = batch_size(search, 1, o.batch_memory)
     for h in (1, 2):
         members = np.flatnonzero(state.subset == h)
         ref = projector.prepare_reference(state.volumes[h - 1] * sphere, o.pad, o.interp,
@@ -371,17 +387,18 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         res = run_pass(source, members, [ref], search, noise, previous[members],
                        prev_origins[members], batch_size=bsize, slice_memory=o.batch_memory,
                        progress=progress)
-        _store(state, members, res)
+        store_estimates(state, members, res.estimates)
+        state.angular_spread[members] = res.estimates.angular_spread
+        state.offset_spread[members] = res.estimates.offset_spread
         results.append(res)
     t_pass = time.perf_counter()
     # eq. (15): sigma2 pooled over both halves; the origin prior's width (RELION's M-step)
     noise.update(results[0].residual + results[1].residual, results[0].count + results[1].count,
                  fourier.pixel_mask(box, recon), max_shell=radius)
     state.sigma2 = noise.sigma2
-    n_img = max(1.0, float(results[0].count.sum() + results[1].count.sum()))
     if not o.fixed_poses:
-        sigma2_off = (results[0].offset_sq + results[1].offset_sq) / (2.0 * n_img)
-        state.offset_sigma = float(np.sqrt(max(sigma2_off, MIN_SIGMA2_OFFSET / pix**2)))
+        state.offset_sigma = offset_sigma(sum(r.offset_sq for r in results),
+                                          sum(float(r.count.sum()) for r in results), pix)
     # half-set FSC, tau2, half maps (eqs. (14), (16))
     bps = [r.backprojectors[0] for r in results]
     gold = gold_standard(bps, o, recon, box,
@@ -395,8 +412,7 @@ def refine_iteration(state: RefineState, refinement: Refinement,
             t2 = voxel_tau2(state.volumes[h] * sphere, bp, o)
         state.volumes[h] = bp.reconstruct(t2, o.tau2_fudge, recon) * _edge(box)
     # pose changes and accuracies
-    new_rot = euler_to_matrix(state.angles[:, 0], state.angles[:, 1], state.angles[:, 2])
-    orientation_change = float(np.mean(pose_change(previous, new_rot, o.sym)))
+    orientation_change = float(np.mean(pose_change(previous, rotations(state.angles), o.sym)))
     offset_change = float(np.sqrt(np.mean((state.origins_px - prev_origins) ** 2)))
     accuracy_rot, accuracy_trans = pose_accuracy(state, refinement, radius, noise)
     ires = max(resolution_shell(state.fsc, FSC_THRESHOLD), 1)
@@ -417,44 +433,27 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         if state.iteration >= o.max_iterations and o.iterations is None:
             sched.converged = True
     state.r_max = min(next_r_max(ires, box, o.incr_size), box // 2 - 1)
-    timings: dict = {}
-    for r in results:
-        for k, v in r.timings.items():
-            timings[k] = timings.get(k, 0.0) + v
-    timings["reconstruct"] = time.perf_counter() - t_pass
+    timings = merge_timings(results, time.perf_counter() - t_pass)
     samples = np.concatenate([r.estimates.n_samples for r in results])
-    stats = {
-        "iteration": state.iteration, "r_max": int(radius), "recon_radius": int(recon),
-        "final": bool(final), "stage": stage,
-        "local": bool(sched.local and not final or search.local_sigma),
-        "healpix_order": int(search.sampling.healpix_order), "levels": int(search.levels),
-        "resolution_shell": int(ires), "resolution": float(box * pix / ires),
-        "resolution_05": float(box * pix / ires05), "fsc_mask": gold.mask,
-        "log_likelihood": float(state.log_likelihood.sum()),
-        "average_pmax": float(state.max_prob.mean()),
-        "mean_n_significant": float(state.n_significant.mean()),
-        "mean_samples": float(samples.mean()),
-        "orientations_level0": int(search.sampling.n_orientations(0)),
-        "orientation_change": orientation_change, "offset_change": offset_change,
-        "accuracy_rot": accuracy_rot, "accuracy_trans": accuracy_trans,
-        "offset_step": float(sched.offset_step / 2**o.oversampling),
-        "offset_sigma_angst": state.offset_sigma * pix,
-        "seconds": time.perf_counter() - t_start, "timings": timings, "message": message,
-    }
+    stats = RefineIteration(
+        iteration=state.iteration, r_max=int(radius), recon_radius=int(recon),
+        final=bool(final), stage=stage,
+        local=bool(sched.local and not final or search.local_sigma),
+        healpix_order=int(search.sampling.healpix_order), levels=int(search.levels),
+        resolution_shell=int(ires), resolution=float(box * pix / ires),
+        resolution_05=float(box * pix / ires05), fsc_mask=gold.mask,
+        log_likelihood=float(state.log_likelihood.sum()),
+        average_pmax=float(state.max_prob.mean()),
+        mean_n_significant=float(state.n_significant.mean()),
+        mean_samples=float(samples.mean()),
+        orientations_level0=int(search.sampling.n_orientations(0)),
+        orientation_change=orientation_change, offset_change=offset_change,
+        accuracy_rot=accuracy_rot, accuracy_trans=accuracy_trans,
+        offset_step=float(sched.offset_step / 2**o.oversampling),
+        offset_sigma_angst=state.offset_sigma * pix,
+        seconds=time.perf_counter() - t_start, timings=timings, message=message)
     state.history.append(stats)
     return stats
-
-
-def _store(state: RefineState, members: np.ndarray, result: PassResult) -> None:
-    """A half-set pass's per-particle estimates into the state."""
-    e = result.estimates
-    state.angles[members] = e.angles
-    state.origins_px[members] = e.origins
-    state.max_prob[members] = e.max_prob
-    state.n_significant[members] = e.n_significant
-    state.log_likelihood[members] = e.log_likelihood
-    state.angular_spread[members] = e.angular_spread
-    state.offset_spread[members] = e.offset_spread
 
 
 def pose_accuracy(state: RefineState, refinement: Refinement, radius: int,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._kernels import core
-from .estep import pixel_coords
+from .estep import kernel_inputs
 
 METHODS = {"auto": 0, "gemm": 1, "sparse": 2}
 
@@ -66,17 +66,8 @@ def maximization_sums(
         code = METHODS[method]
     except KeyError:
         raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}") from None
-    images = np.ascontiguousarray(images, dtype=np.complex64)
-    if images.ndim != 2:
-        raise ValueError(f"images: expected 2 dimensions (B, J), got shape {images.shape}")
     return core.maximization_sums(
-        images,
-        np.ascontiguousarray(ctf, dtype=np.float32),
-        np.ascontiguousarray(inv_sigma2, dtype=np.float32),
-        np.ascontiguousarray(slices, dtype=np.complex64),
-        pixel_coords(box, images.shape[1], coords),
-        np.ascontiguousarray(shifts, dtype=np.float64),
-        int(box),
+        *kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box, coords),
         np.ascontiguousarray(weights, dtype=np.float32),
         np.ascontiguousarray(pixel_shell, dtype=np.int64),
         int(n_shells),
@@ -112,15 +103,8 @@ def maximization_sums_sparse(
         code = METHODS[method]
     except KeyError:
         raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}") from None
-    images = np.ascontiguousarray(images, dtype=np.complex64)
-    if images.ndim != 2:
-        raise ValueError(f"images: expected 2 dimensions (B, J), got shape {images.shape}")
     return core.maximization_sums_coo(
-        images, np.ascontiguousarray(ctf, dtype=np.float32),
-        np.ascontiguousarray(inv_sigma2, dtype=np.float32),
-        np.ascontiguousarray(slices, dtype=np.complex64),
-        pixel_coords(box, images.shape[1], coords),
-        np.ascontiguousarray(shifts, dtype=np.float64), int(box),
+        *kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box, coords),
         np.ascontiguousarray(image_index, dtype=np.int64),
         np.ascontiguousarray(shift_index, dtype=np.int64),
         np.ascontiguousarray(slice_index, dtype=np.int64),

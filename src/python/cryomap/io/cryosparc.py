@@ -200,33 +200,7 @@ def cs_to_relion(cs: np.ndarray, where: str, angpix: float | None = None,
     exp_group = (_numbers(cs, "ctf/exp_group_id", where) if "ctf/exp_group_id" in names
                  else np.zeros(n))
 
-    # poses
-    if "alignments3D/pose" in names:
-        ang = rotvec_to_relion_euler(_numbers(cs, "alignments3D/pose", where, (3,)))
-        prefix = "alignments3D/"
-        parts.update(rlnAngleRot=ang[:, 0], rlnAngleTilt=ang[:, 1], rlnAnglePsi=ang[:, 2])
-    elif "alignments2D/pose" in names:
-        prefix = "alignments2D/"
-        parts["rlnAnglePsi"] = np.rad2deg(_numbers(cs, "alignments2D/pose", where))
-    else:
-        prefix = None
-    if prefix is not None:
-        if prefix + "shift" in names:
-            shift_pix = (_numbers(cs, prefix + "psize_A", where) if prefix + "psize_A" in names
-                         else pix)
-            sh = _numbers(cs, prefix + "shift", where, (2,))
-            parts["rlnOriginXAngst"] = sh[:, 0] * shift_pix
-            parts["rlnOriginYAngst"] = sh[:, 1] * shift_pix
-        if prefix + "class" in names:
-            parts["rlnClassNumber"] = _numbers(cs, prefix + "class", where).astype(np.int64) + 1
-        if prefix + "split" in names:
-            split = _numbers(cs, prefix + "split", where)
-            bad = ~np.isin(split, (0.0, 1.0))
-            if np.any(bad):
-                r = int(np.argmax(bad))
-                raise InputError(f"{where}, record {r + 1}: {prefix}split = {split[r]:g}; "
-                                 f"expected 0 or 1")
-            parts["rlnRandomSubset"] = split.astype(np.int64) + 1
+    parts.update(_alignments(cs, where, pix))
 
     # optics groups: one per distinct (exposure group, pixel size, box, kV, Cs, Q0)
     keys = pd.DataFrame({"exp": exp_group, "pix": np.round(pix, 6), "box": box,
@@ -248,6 +222,39 @@ def cs_to_relion(cs: np.ndarray, where: str, angpix: float | None = None,
     return optics, particles
 
 
+def _alignments(cs: np.ndarray, where: str, pix: np.ndarray) -> dict[str, np.ndarray]:
+    """RELION's pose, origin, class and half-set columns of the alignments3D (else
+    alignments2D) fields, where present; shifts in px of alignments's psize_A (else `pix`)."""
+    names = set(cs.dtype.names or ())
+    parts: dict[str, np.ndarray] = {}
+    if "alignments3D/pose" in names:
+        ang = rotvec_to_relion_euler(_numbers(cs, "alignments3D/pose", where, (3,)))
+        prefix = "alignments3D/"
+        parts.update(rlnAngleRot=ang[:, 0], rlnAngleTilt=ang[:, 1], rlnAnglePsi=ang[:, 2])
+    elif "alignments2D/pose" in names:
+        prefix = "alignments2D/"
+        parts["rlnAnglePsi"] = np.rad2deg(_numbers(cs, "alignments2D/pose", where))
+    else:
+        return parts
+    if prefix + "shift" in names:
+        shift_pix = (_numbers(cs, prefix + "psize_A", where) if prefix + "psize_A" in names
+                     else pix)
+        sh = _numbers(cs, prefix + "shift", where, (2,))
+        parts["rlnOriginXAngst"] = sh[:, 0] * shift_pix
+        parts["rlnOriginYAngst"] = sh[:, 1] * shift_pix
+    if prefix + "class" in names:
+        parts["rlnClassNumber"] = _numbers(cs, prefix + "class", where).astype(np.int64) + 1
+    if prefix + "split" in names:
+        split = _numbers(cs, prefix + "split", where)
+        bad = ~np.isin(split, (0.0, 1.0))
+        if np.any(bad):
+            r = int(np.argmax(bad))
+            raise InputError(f"{where}, record {r + 1}: {prefix}split = {split[r]:g}; "
+                             f"expected 0 or 1")
+        parts["rlnRandomSubset"] = split.astype(np.int64) + 1
+    return parts
+
+
 def cs_search_dirs(cs_path: PathLike, project_dir: PathLike | None = None) -> list[Path]:
     """Folders blob paths are looked up in: project_dir alone when given, else the working
     folder, the .cs file's folder and the folder above it."""
@@ -266,7 +273,8 @@ def load_cryosparc(path: PathLike, project_dir: PathLike | None = None,
     """A ParticleSet of a cryoSPARC `.cs` particle file (use particles.load_particles, which
     dispatches on the suffix). project_dir: the cryoSPARC project folder the blob paths are
     relative to (see cs_search_dirs)."""
-    from ..particles import ParticleSet, _check_loaded, _stack_box
+    from ..particles import ParticleSet, _check_loaded
+    from .relion import stack_box
 
     path = Path(path)
     cs = read_cs(path)
@@ -276,7 +284,7 @@ def load_cryosparc(path: PathLike, project_dir: PathLike | None = None,
     if np.any(optics["rlnImageSize"].to_numpy() == 0):
         groups = particles["rlnOpticsGroup"].to_numpy() - 1
         optics["rlnImageSize"] = [
-            _stack_box(path, particles["rlnImageName"], int(np.argmax(groups == g)), dirs,
+            stack_box(path, particles["rlnImageName"], int(np.argmax(groups == g)), dirs,
                        "no blob/shape field to give the box size")
             for g in range(len(optics))]
     ps = ParticleSet(optics=optics, particles=particles, star_path=path, search_dirs=dirs,

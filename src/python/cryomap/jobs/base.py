@@ -74,9 +74,23 @@ def progress_bar(total: int, desc: str):
 # -- state files ---------------------------------------------------------------------------
 
 
+#: Version of the state-file layout; a file of another version is refused, never misread.
+STATE_SCHEMA = 1
+
+
+class DamagedState(InputError):
+    """A state file that cannot be read back (truncated, empty, not an .npz)."""
+
+
+def state_schema(cls) -> dict:
+    """What a state file of `cls` records about its layout (`STATE_SCHEMA`)."""
+    return {"state": cls.__name__, "version": STATE_SCHEMA}
+
+
 def save_state(path: Path, state) -> None:
     """A dataclass state to an .npz, atomically: numpy fields as arrays, the rest (numbers,
-    strings, lists, dicts and lists of dataclasses) as one JSON document."""
+    strings, lists, dicts and lists of dataclasses) as one JSON document, and the layout's
+    schema (`state_schema`)."""
     arrays, other = {}, {}
     for f in fields(state):
         value = getattr(state, f.name)
@@ -85,6 +99,7 @@ def save_state(path: Path, state) -> None:
         elif f.name != "options":
             other[f.name] = _jsonable(value)
     arrays["__json__"] = np.array(json.dumps(other))
+    arrays["__schema__"] = np.array(json.dumps(state_schema(type(state))))
     with atomic_path(path, suffix=".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -92,20 +107,28 @@ def save_state(path: Path, state) -> None:
 
 def load_state(path: Path, cls, **extra):
     """The state saved by save_state, as `cls(**fields, **extra)`; list-of-dataclass fields
-    are rebuilt by `cls.from_saved` when it exists."""
+    are rebuilt by `cls.from_saved` when it exists.
+
+    A file that does not read back raises `DamagedState`; one of another layout (another
+    cryomap version or job, or none recorded) an `InputError`. Errors while rebuilding the
+    state from a file of the right layout are bugs and are not caught."""
     try:
         with np.load(path) as z:
-            values = {k: z[k] for k in z.files if k != "__json__"}
+            values = {k: z[k] for k in z.files if k not in ("__json__", "__schema__")}
             other = json.loads(str(z["__json__"]))
-        values.update(other)
-        values.update(extra)
-        if hasattr(cls, "from_saved"):
-            return cls.from_saved(values)
-        return cls(**values)
-    except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError,
-            zipfile.BadZipFile) as e:  # a truncated or foreign file
-        raise InputError(f"{path}: the saved state is unreadable "
-                         f"({type(e).__name__}: {e})") from None
+            schema = json.loads(str(z["__schema__"])) if "__schema__" in z.files else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DamagedState(f"{path}: the saved state is unreadable "
+                           f"({type(e).__name__}: {e})") from None
+    if schema != state_schema(cls):
+        raise InputError(f"{path}: a saved state of another layout ({schema or 'none recorded'}"
+                         f"; this cryomap reads {state_schema(cls)}): continue the run with "
+                         f"the cryomap that wrote it, or start a new one in another --o")
+    values.update(other)
+    values.update(extra)
+    if hasattr(cls, "from_saved"):
+        return cls.from_saved(values)
+    return cls(**values)
 
 
 def _jsonable(value):
@@ -315,11 +338,32 @@ def read_job_file(outdir: str | Path, what: str) -> dict:
     return job
 
 
+def saved_run(outdir: str | Path, what: str, kinds: tuple[str, ...], options_cls) -> dict:
+    """job.json of the run in outdir (`what`: its kind in words) with its options as
+    `options_cls` (validated); one InputError line when it is missing, truncated, of another
+    kind than `kinds` or has options this version cannot read."""
+    path = Path(outdir) / "job.json"
+    job = read_job_file(outdir, what)
+    if job.get("kind") not in kinds:
+        article = "an" if what[0] in "aeiou" else "a"
+        raise InputError(f"{path}: the run in {outdir} is not {article} {what} "
+                         f"(kind {job.get('kind')!r})")
+    try:
+        job["options"] = options_cls(**job["options"])
+        job["options"].validate()
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: not a readable {what} job file ({e})") from None
+    return job
+
+
 def find_resume_point(outdir: str | Path, state_class, n_particles: int | None = None,
                       **extra) -> ResumePoint:
-    """The last iteration of the run in outdir whose state file reads back; an unreadable
-    one (truncated, corrupt) is skipped for the one before, with a note. Iteration 0 (state
-    None) when there is none. `n_particles`: refuse a state of another particle set."""
+    """The last iteration of the run in outdir whose state file reads back; a damaged one
+    (truncated, empty, corrupt) is skipped for the one before, with a note. A state of
+    another layout, or damaged states only, stop the run (InputError): a continue never
+    starts again silently. No state file at all (stopped during its first iteration):
+    iteration 0 (state None), with a note. `n_particles`: refuse a state of another
+    particle set."""
     notes: list[str] = []
     its = sorted((int(m.group(1)) for p in Path(outdir).glob("run_it*_state.npz")
                   if (m := STATE_PATTERN.match(p.name))), reverse=True)
@@ -327,7 +371,7 @@ def find_resume_point(outdir: str | Path, state_class, n_particles: int | None =
         path = Path(outdir) / f"run_it{it:03d}_state.npz"
         try:
             state = load_state(path, state_class, **extra)
-        except InputError as e:
+        except DamagedState as e:
             notes.append(f"{e}; continuing from the iteration before")
             continue
         n = getattr(state, "angles", np.zeros((0, 3))).shape[0]
@@ -343,7 +387,10 @@ def find_resume_point(outdir: str | Path, state_class, n_particles: int | None =
                 finished = False
         return ResumePoint(it, state, notes, finished)
     if its:
-        notes.append("no readable iteration state; starting from the beginning")
+        raise InputError(f"{outdir}: no intact iteration state (run_it{its[-1]:03d}_state.npz "
+                         f"to run_it{its[0]:03d}_state.npz are all damaged); nothing to "
+                         f"continue from: start a new run in another --o")
+    notes.append(f"{outdir}: no iteration had finished; starting from the beginning")
     return ResumePoint(0, None, notes)
 
 

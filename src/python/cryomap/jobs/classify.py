@@ -46,8 +46,8 @@ from .base import (
     grid_notes,
     plan_memory,
     progress_bar,
-    read_job_file,
 )
+from .base import saved_run as base_saved_run
 from .output import (
     ModelFigures,
     model_blocks,
@@ -138,17 +138,17 @@ class ClassifyJob(Job):
         s = class_iteration(state, self.source, o, hard, bar.update if bar else None)
         if bar is not None:
             bar.close()
-        t = s["timings"]
-        dist = " ".join(f"{d:.3f}" for d in s["distribution"])
+        t = s.timings
+        dist = " ".join(f"{d:.3f}" for d in s.distribution)
         split = "".join(f", class {k + 1} re-seeded from class {b + 1}"
-                        for k, b in s["reseeded"])
-        diff = ("" if s.get("difference_resolution") is None
-                else f", classes differ to {s['difference_resolution']:.1f} Å")
-        return (f"iteration {s['iteration']:3d}{' (hard)' if hard else ''}: r_max {s['r_max']:3d}"
-                f" px, best class {s['resolution']:.1f} Å (SSNR 1){diff}, classes [{dist}]{split}, "
-                f"changed {100 * s['changed_fraction']:.1f}%, log-lik {s['log_likelihood']:.6e}, "
-                f"<Pmax> {s['average_pmax']:.3f}, <nsig> {s['mean_n_significant']:.1f}, "
-                f"{s['mean_samples']:.0f} samples/image; E-step {t.get('estep', 0):.1f} s, "
+                        for k, b in s.reseeded)
+        diff = ("" if s.difference_resolution is None
+                else f", classes differ to {s.difference_resolution:.1f} Å")
+        return (f"iteration {s.iteration:3d}{' (hard)' if hard else ''}: r_max {s.r_max:3d}"
+                f" px, best class {s.resolution:.1f} Å (SSNR 1){diff}, classes [{dist}]{split}, "
+                f"changed {100 * s.changed_fraction:.1f}%, log-lik {s.log_likelihood:.6e}, "
+                f"<Pmax> {s.average_pmax:.3f}, <nsig> {s.mean_n_significant:.1f}, "
+                f"{s.mean_samples:.0f} samples/image; E-step {t.get('estep', 0):.1f} s, "
                 f"project {t.get('project', 0):.1f}, sums {t.get('sums', 0):.1f}, back-project "
                 f"{t.get('backproject', 0):.1f}, reconstruct {t.get('reconstruct', 0):.1f}")
 
@@ -497,15 +497,15 @@ def class_memory(particles: ParticleSet, options: ClassOptions,
                  batch_memory: int | None = None) -> dict[str, int]:
     """Estimated peak memory of a classification by part, without the image cache."""
     from .._kernels import core
-    from ..em.classify import class_batch_size, class_search
-    from ..em.engine import estimate_memory
+    from ..em.classify import class_search
+    from ..em.engine import batch_size, estimate_memory
     from ..em.refine import mask_radius_px
 
     bm = options.batch_memory if batch_memory is None else int(batch_memory)
     box, pix = particles.grid_box, particles.grid_pixel_size
     k = options.n_classes
     search = class_search(options, 1, box // 2 - 1, 2 * mask_radius_px(options, box, pix) * pix)
-    bsize = class_batch_size(search, k, bm)
+    bsize = batch_size(search, k, bm)
     parts = estimate_memory(particles.n_particles, box, pix, k, search, options.ndim,
                             options.pad, bsize, bm, core.max_threads(), 0)
     # per class: reference, its prepared transform and the new map, float64
@@ -520,16 +520,6 @@ def saved_job(outdir: str | Path) -> tuple[str, str | None, ClassOptions]:
 
 
 def saved_run(outdir: str | Path) -> dict:
-    """job.json of the classification in outdir with its options as ClassOptions
-    (validated); one InputError line when it is missing, truncated or not a
-    classification's."""
-    path = Path(outdir) / "job.json"
-    job = read_job_file(outdir, "classification")
-    if "class" not in str(job.get("kind", "")):
-        raise InputError(f"{path}: the run in {outdir} is not a classification")
-    try:
-        job["options"] = ClassOptions(**job["options"])
-        job["options"].validate()
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: not a readable classification job file ({e})") from None
-    return job
+    """job.json of the classification in outdir, its options as ClassOptions
+    (`base.saved_run`)."""
+    return base_saved_run(outdir, "classification", ("class3d", "class2d"), ClassOptions)

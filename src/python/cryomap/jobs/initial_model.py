@@ -29,9 +29,9 @@ from ..em.initial_model import (
 from ..em.model import ssnr_from_fsc
 from ..em.noise import NoiseModel
 from ..em.options import max_memory_bytes
-from ..errors import InputError
+from ..halves import random_subsets
 from ..io.atomic import atomic_path
-from ..particles import ParticleSet, load_particles, random_subsets
+from ..particles import ParticleSet, load_particles
 from .base import (
     Job,
     MemoryPlan,
@@ -40,8 +40,8 @@ from .base import (
     iteration_root,
     plan_memory,
     progress_bar,
-    read_job_file,
 )
+from .base import saved_run as base_saved_run
 from .classify import check_classes
 from .output import (
     ModelFigures,
@@ -114,16 +114,16 @@ class InitialModelJob(Job):
         s = initial_model_iteration(state, self.problem, bar.update if bar else None)
         if bar is not None:
             bar.close()
-        t = s["timings"]
-        dist = " ".join(f"{d:.3f}" for d in s["distribution"])
-        res = " ".join(f"{r:.1f}" for r in s["pseudo_resolution"])
+        t = s.timings
+        dist = " ".join(f"{d:.3f}" for d in s.distribution)
+        res = " ".join(f"{r:.1f}" for r in s.pseudo_resolution)
         split = "".join(f", class {k + 1} re-seeded from class {b + 1}"
-                        for k, b in s["reseeded"])
-        return (f"iteration {s['iteration']:3d}{' (all particles)' if s['final'] else ''}: "
-                f"batch {s['batch']}, r_max {s['r_max']} px ({s['resolution_target']:.1f} Å), "
-                f"HEALPix order {s['healpix_order']}, step {s['eta']:.2f}; pseudo half-set "
-                f"FSC 0.5 [{res}] Å, classes [{dist}]{split}, <Pmax> {s['average_pmax']:.3f}, "
-                f"{s['mean_samples']:.0f} samples/image; E-step {t.get('estep', 0):.1f} s, "
+                        for k, b in s.reseeded)
+        return (f"iteration {s.iteration:3d}{' (all particles)' if s.final else ''}: "
+                f"batch {s.batch}, r_max {s.r_max} px ({s.resolution_target:.1f} Å), "
+                f"HEALPix order {s.healpix_order}, step {s.eta:.2f}; pseudo half-set "
+                f"FSC 0.5 [{res}] Å, classes [{dist}]{split}, <Pmax> {s.average_pmax:.3f}, "
+                f"{s.mean_samples:.0f} samples/image; E-step {t.get('estep', 0):.1f} s, "
                 f"project {t.get('project', 0):.1f}, sums {t.get('sums', 0):.1f}, "
                 f"back-project {t.get('backproject', 0):.1f}, reconstruct "
                 f"{t.get('reconstruct', 0):.1f}")
@@ -250,8 +250,7 @@ def initial_model_memory(particles: ParticleSet, options: InitialModelOptions,
     without the image cache; the running sums of both pseudo half-sets besides."""
     from .. import projector
     from .._kernels import core
-    from ..em.classify import class_batch_size
-    from ..em.engine import Search, estimate_memory
+    from ..em.engine import Search, batch_size, estimate_memory
     from ..sampling import PoseSampling
 
     o = options
@@ -264,7 +263,7 @@ def initial_model_memory(particles: ParticleSet, options: InitialModelOptions,
                                    o.offset_range, 0.0, None, symmetry=o.sym)
     search = Search(sampling, o.oversampling, step.radius, problem.diameter)
     k = o.n_classes
-    bsize = class_batch_size(search, k, bm)
+    bsize = batch_size(search, k, bm)
     parts = estimate_memory(n, box, pix, k, search, 3, o.pad, bsize, bm, core.max_threads(), 0)
     m = projector.reference_radius(box, o.pad, sums_radius(o, box, pix))
     grid = (2 * m + 1) ** 2 * (m + 1)
@@ -280,21 +279,11 @@ class _Geometry:
         self.box, self.pixel_size = box, pixel_size
 
 
-def saved_run(outdir: str | Path) -> dict:
-    """job.json of the initial model in outdir with its options as InitialModelOptions
-    (validated); one InputError line when it is missing, truncated or of another kind."""
-    path = Path(outdir) / "job.json"
-    job = read_job_file(outdir, "initial model")
-    if job.get("kind") != "initial_model":
-        raise InputError(f"{path}: the run in {outdir} is not an initial model "
-                         f"(kind {job.get('kind')!r})")
-    try:
-        job["options"] = InitialModelOptions(**job["options"])
-        job["options"].validate()
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: not a readable initial-model job file ({e})") from None
-    return job
-
-
 __all__ = ["InitialModelJob", "initial_model", "saved_run", "plot_central_sections",
            "initial_model_memory", "HANDEDNESS_NOTE"]
+
+
+def saved_run(outdir: str | Path) -> dict:
+    """job.json of the initial model in outdir, its options as InitialModelOptions
+    (`base.saved_run`)."""
+    return base_saved_run(outdir, "initial model", ("initial_model",), InitialModelOptions)

@@ -165,7 +165,7 @@ def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: 
                 for path, volume in zip(paths, maps, strict=True):
                     tmp = stack.enter_context(atomic_path(path, suffix=".mrc"))
                     write_map(tmp, np.asarray(volume, np.float32), pix)
-        res = float(state.history[-1]["resolution"])
+        res = float(state.history[-1].resolution)
         if echo is not None:
             what = (f"subset {subset} ({particles.n_particles} particles; tau2 from the FSC "
                     f"of two random halves of it)" if subset is not None else

@@ -44,8 +44,8 @@ from .base import (
     iteration_root,
     plan_memory,
     progress_bar,
-    read_job_file,
 )
+from .base import saved_run as base_saved_run
 from .output import (
     ModelFigures,
     model_blocks,
@@ -167,17 +167,17 @@ class RefineJob(Job):
         s = refine_iteration(state, self.refinement, bar.update if bar is not None else None)
         if bar is not None:
             bar.close()
-        t = s["timings"]
-        if s["message"]:
-            self.log(s["message"])
-        return (f"iteration {s['iteration']:3d}{' (final)' if s['final'] else ''}: {s['stage']}, "
-                f"{s['mean_samples']:.0f} samples/image ({s['orientations_level0']} orientations "
-                f"at level 0); r_max {s['r_max']} px, resolution "
-                f"{s['resolution']:.2f} Å (FSC 0.143 of the unfiltered half maps out to "
-                f"{s['recon_radius']} px, {s['fsc_mask']}), {s['resolution_05']:.2f} Å (0.5); "
-                f"changes {s['orientation_change']:.2f} deg, {s['offset_change']:.2f} px; "
-                f"accuracy {s['accuracy_rot']:.2f} deg, {s['accuracy_trans']:.2f} px; <Pmax> "
-                f"{s['average_pmax']:.3f}, <nsig> {s['mean_n_significant']:.0f}; E-step "
+        t = s.timings
+        if s.message:
+            self.log(s.message)
+        return (f"iteration {s.iteration:3d}{' (final)' if s.final else ''}: {s.stage}, "
+                f"{s.mean_samples:.0f} samples/image ({s.orientations_level0} orientations "
+                f"at level 0); r_max {s.r_max} px, resolution "
+                f"{s.resolution:.2f} Å (FSC 0.143 of the unfiltered half maps out to "
+                f"{s.recon_radius} px, {s.fsc_mask}), {s.resolution_05:.2f} Å (0.5); "
+                f"changes {s.orientation_change:.2f} deg, {s.offset_change:.2f} px; "
+                f"accuracy {s.accuracy_rot:.2f} deg, {s.accuracy_trans:.2f} px; <Pmax> "
+                f"{s.average_pmax:.3f}, <nsig> {s.mean_n_significant:.0f}; E-step "
                 f"{t.get('estep', 0):.1f} s, project {t.get('project', 0):.1f}, sums "
                 f"{t.get('sums', 0):.1f}, back-project {t.get('backproject', 0):.1f}, "
                 f"candidates {t.get('candidates', 0):.1f}, reconstruct "
@@ -186,7 +186,7 @@ class RefineJob(Job):
     def _figures(self, state: RefineState, names: list[str]) -> ModelFigures:
         o, p = self.options, self.particles
         box, pix = p.grid_box, p.grid_pixel_size
-        last = state.history[-1] if state.history else {}
+        last = state.history[-1] if state.history else None
         n = box // 2 + 1
         fsc = state.fsc if state.fsc is not None else np.zeros(n)
         from ..em.noise import NoiseModel
@@ -194,16 +194,17 @@ class RefineJob(Job):
         noise = NoiseModel(state.sigma2)
         return ModelFigures(
             box=box, pixel_size=pix, class_names=names, class_distribution=np.ones(1),
-            class_resolution_shell=np.array([last.get("resolution_shell", 1)]),
-            current_size=2 * int(last.get("r_max", state.r_max)),
+            class_resolution_shell=np.array([last.resolution_shell if last else 1]),
+            current_size=2 * int(last.r_max if last else state.r_max),
             ssnr=ssnr_from_fsc(fsc, o.tau2_fudge)[None],
             tau2=(state.tau2 if state.tau2 is not None else np.zeros(n))[None],
             sigma2=np.stack([noise.shell_spectrum(g) for g in range(noise.n_groups)]),
             log_likelihood=float(state.log_likelihood.sum()),
             average_pmax=float(state.max_prob.mean()), pad=o.pad, interp=o.interp,
             tau2_fudge=o.tau2_fudge, offset_sigma=state.offset_sigma * pix, fsc=fsc[None],
-            accuracy_rotations=float(last.get("accuracy_rot", 999.0)),
-            accuracy_translations=float(last.get("accuracy_trans", 999.0)) * pix)
+            # RELION's 999 before any accuracy was measured
+            accuracy_rotations=float(last.accuracy_rot if last else 999.0),
+            accuracy_translations=float(last.accuracy_trans if last else 999.0) * pix)
 
     def _data_table(self, state: RefineState):
         return refine_table(self.particles, state)
@@ -226,9 +227,10 @@ class RefineJob(Job):
         write_model_star(out / "run_model.star",
                          model_blocks(self._figures(state, ["run_class001.mrc"])))
         write_data_star(out / "run_data.star", self.particles, self._data_table(state))
-        res = state.history[-1]["resolution"] if state.history else float("nan")
+        last = state.history[-1] if state.history else None
+        res = last.resolution if last else float("nan")
         plot_fsc(out / "run_fsc.png", state.fsc, self.particles.grid_box, pix, res)
-        mask = state.history[-1].get("fsc_mask", "no mask") if state.history else "no mask"
+        mask = last.fsc_mask if last else "no mask"
         self.log(f"final resolution {res:.2f} Å (FSC 0.143 of run_half1_class001_unfil.mrc "
                  f"and run_half2_class001_unfil.mrc, {mask}); map {out / 'run_class001.mrc'}")
         if self.options.solvent_mask is None:
@@ -322,8 +324,8 @@ def refine_memory(particles: ParticleSet, options: RefineOptions,
     local searches from the start when --healpix_order reaches --auto_local_healpix_order),
     without the image cache."""
     from .._kernels import core
-    from ..em.engine import estimate_memory
-    from ..em.refine import AutoSampling, batch_size
+    from ..em.engine import batch_size, estimate_memory
+    from ..em.refine import AutoSampling
 
     bm = options.batch_memory if batch_memory is None else int(batch_memory)
     box, pix = particles.grid_box, particles.grid_pixel_size
@@ -335,7 +337,7 @@ def refine_memory(particles: ParticleSet, options: RefineOptions,
         sched.sigma_ang = 2.0 * sched.fine_step(options)
     search = sched.search(options, 1, box // 2, 2 * mask_radius_px(options, box, pix) * pix,
                           None, options.fixed_poses)
-    bsize = batch_size(search, search.sampling.translations().shape[0], bm)
+    bsize = batch_size(search, 1, bm)
     parts = estimate_memory(particles.n_particles, box, pix, 1, search, 3, options.pad, bsize,
                             bm, core.max_threads(), 0)
     # the two half maps, their references and the final maps (3 maps), in float64
@@ -349,22 +351,11 @@ def saved_job(outdir: str | Path) -> tuple[str, str | None, RefineOptions]:
     return job["i"], job["ref"], job["options"]
 
 
-def saved_run(outdir: str | Path) -> dict:
-    """job.json of the refinement in outdir with its options as RefineOptions (validated);
-    one InputError line when it is missing, truncated or not a refinement's."""
-    path = Path(outdir) / "job.json"
-    job = read_job_file(outdir, "refinement")
-    if job.get("kind") != "refine":
-        raise InputError(f"{path}: the run in {outdir} is not a refinement "
-                         f"(kind {job.get('kind')!r})")
-    try:
-        job["options"] = RefineOptions(**job["options"])
-        job["options"].validate()
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: not a readable refinement job file ({e})") from None
-    return job
-
-
 __all__ = ["RefineJob", "refine", "refine_table", "particle_input", "reference_input",
            "saved_reference", "saved_job", "saved_run", "check_reference", "require_ctf",
            "image_source", "iteration_root", "read_solvent_mask", "postprocess_command"]
+
+
+def saved_run(outdir: str | Path) -> dict:
+    """job.json of the refinement in outdir, its options as RefineOptions (`base.saved_run`)."""
+    return base_saved_run(outdir, "refinement", ("refine",), RefineOptions)

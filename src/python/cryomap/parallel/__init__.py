@@ -22,13 +22,15 @@ The hooks (each one line where it is called):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from ..em.data import ImageSource
-    from ..em.engine import PassResult
+    from ..em.engine import PassResult, Search
+    from ..em.noise import NoiseModel
     from ..particles import ParticleSet
     from .mpi import MPIContext
 
@@ -92,14 +94,23 @@ def writes_outputs() -> bool:
     return _context is None or _context.rank == 0
 
 
-def run_pass(*args: Any, **kwargs: Any) -> PassResult:
-    """`engine.run_pass`, or under mpirun the same pass split across the ranks (each runs its
-    own particles, the results are reduced in rank order and every rank gets the whole)."""
+def run_pass(source: ImageSource, indices: np.ndarray, references: list, search: Search,
+             noise: NoiseModel, previous_rotations: np.ndarray, previous_origins: np.ndarray,
+             offset_prior: np.ndarray | None = None, batch_size: int = 256,
+             slice_memory: int = 512 << 20, progress: Callable[[int], None] | None = None
+             ) -> PassResult:
+    """`engine.run_pass` (the same parameters), or under mpirun the same pass split across
+    the ranks (each runs its own particles, the results are reduced in rank order and every
+    rank gets the whole)."""
     if _context is None:
         from ..em.engine import run_pass as local
 
-        return local(*args, **kwargs)
-    return _context.run_pass(*args, **kwargs)
+        runner = local
+    else:
+        runner = _context.run_pass
+    return runner(source, indices, references, search, noise, previous_rotations,
+                  previous_origins, offset_prior, batch_size=batch_size,
+                  slice_memory=slice_memory, progress=progress)
 
 
 def expected_accuracy(reference: Any, source: ImageSource, *args: Any, **kwargs: Any

@@ -15,11 +15,13 @@ This module does not import mpi4py (nor numpy): only the worker does.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 from . import MPI_COMMANDS, launcher_rank, launcher_size
 
@@ -38,14 +40,16 @@ def _say(line: str, everyone: bool = False) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def launch(argv: list[str]) -> int | None:
-    """Run `cryomap argv` as one rank of a parallel job. Returns the exit status, or None
-    when the command line is not a job (--help, --version, no command): it then runs as
-    usual, in this process."""
+def launch(argv: list[str], build_parser: Callable[[], argparse.ArgumentParser]
+           ) -> int | None:
+    """Run `cryomap argv` as one rank of a parallel job (`build_parser`: the command line's
+    parser, whose commands the worker runs). Returns the exit status, or None when the
+    command line is not a job (--help, --version, no command): it then runs as usual, in
+    this process."""
     if os.environ.get(WORKER_ENV):
         from .mpi import run_worker
 
-        return run_worker(argv)
+        return run_worker(argv, build_parser)
     command = argv[0] if argv else ""
     if not command or command.startswith("-"):
         return None

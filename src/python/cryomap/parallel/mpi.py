@@ -29,10 +29,10 @@ PASS-th pass, after computing and before the reduction: a hook for the tests of 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import signal
@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -287,29 +287,30 @@ class MPIContext:
 
     # -- the pass ----------------------------------------------------------------------------
 
-    def run_pass(self, *args: Any, **kwargs: Any):
-        """`engine.run_pass` over this rank's particles of the pass, reduced over the ranks:
-        returns on every rank the PassResult of the whole pass (estimates in the pass's
-        order, sums of all images)."""
+    def run_pass(self, source: ImageSource, indices: np.ndarray, references: list,
+                 search, noise, previous_rotations: np.ndarray, previous_origins: np.ndarray,
+                 offset_prior: np.ndarray | None = None, batch_size: int = 256,
+                 slice_memory: int = 512 << 20, progress=None):
+        """`engine.run_pass` (the same parameters) over this rank's particles of the pass,
+        reduced over the ranks: returns on every rank the PassResult of the whole pass
+        (estimates in the pass's order, sums of all images). The per-image arguments
+        (indices, previous poses, the offset prior, the search's image_class) are cut to this
+        rank's images; no progress bar per rank."""
         from ..em import engine
 
-        call = inspect.signature(engine.run_pass).bind(*args, **kwargs)
-        a = call.arguments
-        source, indices = a["source"], np.asarray(a["indices"])
+        indices = np.asarray(indices)
         owner = self.owner(indices, source.particles.n_particles)
         mine = np.flatnonzero(owner == self.rank)
-        # the per-image arguments, cut to this rank's images
-        for name in ("indices", "previous_rotations", "previous_origins", "offset_prior"):
-            if a.get(name) is not None:
-                a[name] = np.asarray(a[name])[mine]
-        search = a["search"]
         if search.image_class is not None:
-            a["search"] = dataclasses.replace(
-                search, image_class=np.asarray(search.image_class)[mine])
-        a["progress"] = None
+            search = dataclasses.replace(search,
+                                         image_class=np.asarray(search.image_class)[mine])
         self.passes += 1
         t0 = time.perf_counter()
-        local = engine.run_pass(*call.args, **call.kwargs)
+        local = engine.run_pass(
+            source, indices[mine], references, search, noise,
+            np.asarray(previous_rotations)[mine], np.asarray(previous_origins)[mine],
+            None if offset_prior is None else np.asarray(offset_prior)[mine],
+            batch_size=batch_size, slice_memory=slice_memory, progress=None)
         self.stats["passes"] += time.perf_counter() - t0
         self._inject_fault()
         wait = self.rendezvous(f"the reduction of pass {self.passes}")
@@ -437,8 +438,7 @@ class MPIContext:
 
     def fail(self, error: BaseException) -> None:
         """An exception on this rank: its one line (as `cli.main` words it), then abort."""
-        from ..cli.main import _one_line
-        from ..errors import InputError
+        from ..errors import InputError, one_line
 
         code = 2
         if isinstance(error, InputError):
@@ -459,7 +459,7 @@ class MPIContext:
             message, code = f"{type(error).__name__}: {error}", 1
         if os.environ.get("CRYOMAP_MPI_TRACEBACK"):
             traceback.print_exception(error, file=sys.stderr)
-        self.abort(_one_line(message), code)
+        self.abort(one_line(message), code)
 
 
 def state_digest(state: object) -> str:
@@ -593,9 +593,10 @@ def _default_threads(local_ranks: int) -> int:
     return cpus
 
 
-def run_worker(argv: list[str]) -> int:
-    """Run `cryomap argv` as this rank: MPI started, the parallel hooks installed, any error
-    one line and MPI_Abort. Returns the exit status."""
+def run_worker(argv: list[str], build_parser: Callable[[], argparse.ArgumentParser]) -> int:
+    """Run `cryomap argv` as this rank (parsed by `build_parser`'s parser, run by the parsed
+    command): MPI started, the parallel hooks installed, any error one line and MPI_Abort.
+    Returns the exit status."""
     report = _Report()
     command = argv[0] if argv else "cryomap"
     try:
@@ -625,8 +626,6 @@ def run_worker(argv: list[str]) -> int:
 
     sys.excepthook = hook
     threading.excepthook = lambda a: ctx.fail(a.exc_value)
-    from ..cli.main import build_parser
-
     quiet = open(os.devnull, "w")  # kept open for the whole run
     if ctx.rank != 0:  # the same lines as rank 0's
         sys.stdout = quiet
