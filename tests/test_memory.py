@@ -28,7 +28,7 @@ def sim(phantom_set) -> Path:
 
 
 def _estimate(batch_memory: int) -> dict[str, int]:
-    """A stand-in for engine.estimate_memory: 3 x batch memory plus 100 MiB fixed."""
+    """A stand-in for em.memory.estimate_memory: 3 x batch memory plus 100 MiB fixed."""
     return {"fixed": 100 * MiB, "candidate slices": 3 * batch_memory, "images": 123}
 
 
@@ -141,10 +141,11 @@ def test_reading_a_stack_leaves_no_pages_resident(tmp_path):
 
 
 def test_batch_size_keeps_the_level0_weights_within_the_batch_memory():
-    """engine.batch_size, the one rule of refine, classify and initial_model: 4 bytes per
+    """em.memory.batch_size, the one rule of refine, classify and initial_model: 4 bytes per
     image, translation, class and level-0 orientation (LOCAL_WINDOW for a local or
     fixed-pose search), between 8 and 2048 images."""
-    from cryomap.em.engine import LOCAL_WINDOW, Search, batch_size
+    from cryomap.em.engine import Search
+    from cryomap.em.memory import LOCAL_WINDOW, batch_size
     from cryomap.sampling import PoseSampling
 
     s = PoseSampling.create(3, 2, 15.0, 2.0, 6.0)  # 4608 orientations, 29 translations

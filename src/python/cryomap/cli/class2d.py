@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import InputError
-from .class3d import add_class_arguments, class_options
-from .options import continued_run, run_settings
+from .class3d import add_class_arguments, run_classification
 
 COMMAND = "class2d"
 HELP = "2D classification (class averages) by EM with class marginalisation"
@@ -42,22 +40,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run or continue the classification through the Python API's `cryomap.classify2d`."""
-    from ..api import classify2d
-    from ..jobs.classify import saved_run
-
-    if args.resume and args.i is None:
-        job, threads, memory = continued_run(args, saved_run)
-        options = job["options"]
-        if options.ndim != 2:
-            raise InputError(f"{args.o}: the run there is a 3D classification; use class3d")
-        classify2d(job["i"], args.o, reference=job["ref"], options=options, resume=True,
-                   max_memory=memory, threads=threads)
-        return 0
-    if args.i is None:
-        raise InputError("--i (particles) is required")
-    options = class_options(args, 2)
-    threads, memory = run_settings(args)
-    classify2d(args.i, args.o, reference=args.ref, options=options, resume=args.resume,
-               angpix=args.angpix, max_memory=memory, threads=threads)
-    return 0
+    """Run or continue the classification (`class3d.run_classification`)."""
+    return run_classification(args, 2)

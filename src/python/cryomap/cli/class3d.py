@@ -105,23 +105,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "of the low-passed reference's standard deviation")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run or continue the classification through the Python API's `cryomap.classify3d`."""
-    from ..api import classify3d
+def run_classification(args: argparse.Namespace, ndim: int) -> int:
+    """Run or continue a classification (class3d or class2d) through the Python API's
+    `cryomap.classify3d` / `cryomap.classify2d`."""
+    from ..api import classify2d, classify3d
     from ..jobs.classify import saved_run
 
+    other = {3: "2D", 2: "3D"}[ndim]
     if args.resume and args.i is None:
         job, threads, memory = continued_run(args, saved_run)
-        options = job["options"]
-        if options.ndim != 3:
-            raise InputError(f"{args.o}: the run there is a 2D classification; use class2d")
-        classify3d(job["i"], job["ref"], args.o, options=options, resume=True,
-                   max_memory=memory, threads=threads)
-        return 0
-    if args.i is None or args.ref is None:
-        raise InputError("--i (particles) and --ref (initial map) are required")
-    options = class_options(args, 3)
-    threads, memory = run_settings(args)
-    classify3d(args.i, args.ref, args.o, options=options, resume=args.resume,
-               angpix=args.angpix, max_memory=memory, threads=threads)
+        options, i, ref, kw = job["options"], job["i"], job["ref"], {"resume": True}
+        if options.ndim != ndim:
+            raise InputError(f"{args.o}: the run there is a {other} classification; use "
+                             f"class{other[0]}d")
+    else:
+        if args.i is None or (ndim == 3 and args.ref is None):
+            raise InputError("--i (particles) and --ref (initial map) are required"
+                             if ndim == 3 else "--i (particles) is required")
+        options, i, ref = class_options(args, ndim), args.i, args.ref
+        threads, memory = run_settings(args)
+        kw = {"resume": args.resume, "angpix": args.angpix}
+    common = {"options": options, "max_memory": memory, "threads": threads, **kw}
+    if ndim == 3:
+        classify3d(i, ref, args.o, **common)
+    else:
+        classify2d(i, args.o, reference=ref, **common)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run or continue the classification (`run_classification`)."""
+    return run_classification(args, 3)

@@ -43,8 +43,9 @@ from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over rank
 from ..resolution import fsc, resolution_shell
 from ..sampling import PoseSampling
 from .data import ImageSource
-from .engine import PassResult, Search, batch_size
-from .iteration import merge_timings, offset_sigma, rotations, store_estimates
+from .engine import PassResult, Search
+from .iteration import EMState, merge_timings, offset_sigma, rotations, store_estimates
+from .memory import batch_size
 from .model import next_r_max, ssnr_from_fsc, state_from_saved
 from .noise import NoiseModel
 from .options import EMOptions, bad_option
@@ -149,21 +150,13 @@ class ClassIteration:
 
 
 @dataclass
-class ClassState:
+class ClassState(EMState):
     """Everything a classification iteration needs and produces (saved every iteration)."""
 
-    iteration: int
     references: np.ndarray  # (K, N, N) images or (K, N, N, N) maps, real space
     distribution: np.ndarray  # (K,) class prior pi_k
-    sigma2: np.ndarray  # (groups, N, N//2+1)
-    r_max: int
-    angles: np.ndarray  # (n, 3) best pose's Euler angles
-    origins_px: np.ndarray  # (n, 2)
     class_number: np.ndarray  # (n,) 0-based most probable class
     class_prob: np.ndarray  # (n, K) posterior class probabilities (as used in the M-step)
-    max_prob: np.ndarray
-    n_significant: np.ndarray
-    log_likelihood: np.ndarray
     offset_sigma: float  # px
     class_tau2: np.ndarray | None = None  # (K, N//2+1)
     class_ssnr: np.ndarray | None = None  # (K, N//2+1)

@@ -125,7 +125,7 @@ def expectation(
     pose are 0 (float32 normal range) and do not count in n_significant.
 
     Memory: the (B, T, R) float32 weights plus O(B J + T J) and O(tile) scratch per thread;
-    the engine sizes batches for it (`engine.batch_size`).
+    the engine sizes batches for it (`em.memory.batch_size`).
     """
     inputs = kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box, coords)
     images, slices, shifts = inputs[0], inputs[3], inputs[5]

@@ -52,8 +52,9 @@ from ..resolution import resolution_shell
 from ..sampling import PoseSampling, angular_step
 from .classify import center_of_mass_shift
 from .data import Work
-from .engine import PassResult, Search, batch_size
-from .iteration import merge_timings, store_estimates
+from .engine import PassResult, Search
+from .iteration import EMState, merge_timings, store_estimates
+from .memory import batch_size
 from .model import state_from_saved
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
@@ -240,24 +241,16 @@ class InitialModelIteration:
 
 
 @dataclass
-class InitialModelState:
+class InitialModelState(EMState):
     """Everything an iteration needs and produces (saved after each iteration)."""
 
-    iteration: int
     references: np.ndarray  # (K, N, N, N) current maps
     data: np.ndarray  # (2, K, 2M+1, 2M+1, M+1) complex64 running D per pseudo half-set
     weight: np.ndarray  # (2, K, 2M+1, 2M+1, M+1) float32 running W
     mass: np.ndarray  # (K,) running class mass
-    sigma2: np.ndarray  # (groups, N, N//2+1)
     subset: np.ndarray  # (n,) pseudo half-set 1 or 2
-    angles: np.ndarray  # (n, 3) best pose at the particle's last mini-batch
-    origins_px: np.ndarray  # (n, 2)
     class_number: np.ndarray  # (n,) 0-based
-    max_prob: np.ndarray
-    n_significant: np.ndarray
-    log_likelihood: np.ndarray
     seen: np.ndarray  # (n,) last iteration a particle was in a batch (0: never)
-    r_max: int
     fsc: np.ndarray | None = None  # (K, N//2+1) pseudo half-set FSC
     tau2: np.ndarray | None = None  # (K, N//2+1)
     assigned: np.ndarray | None = None  # (n,) class a particle is restricted to next, or -1

@@ -5,6 +5,7 @@ timings of the passes, and the rotations of the saved poses."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,7 +16,23 @@ from .engine import PassResult, PoseEstimates
 MIN_SIGMA2_OFFSET = 2.0
 
 
-def store_estimates(state, members: np.ndarray, e: PoseEstimates) -> None:
+@dataclass
+class EMState:
+    """What every job's state holds (refine's, classify's and initial_model's add their
+    maps and schedule): the iteration, the noise model, the E-step radius and each
+    particle's best pose and statistics. Saved after every iteration (jobs.base.save_state)."""
+
+    iteration: int
+    sigma2: np.ndarray  # (groups, N, N//2+1)
+    r_max: int  # px, the next E-step's Fourier radius
+    angles: np.ndarray  # (n, 3) the best pose's Euler angles (degrees)
+    origins_px: np.ndarray  # (n, 2)
+    max_prob: np.ndarray  # (n,) rlnMaxValueProbDistribution
+    n_significant: np.ndarray  # (n,) rlnNrOfSignificantSamples
+    log_likelihood: np.ndarray  # (n,) rlnLogLikeliContribution
+
+
+def store_estimates(state: EMState, members: np.ndarray, e: PoseEstimates) -> None:
     """The pose, Pmax, significant samples and log-likelihood of a pass's images into a job
     state's per-particle arrays (rows `members`); class posteriors and spreads, kept by
     some jobs only, are stored by the job."""

@@ -42,8 +42,9 @@ from ..particles import ParticleSet
 from ..resolution import FSC_THRESHOLD, first_shell_below, fsc_maps, resolution_shell
 from ..sampling import PoseSampling, angular_step
 from .data import Work
-from .engine import PassResult, Search, batch_size
-from .iteration import merge_timings, offset_sigma, rotations, store_estimates
+from .engine import PassResult, Search
+from .iteration import EMState, merge_timings, offset_sigma, rotations, store_estimates
+from .memory import batch_size
 from .model import next_r_max, state_from_saved, tau2_from_fsc
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
@@ -249,21 +250,13 @@ class RefineIteration:
 
 
 @dataclass
-class RefineState:
+class RefineState(EMState):
     """Everything an iteration needs and produces (saved after each iteration)."""
 
-    iteration: int
     volumes: np.ndarray  # (2, N, N, N) the half maps (current references)
-    sigma2: np.ndarray  # (groups, N, N//2+1)
     subset: np.ndarray  # (n,) 1 or 2
-    angles: np.ndarray  # (n, 3) best Euler angles
-    origins_px: np.ndarray  # (n, 2)
-    max_prob: np.ndarray
-    n_significant: np.ndarray
-    log_likelihood: np.ndarray
     angular_spread: np.ndarray  # (n,) degrees
     offset_spread: np.ndarray  # (n,) px
-    r_max: int
     offset_sigma: float  # px, std. dev. of the origin prior
     schedule: AutoSampling
     fsc: np.ndarray | None = None

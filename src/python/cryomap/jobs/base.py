@@ -16,7 +16,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +203,7 @@ def check_memory(parts: dict[str, int], budget: int, hint: str = EM_HINT,
 def plan_memory(estimate: Callable[[int], dict[str, int]], n_particles: int, box: int,
                 budget: int, batch_memory: int, n_images: int | None = None) -> MemoryPlan:
     """Fit a run into `budget` bytes. `estimate(batch_memory)` gives the engine's parts
-    without the image cache (`engine.estimate_memory`); the runtime, the per-particle tables,
+    without the image cache (`em.memory.estimate_memory`); the runtime, the per-particle tables,
     the image reads and (if chosen) the cache are added here. The batch memory is halved from
     `batch_memory` until the run fits (powers of two, so that nearby budgets give the same
     batches and so the same numbers); the images are cached when they fit as well (giving up
@@ -336,6 +336,18 @@ def read_job_file(outdir: str | Path, what: str) -> dict:
         raise InputError(f"{path}: not a readable {what} job file (expected a JSON object "
                          f"with kind, i, ref and options)")
     return job
+
+
+def plan_job_memory(particles, options, budget: int, estimate: Callable, box: int | None = None
+                    ) -> tuple[MemoryPlan, object]:
+    """The memory plan of a job (`plan_memory` over `estimate(particles, options,
+    batch_memory)`, the images this process caches under MPI) and the options with the
+    plan's batch memory."""
+    n = particles.n_particles
+    plan = plan_memory(lambda bm: estimate(particles, options, bm), n,
+                       particles.grid_box if box is None else box, budget,
+                       options.batch_memory, parallel.local_images(n))  # [mpi hook]
+    return plan, replace(options, batch_memory=plan.batch_memory)
 
 
 def saved_run(outdir: str | Path, what: str, kinds: tuple[str, ...], options_cls) -> dict:

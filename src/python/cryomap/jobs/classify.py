@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from .base import (
     check_particles_for_em,
     find_resume_point,
     grid_notes,
-    plan_memory,
+    plan_job_memory,
     progress_bar,
 )
 from .base import saved_run as base_saved_run
@@ -414,11 +414,7 @@ def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOpt
          initialise, resume: bool, echo, start: ResumePoint | None, budget: int
          ) -> ClassState:
     try:
-        plan = plan_memory(lambda bm: class_memory(particles, options, bm),
-                           particles.n_particles, particles.grid_box, budget,
-                           options.batch_memory,
-                           parallel.local_images(particles.n_particles))  # [mpi hook]
-        options = replace(options, batch_memory=plan.batch_memory)
+        plan, options = plan_job_memory(particles, options, budget, class_memory)
         job = ClassifyJob(particles, star, reference_path, outdir, options, initialise, resume,
                           echo, plan)
         job.notes.extend(particles.notes)
@@ -498,7 +494,7 @@ def class_memory(particles: ParticleSet, options: ClassOptions,
     """Estimated peak memory of a classification by part, without the image cache."""
     from .._kernels import core
     from ..em.classify import class_search
-    from ..em.engine import batch_size, estimate_memory
+    from ..em.memory import batch_size, estimate_memory
     from ..em.refine import mask_radius_px
 
     bm = options.batch_memory if batch_memory is None else int(batch_memory)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from .base import (
     check_particles_for_em,
     find_resume_point,
     iteration_root,
-    plan_memory,
+    plan_job_memory,
     progress_bar,
 )
 from .base import saved_run as base_saved_run
@@ -234,9 +234,8 @@ def initial_model(star: str | Path, outdir: str | Path, options: InitialModelOpt
         options = options.for_box(particles.box, particles.pixel_size)
         start = (find_resume_point(outdir, InitialModelState, particles.n_particles)
                  if resume else None)
-        plan = plan_memory(lambda bm: initial_model_memory(particles, options, bm),
-                           particles.n_particles, particles.box, budget, options.batch_memory)
-        options = replace(options, batch_memory=plan.batch_memory)
+        plan, options = plan_job_memory(particles, options, budget, initial_model_memory,
+                                        box=particles.box)
         job = InitialModelJob(particles, star, outdir, options, resume, echo, plan)
         job.notes.extend(particles.notes)
         return job.run(start)
@@ -250,7 +249,8 @@ def initial_model_memory(particles: ParticleSet, options: InitialModelOptions,
     without the image cache; the running sums of both pseudo half-sets besides."""
     from .. import projector
     from .._kernels import core
-    from ..em.engine import Search, batch_size, estimate_memory
+    from ..em.engine import Search
+    from ..em.memory import batch_size, estimate_memory
     from ..sampling import PoseSampling
 
     o = options

@@ -42,7 +42,7 @@ from .base import (
     find_resume_point,
     grid_notes,
     iteration_root,
-    plan_memory,
+    plan_job_memory,
     progress_bar,
 )
 from .base import saved_run as base_saved_run
@@ -297,11 +297,7 @@ def refine(star: str | Path | ParticleSet, reference_path, outdir: str | Path | 
         solvent_mask = read_solvent_mask(options.solvent_mask, particles)
         if options.solvent_mask is not None:  # job.json: found again by --continue anywhere
             options = replace(options, solvent_mask=str(Path(options.solvent_mask).resolve()))
-        plan = plan_memory(lambda bm: refine_memory(particles, options, bm),
-                           particles.n_particles, particles.grid_box, budget,
-                           options.batch_memory,
-                           parallel.local_images(particles.n_particles))  # [mpi hook]
-        options = replace(options, batch_memory=plan.batch_memory)
+        plan, options = plan_job_memory(particles, options, budget, refine_memory)
         job = RefineJob(particles, star, reference, reference_path, outdir, options, resume,
                         echo, plan, solvent_mask)
         job.notes.extend(particles.notes)
@@ -324,7 +320,7 @@ def refine_memory(particles: ParticleSet, options: RefineOptions,
     local searches from the start when --healpix_order reaches --auto_local_healpix_order),
     without the image cache."""
     from .._kernels import core
-    from ..em.engine import batch_size, estimate_memory
+    from ..em.memory import batch_size, estimate_memory
     from ..em.refine import AutoSampling
 
     bm = options.batch_memory if batch_memory is None else int(batch_memory)

@@ -47,24 +47,24 @@ MPI_COMMANDS = ("refine", "class3d", "class2d", "reconstruct")
 _context: MPIContext | None = None
 
 
-def launcher_size(environ: dict[str, str] | None = None) -> int | None:
-    """Number of processes the launcher started (None: not said, or not launched)."""
+def _first_number(names: tuple[str, ...], environ: dict[str, str] | None) -> int | None:
+    """The first of the variables `names` that holds a whole number (None: none does)."""
     env = os.environ if environ is None else environ
-    for name in SIZE_VARIABLES:
+    for name in names:
         value = env.get(name, "")
         if value.isdigit():
             return int(value)
     return None
+
+
+def launcher_size(environ: dict[str, str] | None = None) -> int | None:
+    """Number of processes the launcher started (None: not said, or not launched)."""
+    return _first_number(SIZE_VARIABLES, environ)
 
 
 def launcher_rank(environ: dict[str, str] | None = None) -> int | None:
     """This process's rank as the launcher set it (None: not said)."""
-    env = os.environ if environ is None else environ
-    for name in RANK_VARIABLES:
-        value = env.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return None
+    return _first_number(RANK_VARIABLES, environ)
 
 
 def launched_by_mpirun(environ: dict[str, str] | None = None) -> bool:
