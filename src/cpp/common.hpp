@@ -46,6 +46,14 @@ inline void require_dim(const py::array& a, const char* name, int axis, py::ssiz
     }
 }
 
+// A C-contiguous (rows, cols) array of T; a negative extent is not checked.
+template <typename T>
+void require_matrix(const py::array& a, const char* name, py::ssize_t rows, py::ssize_t cols) {
+    require<T>(a, name, 2);
+    if (rows >= 0) require_dim(a, name, 0, rows);
+    if (cols >= 0) require_dim(a, name, 1, cols);
+}
+
 // Raise ValueError if any of the n values is NaN or infinite.
 template <typename T>
 void require_finite(const T* p, size_t n, const char* name) {

@@ -347,8 +347,10 @@ ImageStats image_posterior(float* s, py::ssize_t T, py::ssize_t R, const double*
 
 // Per-image terms of the scores: U = CTF X / sigma2, W = CTF^2 / sigma2 (B x J each),
 // c_i = 1/2 sum_j |X_ij|^2 / sigma2_ij and the complex-Gaussian normalisation
-// sum_j log(inv_sigma2_ij / (2 pi)) over the pixels that are not left out.
+// sum_j log(inv_sigma2_ij / (2 pi)) over the pixels that are not left out; and the phase
+// factors of every translation (T x J, shift_phases).
 struct ImageTerms {
+    std::vector<cfloat> phases;
     std::vector<cfloat> u;
     std::vector<float> w;
     std::vector<double> c, log_norm;
@@ -357,6 +359,7 @@ struct ImageTerms {
 ImageTerms image_terms(const ModelData& d) {
     const py::ssize_t B = d.n_img, J = d.n_pix;
     ImageTerms t;
+    t.phases = shift_phases(d);
     t.u.resize((size_t)(B * J));
     t.w.resize((size_t)(B * J));
     t.c.resize((size_t)B);
@@ -403,19 +406,11 @@ ModelData check_model_data(const py::array& images, const py::array& ctf,
                            const py::array& coords, const py::array& shifts, int box) {
     require<cfloat>(images, "images", 2);
     const py::ssize_t B = images.shape(0), J = images.shape(1);
-    require<float>(ctf, "ctf", 2);
-    require_dim(ctf, "ctf", 0, B);
-    require_dim(ctf, "ctf", 1, J);
-    require<float>(inv_sigma2, "inv_sigma2", 2);
-    require_dim(inv_sigma2, "inv_sigma2", 0, B);
-    require_dim(inv_sigma2, "inv_sigma2", 1, J);
-    require<cfloat>(slices, "slices", 2);
-    require_dim(slices, "slices", 1, J);
-    require<float>(coords, "coords", 2);
-    require_dim(coords, "coords", 0, J);
-    require_dim(coords, "coords", 1, 2);
-    require<double>(shifts, "shifts", 2);
-    require_dim(shifts, "shifts", 1, 2);
+    require_matrix<float>(ctf, "ctf", B, J);
+    require_matrix<float>(inv_sigma2, "inv_sigma2", B, J);
+    require_matrix<cfloat>(slices, "slices", -1, J);
+    require_matrix<float>(coords, "coords", J, 2);
+    require_matrix<double>(shifts, "shifts", -1, 2);
     if (box <= 0) throw py::value_error("box: expected a positive image size");
     if (slices.shape(0) < 1) throw py::value_error("slices: expected at least one orientation");
     if (shifts.shape(0) < 1) throw py::value_error("shifts: expected at least one translation");
@@ -466,9 +461,7 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
     const py::ssize_t B = d.n_img, T = d.n_shift, R = d.n_rot, J = d.n_pix;
     require<double>(log_prior_rot, "log_prior_rot", 1);
     require_dim(log_prior_rot, "log_prior_rot", 0, R);
-    require<double>(log_prior_shift, "log_prior_shift", 2);
-    require_dim(log_prior_shift, "log_prior_shift", 0, B);
-    require_dim(log_prior_shift, "log_prior_shift", 1, T);
+    require_matrix<double>(log_prior_shift, "log_prior_shift", B, T);
     const double* lpr = static_cast<const double*>(log_prior_rot.data());
     const double* lps = static_cast<const double*>(log_prior_shift.data());
     require_log_prior(lpr, (size_t)R, "log_prior_rot");
@@ -496,20 +489,15 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
     bool scores_finite = true;
     {
         py::gil_scoped_release release;
-        const std::vector<cfloat> phases = shift_phases(d);
         const ImageTerms it = image_terms(d);
-        const std::vector<cfloat>& u = it.u;
-        const std::vector<float>& wgt = it.w;
-        const std::vector<double>& c = it.c;
-        const std::vector<double>& log_norm = it.log_norm;
-        pose_scores(d, phases, u.data(), wgt.data(), blk, w);
+        pose_scores(d, it.phases, it.u.data(), it.w.data(), blk, w);
 #pragma omp parallel
         {
             PruneScratch scratch;
 #pragma omp for schedule(dynamic)
             for (py::ssize_t i = 0; i < B; ++i) {
                 const ImageStats st = image_posterior(
-                    w + i * T * R, T, R, lpr, lps + i * T, c[i], log_norm[i],
+                    w + i * T * R, T, R, lpr, lps + i * T, it.c[i], it.log_norm[i],
                     significant_fraction, scratch, groups.empty() ? nullptr : groups.data(),
                     n_groups, min_group_mass);
                 if (!st.finite) {
@@ -615,7 +603,6 @@ py::dict expectation_subsets(const py::array& images, const py::array& ctf,
     bool scores_finite = true;
     {
         py::gil_scoped_release release;
-        const std::vector<cfloat> phases = shift_phases(d);
         const ImageTerms it = image_terms(d);
         const float* a = reinterpret_cast<const float*>(d.slices);
 #pragma omp parallel
@@ -655,7 +642,7 @@ py::dict expectation_subsets(const py::array& images, const py::array& ctf,
                     Eigen::Map<const Eigen::VectorXf>(it.w.data() + i * J, J);
                 for (int64_t t = 0; t < T; ++t)  // Y_it = CTF X_i(t) / sigma2
                     complex_multiply(it.u.data() + i * J,
-                                     phases.data() + sl.index[t0 + t] * J, y.data() + t * J, J);
+                                     it.phases.data() + sl.index[t0 + t] * J, y.data() + t * J, J);
                 float* s = w + bp[i];
                 for (int64_t t = 0; t < T; ++t) {
 #pragma omp simd

@@ -16,8 +16,7 @@ SliceGeometry check_geometry(const py::array& rotations, const py::array& coords
     require<double>(rotations, "rotations", 3);
     require_dim(rotations, "rotations", 1, 3);
     require_dim(rotations, "rotations", 2, 3);
-    require<float>(coords, "coords", 2);
-    require_dim(coords, "coords", 1, 2);
+    require_matrix<float>(coords, "coords", -1, 2);
     require_finite(static_cast<const double*>(rotations.data()), rotations.size(), "rotations");
     require_finite(static_cast<const float*>(coords.data()), coords.size(), "coords");
     return {rotations.shape(0), coords.shape(0)};
@@ -154,12 +153,8 @@ void backproject(py::array& data, py::array& weight, const py::array& slices,
     if (n_copies < 1) throw py::value_error("data: expected at least one copy");
     const VolumeShape vs = volume_shape_of(data, lead, "data");
     const SliceGeometry g = check_geometry(rotations, coords);
-    require<cfloat>(slices, "slices", 2);
-    require_dim(slices, "slices", 0, g.n_rot);
-    require_dim(slices, "slices", 1, g.n_pix);
-    require<float>(slice_weights, "slice_weights", 2);
-    require_dim(slice_weights, "slice_weights", 0, g.n_rot);
-    require_dim(slice_weights, "slice_weights", 1, g.n_pix);
+    require_matrix<cfloat>(slices, "slices", g.n_rot, g.n_pix);
+    require_matrix<float>(slice_weights, "slice_weights", g.n_rot, g.n_pix);
     require_finite(static_cast<const float*>(slices.data()), 2 * slices.size(), "slices");
     require_finite(static_cast<const float*>(slice_weights.data()), slice_weights.size(),
                    "slice_weights");
@@ -227,12 +222,8 @@ void backproject(py::array& data, py::array& weight, const py::array& slices,
 py::array_t<cfloat> phase_shift(const py::array& images, const py::array& coords,
                                 const py::array& shifts, int box) {
     require<cfloat>(images, "images", 2);
-    require<float>(coords, "coords", 2);
-    require_dim(coords, "coords", 0, images.shape(1));
-    require_dim(coords, "coords", 1, 2);
-    require<double>(shifts, "shifts", 2);
-    require_dim(shifts, "shifts", 0, images.shape(0));
-    require_dim(shifts, "shifts", 1, 2);
+    require_matrix<float>(coords, "coords", images.shape(1), 2);
+    require_matrix<double>(shifts, "shifts", images.shape(0), 2);
     require_finite(static_cast<const double*>(shifts.data()), shifts.size(), "shifts");
     if (box <= 0) throw py::value_error("box: expected a positive image size");
     const py::ssize_t n_img = images.shape(0), n_pix = images.shape(1);

@@ -462,12 +462,8 @@ SumsOutputs check_sums_outputs(const ModelData& d, const py::array& pixel_shell,
     for (py::ssize_t j = 0; j < J; ++j)
         if (shell[j] < 0 || shell[j] >= n_shells)
             throw py::value_error("pixel_shell: expected values in [0, n_shells)");
-    require<cfloat>(data_slices, "data_slices", 2);
-    require_dim(data_slices, "data_slices", 0, R);
-    require_dim(data_slices, "data_slices", 1, J);
-    require<float>(weight_slices, "weight_slices", 2);
-    require_dim(weight_slices, "weight_slices", 0, R);
-    require_dim(weight_slices, "weight_slices", 1, J);
+    require_matrix<cfloat>(data_slices, "data_slices", R, J);
+    require_matrix<float>(weight_slices, "weight_slices", R, J);
     if (!data_slices.writeable() || !weight_slices.writeable())
         throw py::value_error("data_slices, weight_slices: expected writeable arrays");
     for (const py::array* in : inputs) {
