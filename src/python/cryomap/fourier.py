@@ -118,6 +118,16 @@ def ifft3_centered(ft: np.ndarray, n: int) -> np.ndarray:
     return np.fft.fftshift(x, axes=(-3, -2, -1))
 
 
+def ifft3_centered_crop(ft: np.ndarray, n: int, box: int) -> np.ndarray:
+    """The centred box^3 window of ifft3_centered(ft, n), without shifting or scaling the
+    whole n^3 volume: the window's voxels are gathered from the unshifted inverse FFT (voxel
+    j of the shifted volume is voxel j - origin(n) of the unshifted one), then scaled."""
+    x = np.fft.irfftn(ft, s=(n, n, n), axes=(-3, -2, -1))
+    start = origin(n) - origin(box)
+    idx = (np.arange(start, start + box) - origin(n)) % n
+    return x[np.ix_(idx, idx, idx)] * float(n**3)
+
+
 def max_centred_radius(n: int) -> int:
     """Largest m for which a centred half-volume cropped from an n-grid holds no Nyquist."""
     return (n - 1) // 2

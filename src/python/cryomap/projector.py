@@ -167,11 +167,10 @@ def map_from_reference_ft(centred: np.ndarray, box: int, pad: int, interp: str) 
     full = fourier.from_centred(centred, n_pad, np.complex64)
     if centred.shape[0] == 1:
         x = fourier.ifft2_centered(full, n_pad) * (float(box) ** 2 / float(n_pad) ** 2)
-        ndim = 2
-    else:
-        x = fourier.ifft3_centered(full, n_pad) * (float(box) ** 2 / float(n_pad) ** 3)
-        ndim = 3
-    return _crop(x, box) / gridding_correction(box, pad, interp, ndim)
+        return _crop(x, box) / gridding_correction(box, pad, interp, 2)
+    # the window alone is shifted and scaled: the padded volume is the largest array here
+    x = fourier.ifft3_centered_crop(full, n_pad, box) * (float(box) ** 2 / float(n_pad) ** 3)
+    return x / gridding_correction(box, pad, interp, 3)
 
 
 def shift_images(images_ft: np.ndarray, coords: np.ndarray, shifts: np.ndarray,
