@@ -115,9 +115,11 @@ class Problem:
         self.n_shells = box // 2 + 1
 
     def expectation(self, fraction: float) -> estep.Posterior:
-        return estep.expectation(self.images, self.ctf, self.inv_sigma2, self.slices,
-                                 self.shifts, self.box, significant_fraction=fraction,
-                                 coords=self.coords)
+        return estep.expectation(self.inputs(), significant_fraction=fraction)
+
+    def inputs(self) -> estep.KernelInputs:
+        return estep.KernelInputs(self.images, self.ctf, self.inv_sigma2, self.slices,
+                                  self.shifts, self.box, self.coords)
 
 
 def bench_shape(n_img: int, n_shift: int, n_rot: int, box: int, r_max: int, snr: float,
@@ -151,15 +153,13 @@ def bench_shape(n_img: int, n_shift: int, n_rot: int, box: int, r_max: int, snr:
                  f"{flops / t_np / 1e9:.1f} GFLOP/s (run alternately with the E-step)"))
     rows.append(("  E-step / numpy rate", t_np / t_e, "ratio (target >= 0.5)"))
 
-    acc: dict[str, np.ndarray] = {}
+    acc: dict[str, sums.SliceSums] = {}
 
     def fresh() -> None:
-        acc["d"], acc["w"] = sums.empty_slice_sums(n_rot, n_pix)
+        acc["sums"] = sums.SliceSums.empty(n_rot, n_pix, p.mask.shell, p.n_shells)
 
     def msums(weights: np.ndarray, method: str) -> Callable[[], object]:
-        return lambda: sums.maximization_sums(
-            p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box, weights,
-            p.mask.shell, p.n_shells, acc["d"], acc["w"], coords=p.coords, method=method)
+        return lambda: sums.maximization_sums(p.inputs(), weights, acc["sums"], method=method)
 
     # dense: every weight nonzero (an early, flat posterior); values do not matter for speed
     flat = rng.uniform(0.5, 1.0, post.weights.shape).astype(np.float32)

@@ -354,6 +354,32 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
     ("simulate-max-shift-beyond-box", lambda d, o: simulate(d, o, "--max-shift", "100"),
      ("--max-shift",)),
     ("simulate-o-is-a-file", lambda d, o: simulate(d, d / "ref.mrc"), ("--o", "not a folder")),
+    ("simulate-junk-fraction-1", lambda d, o: simulate(d, o, "--junk_fraction", "1"),
+     ("--junk_fraction", "[0, 1)")),
+    ("simulate-ice-thickness-negative",
+     lambda d, o: simulate(d, o, "--ice_thickness", "-10"), ("--ice_thickness", ">= 0")),
+    ("simulate-noise-colour-0", lambda d, o: simulate(d, o, "--noise_colour", "0"),
+     ("--noise_colour",)),
+    # ctf_refine
+    ("ctf_refine-not-a-refinement", lambda d, o: [
+        "ctf_refine", "--i", str(d / "particles.star"), "--o", str(o / "ctf")],
+     ("particles.star", "_data.star")),
+    ("ctf_refine-defocus-range-0", lambda d, o: [
+        "ctf_refine", "--i", str(d / "particles.star"), "--o", str(o / "ctf"),
+        "--defocus_range", "0"], ("--defocus_range",)),
+    # select
+    ("select-classes-without-class-column", lambda d, o: [
+        "select", "--i", str(d / "particles.star"), "--o", str(o / "s.star"), "--classes", "1"],
+     ("particles.star", "rlnClassNumber")),
+    ("select-nothing-to-select-by", lambda d, o: [
+        "select", "--i", str(d / "particles.star"), "--o", str(o / "s.star")],
+     ("--classes", "--auto")),
+    ("select-missing-column", lambda d, o: [
+        "select", "--i", str(d / "particles.star"), "--o", str(o / "s.star"), "--select",
+        "rlnNope", "--minval", "0"], ("particles.star", "rlnNope")),
+    ("select-auto-without-classes", lambda d, o: [
+        "select", "--i", str(d / "particles.star"), "--o", str(o / "s.star"), "--auto"],
+     ("particles.star", "rlnClassNumber")),
     # info
     ("info-missing-file", lambda d, o: ["info", "--i", str(d / "nope.star")], ("nope.star",)),
     ("info-mrc-negative-nx", lambda d, o: ["info", "--i", patched_mrc(

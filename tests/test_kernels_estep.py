@@ -7,7 +7,7 @@ import pytest
 
 from cryomap import fourier
 from cryomap._kernels import core
-from cryomap.em.estep import Posterior, expectation
+from cryomap.em.estep import KernelInputs, Posterior, expectation
 from reference_kernels import expectation_ref, make_problem, prune_ref
 
 # (B, T, R, J, box): odd and even boxes, J not a multiple of 8, B = T = R = 1 and bigger
@@ -188,19 +188,20 @@ def test_wrapper_defaults_and_types() -> None:
     mask = fourier.pixel_mask(box, 5)
     p = make_problem(rng, 3, 4, 6, mask.n_pixels, box, radius=5)
     # wrapper converts dtypes (complex128 images, float64 ctf) and infers the mask coords
-    post = expectation(p.images.astype(np.complex128), p.ctf.astype(np.float64), p.inv_sigma2,
-                       p.slices, p.shifts, box, significant_fraction=1.0)
+    post = expectation(KernelInputs(p.images.astype(np.complex128), p.ctf.astype(np.float64),
+                                    p.inv_sigma2, p.slices, p.shifts, box),
+                       significant_fraction=1.0)
     assert isinstance(post, Posterior)
     ref = expectation_ref(*p.args(), np.zeros(6), np.zeros((3, 4)), 1.0)
     np.testing.assert_allclose(post.weights, ref["weights"], atol=1e-4)
     # explicit coords, a (T,) shift prior broadcast over images
     lps = np.array([0.0, -1.0, -np.inf, 0.5])
-    post = expectation(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, box,
-                       log_prior_shift=lps, coords=mask.coords)
+    post = expectation(KernelInputs(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, box,
+                                    mask.coords), log_prior_shift=lps)
     assert not post.weights[:, 2].any()
     with pytest.raises(ValueError, match="coords"):
-        expectation(p.images[:, :-1], p.ctf[:, :-1], p.inv_sigma2[:, :-1], p.slices[:, :-1],
-                    p.shifts, box)
+        expectation(KernelInputs(p.images[:, :-1], p.ctf[:, :-1], p.inv_sigma2[:, :-1],
+                                 p.slices[:, :-1], p.shifts, box))
 
 
 def test_zero_inv_sigma2_drops_pixels() -> None:

@@ -7,14 +7,19 @@ import numpy as np
 import pytest
 
 from cryomap._kernels import core, set_threads
-from cryomap.em.estep import expectation, expectation_subsets
-from cryomap.em.sums import maximization_sums, maximization_sums_sparse
+from cryomap.em.estep import KernelInputs, expectation, expectation_subsets
+from cryomap.em.sums import SliceSums, maximization_sums, maximization_sums_sparse
 from reference_kernels import (
     diff2_ref,
     make_problem,
     maximization_sums_ref,
     prune_ref,
 )
+
+
+def _inputs(p) -> KernelInputs:
+    """The problem's kernel inputs, with its pixel coordinates."""
+    return KernelInputs(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box, p.coords)
 
 
 def random_subsets(rng, n_img, n_shift, n_rot):
@@ -71,8 +76,8 @@ def test_expectation_subsets_matches_reference(seed, fraction):
     rng = np.random.default_rng(seed)
     p = make_problem(rng, 6, 5, 17, 61, 16)
     lists = random_subsets(rng, 6, 5, 17)
-    got = expectation_subsets(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box, *lists,
-                              fraction, coords=p.coords)
+    got = expectation_subsets(_inputs(p), *lists,
+                              fraction)
     want = subsets_ref(p, *lists, fraction)
     shift_ptr = lists[3]
     for i, ref in enumerate(want):
@@ -91,14 +96,14 @@ def test_all_candidates_equal_the_dense_kernel():
     rng = np.random.default_rng(4)
     p = make_problem(rng, 5, 4, 30, 50, 16)
     lpr, lps = rng.normal(size=30), rng.normal(size=(5, 4))
-    dense = expectation(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box, lpr, lps,
-                        0.999, coords=p.coords)
+    dense = expectation(_inputs(p), lpr, lps,
+                        0.999)
     rot_index = np.concatenate([rng.permutation(30) for _ in range(5)])
     rot_ptr = np.arange(6) * 30
     shift_index = np.tile(np.arange(4), 5)
-    got = expectation_subsets(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box,
+    got = expectation_subsets(_inputs(p),
                               rot_ptr, rot_index, lpr[rot_index], np.arange(6) * 4, shift_index,
-                              lps.ravel(), 0.999, coords=p.coords)
+                              lps.ravel(), 0.999)
     for i in range(5):
         r = rot_index[rot_ptr[i]:rot_ptr[i + 1]]
         # the same products summed in another order: float32 rounding apart
@@ -116,8 +121,7 @@ def test_subsets_thread_count_independence():
     outs = []
     for threads in (1, 2):
         set_threads(threads)
-        outs.append(expectation_subsets(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts,
-                                        p.box, *lists, 0.999, coords=p.coords))
+        outs.append(expectation_subsets(_inputs(p), *lists, 0.999))
     set_threads(None)
     np.testing.assert_array_equal(outs[0].weights, outs[1].weights)
     np.testing.assert_array_equal(outs[0].log_marginal, outs[1].log_marginal)
@@ -146,9 +150,8 @@ def test_subsets_invalid_input_raises(case, match):
     else:
         rot_ptr = np.array([0, 2, 3])
     with pytest.raises(ValueError, match=match):
-        expectation_subsets(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box, rot_ptr,
-                            rot_index, rot_prior, shift_ptr, shift_index, shift_prior,
-                            coords=p.coords)
+        expectation_subsets(_inputs(p), rot_ptr,
+                            rot_index, rot_prior, shift_ptr, shift_index, shift_prior)
 
 
 def _sparse_weights(rng, n_img, n_shift, n_rot, density):
@@ -168,8 +171,8 @@ def test_sparse_sums_match_reference(method, density):
     b, t, r = b[order], t[order], r[order]
     data = np.zeros(p.slices.shape, np.complex64)
     wsum = np.zeros(p.slices.shape, np.float32)
-    res = maximization_sums_sparse(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box, b,
-                                   t, r, w[b, t, r], p.shell, 9, data, wsum, coords=p.coords,
+    res = maximization_sums_sparse(_inputs(p), b,
+                                   t, r, w[b, t, r], SliceSums(data, wsum, p.shell, 9),
                                    method=method)
     d_ref, w_ref, r_ref = maximization_sums_ref(*p.args(), w, p.shell, 9)
     np.testing.assert_allclose(data, d_ref, atol=1e-4 * np.abs(d_ref).max())
@@ -178,8 +181,8 @@ def test_sparse_sums_match_reference(method, density):
     # the dense kernel on the same weights gives the same sums
     d2 = np.zeros(p.slices.shape, np.complex64)
     w2 = np.zeros(p.slices.shape, np.float32)
-    res2 = maximization_sums(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box, w,
-                             p.shell, 9, d2, w2, coords=p.coords, method=method)
+    res2 = maximization_sums(_inputs(p), w,
+                             SliceSums(d2, w2, p.shell, 9), method=method)
     np.testing.assert_allclose(data, d2, atol=1e-5 * np.abs(d_ref).max())
     np.testing.assert_allclose(res, res2, rtol=1e-5)
 
@@ -191,17 +194,16 @@ def test_sparse_sums_reject_repeats_and_bad_indices():
     wsum = np.zeros(p.slices.shape, np.float32)
     one = np.array([0, 0])
     with pytest.raises(ValueError, match="listed twice"):
-        maximization_sums_sparse(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box, one,
-                                 one, one, np.array([0.5, 0.5]), p.shell, 9, data, wsum,
-                                 coords=p.coords)
+        maximization_sums_sparse(_inputs(p), one,
+                                 one, one, np.array([0.5, 0.5]), SliceSums(data, wsum, p.shell, 9))
     with pytest.raises(ValueError, match="out of range"):
-        maximization_sums_sparse(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box,
+        maximization_sums_sparse(_inputs(p),
                                  np.array([0]), np.array([2]), np.array([0]), np.array([1.0]),
-                                 p.shell, 9, data, wsum, coords=p.coords)
+                                 SliceSums(data, wsum, p.shell, 9))
     with pytest.raises(ValueError, match="NaN"):
-        maximization_sums_sparse(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, p.box,
+        maximization_sums_sparse(_inputs(p),
                                  np.array([0]), np.array([0]), np.array([0]),
-                                 np.array([np.nan]), p.shell, 9, data, wsum, coords=p.coords)
+                                 np.array([np.nan]), SliceSums(data, wsum, p.shell, 9))
     assert not data.any() and not wsum.any()
 
 

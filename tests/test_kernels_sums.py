@@ -9,6 +9,7 @@ import pytest
 from cryomap import fourier
 from cryomap._kernels import core
 from cryomap.em import sums
+from cryomap.em.estep import KernelInputs
 from reference_kernels import make_problem, maximization_sums_ref
 
 SHAPES = [  # (B, T, R, J, box)
@@ -164,17 +165,17 @@ def test_wrapper() -> None:
     mask = fourier.pixel_mask(box, 6)
     p = make_problem(rng, 3, 4, 7, mask.n_pixels, box, radius=6)
     w = _posterior(p, 0.999)
-    data, wsum = sums.empty_slice_sums(7, mask.n_pixels)
-    rp = sums.maximization_sums(p.images.astype(np.complex128), p.ctf, p.inv_sigma2, p.slices,
-                                p.shifts, box, w.astype(np.float64), mask.shell, box // 2 + 1,
-                                data, wsum)
+    acc = sums.SliceSums.empty(7, mask.n_pixels, mask.shell, box // 2 + 1)
+    inputs = KernelInputs(p.images.astype(np.complex128), p.ctf, p.inv_sigma2, p.slices,
+                          p.shifts, box)
+    rp = sums.maximization_sums(inputs, w.astype(np.float64), acc)
+    data, wsum = acc.data, acc.weight
     rdata, rwsum, rrp = maximization_sums_ref(*p.args(), w, mask.shell, box // 2 + 1)
     _close(data, rdata)
     _close(wsum, rwsum)
     _close(rp, rrp)
     with pytest.raises(ValueError, match="method"):
-        sums.maximization_sums(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, box, w,
-                               mask.shell, 9, data, wsum, method="fast")
+        sums.maximization_sums(inputs, w, acc, method="fast")
 
 
 def _valid_args(rng: np.random.Generator) -> list:

@@ -26,11 +26,11 @@ FAST = {"initial_model": "--iter 6 --j 2",
         "reconstruct": "--j 2"}
 
 
-def readme_chain() -> list[str]:
-    """The commands of the README's "Command-line examples" bash block, one per entry
+def readme_chain(heading: str = "## Command-line examples") -> list[str]:
+    """The commands of the first bash block under `heading` in the README, one per entry
     (continuation lines joined, comments dropped)."""
     text = README.read_text()
-    section = text[text.index("## Command-line examples"):]
+    section = text[text.index(heading):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     joined = re.sub(r"\\\n\s*", " ", block)
     commands = []
@@ -61,7 +61,9 @@ def test_readme_chain_is_complete():
 
 
 def test_readme_chain_runs_in_order(tmp_path, monkeypatch, capsys):
-    commands = readme_chain()
+    """Both chains: the examples, then the pipeline for data as users have it (which reads
+    the examples' initial model and mask)."""
+    commands = readme_chain() + readme_chain("## Data as users have it")
     text = "\n".join(commands)
     for old, _ in SMALLER:
         assert old in text, f"README no longer has {old!r}: update SMALLER"
@@ -78,9 +80,20 @@ def test_readme_chain_runs_in_order(tmp_path, monkeypatch, capsys):
         assert code == 0, f"{command}: exit {code}: {err}"
     for path in ("phantom.mrc", "initial.mrc", "sim/particles.star", "proj.mrcs",
                  "Refine3D/job001/run_class001.mrc", "mask.mrc", "rec.mrc",
-                 "Class3D/job001/run_data.star", "Class2D/job001/run_classes.mrcs"):
+                 "Class3D/job001/run_data.star", "Class2D/job001/run_classes.mrcs",
+                 "Select/job001/particles.star", "CtfRefine/job001/particles_ctf_refine.star",
+                 "Refine3D/job003/run_class001.mrc"):
         assert (tmp_path / path).is_file(), path
     assert any((tmp_path / "PostProcess/job001").glob("*.mrc"))
+    assert any((tmp_path / "PostProcess/job002").glob("*.mrc"))
+
+
+def test_users_pipeline_in_order():
+    """The README's pipeline for real data, in RELION's order: simulate with imperfections,
+    class2d, select, refine, ctf_refine, refine, postprocess."""
+    verbs = [shlex.split(c)[1] for c in readme_chain("## Data as users have it")]
+    assert verbs == ["simulate", "class2d", "select", "refine", "ctf_refine", "refine",
+                     "postprocess"]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,7 @@ def _state(distribution, class_number) -> ClassState:
     return ClassState(iteration=3, sigma2=np.ones((1, 4, 3)), r_max=2,
                       angles=np.zeros((n, 3)), origins_px=np.zeros((n, 2)),
                       max_prob=np.ones(n), n_significant=np.ones(n, np.int64),
-                      log_likelihood=np.zeros(n), references=refs,
+                      log_likelihood=np.zeros(n), amplitude=np.ones(n), references=refs,
                       distribution=np.asarray(distribution, float),
                       class_number=np.asarray(class_number, np.int64),
                       class_prob=np.zeros((n, k)), offset_sigma=1.0)

@@ -17,6 +17,7 @@ import pytest
 from cryomap.cli.main import main
 from cryomap.io.atomic import stale_temps
 from cryomap.io.mrc import read_map, write_map
+from cryomap.jobs.base import STATE_SCHEMA
 from cryomap.phantom import make_phantom
 from cryomap.simulate import simulate_particles, write_simulation
 
@@ -117,7 +118,7 @@ def test_state_of_another_layout_stops(finished, tmp_path, capsys, schema):
     for it in (1, 2):
         _with_schema(run / f"run_it{it:03d}_state.npz", schema)
     _damaged_run_is_refused(run, capsys, ["run_it002_state.npz", "another layout",
-                                          "'version': 1"])
+                                          f"'version': {STATE_SCHEMA}"])
 
 
 def test_stopped_during_the_first_iteration_starts_again_and_says_so(finished, tmp_path,

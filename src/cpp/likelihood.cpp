@@ -14,6 +14,7 @@
 
 #include "eigen_maps.hpp"
 #include <algorithm>
+#include <string>
 
 namespace cryomap {
 
@@ -112,10 +113,18 @@ struct ImageOutputs {
         p_r[i] = r; p_t[i] = t; p_n[i] = st.n_significant;
         p_max[i] = st.max_prob; p_log[i] = st.log_marginal; p_min[i] = st.min_diff2;
     }
-    void into(py::dict& out) const {
+    // The kernel's result dict: the weights and these outputs; a ValueError naming the
+    // kernel if any squared difference overflowed float32.
+    py::dict result(const std::string& kernel, bool scores_finite, py::array weights) const {
+        if (!scores_finite)
+            throw py::value_error(kernel + ": non-finite squared differences (float32 overflow); "
+                                  "rescale the images, slices or inv_sigma2");
+        py::dict out;
+        out["weights"] = weights;
         out["best_r"] = best_r; out["best_t"] = best_t; out["max_prob"] = max_prob;
         out["n_significant"] = n_sig; out["log_marginal"] = log_marginal;
         out["min_diff2"] = min_diff2;
+        return out;
     }
 
    private:
@@ -508,14 +517,7 @@ py::dict expectation(const py::array& images, const py::array& ctf, const py::ar
             }
         }
     }
-    if (!scores_finite)
-        throw py::value_error(
-            "expectation: non-finite squared differences (float32 overflow); rescale the "
-            "images, slices or inv_sigma2");
-    py::dict out;
-    out["weights"] = weights;
-    outputs.into(out);
-    return out;
+    return outputs.result("expectation", scores_finite, weights);
 }
 
 }  // namespace cryomap
@@ -669,14 +671,8 @@ py::dict expectation_subsets(const py::array& images, const py::array& ctf,
             }
         }
     }
-    if (!scores_finite)
-        throw py::value_error(
-            "expectation_subsets: non-finite squared differences (float32 overflow); rescale "
-            "the images, slices or inv_sigma2");
-    py::dict out;
-    out["weights"] = weights;
+    py::dict out = outputs.result("expectation_subsets", scores_finite, weights);
     out["block_ptr"] = block_ptr;
-    outputs.into(out);
     return out;
 }
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .parallel import Ranks
 from .particles import ParticleSet, particles_from_images
 from .volume import FSC, Volume
 
@@ -182,7 +183,7 @@ def simulate(maps: Volume | Sequence[Volume] | None = None, n: int = 1000,
              astigmatism: float = 500.0, bfactor: float = 0.0, ctf: bool = True,
              voltage: float = 300.0, cs: float = 2.7, amplitude_contrast: float = 0.1,
              class_fractions: Sequence[float] | None = None,
-             outdir: PathLike | None = None) -> SimulationResult:
+             outdir: PathLike | None = None, imperfections=None) -> SimulationResult:
     """Simulate n particle images (simulate.simulate_particles): random orientations uniform
     on SO(3), origins within `max_shift` px, astigmatic CTF with a mean defocus uniform in
     `defocus_range` Å, white Gaussian noise at `snr` (None: no noise).
@@ -190,7 +191,9 @@ def simulate(maps: Volume | Sequence[Volume] | None = None, n: int = 1000,
     maps: the map(s) to project (one class each, one box); None: the built-in phantom at
     `box` px of `pixel_size` Å (`scale` 2.1: ribosome-sized), its variants 0..variants-1 as
     classes. outdir: also write particles.star, particles.mrcs, truth.star and the maps there
-    (as `cryomap simulate`).
+    (as `cryomap simulate`). imperfections: a `cryomap.imperfections.Imperfections` (defocus
+    per micrograph, heights, CTF-estimation error, amplitude spread, junk, coloured noise;
+    docs/simulate.md); the true values are in `.truth`.
     """
     from .particles import output_stack_name
     from .simulate import STACK_NAME, simulate_particles, write_simulation
@@ -210,7 +213,8 @@ def simulate(maps: Volume | Sequence[Volume] | None = None, n: int = 1000,
         [np.asarray(v.data, np.float32) for v in vols], pix, n, snr=snr,
         defocus_range=defocus_range, astigmatism=astigmatism, max_shift_px=max_shift,
         seed=seed, voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast,
-        bfactor=bfactor, ctf=ctf, class_fractions=class_fractions, stack_name=stack_name)
+        bfactor=bfactor, ctf=ctf, class_fractions=class_fractions, stack_name=stack_name,
+        imperfections=imperfections)
     paths: dict[str, Path] = {}
     if outdir is not None:
         paths = write_simulation(outdir, images, optics, table, truth, pix,
@@ -243,7 +247,8 @@ class RefineResult:
 def refine(particles: Particles, reference: Reference | None = None,
            outdir: PathLike | None = None, *, options=None, resume: bool = False,
            angpix: float | None = None, max_memory: float | None = None,
-           threads: int | None = None, echo: Echo = print, **option_values) -> RefineResult:
+           threads: int | None = None, echo: Echo = print, ranks: Ranks | None = None,
+           **option_values) -> RefineResult:
     """3D auto-refinement by MAP-EM with gold-standard half-sets (RELION's auto-refine;
     `cryomap refine`; docs/method.md).
 
@@ -261,6 +266,8 @@ def refine(particles: Particles, reference: Reference | None = None,
     angpix: pixel size (Å) for a particle file that lacks one.
     max_memory: memory budget (GiB; default 80% of the available).
     threads: OpenMP threads (set_threads); echo: where the log lines go (None: silent).
+    ranks: the processes that run the job (a parallel.Ranks; None: this one alone; under
+        mpirun, `cryomap.parallel.mpi` passes its MPIContext).
 
     Raises cryomap.errors.InputError (one line) for any bad input, before any file is
     written.
@@ -275,7 +282,7 @@ def refine(particles: Particles, reference: Reference | None = None,
     ps = _particles(particles, angpix)
     source = _prepare_output(outdir, resume, ps, "refine", opts, reference)
     state = run_refine(source, reference, outdir, opts, resume=resume, echo=echo,
-                       max_memory=max_memory)
+                       max_memory=max_memory, ranks=ranks)
     if not isinstance(source, ParticleSet):
         ps = read_particles(source)
     pix = ps.grid_pixel_size
@@ -316,8 +323,8 @@ class ClassifyResult:
 
 
 def _classify(ndim: int, particles: Particles, reference, outdir, options, resume: bool,
-              angpix, max_memory, threads, echo: Echo, option_values: dict
-              ) -> ClassifyResult:
+              angpix, max_memory, threads, echo: Echo, ranks: Ranks | None,
+              option_values: dict) -> ClassifyResult:
     from .em.classify import ClassOptions
     from .jobs.classify import class_table
     from .jobs.classify import classify2d as run_2d
@@ -332,10 +339,10 @@ def _classify(ndim: int, particles: Particles, reference, outdir, options, resum
     source = _prepare_output(outdir, resume, ps, f"class{ndim}d", opts, reference)
     if ndim == 3:
         state = run_3d(source, reference, outdir, opts, resume=resume, echo=echo,
-                       max_memory=max_memory)
+                       max_memory=max_memory, ranks=ranks)
     else:
         state = run_2d(source, outdir, opts, reference, resume=resume, echo=echo,
-                       max_memory=max_memory)
+                       max_memory=max_memory, ranks=ranks)
     if not isinstance(source, ParticleSet):
         ps = read_particles(source)
     pix = ps.grid_pixel_size
@@ -349,7 +356,7 @@ def _classify(ndim: int, particles: Particles, reference, outdir, options, resum
 def classify3d(particles: Particles, reference: Reference | Sequence[Volume] | None = None,
                outdir: PathLike | None = None, *, options=None, resume: bool = False,
                angpix: float | None = None, max_memory: float | None = None,
-               threads: int | None = None, echo: Echo = print,
+               threads: int | None = None, echo: Echo = print, ranks: Ranks | None = None,
                **option_values) -> ClassifyResult:
     """3D classification into K classes by MAP-EM (RELION's Class3D; `cryomap class3d`;
     docs/method.md).
@@ -361,14 +368,15 @@ def classify3d(particles: Particles, reference: Reference | Sequence[Volume] | N
     healpix_order=2. Other arguments as `refine`.
     """
     return _classify(3, particles, reference, outdir, options, resume, angpix, max_memory,
-                     threads, echo, option_values)
+                     threads, echo, ranks, option_values)
 
 
 def classify2d(particles: Particles, outdir: PathLike | None = None, *,
                reference: Reference | Sequence[Volume] | None = None, options=None,
                resume: bool = False, angpix: float | None = None,
                max_memory: float | None = None, threads: int | None = None,
-               echo: Echo = print, **option_values) -> ClassifyResult:
+               echo: Echo = print, ranks: Ranks | None = None,
+               **option_values) -> ClassifyResult:
     """2D classification into K class averages (RELION's Class2D; `cryomap class2d`).
 
     reference: None (averages of random subsets), an image or a list of K images (2D
@@ -377,7 +385,7 @@ def classify2d(particles: Particles, outdir: PathLike | None = None, *,
     psi_step=10, iterations=25). Other arguments as `refine`.
     """
     return _classify(2, particles, reference, outdir, options, resume, angpix, max_memory,
-                     threads, echo, option_values)
+                     threads, echo, ranks, option_values)
 
 
 # -- reconstruct ------------------------------------------------------------------------------
@@ -404,12 +412,13 @@ class ReconstructResult:
 def reconstruct(particles: Particles, output: PathLike | None = None, *, sym: str = "C1",
                 ctf: bool = False, subset: int | None = None, angpix: float | None = None,
                 maxres: float | None = None, seed: int = 0, threads: int | None = None,
-                echo: Echo = print) -> ReconstructResult:
+                echo: Echo = print, ranks: Ranks | None = None) -> ReconstructResult:
     """The map of particles at their poses (rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst), as
     relion_reconstruct, on the refinement's regularised path (`cryomap reconstruct`;
     jobs.reconstruct). ctf: correct for the CTF (off by default, as relion_reconstruct);
     subset: only the particles of half-set 1 or 2; maxres: highest resolution used (Å).
-    output: an .mrc path (plus <name>_half1/2.mrc) or None (nothing written)."""
+    output: an .mrc path (plus <name>_half1/2.mrc) or None (nothing written); ranks as
+    `refine`."""
     from .jobs.reconstruct import reconstruct as run_reconstruct
 
     if not isinstance(particles, (ParticleSet, str, os.PathLike)):
@@ -417,7 +426,7 @@ def reconstruct(particles: Particles, output: PathLike | None = None, *, sym: st
                         f"{type(particles).__name__}")
     set_threads(threads)
     r = run_reconstruct(particles, output, angpix=angpix, sym=sym, use_ctf=ctf,
-                        subset=subset, maxres=maxres, seed=seed, echo=echo)
+                        subset=subset, maxres=maxres, seed=seed, echo=echo, ranks=ranks)
     pix = r.pixel_size
     maps = r.state.final_maps
     return ReconstructResult(

@@ -21,6 +21,15 @@ import pandas as pd
 from . import fourier
 from .ctf import CtfParams, check_ctf_params, magnified_rotations
 from .euler import euler_to_matrix, matrix_to_euler
+from .imperfections import (
+    JUNK_KINDS,
+    Imperfections,
+    amplitudes,
+    apply_ctf,
+    coloured_noise,
+    draw_defocus,
+    junk_images,
+)
 from .io.mrc import write_map, write_stack
 from .particles import make_optics_table, write_particles
 from .projector import Reference, prepare_reference, project, shift_images
@@ -214,6 +223,7 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
                        odd_zernike: Sequence[float] | None = None,
                        even_zernike: Sequence[float] | None = None,
                        mag_matrix: np.ndarray | None = None,
+                       imperfections: Imperfections | None = None,
                        ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Simulate n particle images of a map (or of several maps, one per class).
 
@@ -233,6 +243,10 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
     RELION 3.1 does: beam_tilt (x, y) mrad (rlnBeamTiltX/Y), odd_zernike and even_zernike
     coefficients in radians (rlnOddZernike, rlnEvenZernike; RELION's order, ctf.py) and the
     2x2 mag_matrix (rlnMagMat00/01/10/11); see project_images for the forward model.
+
+    imperfections: what real data has (`imperfections.Imperfections`, docs/simulate.md):
+    particles_df then carries what a user's STAR file would, truth_df the true CTF values
+    (rlnCtfScalefactor the amplitude) and rlnClassNumber 0 for junk.
 
     Each quantity has its own random stream derived from seed, so snr=None with the same seed
     returns exactly the clean images of a noisy simulation.
@@ -260,22 +274,22 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
     if fr.shape != (k,) or np.any(fr < 0) or not fr.sum() > 0:
         raise ValueError(f"class fractions: expected {k} non-negative values")
 
-    rng_pose, rng_shift, rng_ctf, rng_class, rng_noise = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5))
+    imp = Imperfections() if imperfections is None else imperfections
+    imp.validate()
+    rng_pose, rng_shift, rng_ctf, rng_class, rng_noise, rng_amp, rng_junk = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7))
     rot, tilt, psi = matrix_to_euler(random_rotations(n, rng_pose))
     angles = np.stack([rot, tilt, psi], axis=1)
     r = max_shift_px * np.sqrt(rng_shift.uniform(size=n))  # uniform in the disc
     phi = rng_shift.uniform(0, 2 * np.pi, size=n)
     origins = np.stack([r * np.cos(phi), r * np.sin(phi)], axis=1)
-    mean_df = rng_ctf.uniform(lo, hi, size=n)
-    astig = rng_ctf.uniform(0, astigmatism, size=n)
+    df = draw_defocus(n, (lo, hi), astigmatism, imp, rng_ctf)
     aberrations = _aberrations(n, beam_tilt, odd_zernike, even_zernike, mag_matrix)
     if aberrations and not ctf:
         raise ValueError("aberrations: expected ctf=True (they are part of the CTF model)")
-    ctf_params = CtfParams(defocus_u=mean_df + astig / 2, defocus_v=mean_df - astig / 2,
-                           defocus_angle=rng_ctf.uniform(0, 180, size=n), voltage=voltage,
-                           cs=cs, amplitude_contrast=amplitude_contrast, bfactor=bfactor,
-                           **aberrations)
+    ctf_params = CtfParams(defocus_u=df.true_u, defocus_v=df.true_v, defocus_angle=df.angle,
+                           voltage=voltage, cs=cs, amplitude_contrast=amplitude_contrast,
+                           bfactor=bfactor + imp.signal_bfactor, **aberrations)
     check_ctf_params(ctf_params, "simulate_particles: CTF parameters")
     classes = rng_class.choice(k, size=n, p=fr / fr.sum()) if k > 1 else np.zeros(n, int)
 
@@ -287,24 +301,23 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
         sub = _ctf_subset(ctf_params, idx, n) if ctf else None
         images[idx] = project_images(vol, angles[idx], origins[idx], sub, pixel_size,
                                      pad=pad, interp=interp)
+    amplitude, signal_var = _amplitudes_and_junk(images, vols, classes,
+                                                 ctf_params if ctf else None, pixel_size, imp,
+                                                 (rng_amp, rng_junk), pad, interp)
     if snr is not None and np.isfinite(snr):
-        signal_var = float(np.mean(np.var(images, axis=(1, 2), dtype=np.float64)))
-        sigma = np.sqrt(signal_var / snr)
-        for start in range(0, n, default_batch(box)):  # bounded temporaries
-            sl = slice(start, min(start + default_batch(box), n))
-            noise = rng_noise.normal(scale=sigma, size=images[sl].shape)
-            images[sl] = (images[sl] + noise).astype(np.float32)
+        _add_noise(images, np.sqrt(signal_var / snr), imp.noise_colour, rng_noise)
 
     optics_df = make_optics_table(pixel_size, box, voltage=voltage, cs=cs,
                                   amplitude_contrast=amplitude_contrast)
     _optics_aberrations(optics_df, aberrations)
     cols: dict[str, object] = {
         "rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(n)],
-        "rlnMicrographName": "simulated.mrc",
+        "rlnMicrographName": ([f"micrograph{m + 1:05d}.mrc" for m in df.micrograph]
+                              if imp.n_micrographs else "simulated.mrc"),
     }
     if ctf:
-        cols.update(rlnDefocusU=ctf_params.defocus_u, rlnDefocusV=ctf_params.defocus_v,
-                    rlnDefocusAngle=ctf_params.defocus_angle,
+        cols.update(rlnDefocusU=df.written_u, rlnDefocusV=df.written_v,
+                    rlnDefocusAngle=df.angle,
                     rlnCtfBfactor=np.full(n, float(bfactor)), rlnPhaseShift=np.zeros(n))
     cols["rlnOpticsGroup"] = np.ones(n, dtype=np.int64)
     particles_df = pd.DataFrame(cols, index=pd.RangeIndex(n))
@@ -315,7 +328,68 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
     truth_df["rlnOriginXAngst"] = origins[:, 0] * pixel_size
     truth_df["rlnOriginYAngst"] = origins[:, 1] * pixel_size
     truth_df["rlnClassNumber"] = classes.astype(np.int64) + 1
+    if ctf and imp.any:  # the true CTF where the written one differs
+        truth_df["rlnDefocusU"], truth_df["rlnDefocusV"] = df.true_u, df.true_v
+        truth_df["rlnCtfBfactor"] = ctf_params.bfactor
+        truth_df["rlnCtfScalefactor"] = amplitude
     return images, optics_df, particles_df, truth_df
+
+
+def _amplitudes_and_junk(images: np.ndarray, vols: list[np.ndarray], classes: np.ndarray,
+                         ctf: CtfParams | None, pixel_size: float, imp: Imperfections,
+                         rngs: tuple[np.random.Generator, np.random.Generator], pad: int,
+                         interp: str) -> tuple[np.ndarray, float]:
+    """Scale the clean images by their amplitudes and replace the junk picks (class -1), in
+    place; returns the amplitudes and the particles' mean signal variance (junk left out),
+    which sets the noise."""
+    n = images.shape[0]
+    amplitude = amplitudes(n, imp.amplitude_spread, rngs[0])
+    if imp.amplitude_spread > 0:
+        images *= amplitude[:, None, None].astype(np.float32)
+    junk = rngs[1].random(n) < imp.junk_fraction
+    good = ~junk if np.any(~junk) else np.ones(n, bool)
+    signal_var = float(np.mean(np.var(images[good], axis=(1, 2), dtype=np.float64)))
+    if np.any(junk):
+        images[junk] = _junk(vols, np.flatnonzero(junk), ctf, pixel_size,
+                             np.sqrt(signal_var), rngs[1], pad, interp)
+        classes[junk] = -1
+    return amplitude, signal_var
+
+
+def _add_noise(images: np.ndarray, sigma: float, colour: float,
+               rng: np.random.Generator) -> None:
+    """Add Gaussian noise of standard deviation sigma (coloured: `imperfections.noise_filter`)
+    in place, a bounded batch at a time."""
+    n, box = images.shape[0], images.shape[-1]
+    for start in range(0, n, default_batch(box)):
+        sl = slice(start, min(start + default_batch(box), n))
+        noise = coloured_noise(images[sl].shape, sigma, colour, rng)
+        images[sl] = (images[sl] + noise).astype(np.float32)
+
+
+def _junk(vols: list[np.ndarray], idx: np.ndarray, ctf: CtfParams | None, pixel_size: float,
+          scale: float, rng: np.random.Generator, pad: int, interp: str) -> np.ndarray:
+    """Junk images for the picks idx (`imperfections.JUNK_KINDS`) through their CTFs, each
+    with a standard deviation of `scale` (the particles' signal) times a factor in
+    [0.5, 2]."""
+    box = vols[0].shape[0]
+    kinds = rng.integers(0, len(JUNK_KINDS), size=idx.size)
+    agg = np.flatnonzero(np.asarray(JUNK_KINDS)[kinds] == "aggregate")
+    copies = np.zeros((idx.size, box, box))
+    for i in agg:  # 3 to 6 copies of a particle, overlapping, at random poses
+        k = int(rng.integers(3, 7))
+        rot, tilt, psi = matrix_to_euler(random_rotations(k, rng))
+        offsets = rng.uniform(-box / 6, box / 6, size=(k, 2))
+        vol = vols[int(rng.integers(len(vols)))]
+        copies[i] = project_images(vol, np.stack([rot, tilt, psi], 1), offsets,
+                                   pad=pad, interp=interp).sum(axis=0)
+    out = junk_images(kinds, box, copies, rng)
+    if ctf is not None:  # imaged like the particles, then as strong as they are
+        out = apply_ctf(out, ctf.subset(idx), pixel_size)
+        sd = out.std(axis=(1, 2), keepdims=True)
+        out = np.divide(out, sd, out=np.zeros_like(out), where=sd > 0)
+    out *= scale * rng.uniform(0.5, 2.0, size=(idx.size, 1, 1))
+    return out.astype(np.float32)
 
 
 def write_simulation(outdir: PathLike, images: np.ndarray, optics_df: pd.DataFrame,

@@ -125,7 +125,8 @@ def run_classification(args: argparse.Namespace, ndim: int) -> int:
         options, i, ref = class_options(args, ndim), args.i, args.ref
         threads, memory = run_settings(args)
         kw = {"resume": args.resume, "angpix": args.angpix}
-    common = {"options": options, "max_memory": memory, "threads": threads, **kw}
+    common = {"options": options, "max_memory": memory, "threads": threads,
+              "ranks": args._ranks, **kw}
     if ndim == 3:
         classify3d(i, ref, args.o, **common)
     else:

@@ -59,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mod.COMMAND, help=mod.HELP, description=mod.DESCRIPTION,
                            formatter_class=HelpFormatter)
         mod.add_arguments(p)
-        if mod.COMMAND in parallel.MPI_COMMANDS:  # [mpi hook]
+        if mod.COMMAND in parallel.MPI_COMMANDS:
             p.add_argument("--mpi", action="store_true",
                            help="run as one rank of an MPI job (implied under mpirun; "
                                 "docs/mpi.md)")
+            p.set_defaults(_ranks=parallel.SINGLE)  # mpi.run_worker sets its MPIContext
         p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cryomap` console script."""
     words = sys.argv[1:] if argv is None else list(argv)
-    if parallel.requested(words):  # [mpi hook] one rank of a parallel run (docs/mpi.md)
+    if parallel.requested(words):  # one rank of a parallel run (docs/mpi.md)
         from ..parallel.launch import launch
 
         code = launch(words, build_parser)

@@ -100,6 +100,10 @@ def add_em_arguments(p: argparse.ArgumentParser, defaults: EMOptions,
         help="correct for the CTF (the default; RELION's flag)")
     add("--no_ctf", "--no-ctf", dest="use_ctf", action="store_false",
         help="data without CTF (no defocus columns needed)")
+    add("--scale", dest="scale", action=argparse.BooleanOptionalAction, default=d.scale,
+        help="per-particle amplitude correction: each image's scale a_i is estimated every "
+             "iteration and written as rlnCtfScalefactor (RELION's --scale; "
+             "docs/method.md eq. (30)); --no-scale: a_i = 1")
     add("--j", "--threads", dest="threads", type=int, default=None,
         help="OpenMP threads (default: all cores)")
     add("--max_memory", "--max-memory", type=float, default=None,

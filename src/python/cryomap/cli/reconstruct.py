@@ -51,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--j {args.threads}: expected at least 1 thread")
     reconstruct(args.i, args.o, sym=args.sym, ctf=args.use_ctf, subset=args.subset,
-                angpix=args.angpix, maxres=args.maxres, threads=args.threads)
+                angpix=args.angpix, maxres=args.maxres, threads=args.threads, ranks=args._ranks)
     return 0

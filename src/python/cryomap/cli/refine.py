@@ -70,12 +70,12 @@ def run(args: argparse.Namespace) -> int:
         job, threads, memory = continued_run(args, saved_run)
         options = job["options"]
         refine(job["i"], job["ref"], args.o, options=options, resume=True,
-               max_memory=memory, threads=threads)
+               max_memory=memory, threads=threads, ranks=args._ranks)
         return 0
     if args.i is None or args.ref is None:
         raise InputError("--i (particles) and --ref (initial map) are required")
     options = options_from_args(RefineOptions, args)
     threads, memory = run_settings(args)
     refine(args.i, args.ref, args.o, options=options, resume=args.resume,
-           angpix=args.angpix, max_memory=memory, threads=threads)
+           angpix=args.angpix, max_memory=memory, threads=threads, ranks=args._ranks)
     return 0

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..ctf import CTF_RANGES
 from ..errors import InputError
+from ..imperfections import Imperfections
 from ..io.mrc import check_pixel_size
 from .options import check_run_memory, seed_arg
 
@@ -28,6 +29,25 @@ example:
   cryomap simulate --i map.mrc --o sim --n 5000 --defocus-min 8000 --defocus-max 20000
   cryomap simulate --o sim3 --n 3000 --variants 3      # three classes of phantom variants
 """
+
+
+#: The options of `imperfections.Imperfections` (its field names): type, default, metavar, help.
+IMPERFECTION_OPTIONS = (
+    ("n_micrographs", int, 0, "M", "draw the particles on M micrographs, each with its own "
+                                   "defocus (0: every particle its own)"),
+    ("ice_thickness", float, 0.0, "A", "particle heights uniform in +-thickness/2, added to "
+                                       "the true defocus only"),
+    ("ctf_error", float, 0.0, "A", "standard deviation of the error of the written defocus, "
+                                   "one per micrograph"),
+    ("amplitude_spread", float, 0.0, "SIGMA", "standard deviation of the log of each "
+                                              "particle's amplitude (log-normal, mean 1)"),
+    ("junk_fraction", float, 0.0, "F", "fraction of junk picks (empty, ice, carbon edge, "
+                                       "aggregate)"),
+    ("noise_colour", float, 1.0, "RATIO", "noise power at low frequency over that at "
+                                          "Nyquist (1: white)"),
+    ("signal_bfactor", float, 0.0, "A2", "B-factor envelope on the signal, not written to "
+                                         "the STAR file"),
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no CTF (and no CTF columns in the STAR files)")
     p.add_argument("--variants", type=int, default=1,
                    help="with the phantom: number of classes (phantom variants 0..K-1)")
+    g = p.add_argument_group("imperfections of real data (each off by default; "
+                             "docs/simulate.md)")
+    for name, kind, default, metavar, text in IMPERFECTION_OPTIONS:
+        g.add_argument(f"--{name}", type=kind, default=default, metavar=metavar, help=text)
 
 
 def _load_maps(args: argparse.Namespace) -> tuple[list[np.ndarray], float, bool]:
@@ -141,6 +165,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_shift > maps[0].shape[0] / 2:
         raise InputError(f"--max-shift {args.max_shift:g}: expected <= {maps[0].shape[0] / 2:g}"
                          f" px (half the box)")
+    imperfections = Imperfections(**{o[0]: getattr(args, o[0]) for o in IMPERFECTION_OPTIONS})
+    try:
+        imperfections.validate()
+    except ValueError as e:
+        raise InputError(f"--{e}") from None
     snr = args.snr if args.snr > 0 else None
     # rlnImageName as RELION writes it: the stack's path from the working folder
     stack_name = output_stack_name(Path(args.o) / STACK_NAME)
@@ -148,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         maps, pix, args.n, snr=snr, defocus_range=(args.defocus_min, args.defocus_max),
         astigmatism=args.astigmatism, max_shift_px=args.max_shift, seed=args.seed,
         voltage=args.voltage, cs=args.cs, amplitude_contrast=args.q0, bfactor=args.bfactor,
-        ctf=args.ctf, stack_name=stack_name)
+        ctf=args.ctf, stack_name=stack_name, imperfections=imperfections)
     make_output_dir(args.o, "--o")
     remove_stale_temps(args.o)
     written = write_simulation(args.o, images, optics, particles, truth, pix,

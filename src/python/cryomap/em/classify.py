@@ -39,17 +39,18 @@ import numpy as np
 from .. import fourier, projector
 from ..euler import euler_to_matrix
 from ..masks import soft_sphere
-from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over ranks
 from ..resolution import fsc, resolution_shell
 from ..sampling import PoseSampling
+from . import iteration
 from .data import ImageSource
-from .engine import PassResult, Search
+from .engine import PassResult
 from .iteration import EMState, merge_timings, offset_sigma, rotations, store_estimates
 from .memory import batch_size
 from .model import next_r_max, ssnr_from_fsc, state_from_saved
 from .noise import NoiseModel
 from .options import EMOptions, bad_option
 from .refine import AutoSampling, mask_radius_px, pose_change
+from .search import Search
 
 # Shells below this are reconstructed without the prior term (RELION's --minres_map).
 MINRES_MAP = 5
@@ -217,7 +218,7 @@ def initial_state(source: ImageSource, options: ClassOptions, references: np.nda
         angles=np.array(angles, np.float64), origins_px=np.array(origins_px, np.float64),
         class_number=np.zeros(n, np.int64), class_prob=np.full((n, k), 1.0 / k),
         max_prob=np.zeros(n), n_significant=np.zeros(n, np.int64), log_likelihood=np.zeros(n),
-        offset_sigma=options.offset_sigma / source.pixel_size,
+        amplitude=np.ones(n), offset_sigma=options.offset_sigma / source.pixel_size,
         assigned=None if seed_class is None or k == 1 else np.asarray(seed_class, np.int64))
 
 
@@ -409,15 +410,18 @@ def _class_passes(step: _ClassStep) -> list[tuple[PassResult, list[projector.Ref
             passes = [(np.arange(n), refs)]
     results = []
     for members, refs in passes:
-        res = run_pass(step.source, members, refs, step.search, step.noise,
-                       step.previous[members], state.origins_px[members],
-                       batch_size=step.batch, slice_memory=o.batch_memory,
-                       progress=step.progress)
+        res = step.source.ranks.run_pass(
+            step.source, members, refs, step.search, step.noise, step.previous[members],
+            state.origins_px[members], batch_size=step.batch, slice_memory=o.batch_memory,
+            progress=step.progress,
+            amplitudes=iteration.pass_amplitudes(state, members, o.scale))
         store_estimates(state, members, res.estimates)
         if not step.consensus:
             state.class_prob[members] = res.estimates.class_prob
             state.class_number[members] = res.estimates.best_class
         results.append((res, refs))
+    if o.scale:
+        iteration.normalise_amplitudes(state)
     return results
 
 
@@ -683,7 +687,7 @@ def class_pose_accuracy(state: ClassState, source: ImageSource, options: ClassOp
     ref = projector.prepare_reference(state.references[k] * sphere, options.pad,
                                       options.interp, radius)
     rot = euler_to_matrix(state.angles[pick, 0], state.angles[pick, 1], state.angles[pick, 2])
-    return expected_accuracy(ref, source, pick, rot, noise, radius, rng)
+    return source.ranks.expected_accuracy(ref, source, pick, rot, noise, radius, rng)
 
 
 def _gold_standard_maps(state: ClassState, results, o: ClassOptions, radius: int, box: int,

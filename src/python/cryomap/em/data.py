@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import fourier
 from ..masks import apply_soft_mask, soft_sphere
+from ..parallel import SINGLE, Ranks
 from ..particles import ParticleSet
 from ..projector import shift_images
 from .options import default_max_memory
@@ -68,12 +69,16 @@ class ImageSource:
     """Masked particle FTs for a ParticleSet on one grid (`box`, `pixel_size`; default
     optics group 1's), cached in memory when they fit `cache_bytes` (None: half of the
     default memory budget, `options.default_max_memory`), else read from the stacks batch
-    by batch. mask_radius_px and mask_edge_px are in pixels of that grid."""
+    by batch. mask_radius_px and mask_edge_px are in pixels of that grid. `ranks`: the
+    processes that run the passes over these images (`parallel.Ranks`; default this one
+    alone)."""
 
     def __init__(self, particles: ParticleSet, mask_radius_px: float, mask_edge_px: float = 5.0,
                  use_ctf: bool = True, cache_bytes: int | None = None,
-                 box: int | None = None, pixel_size: float | None = None) -> None:
+                 box: int | None = None, pixel_size: float | None = None,
+                 ranks: Ranks = SINGLE) -> None:
         self.particles = particles
+        self.ranks = ranks
         grid_box, grid_pix = particles.reference_grid
         self.box = grid_box if box is None else int(box)
         self.pixel_size = grid_pix if pixel_size is None else float(pixel_size)

@@ -26,92 +26,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .. import fourier, projector
 from ..ctf import magnified_rotations
 from ..euler import matrix_to_euler
-from ..sampling import PoseSampling, coarse_radius
+from ..sampling import PoseSampling
 from .data import Batch, ImageSource
-from .estep import expectation, expectation_subsets
+from .estep import KernelInputs, expectation, expectation_subsets
 from .noise import NoiseModel
-from .sums import maximization_sums, maximization_sums_sparse
+from .search import Search
+from .sums import SliceSums, maximization_sums, maximization_sums_sparse
 
 # Floor of a class prior: an empty class keeps a finite log prior.
 MIN_CLASS_PRIOR = 1e-30
-
-
-@dataclass
-class Search:
-    """How a pass searches poses and how it weighs them.
-
-    sampling: the pose grid of this iteration (level 0 and its children).
-    oversampling: number of levels below level 0 (0: the coarse grid alone).
-    radius: Fourier radius (px) of the final level (the current resolution's radius).
-    recon_radius: Fourier radius (px) of the M-step sums and the back-projection (None: radius).
-        Beyond the E-step's radius the sums hold data that no pose was fitted to, so the
-        half-set FSC there measures the resolution the data reach, not the search's limit.
-    particle_diameter: Å, for the coarse radius of levels above the final one.
-    local_sigma: degrees; a local search around each image's previous pose with this sigma
-        (search to 3 sigma), None for a global search.
-    fixed_poses: score each image at its previous pose only (classification without
-        alignment); the translation is its previous origin.
-    offset_sigma: px, std. dev. of the Gaussian prior on each image's origin around
-        `offset_prior` (None: flat prior over the searched translations).
-    class_prior: (K,) prior probability of each class.
-    adaptive_fraction: posterior mass kept per image at every level (RELION's 0.999).
-    force_max: the M-step uses only each class's best pose (with the class's mass).
-    hard_class: the M-step uses only each image's most probable class.
-    class_temperature: class posterior raised to 1/T before the M-step (1: plain posterior).
-    image_class: (n,) for each image of the pass the one class it may take, or -1 (any); e.g.
-        RELION's random seeds of the first classification iteration.
-    max_significant: an image with more significant samples than this at level 0 is not
-        oversampled (its posterior is too broad for finer samples to matter); cryomap's use
-        of RELION's --maxsig, which RELION instead applies by keeping the most significant.
-    min_class_mass: with several classes, every level above the final one keeps the
-        significant samples of each class holding at least this share of an image's
-        posterior (RELION keeps the most significant of all classes together, so a class
-        that loses on the coarse grid is never refined).
-    """
-
-    sampling: PoseSampling
-    oversampling: int
-    radius: int
-    particle_diameter: float
-    local_sigma: float | None = None
-    fixed_poses: bool = False
-    offset_sigma: float | None = None
-    class_prior: np.ndarray | None = None
-    adaptive_fraction: float = 0.999
-    force_max: bool = False
-    hard_class: bool = False
-    class_temperature: float = 1.0
-    image_class: np.ndarray | None = None  # (n,) per pass image: its only class, -1 for any
-    max_significant: int = 200
-    min_class_mass: float = 1e-6
-    recon_radius: int | None = None
-
-    @property
-    def sums_radius(self) -> int:
-        """Fourier radius (px) of the M-step sums: recon_radius, never below radius."""
-        return self.radius if self.recon_radius is None else max(self.radius,
-                                                                 int(self.recon_radius))
-
-    @property
-    def levels(self) -> int:
-        """Index of the final level."""
-        return 0 if self.fixed_poses else int(self.oversampling)
-
-    def level_radius(self, level: int, box: int, pixel_size: float) -> int:
-        """Fourier radius of a level: the final one at `radius`; the ones above at the radius
-        their angular step resolves (never above `radius`)."""
-        if level >= self.levels:
-            return self.radius
-        r = coarse_radius(self.sampling.angular_step(level), self.particle_diameter, box,
-                          pixel_size, self.sampling.ndim)
-        return max(1, min(self.radius, r))
 
 
 @dataclass
@@ -129,6 +59,9 @@ class PoseEstimates:
     angular_spread: np.ndarray  # (n,) degrees, posterior RMS rotation angle from the best pose
     offset_spread: np.ndarray  # (n,) px, posterior RMS distance from the best translation
     n_samples: np.ndarray  # (n,) final-level samples scored
+    # (n,) the image's amplitude a_i (X = a_i CTF P V + noise): the pass's estimate at the
+    # best pose with amplitudes given to run_pass, else 1 (docs/method.md eq. (30))
+    amplitude: np.ndarray
 
 
 @dataclass
@@ -178,12 +111,16 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
              search: Search, noise: NoiseModel, previous_rotations: np.ndarray,
              previous_origins: np.ndarray, offset_prior: np.ndarray | None = None,
              batch_size: int = 256, slice_memory: int = 512 << 20,
-             progress: Callable[[int], None] | None = None) -> PassResult:
+             progress: Callable[[int], None] | None = None,
+             amplitudes: np.ndarray | None = None) -> PassResult:
     """E-step and M-step sums of the images `indices` against `references` (one per class).
 
     previous_rotations (n, 3, 3) and previous_origins (n, 2) px are the images' current poses
     (rows follow `indices`): translations are searched around rint(origin), local searches
     around the rotation. offset_prior (n, 2) px is the centre of the origin prior (default 0).
+    amplitudes (n,): each image's current amplitude a_i, multiplying its CTF in the E-step,
+    the sums and the noise estimate; the pass re-estimates it (`PoseEstimates.amplitude`).
+    None: no amplitude correction (a_i = 1).
     batch_size images share level 0 (and the projection of its slices); below it, images are
     processed in groups whose candidate slices take at most about slice_memory bytes.
     """
@@ -210,7 +147,7 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
     # A global level 0 is the same for every batch: project it once (per magnification
     # class, see _batches).
     global0 = not (search.fixed_poses or search.local_sigma is not None)
-    level0_table = None
+    level0_table, shared = None, None
     if global0:
         keys0 = np.arange(search.sampling.n_orientations(0), dtype=np.int64)
         rot0 = search.sampling.matrices(keys0, 0)
@@ -219,34 +156,23 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
     # too: its slice sums are accumulated over all batches and back-projected once.
     shared_final = global0 and search.levels == 0 and search.sums_radius == search.radius
 
-    def flush_shared() -> None:
-        t0 = time.perf_counter()
-        cls_of = level0_table.klass
-        for k in range(k_cls):
-            sel = np.flatnonzero(cls_of == k)
-            bps[k].add_slices(acc_data[sel], acc_weight[sel], level0_table.projection_matrices[sel],
-                              mask.coords)
-        timings["backproject"] += time.perf_counter() - t0
-
     # candidate slices of the levels below level 0 held at once (slices, sums: ~24 B/pixel)
     max_slices = max(256, int(slice_memory // (24 * mask.n_pixels)))
     order = _batch_order(previous_rotations, search)
     table_key = None
     for rows, mag_key in _batches(order, source.magnification_keys(indices), batch_size):
-        t0 = time.perf_counter()
-        batch = source.batch(indices[rows], mask, previous_origins[rows])
-        inv_s2 = noise.inv_sigma2(batch.group, mask)
-        timings["io"] += time.perf_counter() - t0
+        batch, inv_s2 = _read_batch(source, indices[rows], mask, previous_origins[rows],
+                                    None if amplitudes is None else amplitudes[rows], noise,
+                                    timings)
         if global0 and mag_key != table_key:  # [aberration hook] one table per class
             if shared_final and level0_table is not None:
-                flush_shared()
+                _flush_shared(bps, level0_table, shared, mask, timings)
             t0 = time.perf_counter()
             level0_table = _global_table(references, keys0, rot0, coords0, batch.magnification)
             timings["project"] += time.perf_counter() - t0
             table_key = mag_key
             if shared_final:
-                acc_data = np.zeros(level0_table.slices.shape, np.complex64)
-                acc_weight = np.zeros(level0_table.slices.shape, np.float32)
+                shared = SliceSums.empty(*level0_table.slices.shape, bins, n_bins)
         level0 = _level_zero(batch, inv_s2, rows, references, search, level0_table,
                              previous_rotations, previous_origins, centre, log_class,
                              mask, columns[0], timings)
@@ -262,18 +188,22 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
                                       previous_rotations, previous_origins, centre,
                                       log_class, mask, columns[lv], timings)
             b_idx, s_idx, t_idx, w = _adjust_weights(level, k_cls, search, chunk.size)
-            _store_estimates(est, rows[chunk], level, b_idx, s_idx, t_idx, w, k_cls,
-                             previous_origins, n_sig0[chunk])
+            best = _store_estimates(est, rows[chunk], level, b_idx, s_idx, t_idx, w, k_cls,
+                                    previous_origins, n_sig0[chunk])
+            if amplitudes is not None:
+                est.amplitude[rows[chunk]] = amplitudes[rows[chunk]] * _amplitude_ratio(
+                    sub, s2, level, best, references, mask, columns[-1])
             class_mass += np.bincount(level.slice_class[s_idx], weights=w, minlength=k_cls)
             total = np.rint(previous_origins[rows[chunk]][b_idx]) + level.shifts[t_idx]
             offset_sq += float(np.sum(w * ((total - centre[rows[chunk]][b_idx]) ** 2).sum(1)))
             t0 = time.perf_counter()
             if shared_final:
                 rp[chunk] = maximization_sums(
-                    sub.images, sub.ctf, s2, level0_table.slices, level.shifts, box,
+                    KernelInputs(sub.images, sub.ctf, s2, level0_table.slices, level.shifts,
+                                 box, mask.coords),
                     _dense(b_idx, t_idx, s_idx, w, chunk.size, level.shifts.shape[0],
                            level0_table.slices.shape[0]),
-                    bins, n_bins, acc_data, acc_weight, coords=mask.coords)
+                    shared)
                 timings["sums"] += time.perf_counter() - t0
             else:
                 rp[chunk] = _sums_and_backproject(sub, s2, level, b_idx, s_idx, t_idx, w, bps,
@@ -284,7 +214,7 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
         if progress is not None:
             progress(rows.size)
     if shared_final and level0_table is not None:
-        flush_shared()
+        _flush_shared(bps, level0_table, shared, mask, timings)
     t0 = time.perf_counter()
     for bp in bps:
         # [symmetry hook] level 0 covered one asymmetric unit: sum over the point group
@@ -293,6 +223,31 @@ def run_pass(source: ImageSource, indices: np.ndarray, references: list[projecto
     # beyond the E-step radius the residual is the images' power alone: no noise estimate
     residual[:, noise.bin_shells(mask) > search.radius] = 0.0
     return PassResult(est, bps, residual, count, class_mass, offset_sq, timings)
+
+
+def _read_batch(source: ImageSource, indices: np.ndarray, mask, origins: np.ndarray,
+                amplitudes: np.ndarray | None, noise: NoiseModel, timings: dict
+                ) -> tuple[Batch, np.ndarray]:
+    """A batch's images and CTFs (each CTF times the image's amplitude, eq. (30)) and their
+    1/sigma2."""
+    t0 = time.perf_counter()
+    batch = source.batch(indices, mask, origins)
+    if amplitudes is not None:
+        batch = replace(batch, ctf=batch.ctf * amplitudes[:, None].astype(np.float32))
+    inv_s2 = noise.inv_sigma2(batch.group, mask)
+    timings["io"] += time.perf_counter() - t0
+    return batch, inv_s2
+
+
+def _flush_shared(bps: list[projector.BackProjector], table, shared: SliceSums, mask,
+                  timings: dict) -> None:
+    """Back-project the slice sums that a global level 0 accumulated over its batches."""
+    t0 = time.perf_counter()
+    for k, bp in enumerate(bps):
+        sel = np.flatnonzero(table.klass == k)
+        bp.add_slices(shared.data[sel], shared.weight[sel], table.projection_matrices[sel],
+                      mask.coords)
+    timings["backproject"] += time.perf_counter() - t0
 
 
 def _log_class_prior(search: Search, k_cls: int) -> np.ndarray:
@@ -371,11 +326,11 @@ def _sums_and_backproject(batch: Batch, inv_s2: np.ndarray, level: _Level, b_idx
         full = np.zeros((slices.shape[0], mask.n_pixels), np.complex64)
         full[:, inner] = slices
         slices = full
-    data_s = np.zeros(slices.shape, np.complex64)
-    weight_s = np.zeros(slices.shape, np.float32)
-    rp = maximization_sums_sparse(batch.images, batch.ctf, inv_s2, slices, level.shifts,
-                                  mask.box, b_idx, t_idx, s_loc, w, bins, n_bins, data_s,
-                                  weight_s, coords=mask.coords)
+    acc = SliceSums.empty(*slices.shape, bins, n_bins)
+    rp = maximization_sums_sparse(
+        KernelInputs(batch.images, batch.ctf, inv_s2, slices, level.shifts, mask.box,
+                     mask.coords),
+        b_idx, t_idx, s_loc, w, acc)
     t1 = time.perf_counter()
     timings["sums"] += t1 - t0
     cls = level.slice_class[used]
@@ -383,9 +338,9 @@ def _sums_and_backproject(batch: Batch, inv_s2: np.ndarray, level: _Level, b_idx
     for k, bp in enumerate(bps):
         sel = np.flatnonzero(cls == k)
         if sel.size == used.size:
-            bp.add_slices(data_s, weight_s, rot, mask.coords)
+            bp.add_slices(acc.data, acc.weight, rot, mask.coords)
         elif sel.size:
-            bp.add_slices(data_s[sel], weight_s[sel], rot[sel], mask.coords)
+            bp.add_slices(acc.data[sel], acc.weight[sel], rot[sel], mask.coords)
     timings["backproject"] += time.perf_counter() - t1
     return rp
 
@@ -478,9 +433,10 @@ def _level_zero(batch: Batch, inv_s2: np.ndarray, rows: np.ndarray,
             sel = np.flatnonzero(allowed == a)
             block = slice(None) if a < 0 else slice(a * n_per, (a + 1) * n_per)
             offset = 0 if a < 0 else a * n_per
-            post = expectation(x[sel], ctf[sel], w[sel], table.slices[block], shifts, box,
+            post = expectation(KernelInputs(x[sel], ctf[sel], w[sel], table.slices[block],
+                                            shifts, box, coords),
                                log_class[table.klass[block]], lps[sel],
-                               search.adaptive_fraction, coords=coords,
+                               search.adaptive_fraction,
                                **_class_pruning(search, table.klass[block], 0))
             bi, ti, si = np.nonzero(post.weights)
             parts.append((sel[bi], ti, si + offset, post.weights[bi, ti, si]))
@@ -648,9 +604,9 @@ def _score_subsets(level: _Level, x, ctf, w, slices, coords, box, rot_ptr, rot_i
                    timings) -> None:
     """Run the subset E-step and store the level's nonzero weights."""
     t0 = time.perf_counter()
-    post = expectation_subsets(x, ctf, w, slices, level.shifts, box, rot_ptr, rot_index,
-                               rot_prior, shift_ptr, shift_index, shift_prior,
-                               search.adaptive_fraction, coords=coords,
+    post = expectation_subsets(KernelInputs(x, ctf, w, slices, level.shifts, box, coords),
+                               rot_ptr, rot_index, rot_prior, shift_ptr, shift_index,
+                               shift_prior, search.adaptive_fraction,
                                **_class_pruning(search, level.slice_class, level.level))
     timings["estep"] += time.perf_counter() - t0
     weights, bp = post.weights, post.block_ptr
@@ -727,12 +683,13 @@ def _empty_estimates(n: int, k_cls: int) -> PoseEstimates:
         rotations=np.tile(np.eye(3), (n, 1, 1)), angles=np.zeros((n, 3)),
         origins=np.zeros((n, 2)), max_prob=np.zeros(n), n_significant=np.zeros(n, np.int64),
         log_likelihood=np.zeros(n), angular_spread=np.zeros(n), offset_spread=np.zeros(n),
-        n_samples=np.zeros(n, np.int64))
+        n_samples=np.zeros(n, np.int64), amplitude=np.ones(n))
 
 
 def _store_estimates(est: PoseEstimates, rows, level: _Level, b_idx, s_idx, t_idx, w,
-                     k_cls: int, prev_origin, n_sig0) -> None:
-    """Best class (by mass), best pose within it, spreads, for the batch's images."""
+                     k_cls: int, prev_origin, n_sig0) -> tuple[np.ndarray, np.ndarray]:
+    """Best class (by mass), best pose within it, spreads, for the batch's images; returns
+    each image's best slice and best translation (indices into the level's)."""
     b = rows.size
     cls = level.slice_class[s_idx]
     mass = np.zeros((b, k_cls))
@@ -767,3 +724,29 @@ def _store_estimates(est: PoseEstimates, rows, level: _Level, b_idx, s_idx, t_id
     est.offset_spread[rows] = np.sqrt(np.bincount(b_idx, weights=w * d2, minlength=b) / wsum)
     est.n_samples[rows] = level.n_scored
     est.log_likelihood[rows] = level.log_marginal
+    return best_slice, best_shift
+
+
+def _amplitude_ratio(batch: Batch, inv_s2: np.ndarray, level: _Level,
+                     best: tuple[np.ndarray, np.ndarray], references: list[projector.Reference],
+                     mask, inner: np.ndarray) -> np.ndarray:
+    """(B,) the least-squares factor by which each image's prediction at its best pose
+    (CTF A with the CTF the batch carries) must be scaled to fit the image, over the E-step
+    radius and weighted by 1/sigma2 (docs/method.md eq. (30)):
+    sum_j Re(conj(CTF A) X) / sigma2 / sum_j |CTF A|^2 / sigma2."""
+    best_slice, best_shift = best
+    if level.slices is not None and level.slices.shape[1] == inner.size:
+        pred = level.slices[best_slice]
+    else:  # slices scored at a coarser radius: project the best poses at the E-step's
+        sub = _Level(level.level, level.slice_class[best_slice], level.slice_key[best_slice],
+                     level.rotations[best_slice], level.shifts,
+                     magnification=level.magnification)
+        pred = _project_level(references, sub, mask.coords[inner])
+    pred = pred * batch.ctf[:, inner]
+    x = projector.shift_images(batch.images[:, inner], mask.coords[inner],
+                               level.shifts[best_shift], mask.box)
+    w = inv_s2[:, inner]
+    num = np.sum(w * (pred.real * x.real + pred.imag * x.imag), axis=1, dtype=np.float64)
+    den = np.sum(w * (pred.real ** 2 + pred.imag ** 2), axis=1, dtype=np.float64)
+    # an image with no signal in reach (den 0) keeps its amplitude
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)

@@ -60,34 +60,45 @@ def pixel_coords(box: int, n_pixels: int, coords: np.ndarray | None = None) -> n
     return coords
 
 
-def kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box: int,
-                  coords: np.ndarray | None) -> tuple:
-    """The arguments every E- and M-step kernel starts with, in the kernels' dtypes: images
-    (B, J) complex64, ctf and inv_sigma2 (B, J) float32, slices (R, J) complex64, the pixels'
-    coords (J, 2) float32, shifts (T, 2) float64 and the box (ValueError on images that are
-    not (B, J))."""
-    images = np.ascontiguousarray(images, dtype=np.complex64)
-    if images.ndim != 2:
-        raise ValueError(f"images: expected 2 dimensions (B, J), got shape {images.shape}")
-    return (images, np.ascontiguousarray(ctf, dtype=np.float32),
-            np.ascontiguousarray(inv_sigma2, dtype=np.float32),
-            np.ascontiguousarray(slices, dtype=np.complex64),
-            pixel_coords(box, images.shape[1], coords),
-            np.ascontiguousarray(shifts, dtype=np.float64), int(box))
+@dataclass(frozen=True)
+class KernelInputs:
+    """The terms every E- and M-step kernel starts with (docs/method.md eqs. (2), (4)).
+
+    images: (B, J) masked image FTs; ctf and inv_sigma2: (B, J) (1/sigma2 >= 0; 0 leaves a
+    pixel out); slices: (R, J) projected references, classes concatenated along R; shifts:
+    (T, 2) translations in pixels, applied to the images; box: the image box N (the
+    phase-shift denominator); coords: (J, 2) (kx, ky) of the pixels, default those of the
+    `fourier.pixel_mask(box, r)` with J pixels.
+    """
+
+    images: np.ndarray
+    ctf: np.ndarray
+    inv_sigma2: np.ndarray
+    slices: np.ndarray
+    shifts: np.ndarray
+    box: int
+    coords: np.ndarray | None = None
+
+    def arrays(self) -> tuple:
+        """The kernels' leading arguments in their dtypes: images complex64, ctf and
+        inv_sigma2 float32, slices complex64, coords (J, 2) float32, shifts float64, box
+        (ValueError on images that are not (B, J))."""
+        images = np.ascontiguousarray(self.images, dtype=np.complex64)
+        if images.ndim != 2:
+            raise ValueError(f"images: expected 2 dimensions (B, J), got shape {images.shape}")
+        return (images, np.ascontiguousarray(self.ctf, dtype=np.float32),
+                np.ascontiguousarray(self.inv_sigma2, dtype=np.float32),
+                np.ascontiguousarray(self.slices, dtype=np.complex64),
+                pixel_coords(self.box, images.shape[1], self.coords),
+                np.ascontiguousarray(self.shifts, dtype=np.float64), int(self.box))
 
 
 def expectation(
-    images: np.ndarray,
-    ctf: np.ndarray,
-    inv_sigma2: np.ndarray,
-    slices: np.ndarray,
-    shifts: np.ndarray,
-    box: int,
+    inputs: KernelInputs,
     log_prior_rot: np.ndarray | None = None,
     log_prior_shift: np.ndarray | None = None,
     significant_fraction: float = 0.999,
     *,
-    coords: np.ndarray | None = None,
     block_rows: int = 0,
     block_cols: int = 0,
     slice_class: np.ndarray | None = None,
@@ -96,18 +107,11 @@ def expectation(
     """Posterior over poses of a batch of images.
 
     Args:
-        images: (B, J) masked image FTs (converted to complex64).
-        ctf: (B, J) CTF values (float32).
-        inv_sigma2: (B, J) 1/sigma2 per pixel (float32, >= 0; 0 leaves a pixel out).
-        slices: (R, J) projected references (complex64); classes concatenated along R.
-        shifts: (T, 2) translations in pixels (float64), applied to the images.
-        box: image box N (the phase-shift denominator).
+        inputs: the images, CTF, 1/sigma2, slices, shifts, box and pixel coords.
         log_prior_rot: (R,) log prior per orientation; default 0. -inf excludes one.
         log_prior_shift: (B, T) (or (T,), broadcast) log prior per image and shift; default 0.
         significant_fraction: keep per image the smallest set of largest weights holding this
             fraction of the total (renormalised); 1.0 keeps all (dense).
-        coords: (J, 2) (kx, ky) of the pixels; default: those of `fourier.pixel_mask(box, r)`
-            with J pixels.
         block_rows, block_cols: GEMM tile sizes (0 = automatic), for tuning only.
         slice_class: (R,) class of each slice; with several classes the significant set is
             chosen within each class (of its own mass), and a class holding less than
@@ -127,8 +131,8 @@ def expectation(
     Memory: the (B, T, R) float32 weights plus O(B J + T J) and O(tile) scratch per thread;
     the engine sizes batches for it (`em.memory.batch_size`).
     """
-    inputs = kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box, coords)
-    images, slices, shifts = inputs[0], inputs[3], inputs[5]
+    args = inputs.arrays()
+    images, slices, shifts = args[0], args[3], args[5]
     n_img = images.shape[0]
     n_rot = slices.shape[0] if slices.ndim == 2 else 0
     n_shift = shifts.shape[0] if shifts.ndim == 2 else 0
@@ -140,7 +144,7 @@ def expectation(
     if lps.ndim == 1:
         lps = np.broadcast_to(lps, (n_img, lps.shape[0]))
     out = core.expectation(
-        *inputs,
+        *args,
         np.ascontiguousarray(log_prior_rot, dtype=np.float64),
         np.ascontiguousarray(lps),
         float(significant_fraction),
@@ -178,12 +182,7 @@ class SubsetPosterior:
 
 
 def expectation_subsets(
-    images: np.ndarray,
-    ctf: np.ndarray,
-    inv_sigma2: np.ndarray,
-    slices: np.ndarray,
-    shifts: np.ndarray,
-    box: int,
+    inputs: KernelInputs,
     rot_ptr: np.ndarray,
     rot_index: np.ndarray,
     rot_log_prior: np.ndarray,
@@ -192,7 +191,6 @@ def expectation_subsets(
     shift_log_prior: np.ndarray,
     significant_fraction: float = 0.999,
     *,
-    coords: np.ndarray | None = None,
     slice_class: np.ndarray | None = None,
     min_class_mass: float = 0.0,
 ) -> SubsetPosterior:
@@ -206,7 +204,7 @@ def expectation_subsets(
     arrays; a prior of -inf excludes a candidate; every image needs at least one allowed pose.
     """
     out = core.expectation_subsets(
-        *kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box, coords),
+        *inputs.arrays(),
         np.ascontiguousarray(rot_ptr, dtype=np.int64),
         np.ascontiguousarray(rot_index, dtype=np.int64),
         np.ascontiguousarray(rot_log_prior, dtype=np.float64),

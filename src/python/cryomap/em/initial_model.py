@@ -47,18 +47,24 @@ import numpy as np
 
 from .. import fourier, projector
 from ..masks import soft_sphere
-from ..parallel import run_pass  # [mpi hook] (initial_model runs in one process today)
 from ..resolution import resolution_shell
 from ..sampling import PoseSampling, angular_step
 from .classify import center_of_mass_shift
 from .data import Work
-from .engine import PassResult, Search
-from .iteration import EMState, merge_timings, store_estimates
+from .engine import PassResult
+from .iteration import (
+    EMState,
+    merge_timings,
+    normalise_amplitudes,
+    pass_amplitudes,
+    store_estimates,
+)
 from .memory import batch_size
 from .model import state_from_saved
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
 from .refine import final_maps, half_set_fsc, mask_radius_px
+from .search import Search
 
 
 @dataclass
@@ -87,6 +93,9 @@ class InitialModelOptions(EMOptions):
     # a class holding less than reseed_fraction/K of the mass in the first half of the run
     # takes half of the largest class's sums and particles (0: never)
     reseed_fraction: float = 0.2
+    # amplitude correction off by default: the early maps are blobs that measure no
+    # particle's contrast (cryoSPARC's ab-initio has none either); --scale turns it on
+    scale: bool = False
 
     def validate(self) -> None:
         """Every option in range (InputError naming the option and the range)."""
@@ -378,8 +387,8 @@ def initial_state(problem: Problem, sigma2: np.ndarray, subset: np.ndarray,
             sel = members[subset[members] == h]
             if sel.size == 0:
                 continue
-            res = run_pass(source, sel, dummy, search, noise, rot[subset[members] == h],
-                           problem.input_origins[sel])
+            res = source.ranks.run_pass(source, sel, dummy, search, noise,
+                                        rot[subset[members] == h], problem.input_origins[sel])
             bp = res.backprojectors[0]
             data[h - 1, k] = _embed(bp.data, shape)
             weight[h - 1, k] = _embed(bp.weight, shape)
@@ -390,7 +399,7 @@ def initial_state(problem: Problem, sigma2: np.ndarray, subset: np.ndarray,
         origins_px=np.array(problem.input_origins, np.float64),
         class_number=np.zeros(n, np.int64), max_prob=np.zeros(n),
         n_significant=np.zeros(n, np.int64), log_likelihood=np.zeros(n),
-        seen=np.zeros(n, np.int64), r_max=step.radius)
+        amplitude=np.ones(n), seen=np.zeros(n, np.int64), r_max=step.radius)
     _maps_from_sums(state, problem, step.radius)
     for k in range(k_cls):
         blob = state.references[k]
@@ -523,13 +532,16 @@ def initial_model_iteration(state: InitialModelState, problem: Problem,
 
             sub_search = replace(search, image_class=image_class[rows])
         prev = np.tile(np.eye(3), (members.size, 1, 1))
-        res = run_pass(source, members, refs, sub_search, noise, prev,
-                       problem.input_origins[members], batch_size=bsize,
-                       slice_memory=o.batch_memory, progress=progress)
+        res = source.ranks.run_pass(source, members, refs, sub_search, noise, prev,
+                                    problem.input_origins[members], batch_size=bsize,
+                                    slice_memory=o.batch_memory, progress=progress,
+                                    amplitudes=pass_amplitudes(state, members, o.scale))
         store_estimates(state, members, res.estimates)
         state.class_number[members] = res.estimates.best_class
         state.seen[members] = it
         results.append(res)
+    if o.scale:
+        normalise_amplitudes(state)
     t_pass = time.perf_counter()
     done = [r for r in results if r is not None]
     # online EM: the running sums forget a share eta and take the batch's sums

@@ -30,17 +30,38 @@ class EMState:
     max_prob: np.ndarray  # (n,) rlnMaxValueProbDistribution
     n_significant: np.ndarray  # (n,) rlnNrOfSignificantSamples
     log_likelihood: np.ndarray  # (n,) rlnLogLikeliContribution
+    amplitude: np.ndarray  # (n,) a_i of the image model X = a_i CTF P V + noise (eq. (30))
+
+
+#: The range amplitudes are kept in, relative to their mean (an image that fits its
+#: prediction with a negative or vanishing scale is junk, not a particle of another contrast).
+AMPLITUDE_RANGE = (0.05, 20.0)
 
 
 def store_estimates(state: EMState, members: np.ndarray, e: PoseEstimates) -> None:
-    """The pose, Pmax, significant samples and log-likelihood of a pass's images into a job
-    state's per-particle arrays (rows `members`); class posteriors and spreads, kept by
-    some jobs only, are stored by the job."""
+    """The pose, Pmax, significant samples, log-likelihood and amplitude of a pass's images
+    into a job state's per-particle arrays (rows `members`); class posteriors and spreads,
+    kept by some jobs only, are stored by the job."""
     state.angles[members] = e.angles
     state.origins_px[members] = e.origins
     state.max_prob[members] = e.max_prob
     state.n_significant[members] = e.n_significant
     state.log_likelihood[members] = e.log_likelihood
+    state.amplitude[members] = e.amplitude
+
+
+def pass_amplitudes(state: EMState, members: np.ndarray, correct: bool) -> np.ndarray | None:
+    """The amplitudes a pass over `members` uses and re-estimates (`engine.run_pass`), or
+    None without the amplitude correction (a_i = 1)."""
+    return state.amplitude[members] if correct else None
+
+
+def normalise_amplitudes(state: EMState) -> None:
+    """Amplitudes to mean 1 (the map carries the overall scale: a_i and V trade a common
+    factor), each within AMPLITUDE_RANGE (docs/method.md eq. (30))."""
+    a = np.clip(state.amplitude, *AMPLITUDE_RANGE)
+    a = np.clip(a / a.mean(), *AMPLITUDE_RANGE)
+    state.amplitude = a / a.mean()
 
 
 def offset_sigma(offset_sq: float, n_images: float, pixel_size: float) -> float:

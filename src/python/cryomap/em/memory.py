@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import projector
-from .engine import Search
+from .search import Search
 
 #: Orientations per image assumed for a local (or fixed-pose) search when sizing batches: its
 #: windows hold a few thousand samples at most.

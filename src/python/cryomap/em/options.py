@@ -96,6 +96,7 @@ class EMOptions:
     seed: int = 0
     batch_memory: int = 512 << 20  # bytes for one batch's posterior and slice arrays
     sym: str = "C1"  # point group (RELION's --sym; docs/symmetry.md)
+    scale: bool = True  # per-particle amplitude correction (RELION's --scale; eq. (30))
 
     def validate(self) -> None:
         """Every option in range: InputError naming the option and the expected range."""

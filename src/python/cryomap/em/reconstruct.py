@@ -26,7 +26,8 @@ def reconstruct_known_poses(source: ImageSource, angles: np.ndarray, origins_px:
     half-sets (n,) 1/2 (0: left out). Returns the final refinement state: `final_maps` holds
     the combined map and the two unfiltered half maps, `volumes` the regularised half maps,
     `fsc` the half-set FSC. r_max (px): the largest Fourier radius used (default N/2)."""
-    opts = replace(options, fixed_poses=True, iterations=iterations)
+    # the CTF as the STAR file gives it (rlnCtfScalefactor included), as relion_reconstruct
+    opts = replace(options, fixed_poses=True, iterations=iterations, scale=False)
     radius = source.mask_radius if mask_radius is None else mask_radius
     refinement = Refinement(source, opts, radius, r_limit=r_max)
     box = source.box

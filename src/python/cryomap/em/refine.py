@@ -37,17 +37,25 @@ from .. import fourier, postprocess, projector
 from ..euler import angular_distance, euler_to_matrix
 from ..halves import random_subsets
 from ..masks import soft_sphere
-from ..parallel import expected_accuracy, run_pass  # [mpi hook] split over ranks
 from ..particles import ParticleSet
 from ..resolution import FSC_THRESHOLD, first_shell_below, fsc_maps, resolution_shell
 from ..sampling import PoseSampling, angular_step
 from .data import Work
-from .engine import PassResult, Search
-from .iteration import EMState, merge_timings, offset_sigma, rotations, store_estimates
+from .engine import PassResult
+from .iteration import (
+    EMState,
+    merge_timings,
+    normalise_amplitudes,
+    offset_sigma,
+    pass_amplitudes,
+    rotations,
+    store_estimates,
+)
 from .memory import batch_size
 from .model import next_r_max, state_from_saved, tau2_from_fsc
 from .noise import NoiseModel
 from .options import MAX_HEALPIX_ORDER, EMOptions, bad_option
+from .search import Search
 
 #: Finest translational step (px, after oversampling) the schedule goes down to.
 MIN_OFFSET_STEP = 0.1
@@ -334,7 +342,7 @@ def initial_state(refinement: Refinement, reference: np.ndarray, angles: np.ndar
         subset=np.asarray(subset, np.int64), angles=np.array(angles, np.float64),
         origins_px=np.array(origins_px, np.float64), max_prob=np.zeros(n),
         n_significant=np.zeros(n, np.int64), log_likelihood=np.zeros(n),
-        angular_spread=np.zeros(n), offset_spread=np.zeros(n),
+        amplitude=np.ones(n), angular_spread=np.zeros(n), offset_spread=np.zeros(n),
         r_max=min(next_r_max(r0, box, o.incr_size), box // 2 - 1),
         offset_sigma=o.offset_sigma / pix, schedule=schedule)
 
@@ -377,13 +385,16 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         members = np.flatnonzero(state.subset == h)
         ref = projector.prepare_reference(state.volumes[h - 1] * sphere, o.pad, o.interp,
                                           radius)
-        res = run_pass(source, members, [ref], search, noise, previous[members],
-                       prev_origins[members], batch_size=bsize, slice_memory=o.batch_memory,
-                       progress=progress)
+        res = source.ranks.run_pass(source, members, [ref], search, noise, previous[members],
+                                    prev_origins[members], batch_size=bsize,
+                                    slice_memory=o.batch_memory, progress=progress,
+                                    amplitudes=pass_amplitudes(state, members, o.scale))
         store_estimates(state, members, res.estimates)
         state.angular_spread[members] = res.estimates.angular_spread
         state.offset_spread[members] = res.estimates.offset_spread
         results.append(res)
+    if o.scale:
+        normalise_amplitudes(state)
     t_pass = time.perf_counter()
     # eq. (15): sigma2 pooled over both halves; the origin prior's width (RELION's M-step)
     noise.update(results[0].residual + results[1].residual, results[0].count + results[1].count,
@@ -464,7 +475,8 @@ def pose_accuracy(state: RefineState, refinement: Refinement, radius: int,
                                           radius)
         rot = euler_to_matrix(state.angles[pick, 0], state.angles[pick, 1],
                               state.angles[pick, 2])
-        acc.append(expected_accuracy(ref, refinement.source, pick, rot, noise, radius, rng))
+        source = refinement.source
+        acc.append(source.ranks.expected_accuracy(ref, source, pick, rot, noise, radius, rng))
     return float(np.mean([a[0] for a in acc])), float(np.mean([a[1] for a in acc]))
 
 

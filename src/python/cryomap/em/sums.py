@@ -15,46 +15,57 @@ sum_i residual_power[i, s] / (2 * sum_i sum_{t,r} g * Npix(s)) (docs/method.md e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .._kernels import core
-from .estep import kernel_inputs
+from .estep import KernelInputs
 
 METHODS = {"auto": 0, "gemm": 1, "sparse": 2}
 
 
-def empty_slice_sums(n_rot: int, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zeroed accumulators (data (R, J) complex64, weight (R, J) float32)."""
-    return (np.zeros((n_rot, n_pixels), np.complex64), np.zeros((n_rot, n_pixels), np.float32))
+@dataclass
+class SliceSums:
+    """Accumulators of the M-step sums over R slices of J pixels, updated in place by
+    `maximization_sums`: data (R, J) complex64 and weight (R, J) float32, both
+    C-contiguous; pixel_shell (J,) the bin of each pixel in [0, n_shells) for the residual
+    power (shell index, or the pixel index itself for a per-pixel noise model)."""
+
+    data: np.ndarray
+    weight: np.ndarray
+    pixel_shell: np.ndarray
+    n_shells: int
+
+    @classmethod
+    def empty(cls, n_rot: int, n_pixels: int, pixel_shell: np.ndarray,
+              n_shells: int) -> SliceSums:
+        """Zeroed accumulators."""
+        return cls(np.zeros((n_rot, n_pixels), np.complex64),
+                   np.zeros((n_rot, n_pixels), np.float32),
+                   np.ascontiguousarray(pixel_shell, dtype=np.int64), int(n_shells))
+
+    def arrays(self) -> tuple:
+        """The kernels' trailing arguments: pixel_shell, n_shells, data, weight."""
+        return (np.ascontiguousarray(self.pixel_shell, dtype=np.int64), int(self.n_shells),
+                self.data, self.weight)
 
 
-def maximization_sums(
-    images: np.ndarray,
-    ctf: np.ndarray,
-    inv_sigma2: np.ndarray,
-    slices: np.ndarray,
-    shifts: np.ndarray,
-    box: int,
-    weights: np.ndarray,
-    pixel_shell: np.ndarray,
-    n_shells: int,
-    data_slices: np.ndarray,
-    weight_slices: np.ndarray,
-    *,
-    coords: np.ndarray | None = None,
-    method: str = "auto",
-) -> np.ndarray:
+def _method_code(method: str) -> int:
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}") from None
+
+
+def maximization_sums(inputs: KernelInputs, weights: np.ndarray, sums: SliceSums, *,
+                      method: str = "auto") -> np.ndarray:
     """Accumulate the posterior-weighted slice sums in place and return the residual power.
 
     Args:
-        images, ctf, inv_sigma2, slices, shifts, box, coords: as for `estep.expectation`.
+        inputs: the images, CTF, 1/sigma2, slices, shifts, box and pixel coords.
         weights: (B, T, R) posterior weights (float32), e.g. `Posterior.weights`.
-        pixel_shell: (J,) bin of each pixel in [0, n_shells) (shell index, or the pixel
-            index itself for a per-pixel noise model).
-        n_shells: number of bins of the residual power.
-        data_slices: (R, J) complex64 C-contiguous accumulator, updated in place
-            (see `empty_slice_sums`).
-        weight_slices: (R, J) float32 C-contiguous accumulator, updated in place.
+        sums: the accumulators, updated in place.
         method: "gemm" (GEMMs over the orientations and rows with any weight), "sparse" (a
             loop over the nonzero weights) or "auto" (chosen by cost; sparse when the weights
             are few, as after convergence).
@@ -62,52 +73,21 @@ def maximization_sums(
     Returns:
         residual_power (B, n_shells) float64.
     """
-    try:
-        code = METHODS[method]
-    except KeyError:
-        raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}") from None
-    return core.maximization_sums(
-        *kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box, coords),
-        np.ascontiguousarray(weights, dtype=np.float32),
-        np.ascontiguousarray(pixel_shell, dtype=np.int64),
-        int(n_shells),
-        data_slices,
-        weight_slices,
-        code,
-    )
+    return core.maximization_sums(*inputs.arrays(),
+                                  np.ascontiguousarray(weights, dtype=np.float32),
+                                  *sums.arrays(), _method_code(method))
 
 
-def maximization_sums_sparse(
-    images: np.ndarray,
-    ctf: np.ndarray,
-    inv_sigma2: np.ndarray,
-    slices: np.ndarray,
-    shifts: np.ndarray,
-    box: int,
-    image_index: np.ndarray,
-    shift_index: np.ndarray,
-    slice_index: np.ndarray,
-    weights: np.ndarray,
-    pixel_shell: np.ndarray,
-    n_shells: int,
-    data_slices: np.ndarray,
-    weight_slices: np.ndarray,
-    *,
-    coords: np.ndarray | None = None,
-    method: str = "auto",
-) -> np.ndarray:
+def maximization_sums_sparse(inputs: KernelInputs, image_index: np.ndarray,
+                             shift_index: np.ndarray, slice_index: np.ndarray,
+                             weights: np.ndarray, sums: SliceSums, *,
+                             method: str = "auto") -> np.ndarray:
     """`maximization_sums` with the weights given as a sparse list: weights[e] of image
     image_index[e] at translation shift_index[e] and slice slice_index[e] (each triple at most
     once; zeros are ignored). Returns residual_power (B, n_shells)."""
-    try:
-        code = METHODS[method]
-    except KeyError:
-        raise ValueError(f"method: expected one of {sorted(METHODS)}, got {method!r}") from None
     return core.maximization_sums_coo(
-        *kernel_inputs(images, ctf, inv_sigma2, slices, shifts, box, coords),
+        *inputs.arrays(),
         np.ascontiguousarray(image_index, dtype=np.int64),
         np.ascontiguousarray(shift_index, dtype=np.int64),
         np.ascontiguousarray(slice_index, dtype=np.int64),
-        np.ascontiguousarray(weights, dtype=np.float32),
-        np.ascontiguousarray(pixel_shell, dtype=np.int64), int(n_shells), data_slices,
-        weight_slices, code)
+        np.ascontiguousarray(weights, dtype=np.float32), *sums.arrays(), _method_code(method))

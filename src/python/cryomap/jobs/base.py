@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import parallel
 from ..errors import InputError
 from ..io.atomic import atomic_path, check_output_dir, make_output_dir, remove_stale_temps
+from ..parallel import SINGLE, Ranks
 
 STATE_PATTERN = re.compile(r"run_it(\d{3})_state\.npz$")
 
@@ -62,9 +62,10 @@ class Log:
             self.echo(line)
 
 
-def progress_bar(total: int, desc: str):
-    """tqdm on a terminal, nothing otherwise (the log lines carry the progress)."""
-    if not sys.stderr.isatty() or parallel.context() is not None:  # [mpi hook] no bar per rank
+def progress_bar(total: int, desc: str, ranks: Ranks = SINGLE):
+    """tqdm on a terminal, nothing otherwise (the log lines carry the progress) or under
+    mpirun (no bar per rank)."""
+    if not sys.stderr.isatty() or ranks.size > 1:
         return None
     from tqdm import tqdm
 
@@ -75,7 +76,7 @@ def progress_bar(total: int, desc: str):
 
 
 #: Version of the state-file layout; a file of another version is refused, never misread.
-STATE_SCHEMA = 1
+STATE_SCHEMA = 2
 
 
 class DamagedState(InputError):
@@ -209,7 +210,7 @@ def plan_memory(estimate: Callable[[int], dict[str, int]], n_particles: int, box
     batches and so the same numbers); the images are cached when they fit as well (giving up
     batch memory down to CACHE_BATCH_MEMORY for it), else streamed from disk. InputError
     when even MIN_BATCH_MEMORY does not fit. n_images: the images this process would cache
-    (default n_particles; under mpirun a rank's share, `parallel.local_images`)."""
+    (default n_particles; under mpirun a rank's share, `parallel.Ranks.local_images`)."""
     from ..em.data import cache_size, read_chunk
 
     fixed = {"runtime": RUNTIME_BYTES, "particle tables": n_particles * PER_PARTICLE_BYTES}
@@ -338,7 +339,8 @@ def read_job_file(outdir: str | Path, what: str) -> dict:
     return job
 
 
-def plan_job_memory(particles, options, budget: int, estimate: Callable, box: int | None = None
+def plan_job_memory(particles, options, budget: int, estimate: Callable,
+                    ranks: Ranks = SINGLE, box: int | None = None
                     ) -> tuple[MemoryPlan, object]:
     """The memory plan of a job (`plan_memory` over `estimate(particles, options,
     batch_memory)`, the images this process caches under MPI) and the options with the
@@ -346,7 +348,7 @@ def plan_job_memory(particles, options, budget: int, estimate: Callable, box: in
     n = particles.n_particles
     plan = plan_memory(lambda bm: estimate(particles, options, bm), n,
                        particles.grid_box if box is None else box, budget,
-                       options.batch_memory, parallel.local_images(n))  # [mpi hook]
+                       options.batch_memory, ranks.local_images(n))
     return plan, replace(options, batch_memory=plan.batch_memory)
 
 
@@ -431,12 +433,13 @@ class Job:
     state_class: type
 
     def __init__(self, outdir: str | Path | None, resume: bool = False,
-                 echo: Callable[[str], None] | None = print) -> None:
+                 echo: Callable[[str], None] | None = print, ranks: Ranks = SINGLE) -> None:
         if outdir is None and resume:
             raise InputError("--continue: needs the output folder of the run to continue")
         self.outdir = None if outdir is None else Path(outdir)
         self.resume = resume
         self.echo = echo
+        self.ranks = ranks  # under mpirun every rank computes, rank 0 alone writes
         self.log: Log | None = None
         self.memory: MemoryPlan | None = None
         self.notes: list[str] = []  # lines for run.log once it is open
@@ -456,6 +459,10 @@ class Job:
         if not resume and last_iteration(Path(outdir)) is not None:
             raise InputError(f"{outdir}: already holds a run (run_itNNN_state.npz); use "
                              "--continue to resume it or choose another --o")
+
+    def progress_bar(self, total: int, desc: str):
+        """A progress bar for this job's processes (`progress_bar`)."""
+        return progress_bar(total, desc, self.ranks)
 
     def open(self) -> None:
         """Create the output folder and run.log; remove the temporary files of writes that an
@@ -542,13 +549,12 @@ class Job:
             return start.state
         fresh = start is None or start.state is None
         state = self.initial_state() if fresh else start.state
-        # [mpi hook] under mpirun every rank computes, rank 0 alone writes (docs/mpi.md)
-        writer = parallel.writes_outputs()
+        writer = self.ranks.writes_outputs  # docs/mpi.md
         if writer:
             self.open()
         else:
             self.log = lambda line: None
-        for line in (start.notes if start is not None else []) + self.notes + parallel.notes():
+        for line in (start.notes if start is not None else []) + self.notes + self.ranks.notes():
             self.log(line)
         if fresh:
             if writer:
@@ -561,7 +567,7 @@ class Job:
         while not self.finished(state):
             t0 = time.perf_counter()
             line = self.iterate(state)
-            mpi_lines = parallel.after_iteration(state)  # [mpi hook] ranks' memory, reductions
+            mpi_lines = self.ranks.after_iteration(state)  # ranks' memory, reductions
             if writer and self.outdir is not None:
                 root = iteration_root(self.outdir, state.iteration)
                 self.write_iteration(root, state)

@@ -14,11 +14,12 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .. import fourier, parallel, projector
+from .. import fourier, projector
 from ..em.classify import (
     ClassOptions,
     ClassState,
@@ -35,6 +36,7 @@ from ..fourier import initial_lowpass
 from ..io.atomic import atomic_path
 from ..io.mrc import open_stack, read_map, write_stack
 from ..io.star import read_star
+from ..parallel import SINGLE, Ranks
 from ..particles import ParticleSet
 from .base import (
     Job,
@@ -45,16 +47,15 @@ from .base import (
     find_resume_point,
     grid_notes,
     plan_job_memory,
-    progress_bar,
 )
 from .base import saved_run as base_saved_run
 from .output import (
     ModelFigures,
     model_blocks,
     particle_table,
+    write_class_volumes,
     write_data_star,
     write_model_star,
-    write_volume,
 )
 from .refine import (
     PIXEL_TOLERANCE,
@@ -93,15 +94,15 @@ class ClassifyJob(Job):
     def __init__(self, particles: ParticleSet, star: str | Path, reference_path, outdir,
                  options: ClassOptions, initialise: Initialiser | None, resume: bool = False,
                  echo: Callable[[str], None] | None = print,
-                 memory: MemoryPlan | None = None) -> None:
-        super().__init__(outdir, resume, echo)
+                 memory: MemoryPlan | None = None, ranks: Ranks = SINGLE) -> None:
+        super().__init__(outdir, resume, echo, ranks)
         self.kind = "class2d" if options.ndim == 2 else "class3d"
         self.particles, self.star, self.reference_path = particles, Path(star), reference_path
         self.options, self.initialise = options, initialise
         self.memory = memory
         cache = None if memory is None else (memory.parts.get("image cache", 0)
                                              if memory.cache else 0)
-        self.source = image_source(particles, options, cache)
+        self.source = image_source(particles, options, cache, ranks)
         self.notes += grid_notes(particles)
         self.notes += aberration_notes(particles, options.use_ctf)
 
@@ -134,7 +135,7 @@ class ClassifyJob(Job):
     def iterate(self, state: ClassState) -> str:
         o = self.options
         hard = o.hard_last and state.iteration + 1 == o.iterations
-        bar = progress_bar(self.particles.n_particles, f"iteration {state.iteration + 1}")
+        bar = self.progress_bar(self.particles.n_particles, f"iteration {state.iteration + 1}")
         s = class_iteration(state, self.source, o, hard, bar.update if bar else None)
         if bar is not None:
             bar.close()
@@ -161,12 +162,7 @@ class ClassifyJob(Job):
             path = Path(f"{root}_classes.mrcs")
             write_stack(path, state.references, pix)
             return [f"{k + 1:06d}@{path.name}" for k in range(state.n_classes)]
-        names = []
-        for k, volume in enumerate(state.references):
-            path = Path(f"{root}_class{k + 1:03d}.mrc")
-            write_volume(path, volume, pix)
-            names.append(path.name)
-        return names
+        return write_class_volumes(root, state.references, pix)
 
     def write_tables(self, root: Path, state: ClassState, names: list[str]) -> None:
         o, p = self.options, self.particles
@@ -205,8 +201,7 @@ def class_table(particles: ParticleSet, state: ClassState, options: ClassOptions
                 ) -> pd.DataFrame:
     """The particle table of a classification (run_data.star's data_particles): the input
     columns, rlnClassNumber (1-based), the best pose and the statistics."""
-    table = particle_table(particles, state.angles, state.origins_px, particles.grid_pixel_size,
-                           state.max_prob, state.n_significant, state.log_likelihood,
+    table = particle_table(particles, state, particles.grid_pixel_size,
                            class_number=state.class_number + 1)
     if options.ndim == 2:  # 2D poses are in-plane only: keep any input rot/tilt
         for col in ("rlnAngleRot", "rlnAngleTilt"):
@@ -336,8 +331,8 @@ def random_subset_averages(source: ImageSource, sigma2: np.ndarray, subsets: np.
         if subset_size is not None and idx.size > subset_size:
             idx = np.sort(rng.choice(idx, subset_size, replace=False))
         rot = euler_to_matrix(0.0, 0.0, rng.uniform(0.0, 360.0, idx.size))
-        # [mpi hook] under mpirun each rank adds its own images; the sums are added up below
-        mine = parallel.own(idx, source.particles.n_particles)
+        # under mpirun each rank adds its own images; the sums are added up below
+        mine = source.ranks.own(idx, source.particles.n_particles)
         idx, rot = idx[mine], rot[mine]
         bp = projector.BackProjector(box, pad, mask.r_max, interp, ndim=2)
         # in groups of images: memory bounded whatever the number of particles
@@ -347,7 +342,7 @@ def random_subset_averages(source: ImageSource, sigma2: np.ndarray, subsets: np.
             inv_s2 = noise.inv_sigma2(batch.group, mask)
             bp.add_slices(batch.ctf * batch.images * inv_s2, batch.ctf**2 * inv_s2, rot[part],
                           mask.coords)
-        parallel.sum_backprojectors([bp])  # [mpi hook]
+        source.ranks.sum_backprojectors([bp])
         bp.finish()
         # plain average D/W inside the searched radius (no prior term)
         out[k] = bp.reconstruct(np.full(box // 2 + 1, np.inf), 1.0, mask.r_max,
@@ -389,11 +384,13 @@ def plot_gallery(path: Path, state: ClassState, pixel_size: float, columns: int 
 
 
 def _prepare(star, outdir, options: ClassOptions, resume: bool, angpix: float | None,
-             max_memory: float | None) -> tuple[ParticleSet, Path, ResumePoint | None, int]:
+             max_memory: float | None, read_references: Callable[[ParticleSet], Any]
+             ) -> tuple[ParticleSet, Path, ResumePoint | None, int, Any]:
     """The checks shared by class3d and class2d, in order, before anything is written:
     options, output folder, particles (a file or a ParticleSet) and their per-particle values,
-    the resume point. Returns (particles, their name, resume point or None, memory budget in
-    bytes)."""
+    the resume point, and the references (`read_references(particles)`, unless the run
+    resumes from a saved state). Returns (particles, their name, resume point or None, memory
+    budget in bytes, references or None)."""
     options.validate()
     budget = max_memory_bytes(max_memory)
     Job.check_output(outdir, resume)
@@ -404,19 +401,22 @@ def _prepare(star, outdir, options: ClassOptions, resume: bool, angpix: float | 
         check_particles_for_em(particles, options)
         start = (find_resume_point(outdir, ClassState, particles.n_particles)
                  if resume else None)
+        references = (read_references(particles)
+                      if start is None or start.state is None else None)
     except BaseException:
         particles.close()
         raise
-    return particles, star, start, budget
+    return particles, star, start, budget, references
 
 
 def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOptions,
-         initialise, resume: bool, echo, start: ResumePoint | None, budget: int
-         ) -> ClassState:
+         initialise, resume: bool, echo, start: ResumePoint | None, budget: int,
+         ranks: Ranks | None) -> ClassState:
     try:
-        plan, options = plan_job_memory(particles, options, budget, class_memory)
+        ranks = ranks or SINGLE
+        plan, options = plan_job_memory(particles, options, budget, class_memory, ranks)
         job = ClassifyJob(particles, star, reference_path, outdir, options, initialise, resume,
-                          echo, plan)
+                          echo, plan, ranks)
         job.notes.extend(particles.notes)
         return job.run(start)
     finally:
@@ -426,24 +426,22 @@ def _run(particles: ParticleSet, star, reference_path, outdir, options: ClassOpt
 def classify3d(star: str | Path | ParticleSet, reference_path, outdir: str | Path | None,
                options: ClassOptions, resume: bool = False,
                echo: Callable[[str], None] | None = print, angpix: float | None = None,
-               max_memory: float | None = None) -> ClassState:
+               max_memory: float | None = None, ranks: Ranks | None = None) -> ClassState:
     """Run (or, with resume=True, continue) a 3D classification; returns the final state.
-    Everything is checked before anything is written in `outdir`; max_memory in GiB.
+    Everything is checked before anything is written in `outdir`; max_memory in GiB; ranks:
+    the processes that run it (`parallel.Ranks`; None: this one alone).
     star: a particle file or a ParticleSet; reference_path: an MRC path, a STAR list of K
     maps, or maps in memory (read_references_3d); outdir None: run in memory."""
     if options.ndim != 3:
         raise ValueError("classify3d: options.ndim must be 3")
-    particles, star, start, budget = _prepare(star, outdir, options, resume, angpix,
-                                              max_memory)
-    references = None
-    try:
-        if start is None or start.state is None:
-            if reference_path is None:
-                raise InputError("--ref: an initial map is required")
-            references = read_references_3d(reference_path, particles, options.n_classes)
-    except BaseException:
-        particles.close()
-        raise
+
+    def read_references(particles: ParticleSet) -> list[np.ndarray]:
+        if reference_path is None:
+            raise InputError("--ref: an initial map is required")
+        return read_references_3d(reference_path, particles, options.n_classes)
+
+    particles, star, start, budget, references = _prepare(
+        star, outdir, options, resume, angpix, max_memory, read_references)
 
     def initialise(source, sigma2, seed_class, rng):
         if len(references) > 1:  # K distinct maps: used as they are, no seeds
@@ -454,28 +452,28 @@ def classify3d(star: str | Path | ParticleSet, reference_path, outdir: str | Pat
         return refs, seed_class
 
     return _run(particles, star, reference_path, outdir, options, initialise, resume, echo,
-                start, budget)
+                start, budget, ranks)
 
 
 def classify2d(star: str | Path | ParticleSet, outdir: str | Path | None,
                options: ClassOptions, reference_path=None, resume: bool = False,
                echo: Callable[[str], None] | None = print, angpix: float | None = None,
-               max_memory: float | None = None) -> ClassState:
+               max_memory: float | None = None, ranks: Ranks | None = None) -> ClassState:
     """Run (or, with resume=True, continue) a 2D classification; returns the final state.
-    Everything is checked before anything is written in `outdir`; max_memory in GiB.
+    Everything is checked before anything is written in `outdir`; max_memory in GiB; ranks
+    as `classify3d`.
     star: a particle file or a ParticleSet; reference_path: None (averages of random
     subsets), an image or stack file, or images in memory; outdir None: run in memory."""
     if options.ndim != 2:
         raise ValueError("classify2d: options.ndim must be 2")
-    particles, star, start, budget = _prepare(star, outdir, options, resume, angpix,
-                                              max_memory)
-    references = None
-    try:
-        if reference_path is not None and (start is None or start.state is None):
-            references = read_references_2d(reference_path, particles, options.n_classes)
-    except BaseException:
-        particles.close()
-        raise
+
+    def read_references(particles: ParticleSet) -> np.ndarray | None:
+        if reference_path is None:
+            return None
+        return read_references_2d(reference_path, particles, options.n_classes)
+
+    particles, star, start, budget, references = _prepare(
+        star, outdir, options, resume, angpix, max_memory, read_references)
 
     def initialise(source, sigma2, seed_class, rng):
         if references is not None:  # one per class: no seeds (several copies: seeds)
@@ -486,7 +484,7 @@ def classify2d(star: str | Path | ParticleSet, outdir: str | Path | None,
         return averages, seed_class
 
     return _run(particles, star, reference_path, outdir, options, initialise, resume, echo,
-                start, budget)
+                start, budget, ranks)
 
 
 def class_memory(particles: ParticleSet, options: ClassOptions,

@@ -32,6 +32,7 @@ from ..em.options import max_memory_bytes
 from ..halves import random_subsets
 from ..io.atomic import atomic_path
 from ..particles import ParticleSet, load_particles
+from . import output
 from .base import (
     Job,
     MemoryPlan,
@@ -39,18 +40,9 @@ from .base import (
     find_resume_point,
     iteration_root,
     plan_job_memory,
-    progress_bar,
 )
 from .base import saved_run as base_saved_run
 from .classify import check_classes
-from .output import (
-    ModelFigures,
-    model_blocks,
-    particle_table,
-    write_data_star,
-    write_model_star,
-    write_volume,
-)
 from .refine import image_source, require_ctf
 
 #: Line of run.log about the hand of the result.
@@ -110,7 +102,7 @@ class InitialModelJob(Job):
 
     def iterate(self, state: InitialModelState) -> str:
         step = self.problem.step(state.iteration + 1)
-        bar = progress_bar(step.batch, f"iteration {state.iteration + 1}")
+        bar = self.progress_bar(step.batch, f"iteration {state.iteration + 1}")
         s = initial_model_iteration(state, self.problem, bar.update if bar else None)
         if bar is not None:
             bar.close()
@@ -131,12 +123,7 @@ class InitialModelJob(Job):
     # -- outputs ---------------------------------------------------------------------------
 
     def _write_maps(self, root: Path, state: InitialModelState) -> list[str]:
-        names = []
-        for k, volume in enumerate(state.references):
-            path = Path(f"{root}_class{k + 1:03d}.mrc")
-            write_volume(path, volume, self.particles.pixel_size)
-            names.append(path.name)
-        return names
+        return output.write_class_volumes(root, state.references, self.particles.pixel_size)
 
     def _write_tables(self, root: Path, state: InitialModelState, names: list[str]) -> None:
         o, p = self.options, self.particles
@@ -147,7 +134,7 @@ class InitialModelJob(Job):
         from ..resolution import resolution_shell
 
         noise = NoiseModel(state.sigma2)
-        figures = ModelFigures(
+        figures = output.ModelFigures(
             box=box, pixel_size=pix, class_names=names, class_distribution=state.distribution,
             class_resolution_shell=np.maximum([resolution_shell(f, 0.5) for f in fsc], 1),
             current_size=2 * state.r_max,
@@ -157,11 +144,10 @@ class InitialModelJob(Job):
             log_likelihood=float(state.log_likelihood.sum()),
             average_pmax=float(state.max_prob.mean()), pad=o.pad, interp=o.interp,
             tau2_fudge=o.tau2_fudge, fsc=fsc)
-        write_model_star(Path(f"{root}_model.star"), model_blocks(figures))
-        table = particle_table(p, state.angles, state.origins_px, pix, state.max_prob,
-                               state.n_significant, state.log_likelihood,
-                               class_number=state.class_number + 1, subset=state.subset)
-        write_data_star(Path(f"{root}_data.star"), p, table)
+        output.write_model_star(Path(f"{root}_model.star"), output.model_blocks(figures))
+        table = output.particle_table(p, state, pix, class_number=state.class_number + 1,
+                                      subset=state.subset)
+        output.write_data_star(Path(f"{root}_data.star"), p, table)
 
     def write_iteration(self, root: Path, state: InitialModelState) -> None:
         self._write_tables(root, state, self._write_maps(root, state))
@@ -249,8 +235,8 @@ def initial_model_memory(particles: ParticleSet, options: InitialModelOptions,
     without the image cache; the running sums of both pseudo half-sets besides."""
     from .. import projector
     from .._kernels import core
-    from ..em.engine import Search
     from ..em.memory import batch_size, estimate_memory
+    from ..em.search import Search
     from ..sampling import PoseSampling
 
     o = options

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .. import fourier
+from ..em.iteration import EMState
 from ..io.atomic import atomic_path
 from ..io.mrc import write_map
 from ..io.star import write_star
@@ -98,22 +99,28 @@ def model_blocks(m: ModelFigures) -> dict:
     return blocks
 
 
-def particle_table(particles: ParticleSet, angles: np.ndarray, origins_px: np.ndarray,
-                   pixel_size: float, max_prob: np.ndarray, n_significant: np.ndarray,
-                   log_likelihood: np.ndarray, class_number: np.ndarray | None = None,
+def particle_table(particles: ParticleSet, state: EMState, pixel_size: float,
+                   class_number: np.ndarray | None = None,
                    subset: np.ndarray | None = None) -> pd.DataFrame:
-    """Input particle rows (all columns kept) with the estimated pose and statistics."""
+    """Input particle rows (all columns kept) with the state's estimated pose, statistics
+    and, where the amplitude correction changed them, the amplitudes: rlnCtfScalefactor is
+    the input's (1 if none) times a_i, so that the next job reads the corrected CTF
+    (docs/method.md eq. (30))."""
     df = particles.particles.copy()
-    df["rlnAngleRot"] = angles[:, 0]
-    df["rlnAngleTilt"] = angles[:, 1]
-    df["rlnAnglePsi"] = angles[:, 2]
-    df["rlnOriginXAngst"] = origins_px[:, 0] * pixel_size
-    df["rlnOriginYAngst"] = origins_px[:, 1] * pixel_size
+    df["rlnAngleRot"] = state.angles[:, 0]
+    df["rlnAngleTilt"] = state.angles[:, 1]
+    df["rlnAnglePsi"] = state.angles[:, 2]
+    df["rlnOriginXAngst"] = state.origins_px[:, 0] * pixel_size
+    df["rlnOriginYAngst"] = state.origins_px[:, 1] * pixel_size
     if class_number is not None:
         df["rlnClassNumber"] = class_number
-    df["rlnMaxValueProbDistribution"] = max_prob
-    df["rlnNrOfSignificantSamples"] = n_significant
-    df["rlnLogLikeliContribution"] = log_likelihood
+    df["rlnMaxValueProbDistribution"] = state.max_prob
+    df["rlnNrOfSignificantSamples"] = state.n_significant
+    df["rlnLogLikeliContribution"] = state.log_likelihood
+    if np.any(state.amplitude != 1.0):
+        scale = df["rlnCtfScalefactor"].to_numpy(np.float64) \
+            if "rlnCtfScalefactor" in df.columns else 1.0
+        df["rlnCtfScalefactor"] = scale * state.amplitude
     if subset is not None:
         df["rlnRandomSubset"] = subset
     return df
@@ -137,6 +144,17 @@ def write_model_star(path: Path, blocks: dict) -> None:
 def write_volume(path: Path, volume: np.ndarray, pixel_size: float) -> None:
     """An MRC map, atomically."""
     write_map(path, np.asarray(volume, np.float32), pixel_size)
+
+
+def write_class_volumes(root: str | Path, volumes, pixel_size: float) -> list[str]:
+    """One map per class, `{root}_class001.mrc`, ... (RELION's names); returns the file names
+    for rlnReferenceImage."""
+    names = []
+    for k, volume in enumerate(volumes):
+        path = Path(f"{root}_class{k + 1:03d}.mrc")
+        write_volume(path, volume, pixel_size)
+        names.append(path.name)
+    return names
 
 
 def plot_fsc(path: Path, fsc_curve: np.ndarray, box: int, pixel_size: float,

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import parallel
 from ..em.reconstruct import reconstruct_known_poses
 from ..em.refine import RefineOptions, RefineState, split_halves
 from ..errors import InputError
 from ..io.atomic import atomic_path
 from ..io.mrc import write_map
+from ..parallel import SINGLE, Ranks
 from ..particles import ParticleSet
 from .base import aberration_notes, grid_notes
 from .refine import image_source, require_ctf
@@ -100,13 +100,15 @@ def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: 
                 use_ctf: bool = False,
                 subset: int | None = None, angpix: float | None = None,
                 maxres: float | None = None, seed: int = 0,
-                echo: Callable[[str], None] | None = print) -> ReconstructResult:
+                echo: Callable[[str], None] | None = print,
+                ranks: Ranks | None = None) -> ReconstructResult:
     """relion_reconstruct on cryomap's refinement path: the map of the particles in `star`
     at their poses (rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst), CTF-corrected with use_ctf,
     summed over the point group `sym`, up to `maxres` Å (default Nyquist), from the half-set
     `subset` (1 or 2) only or from both (module docstring). Every input is checked before
     anything is written (InputError, one line); the maps are written together, atomically.
     star: a particle file or a ParticleSet; output None: nothing written (the Python API).
+    ranks: the processes that run it (`parallel.Ranks`; None: this one alone).
     """
     from ..em.options import check_symmetry
     from .refine import particle_input
@@ -151,7 +153,8 @@ def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: 
         if echo is not None:
             for line in grid_notes(particles) + aberration_notes(particles, use_ctf):
                 echo(line)
-        source = image_source(particles, options)
+        ranks = ranks or SINGLE
+        source = image_source(particles, options, ranks=ranks)
         state = reconstruct_known_poses(source, particles.angles(),
                                         particles.origins_px(pixel_size=pix), halves, options,
                                         r_max=r_max)
@@ -160,7 +163,7 @@ def reconstruct(star: str | Path | ParticleSet, output: str | Path | None, sym: 
         if subset is None:
             maps += [state.final_maps[1], state.final_maps[2]]
             paths += [] if out is None else list(half_map_paths(out))
-        if out is not None and parallel.writes_outputs():  # [mpi hook] rank 0 alone writes
+        if out is not None and ranks.writes_outputs:  # under mpirun rank 0 alone writes
             with contextlib.ExitStack() as stack:  # all files or none
                 for path, volume in zip(paths, maps, strict=True):
                     tmp = stack.enter_context(atomic_path(path, suffix=".mrc"))

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import parallel
 from ..em.data import ImageSource
 from ..em.model import ssnr_from_fsc
 from ..em.options import max_memory_bytes
@@ -33,6 +32,7 @@ from ..em.refine import (
 from ..errors import InputError
 from ..io.mrc import read_map
 from ..masks import check_mask
+from ..parallel import SINGLE, Ranks
 from ..particles import ParticleSet, load_particles
 from .base import (
     Job,
@@ -43,7 +43,6 @@ from .base import (
     grid_notes,
     iteration_root,
     plan_job_memory,
-    progress_bar,
 )
 from .base import saved_run as base_saved_run
 from .output import (
@@ -100,11 +99,11 @@ def postprocess_command(outdir: Path, mask: str | Path | None) -> str:
             f"{mask if mask is not None else '<mask.mrc>'} --o PostProcess/{name} --auto_bfac")
 
 
-def image_source(particles: ParticleSet, options, cache_bytes: int | None = None
-                 ) -> ImageSource:
+def image_source(particles: ParticleSet, options, cache_bytes: int | None = None,
+                 ranks: Ranks = SINGLE) -> ImageSource:
     """The particles' masked FTs for a job (cached when they fit `cache_bytes`); under mpirun
-    only this rank's particles'."""
-    return parallel.image_source(  # [mpi hook]
+    only this rank's particles' (`ranks`)."""
+    return ranks.image_source(
         particles, mask_radius_px(options, particles.grid_box, particles.grid_pixel_size),
         options.mask_edge, options.use_ctf, cache_bytes)
 
@@ -120,8 +119,8 @@ class RefineJob(Job):
                  options: RefineOptions, resume: bool = False,
                  echo: Callable[[str], None] | None = print,
                  memory: MemoryPlan | None = None,
-                 solvent_mask: np.ndarray | None = None) -> None:
-        super().__init__(outdir, resume, echo)
+                 solvent_mask: np.ndarray | None = None, ranks: Ranks = SINGLE) -> None:
+        super().__init__(outdir, resume, echo, ranks)
         self.particles, self.star = particles, Path(star)
         self.notes += grid_notes(particles)
         self.notes += aberration_notes(particles, options.use_ctf)
@@ -130,7 +129,7 @@ class RefineJob(Job):
         self.memory = memory
         cache = None if memory is None else (memory.parts.get("image cache", 0)
                                              if memory.cache else 0)
-        self.refinement = Refinement(image_source(particles, options, cache), options,
+        self.refinement = Refinement(image_source(particles, options, cache, ranks), options,
                                      mask_radius_px(options, particles.grid_box,
                                                     particles.grid_pixel_size), solvent_mask)
 
@@ -163,7 +162,7 @@ class RefineJob(Job):
         return state.schedule.final_done
 
     def iterate(self, state: RefineState) -> str:
-        bar = progress_bar(self.particles.n_particles, f"iteration {state.iteration + 1}")
+        bar = self.progress_bar(self.particles.n_particles, f"iteration {state.iteration + 1}")
         s = refine_iteration(state, self.refinement, bar.update if bar is not None else None)
         if bar is not None:
             bar.close()
@@ -264,18 +263,17 @@ def reference_input(reference) -> tuple[np.ndarray, float, str]:
 def refine_table(particles: ParticleSet, state: RefineState) -> pd.DataFrame:
     """The particle table of a refinement (run_data.star's data_particles): the input
     columns, the best pose, rlnRandomSubset and the statistics."""
-    return particle_table(particles, state.angles, state.origins_px,
-                          particles.grid_pixel_size, state.max_prob, state.n_significant,
-                          state.log_likelihood, subset=state.subset)
+    return particle_table(particles, state, particles.grid_pixel_size, subset=state.subset)
 
 
 def refine(star: str | Path | ParticleSet, reference_path, outdir: str | Path | None,
            options: RefineOptions, resume: bool = False,
            echo: Callable[[str], None] | None = print, angpix: float | None = None,
-           max_memory: float | None = None) -> RefineState:
+           max_memory: float | None = None, ranks: Ranks | None = None) -> RefineState:
     """Run (or, with resume=True, continue) a 3D refinement; returns the final state.
     Everything is checked before anything is written in `outdir`. max_memory: the memory
-    budget in GiB (None: the default share of the available memory).
+    budget in GiB (None: the default share of the available memory). ranks: the processes
+    that run it (`parallel.Ranks`; None: this one alone).
 
     star: a particle file or a ParticleSet; reference_path: an MRC path or a map in hand
     (`reference_input`); outdir None: run in memory, no file written (`Job`)."""
@@ -297,9 +295,10 @@ def refine(star: str | Path | ParticleSet, reference_path, outdir: str | Path | 
         solvent_mask = read_solvent_mask(options.solvent_mask, particles)
         if options.solvent_mask is not None:  # job.json: found again by --continue anywhere
             options = replace(options, solvent_mask=str(Path(options.solvent_mask).resolve()))
-        plan, options = plan_job_memory(particles, options, budget, refine_memory)
+        ranks = ranks or SINGLE
+        plan, options = plan_job_memory(particles, options, budget, refine_memory, ranks)
         job = RefineJob(particles, star, reference, reference_path, outdir, options, resume,
-                        echo, plan, solvent_mask)
+                        echo, plan, solvent_mask, ranks)
         job.notes.extend(particles.notes)
         return job.run(start)
     finally:

@@ -1,17 +1,16 @@
 """Runs split across processes under `mpirun` (docs/mpi.md).
 
 This module is always importable and imports nothing beyond the standard library: it detects
-a launch by mpirun and holds the hooks that the jobs call. Without mpirun every hook is the
-single-process behaviour. Under mpirun, `launch` (no mpi4py) supervises the rank and
-`mpi` (mpi4py) runs it; only then is `_context` set, by `mpi.run_worker`.
-
-The hooks (each one line where it is called):
+a launch by mpirun and defines `Ranks`, the processes that run a job. A `Ranks` is handed to
+the job (`ranks=` of the jobs and of the API; `mpi.run_worker` passes its `MPIContext`) and
+travels with the job's `ImageSource` (`source.ranks`) to the EM schedules; nothing is global.
+`SINGLE`, the base class, is one process alone; `mpi.MPIContext` overrides every method:
 
 - `run_pass`: `engine.run_pass`, or this rank's share of the pass with its sums reduced over
-  the ranks in rank order (`em/refine.py`, `em/classify.py`);
-- `expected_accuracy`: `accuracy.expected_accuracy`, or under mpirun the same with the images
-  read by their owners and exchanged (`em/refine.py`, `em/classify.py`);
-- `image_source`: an `ImageSource`, or one over this rank's particles only (`jobs/refine.py`);
+  the ranks in rank order (`em/refine.py`, `em/classify.py`, `em/initial_model.py`);
+- `expected_accuracy`: `accuracy.expected_accuracy`, or the same with the images read by
+  their owners and exchanged;
+- `image_source`: an `ImageSource`, or one over this rank's particles only;
 - `local_images`: the number of images this process caches, for the memory plan;
 - `own`: which of some particles this rank reads, `sum_backprojectors`: their sums added over
   the ranks (the initial 2D class averages, `jobs/classify.py`);
@@ -29,10 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from ..em.data import ImageSource
-    from ..em.engine import PassResult, Search
+    from ..em.engine import PassResult
     from ..em.noise import NoiseModel
+    from ..em.search import Search
     from ..particles import ParticleSet
-    from .mpi import MPIContext
 
 #: Environment variables that a launcher sets in the processes it starts: Open MPI, MPICH's and
 #: Intel MPI's hydra (PMI), PMIx launchers (Open MPI 5, srun --mpi=pmix), MPICH's local count.
@@ -43,9 +42,6 @@ SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 #: The commands that run split across ranks.
 MPI_COMMANDS = ("refine", "class3d", "class2d", "reconstruct")
-
-_context: MPIContext | None = None
-
 
 def _first_number(names: tuple[str, ...], environ: dict[str, str] | None) -> int | None:
     """The first of the variables `names` that holds a whole number (None: none does)."""
@@ -84,88 +80,69 @@ def requested(argv: list[str]) -> bool:
     return bool(argv) and argv[0] in MPI_COMMANDS and "--mpi" in argv
 
 
-def context() -> MPIContext | None:
-    """The running MPI context (None: a single process)."""
-    return _context
+class Ranks:
+    """The processes that run a job. This base class is one process alone, every method the
+    single-process behaviour; `mpi.MPIContext` is the same interface over the ranks of an
+    mpirun."""
 
+    rank = 0
+    size = 1
 
-def writes_outputs() -> bool:
-    """Whether this process writes outputs and logs: always, except ranks other than 0."""
-    return _context is None or _context.rank == 0
+    @property
+    def writes_outputs(self) -> bool:
+        """Whether this process writes outputs and logs (rank 0)."""
+        return self.rank == 0
 
+    def run_pass(self, source: ImageSource, indices: np.ndarray, references: list,
+                 search: Search, noise: NoiseModel, previous_rotations: np.ndarray,
+                 previous_origins: np.ndarray, offset_prior: np.ndarray | None = None,
+                 batch_size: int = 256, slice_memory: int = 512 << 20,
+                 progress: Callable[[int], None] | None = None,
+                 amplitudes: np.ndarray | None = None) -> PassResult:
+        """`engine.run_pass` (the same parameters) over the whole pass."""
+        from ..em.engine import run_pass
 
-def run_pass(source: ImageSource, indices: np.ndarray, references: list, search: Search,
-             noise: NoiseModel, previous_rotations: np.ndarray, previous_origins: np.ndarray,
-             offset_prior: np.ndarray | None = None, batch_size: int = 256,
-             slice_memory: int = 512 << 20, progress: Callable[[int], None] | None = None
-             ) -> PassResult:
-    """`engine.run_pass` (the same parameters), or under mpirun the same pass split across
-    the ranks (each runs its own particles, the results are reduced in rank order and every
-    rank gets the whole)."""
-    if _context is None:
-        from ..em.engine import run_pass as local
+        return run_pass(source, indices, references, search, noise, previous_rotations,
+                        previous_origins, offset_prior, batch_size=batch_size,
+                        slice_memory=slice_memory, progress=progress, amplitudes=amplitudes)
 
-        runner = local
-    else:
-        runner = _context.run_pass
-    return runner(source, indices, references, search, noise, previous_rotations,
-                  previous_origins, offset_prior, batch_size=batch_size,
-                  slice_memory=slice_memory, progress=progress)
+    def expected_accuracy(self, reference: Any, source: ImageSource, *args: Any,
+                          **kwargs: Any) -> tuple[float, float]:
+        """`accuracy.expected_accuracy` (the same parameters)."""
+        from ..em.accuracy import expected_accuracy
 
+        return expected_accuracy(reference, source, *args, **kwargs)
 
-def expected_accuracy(reference: Any, source: ImageSource, *args: Any, **kwargs: Any
-                      ) -> tuple[float, float]:
-    """`accuracy.expected_accuracy`; under mpirun (every rank calls it alike, the M-step being
-    the same on every rank) each rank reads its own particles' images among those drawn and
-    they are exchanged, so that no rank reads another's."""
-    from ..em.accuracy import expected_accuracy as local
-
-    if _context is None or not hasattr(source, "shared_reads"):
-        return local(reference, source, *args, **kwargs)
-    with source.shared_reads():
-        return local(reference, source, *args, **kwargs)
-
-
-def image_source(particles: ParticleSet, mask_radius_px: float, mask_edge_px: float,
-                 use_ctf: bool, cache_bytes: int | None) -> ImageSource:
-    """An `ImageSource`, or under mpirun one that caches and reads this rank's particles only
-    (`mpi.RankImageSource`)."""
-    if _context is None:
+    def image_source(self, particles: ParticleSet, mask_radius_px: float, mask_edge_px: float,
+                     use_ctf: bool, cache_bytes: int | None) -> ImageSource:
+        """The `ImageSource` of the particles that this process reads."""
         from ..em.data import ImageSource
 
-        return ImageSource(particles, mask_radius_px, mask_edge_px, use_ctf, cache_bytes)
-    return _context.image_source(particles, mask_radius_px, mask_edge_px, use_ctf, cache_bytes)
+        return ImageSource(particles, mask_radius_px, mask_edge_px, use_ctf, cache_bytes,
+                           ranks=self)
+
+    def local_images(self, n_particles: int) -> int:
+        """How many of n particles' images this process holds."""
+        return n_particles
+
+    def own(self, indices: np.ndarray, n_particles: int) -> np.ndarray:
+        """(len(indices),) bool: the particles among `indices` whose images this process
+        reads."""
+        import numpy as np
+
+        return np.ones(np.shape(indices), bool)
+
+    def sum_backprojectors(self, backprojectors: list) -> None:
+        """Add each back-projector's data and weight over the processes (in place)."""
+
+    def notes(self) -> list[str]:
+        """run.log lines about the processes of the run."""
+        return []
+
+    def after_iteration(self, state: object) -> list[str]:
+        """run.log lines after an iteration (collective: every process calls it)."""
+        return []
 
 
-def local_images(n_particles: int) -> int:
-    """How many of n particles' images this process holds (all of them without mpirun)."""
-    return n_particles if _context is None else int(_context.share(n_particles).size)
-
-
-def own(indices: np.ndarray, n_particles: int) -> np.ndarray:
-    """(len(indices),) bool: the particles among `indices` whose images this process reads."""
-    import numpy as np
-
-    idx = np.asarray(indices)
-    if _context is None:
-        return np.ones(idx.shape, bool)
-    return _context.owns(idx, n_particles)
-
-
-def sum_backprojectors(backprojectors: list) -> None:
-    """Add each back-projector's data and weight over the ranks, in rank order (in place);
-    nothing without mpirun."""
-    if _context is not None:
-        _context.sum_backprojectors(backprojectors)
-
-
-def notes() -> list[str]:
-    """run.log lines about the parallel run (none without mpirun)."""
-    return [] if _context is None else _context.notes()
-
-
-def after_iteration(state: object) -> list[str]:
-    """After an iteration: under mpirun, check that every rank holds the same state (rank 0's
-    is sent to the others if not) and return run.log lines with per-rank peak memory and the
-    reductions' size and time. Collective: every rank calls it. Nothing without mpirun."""
-    return [] if _context is None else _context.after_iteration(state)
+#: One process alone.
+SINGLE = Ranks()

@@ -15,7 +15,7 @@ How a run is split:
   are gathered whole. Every rank then holds the same `PassResult` and runs the same M-step, so
   the state stays identical on all ranks (checked after every iteration by a digest; rank 0's
   is sent to the others if not). Half-sets stay apart: each pass reduces its own sums;
-- outputs: rank 0 alone writes files and run.log (`parallel.writes_outputs`); the other ranks'
+- outputs: rank 0 alone writes files and run.log (`parallel.Ranks.writes_outputs`); the other ranks'
   standard output is discarded;
 - failures: an exception on any rank prints one line naming the rank and calls MPI_Abort;
   a rank that dies is named by its supervisor (`launch`); ranks meet before every reduction
@@ -102,7 +102,7 @@ def _mpi_type(dtype: np.dtype):
     return {np.dtype(np.float32): MPI.FLOAT, np.dtype(np.float64): MPI.DOUBLE}[np.dtype(dtype)]
 
 
-class MPIContext:
+class MPIContext(parallel.Ranks):
     """The ranks of a run: particle shares, deterministic reductions, rendezvous with
     deadlines, the per-iteration checks and figures."""
 
@@ -144,6 +144,25 @@ class MPIContext:
     def owns(self, indices: np.ndarray, n: int) -> np.ndarray:
         """Whether this rank owns each particle row."""
         return self.owner(indices, n) == self.rank
+
+    def own(self, indices: np.ndarray, n_particles: int) -> np.ndarray:
+        """`parallel.Ranks.own`: the particles among `indices` that this rank reads."""
+        return self.owns(indices, n_particles)
+
+    def local_images(self, n_particles: int) -> int:
+        """`parallel.Ranks.local_images`: the size of this rank's share."""
+        return int(self.share(n_particles).size)
+
+    def expected_accuracy(self, reference, source, *args, **kwargs) -> tuple[float, float]:
+        """`accuracy.expected_accuracy`, called alike by every rank (the M-step is the same on
+        each): each rank reads its own particles' images among those drawn and they are
+        exchanged, so that no rank reads another's."""
+        from ..em.accuracy import expected_accuracy
+
+        if not hasattr(source, "shared_reads"):
+            return expected_accuracy(reference, source, *args, **kwargs)
+        with source.shared_reads():
+            return expected_accuracy(reference, source, *args, **kwargs)
 
     def image_source(self, particles, mask_radius_px: float, mask_edge_px: float,
                      use_ctf: bool, cache_bytes: int | None) -> RankImageSource:
@@ -290,11 +309,12 @@ class MPIContext:
     def run_pass(self, source: ImageSource, indices: np.ndarray, references: list,
                  search, noise, previous_rotations: np.ndarray, previous_origins: np.ndarray,
                  offset_prior: np.ndarray | None = None, batch_size: int = 256,
-                 slice_memory: int = 512 << 20, progress=None):
+                 slice_memory: int = 512 << 20, progress=None, amplitudes=None):
         """`engine.run_pass` (the same parameters) over this rank's particles of the pass,
         reduced over the ranks: returns on every rank the PassResult of the whole pass
         (estimates in the pass's order, sums of all images). The per-image arguments
-        (indices, previous poses, the offset prior, the search's image_class) are cut to this
+        (indices, previous poses, the offset prior, the amplitudes, the search's image_class)
+        are cut to this
         rank's images; no progress bar per rank."""
         from ..em import engine
 
@@ -310,7 +330,8 @@ class MPIContext:
             source, indices[mine], references, search, noise,
             np.asarray(previous_rotations)[mine], np.asarray(previous_origins)[mine],
             None if offset_prior is None else np.asarray(offset_prior)[mine],
-            batch_size=batch_size, slice_memory=slice_memory, progress=None)
+            batch_size=batch_size, slice_memory=slice_memory, progress=None,
+            amplitudes=None if amplitudes is None else np.asarray(amplitudes)[mine])
         self.stats["passes"] += time.perf_counter() - t0
         self._inject_fault()
         wait = self.rendezvous(f"the reduction of pass {self.passes}")
@@ -490,7 +511,8 @@ class RankImageSource(ImageSource):
 
     def __init__(self, particles, mask_radius_px: float, mask_edge_px: float, use_ctf: bool,
                  cache_bytes: int, share: np.ndarray, context: MPIContext) -> None:
-        super().__init__(particles, mask_radius_px, mask_edge_px, use_ctf, cache_bytes=-1)
+        super().__init__(particles, mask_radius_px, mask_edge_px, use_ctf, cache_bytes=-1,
+                         ranks=context)
         self.share = np.asarray(share, np.int64)
         self.context = context
         self.shared = 0  # > 0: inside `shared_reads` (every rank asks for the same images)
@@ -646,13 +668,11 @@ def run_worker(argv: list[str], build_parser: Callable[[], argparse.ArgumentPars
             from ..em.options import default_max_memory
 
             args.max_memory = default_max_memory() / ctx.local_size / 2**30
-        parallel._context = ctx
+        args._ranks = ctx  # the command hands it to its job (parallel.Ranks)
         code = int(args._run(args) or 0)
         ctx.finish()
     except BaseException as e:  # every failure ends the whole job
         ctx.fail(e)
         raise  # pragma: no cover - fail() does not return
-    finally:
-        parallel._context = None
     report("done")
     return code
