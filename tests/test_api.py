@@ -72,6 +72,7 @@ def test_refine_in_memory_particles_into_a_folder_chains(sim, start, tmp_path, m
     assert main(["refine", "--o", "Refine3D/job001", "--continue"]) == 0  # finished: no-op
     rec = cryomap.reconstruct(out / "run_data.star", "rec.mrc", ctf=True, echo=None)
     assert (tmp_path / "rec.mrc").is_file() and rec.paths[0].name == "rec.mrc"
+    # measured 32.0 Å (shell 6 of 24 px at 8 Å/px); margin one shell (38.4 Å)
     assert rec.map.fsc(sim.truth_map).resolution(0.5) < 40.0
 
 
@@ -98,7 +99,8 @@ def test_reconstruct_in_memory_subset(sim):
     assert full.n_particles == 80 and half.n_particles == 40
     assert len(half.particles) == 40 and set(half.particles["rlnRandomSubset"]) == {1}
     np.testing.assert_array_equal(full.particles["rlnRandomSubset"], np.arange(80) % 2 + 1)
-    assert half.map.fsc(sim.truth_map).resolution(0.5) < 48.0
+    # measured 32.0 Å with half the particles; margin one shell (38.4 Å)
+    assert half.map.fsc(sim.truth_map).resolution(0.5) < 40.0
 
 
 def test_bad_input_is_one_clear_error(sim, start, tmp_path, monkeypatch):

@@ -130,8 +130,8 @@ def test_classes_match_views_and_membership(run):
         corr.append(own)
         print(f"  class {k + 1} = view {v + 1}: correlation {own:.3f} with its clean projection "
               f"(best other view {other:.3f}); fraction {dist[k]:.3f} (true {true_fr[v]:.3f})")
-    assert frac >= 0.9
-    assert min(corr) >= 0.9
+    assert frac >= 0.95  # measured 98.8 %
+    assert min(corr) >= 0.97  # measured 0.985 (the other views: at most 0.967)
 
 
 def test_hard_last_leaves_one_class_per_particle(run):
@@ -181,7 +181,7 @@ def test_center_classes_keeps_averages_centred(run):
     averages = mrcfile.open(out / "run_classes.mrcs").data.astype(np.float64)
     off = [float(np.hypot(*center_of_mass_shift(a))) for a in averages]
     print(f"\n--center_classes: centre-of-mass offsets {np.round(off, 2)} px")
-    assert max(off) < 0.5
+    assert max(off) < 0.5  # measured 0.0 px; the requirement: centred within half a pixel
 
 
 def test_continue_resumes_like_an_uninterrupted_run(tmp_path):

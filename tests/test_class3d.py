@@ -80,9 +80,9 @@ def test_membership_and_proportions(run):
               f"{true_fr[perm[k]]:.3f}), resolution {res[k]:.1f} Å (SSNR 1), correlation "
               f"with the true maps {np.round(corr, 3)}")
         assert corr[perm[k]] > corr[1 - perm[k]]  # each map is its own variant
-        assert abs(dist[k] - true_fr[perm[k]]) <= 0.05
-        assert abs(dist[k] - FRACTIONS[perm[k]]) <= 0.05
-    assert frac >= 0.9
+        assert abs(dist[k] - true_fr[perm[k]]) <= 0.03  # measured 0.009
+        assert abs(dist[k] - FRACTIONS[perm[k]]) <= 0.04  # measured 0.017 (the draw: 0.008)
+    assert frac >= 0.95  # measured 98.5 %
 
 
 def test_outputs_in_relion_layout(run):

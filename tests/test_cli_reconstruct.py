@@ -74,8 +74,8 @@ def test_maps_are_reconstruct_known_poses_and_recover_the_truth(sim, tmp_path, c
     shuffled = _resolution(maps[0], truth[::-1])  # negative control: a mirrored truth
     print(f"\nreconstruct: {r_truth:.2f} Å vs truth (FSC 0.5), half-set FSC 0.143 at "
           f"{r_halves:.2f} Å; against the mirrored truth {shuffled:.1f} Å")
-    assert abs(r_truth / r_halves - 1.0) < 0.15
-    assert shuffled > 1.5 * r_truth
+    assert abs(r_truth / r_halves - 1.0) < 0.06  # measured 23.18 / 23.67 Å: 0.021
+    assert shuffled > 1.5 * r_truth  # measured 43.6 Å: 1.88x
 
 
 def test_symmetry_and_maxres(sim, tmp_path):
@@ -122,7 +122,7 @@ def test_subset_uses_only_its_particles(sim, tmp_path, capsys):
     r_sub = _resolution(read_map(a)[0], truth)
     r_all = _resolution(read_map(tmp_path / "all.mrc")[0], truth)
     print(f"\n--subset 1: {r_sub:.2f} Å vs truth, all particles {r_all:.2f} Å")
-    assert r_all < r_sub < 1.4 * r_all
+    assert r_all < r_sub < 1.15 * r_all  # measured 24.43 / 23.18 Å: 1.054
 
 
 @pytest.mark.parametrize("star, extra, words", [
