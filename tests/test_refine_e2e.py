@@ -24,7 +24,8 @@ from cryomap.simulate import simulate_particles, write_simulation
 BOX, PIX, N, SNR = 40, 6.0, 800, 0.1
 DIAMETER = 0.8 * BOX * PIX
 # The refined map's FSC-0.5 resolution against the truth may be at most this much worse
-# than the oracle's (measured 1.02 on this set; the full-size figure is in bench/refine.py).
+# than the oracle's (measured 1.031, half maps 1.022 and 1.018, with the amplitude
+# correction on; the full-size figure is in bench/refine.py).
 ORACLE_RATIO = 1.08
 
 
@@ -69,8 +70,8 @@ def test_refinement_reaches_the_true_pose_reconstruction(run):
           f"{len(state.history)} iterations")
     assert r_refined <= ORACLE_RATIO * r_oracle
     assert max(halves) <= ORACLE_RATIO
-    assert np.median(errors) < 8.0
-    assert r_mirror > 1.3 * r_oracle
+    assert np.median(errors) < 6.5  # measured 5.49 deg
+    assert r_mirror > 1.3 * r_oracle  # the control: measured 101.3 Å, 4.1x the oracle
 
 
 def test_schedule_and_outputs(run):

@@ -34,7 +34,8 @@ DIAMETER = 0.8 * BOX * PIX
 SCHEDULE = dict(particle_diameter=DIAMETER, ini_high=40.0, offset_range=2.0, offset_step=2.0,
                 iterations=5)
 # The symmetric refinement's FSC-0.5 resolution against the truth may be at most this much
-# worse than the true-pose reconstruction with the group (measured 1.03 for C4, 1.02 for D2).
+# worse than the true-pose reconstruction with the group (measured 1.051 for C4, 1.012 for
+# D2, with the amplitude correction on).
 ORACLE_RATIO = 1.08
 
 
@@ -114,7 +115,7 @@ def test_symmetric_refinement_reaches_c1_with_fewer_orientations(runs):
     assert samples[0] < samples[1]
     assert r_sym <= r_c1
     assert r_sym <= ORACLE_RATIO * r_oracle
-    assert np.median(errors) < 10.0
+    assert np.median(errors) < 10.0  # measured 9.0 deg (C4), 7.8 deg (D2)
     # the plain error is meaningless here: the poses landed in one asymmetric unit
     assert np.median(angular_errors(st_sym.angles, true_angles)) > 45.0
 
@@ -165,8 +166,10 @@ def test_local_searches_find_poses_given_as_other_symmetry_copies(tmp_path_facto
           f"samples/image")
     # within the data's accuracy of the truth, every particle (a window without the copies
     # would hold no orientation of the unit for 3/4 of them)
-    assert np.median(errors) < 5.0 and np.percentile(errors, 95) < 9.0
-    assert moved > 45.0  # most poses were found around a copy in the asymmetric unit
+    # measured: median 3.70 deg, 95th percentile 6.96 deg
+    assert np.median(errors) < 4.5 and np.percentile(errors, 95) < 8.0
+    # measured 89.9 deg: most poses were found around a copy in the asymmetric unit
+    assert moved > 45.0
 
 
 def test_class3d_maps_are_symmetric(tmp_path_factory, tmp_path):
