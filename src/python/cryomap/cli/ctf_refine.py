@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
+from .options import job_particle_diameter
 
 COMMAND = "ctf_refine"
 HELP = "refine each particle's defocus against its half-set's map (relion_ctf_refine)"
@@ -50,18 +50,6 @@ def half_map_paths(star: Path) -> tuple[Path, Path]:
     return tuple(star.with_name(f"{root}_half{h}_class001_unfil.mrc") for h in (1, 2))
 
 
-def _diameter(args: argparse.Namespace, star: Path) -> float | None:
-    if args.particle_diameter is not None:
-        if not (np.isfinite(args.particle_diameter) and args.particle_diameter > 0):
-            raise InputError(f"--particle_diameter {args.particle_diameter}: expected > 0 Å")
-        return float(args.particle_diameter)
-    job = star.parent / "job.json"
-    try:
-        return json.loads(job.read_text())["options"]["particle_diameter"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..api import set_threads
     from ..ctf_refine import fit_defocus
@@ -77,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--j {args.threads}: expected at least 1 thread")
     check_output_dir(out, "--o")
+    diameter = job_particle_diameter(args.particle_diameter, star)
     halves = half_map_paths(star)
     particles = load_particles(star)
     try:
@@ -104,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
                              f"({2 * pix:g} Å)")
         r_max = max(resolution_shell(fsc_maps(*maps)), 2)
         r_min = min(int(np.ceil(box * pix / args.minres)), r_max - 1)
-        diameter = _diameter(args, star)
         radius = 0.5 * diameter / pix if diameter else box / 2 - 3
         set_threads(args.threads)
         fit = fit_defocus(particles, (maps[0], maps[1]), subset, radius, r_min, r_max,

@@ -210,3 +210,22 @@ def continued_run(args: argparse.Namespace, saved_run: Callable[[str], dict]
         job["options"].validate()
     threads, memory = run_settings(args, job)
     return job, threads, memory
+
+
+def job_particle_diameter(value: float | None, star) -> float | None:
+    """--particle_diameter (Å) of a command that reads a job's outputs: the value given
+    (InputError unless > 0), else the job's own (its job.json beside `star`, read by
+    `jobs.base.read_job_file`), else None."""
+    from pathlib import Path
+
+    from ..jobs.base import read_job_file
+
+    if value is not None:
+        if not (np.isfinite(value) and value > 0):
+            raise InputError(f"--particle_diameter {value}: expected a diameter > 0 Å")
+        return float(value)
+    try:
+        saved = read_job_file(Path(star).parent, "job")["options"].get("particle_diameter")
+    except InputError:  # no readable job file: the command's default
+        return None
+    return float(saved) if isinstance(saved, (int, float)) and saved > 0 else None

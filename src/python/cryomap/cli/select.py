@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from .options import job_particle_diameter
 
 COMMAND = "select"
 HELP = "write a subset of particles: by class, by a column's value, or the good 2D classes"
@@ -51,21 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(its job.json), else 80%% of the box")
 
 
-def _radius_px(args: argparse.Namespace, star: Path, box: int, pixel_size: float) -> float:
-    diameter = args.particle_diameter
-    job = star.parent / "job.json"
-    if diameter is None and job.exists():
-        try:
-            diameter = json.loads(job.read_text()).get("options", {}).get("particle_diameter")
-        except (OSError, ValueError, AttributeError):
-            diameter = None
-    if diameter is None:
-        return 0.4 * box
-    if not (np.isfinite(diameter) and diameter > 0):
-        raise InputError(f"--particle_diameter {diameter}: expected a diameter > 0 Å")
-    return 0.5 * diameter / pixel_size
-
-
 def _check(args: argparse.Namespace) -> None:
     if args.classes is None and args.column is None and not args.auto:
         raise InputError("nothing to select by: give --classes, --select or --auto")
@@ -87,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check(args)
     star, out = Path(args.i), Path(args.o)
+    diameter = job_particle_diameter(args.particle_diameter, star)
     if star.resolve() == out.resolve():
         raise InputError(f"--o {out}: the same file as --i; expected a new file")
     if out.is_dir():
@@ -107,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                              f"classification's data file")
         box = int(optics["rlnImageSize"].iloc[0])
         pix = float(optics["rlnImagePixelSize"].iloc[0])
-        ranks = rank_classes(star, particles, _radius_px(args, star, box, pix))
+        radius = 0.5 * diameter / pix if diameter else 0.4 * box
+        ranks = rank_classes(star, particles, radius)
         good = [r.number for r in ranks if r.keep]
         in_good = np.isin(particles["rlnClassNumber"].to_numpy(np.int64), good)
         faint = amplitude_outliers(particles) & in_good
