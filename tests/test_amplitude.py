@@ -59,7 +59,8 @@ def test_engine_amplitude_is_the_least_squares_fit() -> None:
     pred = projector.project(ref, rot, mask.coords) * batch.ctf
     w = noise.inv_sigma2(batch.group, mask)
     want = np.sum(w * (np.conj(pred) * batch.images).real, 1) / np.sum(w * np.abs(pred) ** 2, 1)
-    np.testing.assert_allclose(res.estimates.amplitude, want, rtol=1e-4)  # float32 sums
+    # float32 sums: measured 2.1e-7; ~50x for another summation order
+    np.testing.assert_allclose(res.estimates.amplitude, want, rtol=1e-5)
     a_true = true["rlnCtfScalefactor"].to_numpy()
     assert np.corrcoef(want, a_true)[0, 1] > 0.93  # measured 0.96
 
@@ -78,7 +79,7 @@ def test_refine_recovers_the_amplitudes(spread_set) -> None:
         np.all(off.particles["rlnCtfScalefactor"] == 1.0)
     r = np.corrcoef(a, a_true)[0, 1]
     assert r > 0.93, r  # measured 0.965
-    assert a.mean() == pytest.approx(1.0, abs=1e-9)
+    assert a.mean() == pytest.approx(1.0, abs=1e-12)  # normalised: measured 0.0
 
     def res(v):
         return resolution_angstrom(fsc_maps(np.asarray(v.data, np.float64), truth), BOX, PIX,

@@ -144,7 +144,8 @@ def test_hard_last_leaves_one_class_per_particle(run):
           f"last; nonzero classes per particle in the last: {np.unique((last > 0).sum(1))}")
     assert np.all(last.max(axis=1) == 1.0)
     assert np.all((last > 0).sum(axis=1) == 1)
-    assert soft > 0  # the marginalised iteration before was not already hard
+    # the marginalised iteration before was not already hard (measured 4.7 %; 15 % margin)
+    assert soft > 0.04
 
 
 def test_outputs_in_relion_layout(run):
@@ -163,7 +164,7 @@ def test_outputs_in_relion_layout(run):
     assert list(classes["rlnReferenceImage"]) == [f"{k:06d}@run_classes.mrcs"
                                                   for k in range(1, 5)]
     assert classes["rlnClassDistribution"].sum() == pytest.approx(1.0)
-    assert np.all(classes["rlnEstimatedResolution"] > 2 * PIX)
+    assert np.all(classes["rlnEstimatedResolution"] > 2 * PIX)  # Nyquist; measured 20.0-22.2 Å
     assert int(model["model_general"]["rlnReferenceDimensionality"]) == 2
     assert int(model["model_general"]["rlnNrClasses"]) == 4
     assert "rlnSsnrMap" in model["model_class_1"] and "rlnSigma2Noise" in \
@@ -194,6 +195,7 @@ def test_continue_resumes_like_an_uninterrupted_run(tmp_path):
     assert main(["class2d", "--o", str(tmp_path / "b"), "--continue", "--iter", "3"]) == 0
     a = mrcfile.open(tmp_path / "a" / "run_classes.mrcs").data
     b = mrcfile.open(tmp_path / "b" / "run_classes.mrcs").data
+    # measured 0.0 (bit for bit); 1e-5 of the maximum leaves room for thread-order rounding
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
     da = read_star(tmp_path / "a" / "run_data.star")["particles"]
     db = read_star(tmp_path / "b" / "run_data.star")["particles"]
@@ -263,7 +265,8 @@ def test_m_step_weights():
     dense = _random_weights(rng)
     img, t, cls, r, w = _sparse(dense)
     masses = _masses(img, cls, w, 6, 4)
-    np.testing.assert_allclose(masses.sum(1), 1, atol=1e-12)
+    # float rounding in this test: measured at most 4.4e-16 (absolute and relative)
+    np.testing.assert_allclose(masses.sum(1), 1, atol=1e-14)
     np.testing.assert_array_equal(m_step_weights(img, cls, w, 6, 4), w)
     hard = m_step_weights(img, cls, w, 6, 4, hard=True)
     best = masses.argmax(1)
@@ -271,9 +274,9 @@ def test_m_step_weights():
         mine = img == i
         assert np.all(hard[mine & (cls != best[i])] == 0)
         sel = mine & (cls == best[i])
-        np.testing.assert_allclose(hard[sel], w[sel] / w[sel].sum(), rtol=1e-12)
+        np.testing.assert_allclose(hard[sel], w[sel] / w[sel].sum(), rtol=1e-14)
     fm = m_step_weights(img, cls, w, 6, 4, force_max=True)
-    np.testing.assert_allclose(_masses(img, cls, fm, 6, 4), masses, rtol=1e-12)  # marginalised
+    np.testing.assert_allclose(_masses(img, cls, fm, 6, 4), masses, rtol=1e-14)  # marginalised
     for i in range(6):
         for k in range(4):  # one pose per class: its best
             sel = (img == i) & (cls == k)
@@ -284,9 +287,9 @@ def test_m_step_weights():
     # a class temperature flattens the class posterior, keeps the poses' relative weights
     warm = m_step_weights(img, cls, w, 6, 4, temperature=2.0)
     expect = np.sqrt(masses) / np.sqrt(masses).sum(1, keepdims=True)
-    np.testing.assert_allclose(_masses(img, cls, warm, 6, 4), expect, rtol=1e-10)
+    np.testing.assert_allclose(_masses(img, cls, warm, 6, 4), expect, rtol=1e-14)
     sel = (img == 0) & (cls == 1)
-    np.testing.assert_allclose(warm[sel] / warm[sel].sum(), w[sel] / w[sel].sum(), rtol=1e-10)
+    np.testing.assert_allclose(warm[sel] / warm[sel].sum(), w[sel] / w[sel].sum(), rtol=1e-14)
 
 
 def test_equal_split():
@@ -298,5 +301,6 @@ def test_center_image_moves_centre_of_mass():
     c = np.arange(32) - 16
     y, x = np.meshgrid(c, c, indexing="ij")
     blob = np.exp(-((x - 3.0) ** 2 + (y + 2.0) ** 2) / 8.0)
-    assert np.allclose(center_of_mass_shift(blob), [3.0, -2.0], atol=1e-6)
-    assert np.allclose(center_of_mass_shift(center_image(blob)), [0, 0], atol=0.05)
+    assert np.allclose(center_of_mass_shift(blob), [3.0, -2.0], atol=2e-8)  # measured 1.8e-9
+    # measured 8.1e-14
+    assert np.allclose(center_of_mass_shift(center_image(blob)), [0, 0], atol=1e-12)

@@ -79,7 +79,9 @@ def test_membership_and_proportions(run):
         print(f"  class {k + 1} = variant {VARIANTS[perm[k]]}: fraction {dist[k]:.3f} (true "
               f"{true_fr[perm[k]]:.3f}), resolution {res[k]:.1f} Å (SSNR 1), correlation "
               f"with the true maps {np.round(corr, 3)}")
-        assert corr[perm[k]] > corr[1 - perm[k]]  # each map is its own variant
+        # each map is its own variant (measured 0.996 against 0.913, 0.980 against 0.928: the
+        # gap at least 0.052; 13 % margin)
+        assert corr[perm[k]] > corr[1 - perm[k]] + 0.045
         assert abs(dist[k] - true_fr[perm[k]]) <= 0.03  # measured 0.009
         assert abs(dist[k] - FRACTIONS[perm[k]]) <= 0.04  # measured 0.017 (the draw: 0.008)
     assert frac >= 0.95  # measured 98.5 %
@@ -120,7 +122,8 @@ def test_initial_classes_differ_reproducibly():
     b = perturbed_references(ref, PIX, 30.0, 3, 0.5, np.random.default_rng(7))
     np.testing.assert_array_equal(a, b)
     c = [np.corrcoef(a[i].ravel(), a[j].ravel())[0, 1] for i, j in ((0, 1), (0, 2), (1, 2))]
-    assert max(c) < 0.99 and min(c) > 0.5  # distinct, but all close to the reference
+    # distinct, but all close to the reference (measured 0.784 to 0.803; margins 12 %, 11 %)
+    assert max(c) < 0.9 and min(c) > 0.7
 
 
 def test_continue_resumes_like_an_uninterrupted_run(tmp_path):
@@ -135,6 +138,7 @@ def test_continue_resumes_like_an_uninterrupted_run(tmp_path):
     for k in (1, 2):
         a = mrcfile.open(tmp_path / "a" / f"run_class00{k}.mrc").data
         b = mrcfile.open(tmp_path / "b" / f"run_class00{k}.mrc").data
+        # measured 0.0 (bit for bit); 1e-5 of the maximum leaves room for thread-order rounding
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
     da = read_star(tmp_path / "a" / "run_data.star")["particles"]
     db = read_star(tmp_path / "b" / "run_data.star")["particles"]

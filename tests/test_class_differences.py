@@ -53,8 +53,9 @@ def test_difference_fsc_is_zero_where_classes_do_not_differ():
     curves = difference_fsc(_half_sets(rng, [zero, zero]), BOX // 2 + 1)
     assert curves.shape == (2, BOX // 2 + 1)
     # pure noise: within a few standard errors of 0 in every shell (shell 0 is 1 by definition)
-    assert np.abs(curves[:, 3:]).max() < 0.25
-    assert abs(curves[:, 3:].mean()) < 0.03
+    # measured: at most 0.0289, mean 0.0100; 15 % margins
+    assert np.abs(curves[:, 3:]).max() < 0.033
+    assert abs(curves[:, 3:].mean()) < 0.0115
 
 
 def test_difference_fsc_finds_a_difference_and_its_classes_sum_to_zero():
@@ -65,14 +66,14 @@ def test_difference_fsc_finds_a_difference_and_its_classes_sum_to_zero():
     delta = np.where(shells <= 6, delta, 0.0)  # the classes differ up to shell 6 only
     halves = _half_sets(rng, [delta, -delta])
     curve = difference_fsc(halves, BOX // 2 + 1).max(axis=0)
-    assert curve[2:7].min() > 0.8
-    assert np.abs(curve[8:]).max() < 0.25
+    assert curve[2:7].min() > 0.85  # measured 0.924; 8 % margin
+    assert np.abs(curve[8:]).max() < 0.009  # measured 0.0079; 15 % margin
     # E_k = D_k - W_k D / W: the classes' differences cancel
     d = sum(b.data.astype(np.complex128) for b in halves[0])
     w = sum(b.weight.astype(np.float64) for b in halves[0])
     mean = np.where(w > 0, d / np.where(w > 0, w, 1), 0)
     total = sum(b.data - b.weight * mean for b in halves[0])
-    assert np.abs(total).max() < 1e-3 * np.abs(d).max()
+    assert np.abs(total).max() < 1e-14 * np.abs(d).max()  # float rounding: measured 1.3e-16
 
 
 def test_extend_difference_shell_moves_out_over_supported_shells_only():
@@ -90,14 +91,15 @@ def test_limit_differences_keeps_shells_up_to_the_limit_and_the_consensus_beyond
     consensus = rng.standard_normal((BOX, BOX, BOX))
     out = limit_differences(maps, consensus, shell=5)
     shells = fourier.shell_index_3d(BOX)
+    # float rounding (coefficients up to 0.03): measured at most 2.6e-17, 1.0e-17 and 5.3e-18
     for m, o in zip(maps, out, strict=True):
         ft_in, ft_out = fourier.fft3_centered(m), fourier.fft3_centered(o)
         ft_c = fourier.fft3_centered(consensus)
-        assert np.allclose(ft_out[shells <= 5], ft_in[shells <= 5], atol=1e-9)
-        assert np.allclose(ft_out[shells > 5], ft_c[shells > 5], atol=1e-9)
+        assert np.allclose(ft_out[shells <= 5], ft_in[shells <= 5], atol=1e-15)
+        assert np.allclose(ft_out[shells > 5], ft_c[shells > 5], atol=1e-15)
     # beyond the limit no class differs from another at all
     diff = fourier.fft3_centered(out[0] - out[1])
-    assert np.abs(diff[shells > 5]).max() < 1e-9
+    assert np.abs(diff[shells > 5]).max() < 1e-15
 
 
 def test_pooled_adds_sums_and_leaves_the_inputs():

@@ -71,8 +71,9 @@ def test_project_reproduces_the_simulation(clean_sim, tmp_path, capsys):
     with mrcfile.open(clean_sim / "particles.mrcs") as m:
         sim = m.data.copy()
     assert proj.shape == (20, 32, 32)  # one image per STAR row
-    # the noise-free simulation is exactly these projections at the true poses
-    assert np.abs(proj - sim).max() < 1e-5 * np.abs(sim).max()
+    # the noise-free simulation is exactly these projections at the true poses (measured
+    # 5.1e-11 of the maximum; 1e-6: a few float32 steps at the maximum)
+    assert np.abs(proj - sim).max() < 1e-6 * np.abs(sim).max()
     # and the same as calling project_images directly with the STAR file's parameters
     truth = load_particles(clean_sim / "truth.star")
     vol, pix = read_map(clean_sim / "truth_map.mrc")
@@ -96,11 +97,12 @@ def test_project_ctf_option_changes_images(clean_sim, tmp_path):
     assert main(args + ["--o", str(tmp_path / "c.mrcs"), "--ctf", "--add-noise", "--snr",
                         "0.5", "--seed", "1"]) == 0
     a, b, c = (mrcfile.read(tmp_path / f"{k}.mrcs") for k in "abc")
-    assert np.linalg.norm(a - b) > 0.5 * np.linalg.norm(a)
-    # CTF(0) = +Q0 = 0.1: image integrals scale by 0.1
-    assert np.allclose(b.sum(axis=(1, 2)), 0.1 * a.sum(axis=(1, 2)), rtol=1e-3)
+    assert np.linalg.norm(a - b) > 0.7 * np.linalg.norm(a)  # measured 0.795; 12 % margin
+    # CTF(0) = +Q0 = 0.1: image integrals scale by 0.1 (float32: measured 2.4e-7)
+    assert np.allclose(b.sum(axis=(1, 2)), 0.1 * a.sum(axis=(1, 2)), rtol=1e-5)
     noise = c.astype(np.float64) - b
-    assert np.mean(np.var(b, axis=(1, 2))) / noise.var() == pytest.approx(0.5, rel=0.15)
+    # measured 0.5064 (rel 0.0127); 15 % margin
+    assert np.mean(np.var(b, axis=(1, 2))) / noise.var() == pytest.approx(0.5, rel=0.015)
 
 
 def test_project_plain_pose_list_without_optics(tmp_path):
@@ -118,6 +120,7 @@ def test_project_plain_pose_list_without_optics(tmp_path):
     ps = load_particles(tmp_path / "p.star")
     assert ps.n_particles == 3 and ps.pixel_size == 2.0 and ps.box == 24
     imgs = ps.read_images([0, 1, 2])
+    # measured 0.0; 1e-6: a few float32 steps at the maximum (2.0)
     assert np.allclose(imgs, project_images(vol, poses.to_numpy()), atol=1e-6)
 
 

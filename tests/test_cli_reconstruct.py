@@ -55,7 +55,8 @@ def test_maps_are_reconstruct_known_poses_and_recover_the_truth(sim, tmp_path, c
     assert logged is not None
     maps = [read_map(tmp_path / name)[0] for name in ("rec.mrc", "rec_half1.mrc",
                                                       "rec_half2.mrc")]
-    # the logged resolution is the FSC 0.143 of the written half maps (to the log's 0.01 Å)
+    # the logged resolution is the FSC 0.143 of the written half maps (to the log's 0.01 Å:
+    # rounding by 0.005 at most, 0.001 for the float; measured 0.0: 24.00 Å both)
     written = resolution_angstrom(fsc_maps(maps[1], maps[2]), BOX, PIX)
     assert float(logged.group(1)) == pytest.approx(written, abs=0.006)
     assert read_map(tmp_path / "rec.mrc")[1] == pytest.approx(PIX)
@@ -65,6 +66,7 @@ def test_maps_are_reconstruct_known_poses_and_recover_the_truth(sim, tmp_path, c
     state = reconstruct_known_poses(source, particles.angles(), particles.origins_px(),
                                     np.arange(N) % 2 + 1, options)
     particles.close()
+    # float32 files: measured 3.6e-8 of the maximum
     for got, expect in zip(maps, state.final_maps, strict=True):
         np.testing.assert_allclose(got, expect, atol=1e-6 * np.abs(expect).max())
     # the combined map's FSC against the truth reaches 0.5 where the half-set FSC reaches
@@ -91,14 +93,15 @@ def test_symmetry_and_maxres(sim, tmp_path):
     r_c1, r_c4 = _resolution(c1, truth), _resolution(c4, truth)
     print(f"\nreconstruct C4 {r_c4:.2f} Å, C1 {r_c1:.2f} Å; symmetry error {errors[1]:.1e} "
           f"(C1 {errors[0]:.1e})")
-    assert errors[1] <= 1e-6 < 1e-2 < errors[0]
-    assert r_c4 < r_c1  # four times the data
+    # float32 maps: measured 1.5e-7 with C4; C1's map 0.037 (13 % margin)
+    assert errors[1] <= 1e-6 and errors[0] > 0.032
+    assert r_c4 < r_c1  # four times the data (measured 22.07 against 23.18 Å)
     # --maxres 40 Å uses shells up to ceil(N pix / 40) = 5 only: the map's FSC against the
     # truth ends there, where the full map's goes on
     edge = BOX * PIX / (np.ceil(BOX * PIX / 40.0) + 1.5)
     r_low = _resolution(low, truth)
     print(f"--maxres 40: {r_low:.2f} Å vs truth (without: {r_c1:.2f} Å)")
-    assert r_c1 < edge < r_low
+    assert r_c1 < edge < r_low  # measured 23.18 < 29.54 < 36.70 Å
 
 
 def test_subset_uses_only_its_particles(sim, tmp_path, capsys):

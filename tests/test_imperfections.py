@@ -39,7 +39,7 @@ def test_micrographs_heights_and_estimation_error(volume) -> None:
     within = error - error.groupby(written["rlnMicrographName"]).transform("mean")
     # measured 0.986 of 600/sqrt(12); 2000 draws scatter by ~2 %, margin 5 %
     assert within.std() == pytest.approx(600.0 / np.sqrt(12), rel=0.05)
-    assert np.abs(within).max() <= 600.0
+    assert np.abs(within).max() <= 600.0  # measured 358; 600 Å: the heights' range, a hard bound
     # the micrographs' errors: 40 draws of N(0, 150 Å)
     mic_error = (error - within).groupby(written["rlnMicrographName"]).first()
     assert 100.0 < mic_error.std() < 200.0  # measured 161 Å; the chi-square 99.9 % range
@@ -51,7 +51,8 @@ def test_amplitude_scales_each_clean_image(volume) -> None:
     images, _, written, truth = simulate_particles(volume, PIX, 300, snr=None, seed=2,
                                                    imperfections=imp)
     a = truth["rlnCtfScalefactor"].to_numpy()
-    np.testing.assert_allclose(images, plain[0] * a[:, None, None], rtol=1e-5, atol=1e-6)
+    # float32 images: measured 1.1e-7 relative (7.9e-7 absolute, values up to 10.2)
+    np.testing.assert_allclose(images, plain[0] * a[:, None, None], rtol=2e-6, atol=1e-7)
     assert "rlnCtfScalefactor" not in written  # the user's STAR does not know it
     assert np.log(a).std() == pytest.approx(0.3, rel=0.1)  # measured 0.288; sd error ~4 %
     assert a.mean() == pytest.approx(1.0, abs=0.05)  # measured 0.975; sd error ~1.8 %

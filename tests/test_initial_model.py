@@ -134,8 +134,10 @@ def test_two_classes_of_two_phantoms_are_both_recovered(tmp_path):
     dist = read_star(out / "run_model.star")["model_classes"]["rlnClassDistribution"]
     print(f"\nK = 2 on two phantoms: correlations (class x truth) {np.round(cc, 3).tolist()}, "
           f"classes {np.round(dist.to_numpy(), 3).tolist()}")
+    # each class is closer to its own truth: measured 0.961 against 0.891 and 0.979 against
+    # 0.856 (gaps 0.070 and 0.123); 15 % margin on the smaller gap
     for k in (0, 1):
-        assert cc[k, perm[k]] > cc[k, 1 - perm[k]], cc
+        assert cc[k, perm[k]] > cc[k, 1 - perm[k]] + 0.06, cc
 
 
 # -- pieces ----------------------------------------------------------------------------------
@@ -173,8 +175,9 @@ def test_shift_sums_moves_the_map():
     bp.data = shift_sums(bp.data, np.array([2.0, -1.0, 3.0]), box, 2)  # (x, y, z) px
     moved = bp.reconstruct(inf, 1.0, box // 2 - 1, minres_map=box)
     want = np.roll(plain, (3, -1, 2), axis=(0, 1, 2))
-    assert np.abs(moved - want).max() < 0.05 * np.abs(plain).max()
-    assert np.abs(moved - plain).max() > 0.3 * np.abs(plain).max()
+    # measured 0.041 and 0.750 of the maximum; margins 10 % and 13 %
+    assert np.abs(moved - want).max() < 0.045 * np.abs(plain).max()
+    assert np.abs(moved - plain).max() > 0.65 * np.abs(plain).max()
 
 
 def test_align_maps_finds_a_rotation_a_shift_and_the_hand():
@@ -186,8 +189,9 @@ def test_align_maps_finds_a_rotation_a_shift_and_the_hand():
     for volume, hand in ((moved, False), (moved[::-1].copy(), True)):
         a = align_maps(volume, truth, PIX, mirror=True, **ALIGN)
         assert a.mirrored == hand
-        assert a.correlation > 0.95
-        assert np.corrcoef(a.aligned.ravel(), truth.ravel())[0, 1] > 0.9
+        # measured 0.99982 and 0.99987 (both hands): 10x margin on the shortfall from 1
+        assert a.correlation > 0.998
+        assert np.corrcoef(a.aligned.ravel(), truth.ravel())[0, 1] > 0.998
 
 
 def test_continue_after_a_stop_gives_the_same_maps(tmp_path):
@@ -236,5 +240,5 @@ def test_symmetry_c2_gives_a_c2_symmetric_map(tmp_path):
     # indices 1..N-1 onto themselves reversed
     inner = vol[:, 1:, 1:]
     turned = inner[:, ::-1, ::-1]
-    assert np.abs(inner - turned).max() < 0.02 * np.abs(vol).max()
+    assert np.abs(inner - turned).max() < 1e-6 * np.abs(vol).max()  # float32: measured 6.8e-8
     assert "symmetry C2" in (tmp_path / "o" / "run.log").read_text()

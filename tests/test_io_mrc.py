@@ -25,7 +25,9 @@ def test_map_round_trip_and_header(tmp_path):
     assert data.dtype == np.float32
     assert data.shape == (8, 8, 8)
     np.testing.assert_array_equal(data, vol)
-    assert pix == pytest.approx(1.37, abs=1e-6)
+    # the header stores float32 cell lengths (half an ulp: 6e-8 relative): measured 3.5e-9
+    # relative here and for the cell below; bound 2e-7
+    assert pix == pytest.approx(1.37, rel=2e-7)
 
     with mrcfile.open(path) as m:
         h = m.header
@@ -33,8 +35,8 @@ def test_map_round_trip_and_header(tmp_path):
         assert (int(h.mapc), int(h.mapr), int(h.maps)) == (1, 2, 3)
         assert (int(h.nx), int(h.ny), int(h.nz)) == (8, 8, 8)
         assert (int(h.mx), int(h.my), int(h.mz)) == (8, 8, 8)
-        assert float(h.cella.x) == pytest.approx(8 * 1.37, rel=1e-6)
-        assert float(h.cella.z) == pytest.approx(8 * 1.37, rel=1e-6)
+        assert float(h.cella.x) == pytest.approx(8 * 1.37, rel=2e-7)
+        assert float(h.cella.z) == pytest.approx(8 * 1.37, rel=2e-7)
         assert float(h.origin.x) == 0.0 and int(h.nxstart) == 0
         assert float(m.data[1, 2, 3]) == 42.0  # x fastest in the file
 
@@ -45,7 +47,7 @@ def test_image_round_trip_2d(tmp_path):
     data, pix = read_map(tmp_path / "img.mrc")
     assert data.shape == (6, 6)
     np.testing.assert_array_equal(data, img)
-    assert pix == pytest.approx(2.5)
+    assert pix == pytest.approx(2.5)  # measured 0 (exact in float32)
 
 
 def test_read_map_converts_int_modes(tmp_path):
@@ -66,12 +68,14 @@ def test_stack_round_trip_header_and_subset_in_requested_order(tmp_path):
         assert m.is_image_stack()
         assert int(m.header.mode) == 2
         assert int(m.header.nz) == 7
-        assert float(m.header.cella.x) == pytest.approx(8 * 1.1, rel=1e-6)
+        # float32 cell lengths: measured 2.2e-8 relative (here and for the pixel size below);
+        # bound 2e-7 (9x; half a float32 ulp is 6e-8)
+        assert float(m.header.cella.x) == pytest.approx(8 * 1.1, rel=2e-7)
 
     with open_stack(path) as st:
         assert st.n_images == 7
         assert st.box == 8
-        assert st.pixel_size == pytest.approx(1.1, abs=1e-6)
+        assert st.pixel_size == pytest.approx(1.1, rel=2e-7)
         assert isinstance(st._data, np.memmap)  # memory-mapped, not loaded
         got = st.read([5, 0, 5, 2])
         assert got.dtype == np.float32
@@ -264,7 +268,7 @@ def test_reads_relion_modes_both_byte_orders_without_map_id(tmp_path, mode, dtyp
     path = tmp_path / "s.mrcs"
     path.write_bytes(raw_mrc(data, mode, cell_a=4 * 1.5, order=order, map_id=b"\0\0\0\0"))
     with open_stack(path) as st:
-        assert st.shape == (3, 4, 4) and st.pixel_size == pytest.approx(1.5)
+        assert st.shape == (3, 4, 4) and st.pixel_size == pytest.approx(1.5)  # measured 0
         np.testing.assert_array_equal(st.read([2, 0]), data[[2, 0]].astype(np.float32))
 
 

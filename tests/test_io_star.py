@@ -57,7 +57,7 @@ def test_read_relion31(tmp_path):
     optics, parts = blocks["optics"], blocks["particles"]
     assert len(optics) == 1 and len(parts) == 2
     assert optics["rlnImageSize"].iloc[0] == 16
-    assert optics["rlnImagePixelSize"].iloc[0] == pytest.approx(1.77)
+    assert optics["rlnImagePixelSize"].iloc[0] == pytest.approx(1.77)  # measured 0 (parsed)
     assert parts["rlnImageName"].tolist() == ["000001@Extract/job007/mics/m1.mrcs",
                                               "000002@Extract/job007/mics/m1.mrcs"]
     # quoted string with a space; all-digit string label stays a string

@@ -28,6 +28,9 @@ def _priors(rng: np.random.Generator, n_img: int, n_shift: int, n_rot: int,
 
 
 def _check(out: dict, ref: dict, fraction: float) -> None:
+    # float32 kernel against the float64 reference, measured over the shapes above: weights and
+    # max_prob 5.4e-5, log_marginal 1.5e-4 (6.2e-7 relative), min_diff2 2.3e-4 (margins 1.8x,
+    # 6.5x, 4.3x: float32 diff2 rounding, amplified by exp)
     np.testing.assert_allclose(out["weights"], ref["weights"], rtol=0, atol=1e-4)
     np.testing.assert_allclose(out["log_marginal"], ref["log_marginal"], rtol=1e-6, atol=1e-3)
     np.testing.assert_allclose(out["min_diff2"], ref["min_diff2"], rtol=1e-6, atol=1e-3)
@@ -37,6 +40,7 @@ def _check(out: dict, ref: dict, fraction: float) -> None:
     if fraction >= 1.0:
         np.testing.assert_array_equal(out["n_significant"], ref["n_significant"])
     else:  # the count may differ by one where the cumulative sum meets the target in rounding
+        # (measured 0)
         assert np.all(np.abs(out["n_significant"] - ref["n_significant"]) <= 1)
 
 
@@ -59,7 +63,7 @@ def test_posteriors_are_neither_flat_nor_one_hot() -> None:
     rng = np.random.default_rng(7)
     p = make_problem(rng, 8, 5, 23, 60, 16)
     out = core.expectation(*p.args(), np.zeros(23), np.zeros((8, 5)), 1.0)
-    assert 0.05 < np.median(out["max_prob"]) < 0.95
+    assert 0.7 < np.median(out["max_prob"]) < 0.95  # measured 0.850; margins 0.15 and 0.1
 
 
 def test_pruning_properties() -> None:
@@ -70,22 +74,25 @@ def test_pruning_properties() -> None:
     for fraction in (0.5, 0.9, 0.999):
         out = core.expectation(*p.args(), lpr, lps, fraction)
         w = out["weights"].reshape(6, -1)
-        np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=2e-6)  # measured 1.2e-7 (float32)
         np.testing.assert_array_equal(out["n_significant"], np.count_nonzero(w, axis=1))
         d = dense["weights"].reshape(6, -1).astype(np.float64)
         for i in range(6):
             kept = w[i] > 0
-            # kept mass of the dense posterior reaches the fraction ...
+            # kept mass of the dense posterior reaches the fraction (measured: by at least
+            # 8.6e-5 relative; 1e-6 allows float32 rounding of the dense weights) ...
             assert d[i][kept].sum() >= fraction * d[i].sum() * (1 - 1e-6)
             # ... every kept weight is at least every dropped one ...
             if (~kept).any():
                 assert d[i][kept].min() >= d[i][~kept].max()
             # ... and the set is the smallest such: one weight fewer does not reach it
             _, n = prune_ref(d[i], fraction)
-            assert abs(int(kept.sum()) - n) <= 1
-            # renormalised kept weights are proportional to the dense ones
-            np.testing.assert_allclose(w[i][kept], d[i][kept] / d[i][kept].sum(), rtol=1e-4)
+            assert abs(int(kept.sum()) - n) <= 1  # measured 0 (one either way in rounding)
+            # renormalised kept weights are proportional to the dense ones: measured 8.1e-8
+            # relative (float32 rounding); 25x margin
+            np.testing.assert_allclose(w[i][kept], d[i][kept] / d[i][kept].sum(), rtol=2e-6)
         np.testing.assert_array_equal(out["best_r"], dense["best_r"])
+        # measured 0 (pruning does not change the marginal); the bound allows float64 rounding
         np.testing.assert_allclose(out["log_marginal"], dense["log_marginal"], rtol=1e-12)
 
 
@@ -100,7 +107,7 @@ def test_pruning_ties_prefer_lower_index() -> None:
                            np.zeros(n_rot), np.zeros((1, n_shift)), 0.25)
     w = out["weights"].ravel()
     assert out["n_significant"][0] == 5
-    np.testing.assert_allclose(w[:5], 0.2, rtol=1e-6)
+    np.testing.assert_allclose(w[:5], 0.2, rtol=3e-7)  # measured 1.5e-8 (float32 0.2); 20x
     assert not w[5:].any()
 
 
@@ -110,10 +117,11 @@ def test_huge_diff2_gives_finite_log_marginal() -> None:
     p.inv_sigma2 = (p.inv_sigma2 * 1e5).astype(np.float32)  # diff2 ~ 1e6 and more
     lpr, lps = np.zeros(9), np.zeros((3, 4))
     out = core.expectation(*p.args(), lpr, lps, 0.999)
-    assert np.all(out["min_diff2"] > 1e4)
+    assert np.all(out["min_diff2"] > 1e5)  # measured 1.15e5; margin 13%
     assert np.all(np.isfinite(out["log_marginal"]))
-    np.testing.assert_allclose(out["weights"].sum(axis=(1, 2)), 1.0, atol=1e-6)
+    np.testing.assert_allclose(out["weights"].sum(axis=(1, 2)), 1.0, atol=1e-6)  # measured 0
     ref = expectation_ref(*p.args(), lpr, lps, 0.999)
+    # measured 1.3e-6 relative (float32 diff2 of ~1.5e5); 7.7x margin
     np.testing.assert_allclose(out["log_marginal"], ref["log_marginal"], rtol=1e-5)
     np.testing.assert_array_equal(out["best_r"], ref["best_r"])
 
@@ -178,7 +186,8 @@ def test_block_sizes_do_not_change_results() -> None:
     ref = core.expectation(*p.args(), lpr, lps, 1.0)
     for rows, cols in [(1, 1), (7, 13), (1000, 1000)]:
         out = core.expectation(*p.args(), lpr, lps, 1.0, rows, cols)
-        np.testing.assert_allclose(out["weights"], ref["weights"], atol=1e-4)  # GEMM rounding
+        # GEMM rounding: measured 2.3e-5; margin 4.3x
+        np.testing.assert_allclose(out["weights"], ref["weights"], atol=1e-4)
         np.testing.assert_array_equal(out["best_r"], ref["best_r"])
 
 
@@ -193,7 +202,7 @@ def test_wrapper_defaults_and_types() -> None:
                        significant_fraction=1.0)
     assert isinstance(post, Posterior)
     ref = expectation_ref(*p.args(), np.zeros(6), np.zeros((3, 4)), 1.0)
-    np.testing.assert_allclose(post.weights, ref["weights"], atol=1e-4)
+    np.testing.assert_allclose(post.weights, ref["weights"], atol=1e-5)  # measured 5.2e-7; 19x
     # explicit coords, a (T,) shift prior broadcast over images
     lps = np.array([0.0, -1.0, -np.inf, 0.5])
     post = expectation(KernelInputs(p.images, p.ctf, p.inv_sigma2, p.slices, p.shifts, box,

@@ -29,9 +29,11 @@ def _posterior(p, fraction: float) -> np.ndarray:
 
 
 def _close(actual: np.ndarray, desired: np.ndarray) -> None:
-    """Relative agreement 1e-4, measured against the array's largest value."""
+    """Relative agreement 2e-5, measured against the array's largest value: float32 sums
+    against the float64 reference, measured up to 1.7e-6 of the largest value over every call
+    here (5.7e-6 element by element); 12x margin."""
     scale = float(np.abs(desired).max()) or 1.0
-    np.testing.assert_allclose(actual, desired, rtol=1e-4, atol=1e-4 * scale)
+    np.testing.assert_allclose(actual, desired, rtol=2e-5, atol=2e-5 * scale)
 
 
 def _run(p, weights, n_shells, method, data=None, wsum=None):
@@ -123,7 +125,7 @@ def test_residual_covers_all_pixels_and_not_sigma2() -> None:
     _, _, rp1 = _run(p, w, 10, "gemm")
     p.inv_sigma2[:] = 0.0
     data, wsum, rp0 = _run(p, w, 10, "gemm")
-    np.testing.assert_allclose(rp0, rp1, rtol=1e-6)
+    np.testing.assert_allclose(rp0, rp1, rtol=1e-6)  # measured 0; allows float rounding
     assert not data.any() and not wsum.any()
     # one image, one pose with weight 1: residual = sum over the shell of |X - CTF A|^2
     w1 = np.zeros_like(w)
@@ -132,7 +134,8 @@ def test_residual_covers_all_pixels_and_not_sigma2() -> None:
     x0 = p.images[0].astype(np.complex128) * np.exp(
         -2j * np.pi * (p.coords[:, 0] * p.shifts[0, 0] + p.coords[:, 1] * p.shifts[0, 1]) / 16)
     d = x0 - p.ctf[0] * p.slices[0].astype(np.complex128)
-    np.testing.assert_allclose(rp[0], np.bincount(p.shell, np.abs(d) ** 2, 10), rtol=1e-5)
+    # measured 8.6e-8 relative (float32 kernel); 23x margin
+    np.testing.assert_allclose(rp[0], np.bincount(p.shell, np.abs(d) ** 2, 10), rtol=2e-6)
 
 
 def test_zero_weights_do_nothing() -> None:

@@ -29,6 +29,7 @@ def test_distance_transform_matches_scipy(shape):
     features = rng.uniform(size=shape) < 0.003
     features.flat[7] = True
     ref = ndimage.distance_transform_edt(~features)  # distance to the nearest zero of input
+    # measured 0.0 here and below (square roots of the same whole numbers); 1e-12 for rounding
     np.testing.assert_allclose(distance_transform(features), ref, atol=1e-12)
     capped = distance_transform(features, 4.5)
     near = ref <= 4.5
@@ -62,8 +63,9 @@ def test_a_sphere_grown_by_e_has_radius_r_plus_e(r, extend):
     # distances are often whole numbers) ...
     r_eq = (3 * m.sum() / (4 * np.pi)) ** (1 / 3)
     assert abs(r_eq - (r + extend)) <= 0.5
-    # ... and the boundary lies within a pixel of it everywhere.
-    assert (m[rad < r + extend - 1] == 1).all() and (m[rad > r + extend + 1] == 0).all()
+    # ... and the boundary lies within 0.8 px of it everywhere (measured: from r + e - 0.69
+    # (r 6, e 3) to r + e + 0.20 (r 8, e -3); 15 % margin).
+    assert (m[rad < r + extend - 0.8] == 1).all() and (m[rad > r + extend + 0.8] == 0).all()
 
 
 def test_extension_is_exactly_distance_below_e():
@@ -85,7 +87,7 @@ def test_soft_edge_is_a_raised_cosine_of_the_distance(width):
     d = ndimage.distance_transform_edt(~binary)
     expected = np.where(binary, 1.0, np.where(d < width, 0.5 + 0.5 * np.cos(np.pi * d / width),
                                               0.0))
-    np.testing.assert_allclose(m, expected, atol=1e-12)
+    np.testing.assert_allclose(m, expected, atol=1e-12)  # measured 0.0; 1e-12 for rounding
     # shape: 1 on the mask, the cosine's value at a distance, 0 from `width` px on
     edge = ~binary & (d > 0) & (d < width)
     assert ((m[edge] > 0) & (m[edge] < 1)).all()
@@ -103,7 +105,8 @@ def test_lowpass_before_thresholding():
     lp = fourier.lowpass_map(v, 12.0, pix)
     np.testing.assert_array_equal(smooth, (lp >= 0.5).astype(float))
     # the filtered mask is one compact blob; the unfiltered one has noise speckles outside
-    assert ndimage.label(smooth)[1] == 1 and ndimage.label(noisy)[1] > 10
+    # measured 1171 unfiltered blobs; 15 % margin
+    assert ndimage.label(smooth)[1] == 1 and ndimage.label(noisy)[1] > 1000
     with pytest.raises(ValueError, match="pixel_size"):
         make_mask(v, 0.5, lowpass=12.0)
     with pytest.raises(ValueError, match="soft_edge"):
@@ -156,6 +159,7 @@ def test_cli_writes_the_mask_with_the_pixel_size(tmp_path, capsys):
     assert pix == pytest.approx(2.5)
     with mrcfile.open(out) as m:
         assert m.data.dtype == np.float32 and m.header.mode == 2
+    # float32 file: measured 2.4e-8 (float32 rounds values <= 1 by at most 3e-8)
     np.testing.assert_allclose(mask, make_mask(vol, 0.5, 2.0, 4.0), atol=1e-7)
     assert mask.min() == 0.0 and mask.max() == 1.0
     assert "wrote" in capsys.readouterr().out

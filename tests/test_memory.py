@@ -137,7 +137,9 @@ def test_reading_a_stack_leaves_no_pages_resident(tmp_path):
             total += float(st.read(np.arange(i, i + 64)).sum())
         grown = _rss_file_kib() - start
     assert np.isfinite(total) and first.shape == (1, box, box)
-    assert grown < 16 * 1024, f"{grown} KiB of the 64 MiB stack stayed resident"
+    # measured -60 KiB (each read drops its pages); bound 4 MiB, the size of one read of 64
+    # images, so a release that lags one read behind fails too
+    assert grown < 4 * 1024, f"{grown} KiB of the 64 MiB stack stayed resident"
 
 
 def test_batch_size_keeps_the_level0_weights_within_the_batch_memory():

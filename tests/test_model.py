@@ -36,7 +36,8 @@ def test_initial_sigma2_is_half_the_variance_per_component():
     s2 = model.initial_sigma2((np.abs(ft) ** 2).sum(0), ft.mean(0), b, shells, n // 2 + 1)
     # white noise of variance σ² per pixel: each of Re, Im of an N^-2-normalised coefficient
     # has variance σ²/(2N²)
-    np.testing.assert_allclose(s2[1:n // 2], sigma**2 / (2 * n * n), rtol=0.05)
+    # measured 0.0079 at most (4000 seeded images); 15 % margin
+    np.testing.assert_allclose(s2[1:n // 2], sigma**2 / (2 * n * n), rtol=0.009)
 
 
 def _relion_reconstruct(data, weight, tau2, pad, t_fudge, r_max, minres, ndim=3):
@@ -95,7 +96,8 @@ def test_backprojector_reconstruct_follows_relion(pad):
     tau2 = np.array([5.0, 2.0, 0.0, 0.5, 0.25])  # shell 2 without prior support
     got = bp.reconstruct_ft(tau2, 2.0, r_max, minres_map=1)
     want = _relion_reconstruct(bp.data, bp.weight, tau2, pad, 2.0, r_max, 1)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    # float32 sums: measured 5.8e-8 relative at most (both pads, here and below), ~17x
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert np.any(got != 0) and np.all(got[np.sqrt(projector._padded_r2(shape)) >= r_max * pad]
                                        == 0)
     # per-voxel tau2 (eq. (16) option): no floor
@@ -103,7 +105,7 @@ def test_backprojector_reconstruct_follows_relion(pad):
     got_v = bp.reconstruct_ft(t2v, 1.0, r_max, minres_map=0)
     inside = np.sqrt(projector._padded_r2(shape)) < round(r_max * pad)
     w = bp.weight + 1.0 / (pad**3 * t2v)
-    np.testing.assert_allclose(got_v, np.where(inside, bp.data / w, 0), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(got_v, np.where(inside, bp.data / w, 0), rtol=1e-6, atol=1e-7)
 
 
 def test_padded_shells_units_of_the_unpadded_box():

@@ -96,8 +96,9 @@ def _group_only(sets: Path, name: str, group: int) -> Path:
 
 def test_reconstruct_each_group_on_the_reference_grid(sets):
     # Known poses. Mean FSC vs truth over shells 5-9 (where groups differ; 1-4 are ~1).
-    # Measured: group 2 merged 0.617, single 0.632, wrong 0.624 (0.8 % apart: no difference
-    # at 11 Å); group 3 merged 0.531, single 0.496, wrong 0.392.
+    # Measured: group 2 merged 0.707, single 0.686, wrong 0.709 (0.3 % apart: no difference
+    # at 11 Å); group 3 merged 0.623, single 0.632, wrong 0.464. Margins: 0.031 below the
+    # merged-single difference (-0.009, group 3), 0.079 below the merged-wrong one (0.159).
     fsc = {}
     for name in ("merged", "single", "wrong"):
         for g in (2, 3):
@@ -107,7 +108,7 @@ def test_reconstruct_each_group_on_the_reference_grid(sets):
     for g in (2, 3):
         assert fsc["merged", g] > fsc["single", g] - 0.04, fsc
     assert fsc["merged", 3] > fsc["wrong", 3] + 0.08, fsc
-    # all groups together (shells 1-9): measured merged 0.870, single 0.867
+    # all groups together (shells 1-9): measured merged 0.875, single 0.880 (margin 0.010)
     for name in ("merged", "single"):
         reconstruct(sets / f"{name}.star", sets / f"{name}.mrc", use_ctf=True, echo=None)
         fsc[name] = _fsc_truth(sets, sets / f"{name}.mrc")
@@ -128,12 +129,13 @@ def test_refine_merged_groups_like_one_grid(sets):
                         for g in (1, 2, 3)]
         if name == "merged":
             assert "brought onto optics group 1's 32 px of 3 Å" in (out / "run.log").read_text()
-    # Mean FSC vs truth, shells 1-9. Measured: merged 0.881, single 0.900 (other noise
-    # realisations: ±0.02); the merged set's known-pose reconstruction 0.870, the best
+    # Mean FSC vs truth, shells 1-9. Measured: merged 0.890, single 0.895 (other noise
+    # realisations: ±0.02); the merged set's known-pose reconstruction 0.875, the best
     # possible result (test above).
     assert fsc["merged"] > fsc["single"] - 0.04, fsc
     reconstruct(sets / "merged.star", sets / "merged_known.mrc", use_ctf=True, echo=None)
     assert fsc["merged"] > _fsc_truth(sets, sets / "merged_known.mrc") - 0.02, fsc
-    # σ² per optics group: group 3 (SNR 0.5) is noisier than groups 1 and 2 (SNR 1)
+    # σ² per optics group: group 3 (SNR 2) is noisier than groups 1 and 2 (SNR 4): measured
+    # 3.71 times group 1's; 14 % margin
     s1, s2, s3 = sigma2["merged"]
-    assert s3 > 1.5 * max(s1, s2), sigma2
+    assert s3 > 3.2 * max(s1, s2), sigma2

@@ -59,8 +59,10 @@ def test_unmasked_fsc_matches_the_analytic_curve(case):
     r, true = case["r"], case["true"]
     se = sampling_error(true, case["count"])
     assert r.fsc_unmasked[0] == 1.0
-    assert (np.abs(r.fsc_unmasked[1:] - true[1:]) <= 4 * se[1:] + 1e-3).all()
-    # the measured curve crosses 0.143 within a shell of the analytic one
+    # measured: at most 0.92 standard errors off (shell 19), 0.86 beyond the 1e-3; margin 0.14
+    assert (np.abs(r.fsc_unmasked[1:] - true[1:]) <= se[1:] + 1e-3).all()
+    # the measured curve crosses 0.143 within a shell of the analytic one (measured: the same
+    # shell, 20; one shell is the rule's resolution)
     assert abs(pp.resolution_shell(r.fsc_unmasked) - pp.resolution_shell(true)) <= 1
 
 
@@ -68,10 +70,12 @@ def test_masked_fsc_and_final_resolution_match_the_analytic_model(case):
     r, tm = case["r"], case["true_masked"]
     se = sampling_error(tm, case["count"])
     # the mask's soft edge also trims some faint signal: 0.03 on top of the sampling error
-    assert (np.abs(r.fsc_masked[1:] - tm[1:]) <= 4 * se[1:] + 0.03).all()
+    # (measured: at most 0.69 standard errors beyond the 0.03, 0.042 off at shell 21; margin
+    # 0.31 standard errors)
+    assert (np.abs(r.fsc_masked[1:] - tm[1:]) <= se[1:] + 0.03).all()
     analytic = pp.resolution_shell(tm)
     assert analytic > pp.resolution_shell(case["true"])  # masking does help here
-    assert abs(r.resolution_shell - analytic) <= 1
+    assert abs(r.resolution_shell - analytic) <= 1  # measured 0 (both shell 21); one shell
     assert r.final_resolution == pytest.approx(BOX * PIX / r.resolution_shell)
     assert not r.warnings
 
@@ -88,9 +92,10 @@ def test_corrected_fsc_definition_and_phase_randomised_fsc(case):
     np.testing.assert_allclose(r.fsc_corrected[r0 + 2:], (m - n) / (1 - n))
     # well below r0 the randomised maps are the maps: same masked FSC; well beyond, ~0
     np.testing.assert_allclose(r.fsc_random_masked[1: r0 - 2], r.fsc_masked[1: r0 - 2],
-                               atol=0.01)
+                               atol=2e-5)  # measured 8.9e-6
     far = np.arange(r0 + 4, BOX // 2 + 1)
-    assert (np.abs(r.fsc_random_masked[far]) <= 4 / np.sqrt(case["count"][far])).all()
+    # measured: at most 1.96 / sqrt(count); 10 % margin
+    assert (np.abs(r.fsc_random_masked[far]) <= 2.2 / np.sqrt(case["count"][far])).all()
 
 
 def test_randomise_phases_keeps_amplitudes_and_low_shells():
@@ -99,12 +104,13 @@ def test_randomise_phases_keeps_amplitudes_and_low_shells():
     out = pp.randomise_phases(v, 6, seed=3)
     assert out.dtype == np.float64 and out.shape == v.shape
     a, b = fourier.fft3_centered(v), fourier.fft3_centered(out)
-    np.testing.assert_allclose(np.abs(b), np.abs(a), atol=1e-12)
+    # float rounding (|a| up to 0.025): measured 2.1e-17 and 1.8e-17
+    np.testing.assert_allclose(np.abs(b), np.abs(a), atol=1e-15)
     kz, ky, kx = fourier.half_volume_freqs(24)
     r2 = kx**2 + ky**2 + kz**2
-    np.testing.assert_allclose(b[r2 < 36], a[r2 < 36], atol=1e-12)
+    np.testing.assert_allclose(b[r2 < 36], a[r2 < 36], atol=1e-15)
     beyond = r2 >= 36
-    assert np.mean(np.abs(np.angle(b[beyond] / a[beyond])) > 0.1) > 0.9
+    assert np.mean(np.abs(np.angle(b[beyond] / a[beyond])) > 0.1) > 0.95  # measured 0.973
     np.testing.assert_array_equal(pp.randomise_phases(v, 6, seed=3), out)
     assert not np.allclose(pp.randomise_phases(v, 6, seed=4), out)
 
@@ -118,18 +124,18 @@ def test_bfactor_fit_recovers_a_known_blur_with_relions_sign():
     ft = fourier.fft3_centered(np.random.default_rng(0).normal(size=(n, n, n)))
     ft /= np.abs(ft)
     blurred = pp.apply_bfactor(ft, 100.0, pix)
-    assert np.abs(blurred).max() <= 1.0 + 1e-12  # positive B damps
+    assert np.abs(blurred).max() <= 1.0 + 1e-15  # positive B damps (measured 1 - 1.1e-16)
     fit = pp.fit_bfactor(pp.guinier_plot(blurred, pix), 10.0, 3.2)
-    assert fit.bfactor == pytest.approx(-100.0, rel=0.02)
-    assert fit.n_points == 15 and fit.correlation > 0.99
+    assert fit.bfactor == pytest.approx(-100.0, rel=1e-4)  # measured -100.0059
+    assert fit.n_points == 15 and fit.correlation > 0.9999  # measured 1 - 1.5e-5
     # sharpening with the fitted B flattens the Guinier plot again
     flat = pp.guinier_plot(pp.apply_bfactor(blurred, fit.bfactor, pix), pix)
-    assert abs(pp.fit_bfactor(flat, 10.0, 3.2).bfactor) < 2.0
+    assert abs(pp.fit_bfactor(flat, 10.0, 3.2).bfactor) < 0.01  # measured 0.0059
     # and B then -B is the identity up to Nyquist, 0 beyond
     kz, ky, kx = fourier.half_volume_freqs(n)
     inside = kx**2 + ky**2 + kz**2 <= (n // 2) ** 2
     back = pp.apply_bfactor(blurred, -100.0, pix)
-    np.testing.assert_allclose(back[inside], ft[inside], atol=1e-12)
+    np.testing.assert_allclose(back[inside], ft[inside], atol=1e-14)  # measured 2.5e-16
     assert (back[~inside] == 0).all()
 
 
@@ -157,7 +163,8 @@ def test_sharpening_pipeline_on_the_analytic_case(case):
     kz, ky, kx = fourier.half_volume_freqs(BOX)
     rad = np.sqrt(kx**2 + ky**2 + kz**2)
     assert r.low_pass_applied == pytest.approx(r.final_resolution)
-    assert np.abs(out[rad > r.resolution_shell + 1 + 1e-9]).max() < 1e-12
+    # float rounding (|out| up to 0.011): measured 1.8e-18
+    assert np.abs(out[rad > r.resolution_shell + 1 + 1e-9]).max() < 1e-16
     np.testing.assert_allclose(r.sharpened_masked, r.sharpened * case["mask"])
 
 
@@ -173,7 +180,8 @@ def test_options_change_the_result_as_relion(case):
     kz, ky, kx = fourier.half_volume_freqs(BOX)
     s2 = (kx**2 + ky**2 + kz**2) / (BOX * PIX) ** 2
     sel = (s2 > 0) & (s2 < (8 / (BOX * PIX)) ** 2)
-    np.testing.assert_allclose(ratio[sel], np.exp(500.0 / 4 * s2[sel]), rtol=1e-6)
+    # measured 1.2e-14
+    np.testing.assert_allclose(ratio[sel], np.exp(500.0 / 4 * s2[sel]), rtol=1e-12)
     with pytest.raises(pp.InputError, match="one of the two"):
         pp.postprocess(h1, h2, mask, PIX, pp.PostprocessOptions(auto_bfac=True, adhoc_bfac=-1))
     with pytest.raises(pp.InputError, match="never drops"):
@@ -204,6 +212,7 @@ def test_cli_writes_all_outputs_with_relions_labels(job, case, capsys):
     masked, pix2 = read_map(out / "postprocess_masked.mrc")
     assert pix == pytest.approx(PIX) and pix2 == pytest.approx(PIX)
     r = case["r"]
+    # float32 files: measured 1.03e-6 of the maximum
     np.testing.assert_allclose(sharp, r.sharpened, atol=1e-5 * np.abs(r.sharpened).max())
     star = read_star(out / "postprocess.star")
     assert list(star) == ["general", "fsc", "guinier"]
@@ -227,9 +236,10 @@ def test_cli_writes_all_outputs_with_relions_labels(job, case, capsys):
     np.testing.assert_allclose(fsc["rlnAngstromResolution"][1:],
                                BOX * PIX / np.arange(1, BOX // 2 + 1))
     assert fsc["rlnAngstromResolution"][0] == 999.0
-    # the CLI read the half maps back as float32: equal to the in-memory run within 1e-4
+    # the CLI read the half maps back as float32: equal to the in-memory run within 2e-5
+    # (measured 1.24e-6)
     np.testing.assert_allclose(fsc["rlnFourierShellCorrelationCorrected"], r.fsc_corrected,
-                               atol=1e-4)
+                               atol=2e-5)
     assert list(star["guinier"].columns) == [
         "rlnResolutionSquared", "rlnLogAmplitudesOriginal", "rlnLogAmplitudesWeighted",
         "rlnLogAmplitudesSharpened", "rlnLogAmplitudesIntercept"]

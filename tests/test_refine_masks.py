@@ -84,8 +84,9 @@ def test_solvent_corrected_fsc():
     halves = unfiltered_halves(bps, box // 2, box)
     np.testing.assert_array_equal(corrected, solvent_corrected_fsc(halves, mask, 4))
     mid = (plain > 0.2) & (plain < 0.9)
-    assert mid.any() and np.all(corrected[mid] > plain[mid] + 0.1)
-    # the steep drop at shell 8-9 (measured) is where both cross 0.143
+    # measured: at least 0.184 higher (2 shells); 13 % margin
+    assert mid.any() and np.all(corrected[mid] > plain[mid] + 0.16)
+    # the steep drop at shell 8-9 (measured) is where both cross 0.143 (measured: both at 8)
     assert resolution_shell(corrected, 0.143) >= resolution_shell(plain, 0.143)
     h1, h2 = halves
     shell = first_shell_below(fsc_maps(h1, h2), 0.8)
@@ -94,7 +95,7 @@ def test_solvent_corrected_fsc():
                       pp.randomise_phases(h2, shell, 5) * mask)
     expect = pp.corrected_fsc(masked, random, shell)
     expect[(np.arange(expect.size) >= shell + 2) & (random > masked)] = 0.0
-    np.testing.assert_allclose(corrected, expect, atol=1e-12)
+    np.testing.assert_allclose(corrected, expect, atol=1e-12)  # measured 0.0; for rounding
     assert np.all(tau2[1:box // 2] >= 0)
 
 
@@ -117,7 +118,8 @@ def test_solvent_mask_replaces_the_spherical_mask(sim):
         volumes.append(state.volumes.copy())
     particles.close()
     np.testing.assert_array_equal(volumes[1], volumes[0])
-    assert np.abs(volumes[2] - volumes[0]).max() > 1e-3 * np.abs(volumes[0]).max()
+    # measured 0.163 of the maximum; 14 % margin
+    assert np.abs(volumes[2] - volumes[0]).max() > 0.14 * np.abs(volumes[0]).max()
 
 
 def test_refine_with_solvent_mask_prints_the_postprocess_command(sim, tmp_path, capsys):

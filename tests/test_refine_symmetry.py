@@ -112,12 +112,14 @@ def test_symmetric_refinement_reaches_c1_with_fewer_orientations(runs):
           f"(C1 map {_symmetry_error(m_c1, sym):.1e}); {t_sym:.1f} s vs {t_c1:.1f} s")
     order = symmetry.point_group(sym).order
     assert n_sym * order == n_c1  # C4 and D2 map the HEALPix grid onto itself
-    assert samples[0] < samples[1]
+    assert samples[0] < samples[1]  # measured 1281 vs 4834 (C4), 4379 vs 6266 (D2)
+    # measured 27.59 vs 29.79 Å (C4: 0.926), 26.52 vs 29.69 Å (D2: 0.893)
     assert r_sym <= r_c1
     assert r_sym <= ORACLE_RATIO * r_oracle
     assert np.median(errors) < 10.0  # measured 9.0 deg (C4), 7.8 deg (D2)
-    # the plain error is meaningless here: the poses landed in one asymmetric unit
-    assert np.median(angular_errors(st_sym.angles, true_angles)) > 45.0
+    # the plain error is meaningless here: the poses landed in one asymmetric unit (measured
+    # 91.7 deg (C4), 174.3 deg (D2); 13 % margin below C4's)
+    assert np.median(angular_errors(st_sym.angles, true_angles)) > 80.0
 
 
 def test_symmetric_map_is_symmetric_to_float_precision(runs):
@@ -125,10 +127,12 @@ def test_symmetric_map_is_symmetric_to_float_precision(runs):
     for name in ("run_class001.mrc", "run_half1_class001_unfil.mrc",
                  "run_it001_half2_class001.mrc"):
         volume, _ = read_map(out / sym / name)
+        # float32 maps: measured 1.5e-7 to 1.8e-7 (C4 and D2)
         assert _symmetry_error(volume, sym) <= 1e-6, name
     # the check can fail: C1's map of the same data is symmetric only up to the noise
+    # (measured 0.073 (C4), 0.071 (D2); 15 % margin)
     c1, _ = read_map(out / "C1" / "run_class001.mrc")
-    assert _symmetry_error(c1, sym) > 1e-2
+    assert _symmetry_error(c1, sym) > 0.06
     log = (out / sym / "run.log").read_text()
     assert f"symmetry {sym}" in log and "post-process with: cryomap postprocess --i" in log
 
@@ -180,7 +184,7 @@ def test_class3d_maps_are_symmetric(tmp_path_factory, tmp_path):
                            tau2_fudge=1.0, class_temperature=1.0)
     state = classify3d(out / "particles.star", out / "start.mrc", tmp_path / "cls", options,
                        echo=None)
-    assert state.history[-1].mean_samples > 0
+    assert state.history[-1].mean_samples > 0  # measured 3190
     for k in range(2):
         volume, _ = read_map(tmp_path / "cls" / f"run_class{k + 1:03d}.mrc")
-        assert _symmetry_error(volume, sym) <= 1e-6
+        assert _symmetry_error(volume, sym) <= 1e-6  # float32 maps: measured 2.6e-7, 1.8e-7

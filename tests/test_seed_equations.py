@@ -118,6 +118,8 @@ def test_pipeline_matches_dense_seed_updates(tmp_path, box):
         reference.data.astype(complex), sampling.matrices(keys, 0), sampling.translations(),
         mask.coords.astype(float), box)
     scale = np.abs(data).max()
+    # float32 pipeline against float64 loops, of the maxima: measured 1.1e-5 (data), 7.4e-6
+    # (weight), 4.9e-6 (map); margins 8.8x, 13x, 20x. sigma2: measured 1.7e-5 relative (6x)
     np.testing.assert_allclose(bp.data, data, atol=1e-4 * scale)
     np.testing.assert_allclose(bp.weight, weight, atol=1e-4 * weight.max())
     inside = tau2 > 0
@@ -128,7 +130,8 @@ def test_pipeline_matches_dense_seed_updates(tmp_path, box):
     np.testing.assert_allclose(got_s2, sigma2, rtol=1e-4)
     # log marginal: the kernel adds the Gaussian normalisation sum log(1/(2 pi sigma2))
     norm = np.log(inv_s2 / (2 * np.pi)).sum(axis=1)
-    np.testing.assert_allclose(res.estimates.log_likelihood, log_marg + norm, rtol=1e-5,
+    # measured 1.35e-4 (5.3e-7 relative, values ~380); 10x margin
+    np.testing.assert_allclose(res.estimates.log_likelihood, log_marg + norm, rtol=1e-6,
                                atol=1e-3)
 
 
@@ -173,8 +176,10 @@ def test_em_objective_never_decreases_with_fixed_hyperparameters(tmp_path):
     trace = _objective_trace(tmp_path, 6, update_sigma2=False, update_tau2=False)
     print("\nobjective, fixed hyperparameters:", np.array2string(trace, precision=3))
     steps = np.diff(trace)
+    # measured: every step rises (the smallest by 2.27, 1.4e-4 of the objective); the bound
+    # allows float32 rounding of the objective (1e-6 relative)
     assert np.all(steps >= -1e-6 * np.abs(trace).max()), steps
-    assert trace[-1] > trace[0] + 1.0  # it does climb from the wrong start
+    assert trace[-1] > trace[0] + 230.0  # it does climb from the wrong start: measured 290.3
 
 
 def test_em_objective_with_all_seed_updates(tmp_path):
@@ -183,4 +188,5 @@ def test_em_objective_with_all_seed_updates(tmp_path):
     trace = _objective_trace(tmp_path, 6, update_sigma2=True, update_tau2=True)
     print("\nobjective, seed updates:", np.array2string(trace, precision=3))
     steps = np.diff(trace)
+    # measured: every step rises (the smallest by 113.7); the bound allows rounding, as above
     assert np.all(steps >= -1e-6 * np.abs(trace).max()), steps

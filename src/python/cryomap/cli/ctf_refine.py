@@ -11,19 +11,23 @@ from ..errors import InputError
 from .options import job_particle_diameter
 
 COMMAND = "ctf_refine"
-HELP = "refine each particle's defocus against its half-set's map (relion_ctf_refine)"
+HELP = ("refine each particle's defocus (and each micrograph's astigmatism) against its "
+        "half-set's map (relion_ctf_refine)")
 DESCRIPTION = """\
 Fit each particle's defocus at its refined pose against the map of its own half-set (the
 unfiltered half maps beside --i, so the gold standard holds): the change that best fits the
 image between --minres and the half maps' resolution is added to rlnDefocusU and rlnDefocusV
-(docs/method.md eq. (31)). Writes <o>/particles_ctf_refine.star (RELION's name), a log of the
-fitted values and a histogram of the changes. A refinement from the new file gains what the
-better CTF allows.
+(docs/method.md eq. (31)). With --fit_astigmatism each micrograph's astigmatism
+(rlnMicrographName groups the particles) is fitted too, within --astigmatism_range per
+component, and each particle's defocus again after it (eq. (32)). Writes
+<o>/particles_ctf_refine.star (RELION's name), a log of the fitted values and a histogram of
+the changes. A refinement from the new file gains what the better CTF allows.
 
-Not fitted yet: per-micrograph astigmatism, beam tilt, trefoil and anisotropic magnification.
+Not fitted yet: beam tilt, trefoil and anisotropic magnification.
 
 example:
   cryomap ctf_refine --i Refine3D/job001/run_data.star --o CtfRefine/job001
+  cryomap ctf_refine --i Refine3D/job001/run_data.star --o CtfRefine/job002 --fit_astigmatism
 """
 
 
@@ -34,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--o", required=True, help="output folder (e.g. CtfRefine/job001)")
     p.add_argument("--defocus_range", type=float, default=2000.0, metavar="A",
                    help="largest defocus change searched (Å)")
+    p.add_argument("--fit_astigmatism", action="store_true",
+                   help="fit each micrograph's astigmatism too (needs rlnMicrographName)")
+    p.add_argument("--astigmatism_range", type=float, default=500.0, metavar="A",
+                   help="largest change of each astigmatism component searched (Å), with "
+                        "--fit_astigmatism")
     p.add_argument("--minres", type=float, default=30.0, metavar="A",
                    help="lowest resolution used in the fit (Å)")
     p.add_argument("--particle_diameter", type=float, default=None, metavar="A",
@@ -62,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     star, out = Path(args.i), Path(args.o)
     if not (np.isfinite(args.defocus_range) and 0 < args.defocus_range <= 20000):
         raise InputError(f"--defocus_range {args.defocus_range}: expected (0, 20000] Å")
+    if not (np.isfinite(args.astigmatism_range) and 0 < args.astigmatism_range <= 5000):
+        raise InputError(f"--astigmatism_range {args.astigmatism_range}: expected (0, 5000] Å")
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--j {args.threads}: expected at least 1 thread")
     check_output_dir(out, "--o")
@@ -77,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
             if col not in table:
                 raise InputError(f"{star}: no {col} column; expected a refinement's "
                                  f"run_data.star (poses and half-sets)")
+        if args.fit_astigmatism and "rlnMicrographName" not in table:
+            raise InputError(f"{star}: no rlnMicrographName column; --fit_astigmatism fits "
+                             f"one astigmatism per micrograph")
         subset = table["rlnRandomSubset"].to_numpy(np.int64)
         if not np.isin(subset, (1, 2)).all():
             raise InputError(f"{star}: rlnRandomSubset must be 1 or 2 in every row")
@@ -96,12 +110,14 @@ def run(args: argparse.Namespace) -> int:
         radius = 0.5 * diameter / pix if diameter else box / 2 - 3
         set_threads(args.threads)
         fit = fit_defocus(particles, (maps[0], maps[1]), subset, radius, r_min, r_max,
-                          search_range=args.defocus_range)
+                          search_range=args.defocus_range,
+                          astigmatism_range=args.astigmatism_range if args.fit_astigmatism
+                          else 0.0)
         delta = fit.delta
         new = table.copy()
-        new["rlnDefocusU"] = table["rlnDefocusU"].to_numpy(np.float64) + delta
-        v = table["rlnDefocusV"] if "rlnDefocusV" in table else table["rlnDefocusU"]
-        new["rlnDefocusV"] = v.to_numpy(np.float64) + delta
+        new["rlnDefocusU"], new["rlnDefocusV"] = fit.defocus_u, fit.defocus_v
+        if args.fit_astigmatism:
+            new["rlnDefocusAngle"] = fit.defocus_angle
         make_output_dir(out, "--o")
         out_star = out / "particles_ctf_refine.star"
         write_particles(out_star, particles.optics, new)
@@ -113,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
                  f"{delta.max():.0f} Å; each particle's own estimate: median precision "
                  f"{np.sqrt(np.median(fit.variance)):.0f} Å, at the search's edge "
                  f"{int(np.sum(np.abs(fit.delta) >= args.defocus_range))}"]
+        if args.fit_astigmatism:
+            change = fit.astigmatism_change
+            lines.append(f"astigmatism change |(δc, δs)| per particle's micrograph: median "
+                         f"{np.median(change):.0f} Å, largest {change.max():.0f} Å")
         write_text_atomic(out / "ctf_refine.log", "\n".join(lines) + "\n")
         _plot(out / "defocus_change.png", delta)
     finally:

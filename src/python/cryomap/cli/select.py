@@ -24,7 +24,9 @@ Write the particles of --i that pass every selection given, as a RELION particle
                            resolution against the best class's, whether its average's signal
                            lies centred within the particle, and its size; within the kept
                            classes, particles whose amplitude (rlnCtfScalefactor) is below
-                           half the median are dropped too (docs/running.md).
+                           half the median, or whose log-likelihood
+                           (rlnLogLikeliContribution) lies more than 2.5 robust standard
+                           deviations below the median, are dropped too (docs/running.md).
 What was kept and dropped, and why, is printed.
 
 examples:
@@ -68,7 +70,14 @@ def run(args: argparse.Namespace) -> int:
     from ..io.atomic import check_output_dir, make_output_dir
     from ..io.star import read_star
     from ..particles import write_particles
-    from ..select import MIN_AMPLITUDE, amplitude_outliers, rank_classes, select_rows
+    from ..select import (
+        MAX_LIKELIHOOD_DEVIATION,
+        MIN_AMPLITUDE,
+        amplitude_outliers,
+        likelihood_outliers,
+        rank_classes,
+        select_rows,
+    )
 
     _check(args)
     star, out = Path(args.i), Path(args.o)
@@ -98,10 +107,14 @@ def run(args: argparse.Namespace) -> int:
         good = [r.number for r in ranks if r.keep]
         in_good = np.isin(particles["rlnClassNumber"].to_numpy(np.int64), good)
         faint = amplitude_outliers(particles) & in_good
-        keep &= in_good & ~faint
+        unexplained = likelihood_outliers(particles) & in_good & ~faint
+        keep &= in_good & ~faint & ~unexplained
         lines = [f"class {r.number:3d}: {r.particles:6d} particles, {r.reason}" for r in ranks]
         lines.append(f"dropped {int(faint.sum())} particle(s) of the kept classes whose "
                      f"amplitude (rlnCtfScalefactor) is below {MIN_AMPLITUDE:g} x the median")
+        lines.append(f"dropped {int(unexplained.sum())} more whose log-likelihood "
+                     f"(rlnLogLikeliContribution) is over {MAX_LIKELIHOOD_DEVIATION:g} robust "
+                     f"standard deviations below the median")
     if not keep.any():
         raise InputError(f"{star}: no particle passes the selection; nothing written")
     for line in lines:
