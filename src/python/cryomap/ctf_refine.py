@@ -210,7 +210,7 @@ def _fit_rows(params, grid_args: tuple, p: np.ndarray, q: np.ndarray, coarse: np
     delta, variance = np.zeros(n), np.zeros(n)
     for start in range(0, n, BATCH):
         rows = np.arange(start, min(start + BATCH, n))
-        d, _, var = _fit_batch(params.subset(rows), grid_args, p[rows], q[rows], coarse, fine)
+        d, var = _fit_batch(params.subset(rows), grid_args, p[rows], q[rows], coarse, fine)
         delta[rows], variance[rows] = d, var
     return delta, variance
 
@@ -237,11 +237,10 @@ def _fit_astigmatism(params, grid_args: tuple, p: np.ndarray, q: np.ndarray,
 
 
 def _fit_batch(params, grid_args: tuple, p: np.ndarray, q: np.ndarray, coarse: np.ndarray,
-               fine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(delta, gain, variance) of a batch: the coarse grid's best point, then the fine grid
-    around it; the variance from the score's curvature there."""
+               fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(delta, variance) of a batch: the coarse grid's best point, then the fine grid around
+    it; the variance from the score's curvature there."""
     b = p.shape[0]
-    zero = _scores(params, np.zeros((b, 1)), *grid_args, p, q)[:, 0]
     s = _scores(params, np.broadcast_to(coarse, (b, coarse.size)), *grid_args, p, q)
     grid = coarse[np.argmin(s, axis=1)][:, None] + fine[None, :]
     s = _scores(params, grid, *grid_args, p, q)
@@ -252,4 +251,4 @@ def _fit_batch(params, grid_args: tuple, p: np.ndarray, q: np.ndarray, coarse: n
     step = fine[1] - fine[0]
     curvature = (s[rows, c + 1] - 2.0 * s[rows, c] + s[rows, c - 1]) / (2.0 * step**2)
     variance = np.where(curvature > 0, 1.0 / np.where(curvature > 0, curvature, 1.0), np.inf)
-    return grid[rows, k], np.maximum(zero - s[rows, k], 0.0) / 2.0, variance
+    return grid[rows, k], variance
