@@ -168,3 +168,34 @@ def test_info_reports_an_unreadable_stack(particles_star, capsys):
     out = capsys.readouterr().out
     assert "first particle 000001@stack.mrcs: STACK UNREADABLE: " in out
     assert "500 bytes; an MRC header needs 1024" in out
+
+
+def test_info_summarises_relion30_metadata_without_its_stacks(tmp_path, capsys, monkeypatch):
+    # a RELION 3.0 refinement's data file whose images are elsewhere: no data_optics, so the
+    # box can only come from the stacks; info summarises the metadata and names what is missing
+    monkeypatch.chdir(tmp_path)
+    write_stack(tmp_path / "here.mrcs", np.zeros((1, 8, 8), np.float32), 1.0)
+    rows = ["1@Particles/mic1.mrcs 10000 9800 30 10 20 30 1.5 -2 1 1",
+            "2@Particles/mic1.mrcs 12000 11800 35 40 50 60 0.5 2 2 2",
+            "1@Particles/mic2.mrcs 15000 14800 40 70 80 90 -1 0 2 1",
+            "1@here.mrcs 11000 10800 45 5 6 7 0 0 1 2"]
+    labels = ["rlnImageName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnAngleRot",
+              "rlnAngleTilt", "rlnAnglePsi", "rlnOriginX", "rlnOriginY", "rlnClassNumber",
+              "rlnRandomSubset"]
+    text = "\ndata_\n\nloop_\n" + "".join(f"_{lab} #{i + 1}\n" for i, lab in enumerate(labels))
+    (tmp_path / "r30.star").write_text(text + "\n".join(rows) + "\n")
+    assert main(["info", "--i", "r30.star"]) == 0
+    out = capsys.readouterr().out
+    assert "no data_optics" in out and "the metadata alone:" in out
+    assert "particles: 4" in out
+    assert "rlnDefocusU: 10000 .. 15000" in out
+    assert "rlnAngleTilt: 6 .. 80" in out
+    assert "rlnOriginX: -1 .. 1.5" in out
+    assert "rlnClassNumber: 1: 2, 2: 2" in out
+    assert "stacks: 3 named, 1 found, 2 missing" in out
+    assert "missing: Particles/mic1.mrcs, Particles/mic2.mrcs" in out
+
+
+def test_info_counts_missing_stacks_of_a_particle_file(particles_star, capsys):
+    assert main(["info", "--i", str(particles_star)]) == 0
+    assert "stacks: 1 named, 1 found, 0 missing" in capsys.readouterr().out

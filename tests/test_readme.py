@@ -98,3 +98,17 @@ def test_users_pipeline_in_order():
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__, "-q"])
+
+
+def test_round_trip_commands_parse():
+    """README's round-trip block names real commands and options (parsed, not run: their
+    inputs are a user's project)."""
+    from cryomap.cli.main import build_parser
+
+    commands = readme_chain("## Round trips with RELION and cryoSPARC")
+    verbs = [shlex.split(c)[1] for c in commands]
+    for verb in ("star", "symmetry_expand", "subtract", "export", "info", "reconstruct"):
+        assert verb in verbs, verb
+    parser = build_parser()
+    for command in commands:
+        parser.parse_args(shlex.split(command)[1:])

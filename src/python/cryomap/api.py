@@ -412,13 +412,15 @@ class ReconstructResult:
 def reconstruct(particles: Particles, output: PathLike | None = None, *, sym: str = "C1",
                 ctf: bool = False, subset: int | None = None, angpix: float | None = None,
                 maxres: float | None = None, seed: int = 0, threads: int | None = None,
-                echo: Echo = print, ranks: Ranks | None = None) -> ReconstructResult:
+                echo: Echo = print, ranks: Ranks | None = None, classes: bool = False
+                ) -> ReconstructResult | dict[int, ReconstructResult]:
     """The map of particles at their poses (rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst), as
     relion_reconstruct, on the refinement's regularised path (`cryomap reconstruct`;
     jobs.reconstruct). ctf: correct for the CTF (off by default, as relion_reconstruct);
     subset: only the particles of half-set 1 or 2; maxres: highest resolution used (Å).
     output: an .mrc path (plus <name>_half1/2.mrc) or None (nothing written); ranks as
-    `refine`."""
+    `refine`. classes: one map per class of rlnClassNumber (`<name>_class001.mrc` ...),
+    returned as {class number: result}."""
     from .jobs.reconstruct import reconstruct as run_reconstruct
 
     if not isinstance(particles, (ParticleSet, str, os.PathLike)):
@@ -426,7 +428,15 @@ def reconstruct(particles: Particles, output: PathLike | None = None, *, sym: st
                         f"{type(particles).__name__}")
     set_threads(threads)
     r = run_reconstruct(particles, output, angpix=angpix, sym=sym, use_ctf=ctf,
-                        subset=subset, maxres=maxres, seed=seed, echo=echo, ranks=ranks)
+                        subset=subset, maxres=maxres, seed=seed, echo=echo, ranks=ranks,
+                        classes=classes)
+    if classes:
+        return {k: _reconstruct_result(one, subset) for k, one in r.items()}
+    return _reconstruct_result(r, subset)
+
+
+def _reconstruct_result(r, subset: int | None) -> ReconstructResult:
+    """The API's typed result of one jobs.reconstruct result."""
     pix = r.pixel_size
     maps = r.state.final_maps
     return ReconstructResult(

@@ -22,6 +22,7 @@ then a fine square grid; each particle's Δ is fitted before and again after it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -143,7 +144,8 @@ def fit_defocus(particles: ParticleSet, half_maps: tuple[np.ndarray, np.ndarray]
 
 class _Correlations:
     """P = Re(conj(A) X) / sigma2 and Q = |A|² / sigma2 of particles at their poses, A the
-    projection of their own half-set's map (the sufficient statistics of every score)."""
+    projection of their own half-set's map (the sufficient statistics of every score).
+    `batches` and `project` give the per-image pieces to other fits (ctf_aberrations)."""
 
     def __init__(self, source: ImageSource, mask, use: np.ndarray, particles: ParticleSet,
                  subset: np.ndarray, refs: list) -> None:
@@ -154,10 +156,11 @@ class _Correlations:
         self.angles = particles.angles()
         self.origins = particles.origins_px(pixel_size=source.pixel_size)
 
-    def compute(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(P, Q), each (len(idx), J) float64, for images idx of one magnification class."""
-        out_p = np.empty((idx.size, self.use.size))
-        out_q = np.empty_like(out_p)
+    def batches(self, idx: np.ndarray) -> Iterator[tuple]:
+        """Per BATCH images of idx (one magnification class): (rows, batch, x, rot, w) with
+        rows the slice of idx, batch the ImageSource.Batch (its ctf over all mask pixels),
+        x (B, J) the images at the used pixels, fully translated by their origins, rot
+        (B, 3, 3) the poses' A matrices (not magnified) and w (B, J) float64 1/sigma2."""
         for start in range(0, idx.size, BATCH):
             part = idx[start:start + BATCH]
             origins = self.origins[part]
@@ -167,15 +170,29 @@ class _Correlations:
                                        origins - np.rint(origins), self.source.box)[:, self.use]
             a = self.angles[part]
             rot = euler_to_matrix(a[:, 0], a[:, 1], a[:, 2])
+            w = self.noise.inv_sigma2(batch.group, self.mask)[:, self.use].astype(np.float64)
+            yield slice(start, start + part.size), batch, x, rot, w
+
+    def project(self, part: np.ndarray, rot: np.ndarray, coords: np.ndarray | None = None
+                ) -> np.ndarray:
+        """(B, J) projections of images `part` (rows of the particle table) at rot, each
+        from its own half-set's map, at `coords` (default: the used pixels)."""
+        coords = self.coords if coords is None else coords
+        proj = np.empty((part.size, coords.shape[0]), np.complex64)
+        for h in (1, 2):
+            sel = np.flatnonzero(self.subset[part] == h)
+            if sel.size:
+                proj[sel] = projector.project(self.refs[h - 1], rot[sel], coords)
+        return proj
+
+    def compute(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(P, Q), each (len(idx), J) float64, for images idx of one magnification class."""
+        out_p = np.empty((idx.size, self.use.size))
+        out_q = np.empty_like(out_p)
+        for rows, batch, x, rot, w in self.batches(idx):
             if batch.magnification is not None:  # the map sampled at A^T M k
                 rot = magnified_rotations(rot, batch.magnification)
-            proj = np.empty_like(x)
-            for h in (1, 2):
-                sel = np.flatnonzero(self.subset[part] == h)
-                if sel.size:
-                    proj[sel] = projector.project(self.refs[h - 1], rot[sel], self.coords)
-            w = self.noise.inv_sigma2(batch.group, self.mask)[:, self.use].astype(np.float64)
-            rows = slice(start, start + part.size)
+            proj = self.project(batch.indices, rot)
             out_p[rows] = w * (np.conj(proj) * x).real
             out_q[rows] = w * np.abs(proj) ** 2
         return out_p, out_q

@@ -58,7 +58,8 @@ def add_class_arguments(p: argparse.ArgumentParser, ndim: int) -> None:
                    help="class-similarity control: the class posterior is raised to 1/T in the "
                         "M-step, T falling from this value to 1 over the first half of the "
                         "iterations (after the classes are seeded); keeps a particle's own "
-                        "noise from freezing it in its seed class; 1: plain EM, as RELION "
+                        "noise from freezing it in its seed class; 1: plain EM, as RELION; "
+                        "cryoSPARC's class similarity s is T = 1/(1 - s) (docs/method.md) "
                         f"(default {d.class_temperature:g})")
     p.add_argument("--split_halves", "--split-halves", dest="split_halves",
                    action="store_true", default=d.split_halves,

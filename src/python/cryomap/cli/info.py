@@ -11,7 +11,7 @@ import pandas as pd
 from ..errors import InputError
 from ..io.mrc import check_pixel_size, open_stack, read_header
 from ..io.star import read_star
-from ..particles import ParticleSet, load_particles
+from ..particles import ParticleSet, _resolve_stack, load_particles, stack_search_dirs
 
 COMMAND = "info"
 HELP = "summarise a STAR or cryoSPARC .cs file, an MRC map or an MRC image stack"
@@ -83,15 +83,7 @@ def _particle_lines(ps: ParticleSet, notes: list[str]) -> list[str]:
     out.append("particle columns: " + " ".join(ps.particles.columns))
 
     p = ps.particles
-    for label in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
-                  "rlnOriginYAngst", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"):
-        if label in p.columns:
-            vals = pd.to_numeric(p[label], errors="coerce").to_numpy(dtype=np.float64)
-            out.append(f"  {label}: {_range(vals)}")
-    for label in ("rlnClassNumber", "rlnRandomSubset"):
-        if label in p.columns:
-            counts = p[label].value_counts().sort_index()
-            out.append(f"  {label}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    out += _column_lines(p)
 
     # Do the images resolve, and do the stacks hold images of the stated box?
     rows = [0, ps.n_particles - 1]
@@ -131,8 +123,68 @@ def _star_info(path: Path, angpix: float | None) -> list[str]:
     if not is_particles:
         return out
     notes: list[str] = []
-    with load_particles(path, angpix=angpix, log=notes.append, check_stacks=False) as ps:
-        out += _particle_lines(ps, notes)
+    try:
+        with load_particles(path, angpix=angpix, log=notes.append, check_stacks=False) as ps:
+            out += _particle_lines(ps, notes) + _stack_lines(ps.particles, path)
+    except InputError as e:
+        # RELION 3.0 metadata (no data_optics) whose stacks are elsewhere: the box size can
+        # only come from the images, so summarise the metadata; a damaged optics table stays
+        # an error (a value the user must supply, e.g. --angpix)
+        tables = [b for b in blocks.values()
+                  if isinstance(b, pd.DataFrame) and "rlnImageName" in b.columns]
+        if "optics" in blocks or not tables:
+            raise
+        table = tables[0]
+        out.append(f"note: not readable as a particle set ({e}); the metadata alone:")
+        out += _metadata_lines(table, path)
+    return out
+
+
+def _column_lines(p: pd.DataFrame) -> list[str]:
+    """Ranges of the pose and CTF columns and counts of the class and half-set columns."""
+    out = []
+    for label in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
+                  "rlnOriginYAngst", "rlnOriginX", "rlnOriginY", "rlnDefocusU",
+                  "rlnDefocusV", "rlnDefocusAngle"):
+        if label in p.columns:
+            vals = pd.to_numeric(p[label], errors="coerce").to_numpy(dtype=np.float64)
+            out.append(f"  {label}: {_range(vals)}" if np.isfinite(vals).any()
+                       else f"  {label}: no numeric values")
+    for label in ("rlnClassNumber", "rlnRandomSubset"):
+        if label in p.columns:
+            counts = p[label].value_counts().sort_index()
+            out.append(f"  {label}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return out
+
+
+def _metadata_lines(p: pd.DataFrame, path: Path) -> list[str]:
+    """What a particle table says without its images: counts, columns, ranges, and which of
+    the stacks it names exist (looked up as load_particles does)."""
+    return ([f"particles: {len(p)}", "particle columns: " + " ".join(p.columns)]
+            + _column_lines(p) + _stack_lines(p, path))
+
+
+def _stack_lines(p: pd.DataFrame, path: Path) -> list[str]:
+    """How many of the stacks that rlnImageName names exist (looked up as load_particles
+    does), and the first missing ones."""
+    out = []
+    files = p["rlnImageName"].astype(str).str.strip().str.partition("@")
+    stacks = pd.unique(files[2].where(files[1] == "@", files[0]))
+    dirs = stack_search_dirs(path)
+    missing = []
+    for name in stacks:
+        try:
+            found = _resolve_stack(str(name), dirs, str(path))
+        except InputError:
+            found = None
+        if found is None:
+            missing.append(str(name))
+    out.append(f"stacks: {len(stacks)} named, {len(stacks) - len(missing)} found, "
+               f"{len(missing)} missing (looked in {', '.join(str(d) for d in dirs)})")
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
+                                         if len(missing) > 5 else "")
+        out.append(f"  missing: {shown}")
     return out
 
 

@@ -43,6 +43,24 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Options in RELION's underscore spelling, with hyphens accepted for every one of
+        them (--particle-diameter = --particle_diameter; docs/running.md)."""
+        words = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._canonical(w) for w in words], namespace)
+
+    def _canonical(self, word: str) -> str:
+        """The spelling this parser knows of an option word `--a-b[=value]` (unchanged when
+        it knows it as given, or knows no underscore form of it)."""
+        if not word.startswith("--"):
+            return word
+        name, eq, value = word.partition("=")
+        known = self._option_string_actions
+        underscored = "--" + name[2:].replace("-", "_")
+        if name in known or underscored not in known:
+            return word
+        return underscored + eq + value
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""

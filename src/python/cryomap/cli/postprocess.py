@@ -219,7 +219,7 @@ def plot_guinier(path: Path, r) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check every input, compute, then write the outputs (nothing is written on error)."""
     from ..io.atomic import check_output_dir, make_output_dir, remove_stale_temps
-    from ..io.mrc import check_pixel_size, read_map, write_map
+    from ..io.mrc import read_half_maps, read_map, write_map
     from ..io.star import write_star
     from ..masks import check_mask
     from ..postprocess import PostprocessOptions, postprocess
@@ -230,21 +230,11 @@ def run(args: argparse.Namespace) -> int:
     mask_path = Path(args.mask)
     out = Path(args.output)
     check_output_dir(out, "--o")
-    h1, pix1 = read_map(h1_path)
-    if not h2_path.exists():
+    if h1_path.exists() and not h2_path.exists():
         raise InputError(f"{h2_path}: second half map not found (derived from --i by "
                          f"half1 -> half2); give it with --i2")
-    h2, pix2 = read_map(h2_path)
+    h1, h2, pix = read_half_maps(h1_path, h2_path, args.angpix)
     mask, pix_mask = read_map(mask_path)
-    if h1.ndim != 3:
-        raise InputError(f"{h1_path}: shape {h1.shape} is a 2D image; expected a 3D map")
-    if h2.shape != h1.shape:
-        raise InputError(f"{h2_path}: box {h2.shape} differs from {h1_path} {h1.shape}; "
-                         f"expected two half maps of one box")
-    if args.angpix <= 0 and abs(pix2 - pix1) > 1e-3:
-        raise InputError(f"{h2_path}: pixel size {pix2:g} A differs from {h1_path} "
-                         f"({pix1:g} A); expected half maps of one pixel size (or set --angpix)")
-    pix = check_pixel_size(args.angpix, "--angpix") if args.angpix > 0 else pix1
     check_mask(mask, h1.shape, str(mask_path))
     if args.low_pass > 0 and args.low_pass < 2 * pix:
         raise InputError(f"--low_pass {args.low_pass:g}: beyond Nyquist ({2 * pix:g} A); "

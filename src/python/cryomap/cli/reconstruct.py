@@ -17,9 +17,14 @@ group of --sym. Outputs: the map (--o) and the unfiltered half maps <o>_half1.mr
 FSC of two random halves of it) and only --o is written. Unlike relion_reconstruct the map is
 regularised. See docs/symmetry.md.
 
+With --classes, one map per class (rlnClassNumber, e.g. of a class3d run_data.star) from the
+particles assigned to it: <o>_class001.mrc with <o>_class001_half1/2.mrc, and so on. RELION's
+data files keep only each particle's most probable class, so the assignment is hard.
+
 example:
   cryomap reconstruct --i Refine3D/job001/run_data.star --o rec.mrc --ctf --sym C1
   cryomap reconstruct --i run_data.star --o half1.mrc --ctf --sym D2 --subset 1 --maxres 4
+  cryomap reconstruct --i Class3D/job003/run_it025_data.star --o rec.mrc --ctf --classes
 """
 
 
@@ -39,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pixel size (Å) replacing the file's (needed when it has none)")
     p.add_argument("--maxres", type=float, default=None,
                    help="highest resolution (Å) used (default: Nyquist)")
+    p.add_argument("--classes", action="store_true",
+                   help="one map per class of rlnClassNumber (<o>_class001.mrc and its half "
+                        "maps, ...) from the particles assigned to it")
     p.add_argument("--j", "--threads", dest="threads", type=int, default=None,
                    help="OpenMP threads (default: all cores)")
 
@@ -51,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--j {args.threads}: expected at least 1 thread")
     reconstruct(args.i, args.o, sym=args.sym, ctf=args.use_ctf, subset=args.subset,
-                angpix=args.angpix, maxres=args.maxres, threads=args.threads, ranks=args._ranks)
+                angpix=args.angpix, maxres=args.maxres, threads=args.threads, ranks=args._ranks,
+                classes=args.classes)
     return 0

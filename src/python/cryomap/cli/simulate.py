@@ -16,7 +16,7 @@ from .options import check_run_memory, seed_arg
 COMMAND = "simulate"
 HELP = "simulate particle images of a map (or the built-in phantom) with known poses"
 DESCRIPTION = """\
-Simulate particle images: uniformly random orientations, random origins within --max-shift px,
+Simulate particle images: uniformly random orientations, random origins within --max_shift px,
 per-image astigmatic defocus, CTF (unless --no-ctf) and white Gaussian noise with variance =
 (mean per-image variance of the clean CTF-modulated images over the whole box) / --snr.
 Writes DIR/particles.mrcs, DIR/particles.star (RELION 3.1: optics + particles, no poses) and
@@ -26,7 +26,7 @@ Several --i maps (same box) give one class each.
 
 example:
   cryomap simulate --o sim --n 1000 --snr 0.1 --box 64 --angpix 3.0 --seed 0
-  cryomap simulate --i map.mrc --o sim --n 5000 --defocus-min 8000 --defocus-max 20000
+  cryomap simulate --i map.mrc --o sim --n 5000 --defocus_min 8000 --defocus_max 20000
   cryomap simulate --o sim3 --n 3000 --variants 3      # three classes of phantom variants
 """
 
@@ -63,11 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--angpix", type=float, metavar="A", default=None,
                    help="pixel size (A); phantom default 3.0; with --i overrides the header")
     p.add_argument("--seed", type=seed_arg, default=0, help="random seed")
-    p.add_argument("--max-shift", "--max_shift", type=float, default=3.0,
+    p.add_argument("--max_shift", "--max-shift", type=float, default=3.0,
                    help="largest origin offset (px), uniform in the disc")
-    p.add_argument("--defocus-min", "--defocus_min", type=float, default=10000.0,
+    p.add_argument("--defocus_min", "--defocus-min", type=float, default=10000.0,
                    help="smallest mean defocus (A, underfocus)")
-    p.add_argument("--defocus-max", "--defocus_max", type=float, default=25000.0,
+    p.add_argument("--defocus_max", "--defocus-max", type=float, default=25000.0,
                    help="largest mean defocus (A)")
     p.add_argument("--astigmatism", type=float, default=500.0,
                    help="largest defocus difference U - V (A)")
@@ -140,10 +140,10 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise InputError(f"--n {args.n}: expected >= 1 particles")
     if not 0 < args.defocus_min <= args.defocus_max < np.inf:
-        raise InputError(f"--defocus-min {args.defocus_min:g} / --defocus-max "
+        raise InputError(f"--defocus_min {args.defocus_min:g} / --defocus_max "
                          f"{args.defocus_max:g}: expected 0 < min <= max (A)")
     if not (0 <= args.max_shift < np.inf and 0 <= args.astigmatism < np.inf):
-        raise InputError("--max-shift, --astigmatism: expected finite values >= 0")
+        raise InputError("--max_shift, --astigmatism: expected finite values >= 0")
     if np.isnan(args.snr):
         raise InputError("--snr nan: expected a number (0 or negative: no noise)")
     # The microscope options, checked against the same ranges as STAR files.
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
         if CTF_RANGES[label].bad(value):
             raise InputError(f"{opt} {value:g}: expected {CTF_RANGES[label].text()}")
     if args.ctf and not args.defocus_min > args.astigmatism / 2:
-        raise InputError(f"--defocus-min {args.defocus_min:g} / --astigmatism "
-                         f"{args.astigmatism:g}: expected defocus-min > astigmatism / 2 (so "
+        raise InputError(f"--defocus_min {args.defocus_min:g} / --astigmatism "
+                         f"{args.astigmatism:g}: expected defocus_min > astigmatism / 2 (so "
                          f"that every defocus V is positive)")
     if args.i is None:  # before the phantom is made: its size alone may be too large
         box = 64 if args.box is None else args.box
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     maps, pix, phantom = _load_maps(args)
     check_run_memory(_memory(args.n, maps[0].shape[0], len(maps)))
     if args.max_shift > maps[0].shape[0] / 2:
-        raise InputError(f"--max-shift {args.max_shift:g}: expected <= {maps[0].shape[0] / 2:g}"
+        raise InputError(f"--max_shift {args.max_shift:g}: expected <= {maps[0].shape[0] / 2:g}"
                          f" px (half the box)")
     imperfections = Imperfections(**{o[0]: getattr(args, o[0]) for o in IMPERFECTION_OPTIONS})
     try:

@@ -20,6 +20,7 @@ fields named `<group>/<field>`. The fields read and their RELION equivalents:
                                       (blob/psize_A when absent); same sign
   alignments3D/split (0/1)            rlnRandomSubset (1/2)
   alignments3D/class (0-based)        rlnClassNumber (1-based)
+  alignments3D/class_posterior        rlnMaxValueProbDistribution
   alignments2D/pose (rad), /shift     rlnAnglePsi, rlnOriginX/YAngst when there is no 3D pose
   location/micrograph_path            rlnMicrographName
 
@@ -29,6 +30,11 @@ rlnOriginX/Y, and both use the transpose of the Rodrigues rotation of `pose` as 
 Euler matrix. Higher-order aberrations (ctf/tilt_A, ctf/trefoil_A, ctf/tetra_A,
 ctf/anisomag, ctf/shift_A) and blob/sign are not converted (a note is logged when they are
 non-zero).
+
+Each conversion is owned here, by a table or a pair of inverse functions shared with the
+writer (io.cryosparc_export, `cryomap export`): PARTICLE_FIELDS, OPTICS_FIELDS,
+ALIGNMENT_FIELDS with to_relion / to_cryosparc, and rotvec_to_relion_euler /
+relion_euler_to_rotvec.
 
 Blob paths are relative to the cryoSPARC project folder: give it as `project_dir`. Without
 it, a relative path is looked up relative to the working folder, then to the `.cs` file's
@@ -45,16 +51,61 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
-from ..euler import matrix_to_euler
+from ..euler import euler_to_matrix, matrix_to_euler
 from .mrc import check_pixel_size
 
 __all__ = ["read_cs", "cs_to_relion", "load_cryosparc", "rotvec_to_matrix",
-           "rotvec_to_relion_euler"]
+           "matrix_to_rotvec", "rotvec_to_relion_euler", "relion_euler_to_rotvec",
+           "PARTICLE_FIELDS", "OPTICS_FIELDS", "ALIGNMENT_FIELDS", "to_relion", "to_cryosparc"]
 
 PathLike = str | os.PathLike
 
 _ABERRATION_FIELDS = ("ctf/tilt_A", "ctf/trefoil_A", "ctf/tetra_A", "ctf/anisomag",
                       "ctf/shift_A")
+
+# Units of the one-to-one fields: "same" (no conversion), "radians" (RELION: degrees) and
+# "index" (cryoSPARC 0-based, RELION 1-based).
+#: Per-particle CTF fields -> (RELION particle label, unit).
+PARTICLE_FIELDS = {
+    "ctf/df1_A": ("rlnDefocusU", "same"),
+    "ctf/df2_A": ("rlnDefocusV", "same"),
+    "ctf/df_angle_rad": ("rlnDefocusAngle", "radians"),
+    "ctf/phase_shift_rad": ("rlnPhaseShift", "radians"),
+    "ctf/scale": ("rlnCtfScalefactor", "same"),
+    "ctf/bfactor": ("rlnCtfBfactor", "same"),
+}
+#: CTF fields stored per particle by cryoSPARC and per optics group by RELION.
+OPTICS_FIELDS = {
+    "ctf/accel_kv": ("rlnVoltage", "same"),
+    "ctf/cs_mm": ("rlnSphericalAberration", "same"),
+    "ctf/amp_contrast": ("rlnAmplitudeContrast", "same"),
+}
+#: alignments3D/<name> and alignments2D/<name> fields besides pose and shift.
+ALIGNMENT_FIELDS = {
+    "split": ("rlnRandomSubset", "index"),
+    "class_posterior": ("rlnMaxValueProbDistribution", "same"),
+    "class": ("rlnClassNumber", "index"),
+}
+
+
+def to_relion(unit: str, values: np.ndarray) -> np.ndarray:
+    """cryoSPARC values of a field of `unit` (PARTICLE_FIELDS, ...) in RELION's units."""
+    v = np.asarray(values, np.float64)
+    if unit == "radians":
+        return np.rad2deg(v)
+    if unit == "index":
+        return v.astype(np.int64) + 1
+    return v
+
+
+def to_cryosparc(unit: str, values: np.ndarray) -> np.ndarray:
+    """RELION values of a label of `unit` in cryoSPARC's units: the inverse of to_relion."""
+    v = np.asarray(values, np.float64)
+    if unit == "radians":
+        return np.deg2rad(v)
+    if unit == "index":
+        return v.astype(np.int64) - 1
+    return v
 
 
 def read_cs(path: PathLike) -> np.ndarray:
@@ -92,11 +143,48 @@ def rotvec_to_matrix(v: np.ndarray) -> np.ndarray:
     return np.eye(3) + s * kmat + c * (kmat @ kmat)
 
 
+def matrix_to_rotvec(m: np.ndarray) -> np.ndarray:
+    """Inverse of rotvec_to_matrix: the axis-angle vector (..., 3), angle in [0, pi], of
+    rotation matrices (..., 3, 3) (equal to scipy's Rotation.from_matrix(m).as_rotvec(),
+    up to the sign of v at angle pi). Through the unit quaternion, taken from the largest
+    of its four candidate components, which stays accurate near angle pi."""
+    m = np.asarray(m, dtype=np.float64)
+    tr = np.trace(m, axis1=-2, axis2=-1)
+    diag = np.diagonal(m, axis1=-2, axis2=-1)
+    choice = np.argmax(np.concatenate([diag, tr[..., None]], axis=-1), axis=-1)
+    # (x, y, z, w) unnormalised: from w when the trace is largest ...
+    q = np.stack([m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0],
+                  m[..., 1, 0] - m[..., 0, 1], 1.0 + tr], axis=-1)
+    for i in range(3):  # ... else from the largest of x, y, z
+        j, k = (i + 1) % 3, (i + 2) % 3
+        qi = np.empty_like(q)
+        qi[..., i] = 1.0 - tr + 2.0 * m[..., i, i]
+        qi[..., j] = m[..., j, i] + m[..., i, j]
+        qi[..., k] = m[..., k, i] + m[..., i, k]
+        qi[..., 3] = m[..., k, j] - m[..., j, k]
+        q = np.where((choice == i)[..., None], qi, q)
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    q = np.where(q[..., 3:] < 0, -q, q)  # w >= 0: angle in [0, pi]
+    s = np.linalg.norm(q[..., :3], axis=-1)  # sin(angle / 2)
+    angle = 2.0 * np.arctan2(s, q[..., 3])
+    # angle / sin(angle / 2), with its series near 0
+    scale = np.where(s > 1e-8, angle / np.where(s > 1e-8, s, 1.0), 2.0 + angle**2 / 12.0)
+    return q[..., :3] * scale[..., None]
+
+
 def rotvec_to_relion_euler(pose: np.ndarray) -> np.ndarray:
     """cryoSPARC alignments3D/pose (n, 3) -> RELION (rot, tilt, psi) in degrees, (n, 3):
     RELION's A = R(pose)^T (docs/conventions.md, "cryoSPARC files")."""
     a = np.swapaxes(rotvec_to_matrix(np.asarray(pose, np.float64).reshape(-1, 3)), -1, -2)
     return np.stack(matrix_to_euler(a), axis=1)
+
+
+def relion_euler_to_rotvec(angles: np.ndarray) -> np.ndarray:
+    """RELION (rot, tilt, psi) in degrees (n, 3) -> cryoSPARC alignments3D/pose (n, 3): the
+    inverse of rotvec_to_relion_euler, pose = rotvec(A^T)."""
+    ang = np.asarray(angles, np.float64).reshape(-1, 3)
+    a = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
+    return matrix_to_rotvec(np.swapaxes(a, -1, -2))
 
 
 def _field(cs: np.ndarray, name: str) -> np.ndarray:
@@ -174,25 +262,16 @@ def cs_to_relion(cs: np.ndarray, where: str, angpix: float | None = None,
         box = np.zeros(n, np.int64)  # filled from the stack headers by the caller
 
     # CTF
-    ctf_fields = {"ctf/df1_A": "rlnDefocusU", "ctf/df2_A": "rlnDefocusV"}
     has_ctf = "ctf/df1_A" in names
     optics_vals: dict[str, np.ndarray] = {}
     if has_ctf:
-        for f, label in ctf_fields.items():
+        for f, (label, unit) in PARTICLE_FIELDS.items():
             if f in names:
-                parts[label] = _numbers(cs, f, where)
-        for f, label, conv in (("ctf/df_angle_rad", "rlnDefocusAngle", np.rad2deg),
-                               ("ctf/phase_shift_rad", "rlnPhaseShift", np.rad2deg),
-                               ("ctf/scale", "rlnCtfScalefactor", None),
-                               ("ctf/bfactor", "rlnCtfBfactor", None)):
-            if f in names:
-                v = _numbers(cs, f, where)
-                parts[label] = conv(v) if conv is not None else v
-        for f, label in (("ctf/accel_kv", "rlnVoltage"), ("ctf/cs_mm", "rlnSphericalAberration"),
-                         ("ctf/amp_contrast", "rlnAmplitudeContrast")):
+                parts[label] = to_relion(unit, _numbers(cs, f, where))
+        for f, (label, unit) in OPTICS_FIELDS.items():
             if f not in names:
                 raise InputError(f"{where}: no {f} field; expected it with the CTF (ctf/df1_A)")
-            optics_vals[label] = _numbers(cs, f, where)
+            optics_vals[label] = to_relion(unit, _numbers(cs, f, where))
         for f in _ABERRATION_FIELDS:
             if f in names and np.any(_numbers(cs, f, where, _field(cs, f).shape[1:]) != 0):
                 notes.append(f"{where}: {f} is non-zero and not converted (cryomap reads "
@@ -233,7 +312,7 @@ def _alignments(cs: np.ndarray, where: str, pix: np.ndarray) -> dict[str, np.nda
         parts.update(rlnAngleRot=ang[:, 0], rlnAngleTilt=ang[:, 1], rlnAnglePsi=ang[:, 2])
     elif "alignments2D/pose" in names:
         prefix = "alignments2D/"
-        parts["rlnAnglePsi"] = np.rad2deg(_numbers(cs, "alignments2D/pose", where))
+        parts["rlnAnglePsi"] = to_relion("radians", _numbers(cs, "alignments2D/pose", where))
     else:
         return parts
     if prefix + "shift" in names:
@@ -242,8 +321,6 @@ def _alignments(cs: np.ndarray, where: str, pix: np.ndarray) -> dict[str, np.nda
         sh = _numbers(cs, prefix + "shift", where, (2,))
         parts["rlnOriginXAngst"] = sh[:, 0] * shift_pix
         parts["rlnOriginYAngst"] = sh[:, 1] * shift_pix
-    if prefix + "class" in names:
-        parts["rlnClassNumber"] = _numbers(cs, prefix + "class", where).astype(np.int64) + 1
     if prefix + "split" in names:
         split = _numbers(cs, prefix + "split", where)
         bad = ~np.isin(split, (0.0, 1.0))
@@ -251,7 +328,9 @@ def _alignments(cs: np.ndarray, where: str, pix: np.ndarray) -> dict[str, np.nda
             r = int(np.argmax(bad))
             raise InputError(f"{where}, record {r + 1}: {prefix}split = {split[r]:g}; "
                              f"expected 0 or 1")
-        parts["rlnRandomSubset"] = split.astype(np.int64) + 1
+    for name, (label, unit) in ALIGNMENT_FIELDS.items():
+        if prefix + name in names:
+            parts[label] = to_relion(unit, _numbers(cs, prefix + name, where))
     return parts
 
 

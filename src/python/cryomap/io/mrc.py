@@ -192,6 +192,26 @@ def read_map(path: PathLike, angpix: float | None = None) -> tuple[np.ndarray, f
     return np.ascontiguousarray(data), pix
 
 
+def read_half_maps(path1: PathLike, path2: PathLike, angpix: float,
+                   names: tuple[str, str] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Two half maps of one 3D box and pixel size, and that pixel size (`angpix` > 0
+    replaces the headers'); InputError naming the file (`names`: how messages name them,
+    default the paths) for a 2D image, boxes or pixel sizes that differ."""
+    name1, name2 = names or (str(path1), str(path2))
+    h1, pix1 = read_map(path1)
+    h2, pix2 = read_map(path2)
+    if h1.ndim != 3:
+        raise InputError(f"{name1}: shape {h1.shape} is a 2D image; expected a 3D map")
+    if h2.shape != h1.shape:
+        raise InputError(f"{name2}: box {h2.shape} differs from {name1} {h1.shape}; "
+                         f"expected two half maps of one box")
+    if angpix <= 0 and abs(pix2 - pix1) > 1e-3:
+        raise InputError(f"{name2}: pixel size {pix2:g} A differs from {name1} "
+                         f"({pix1:g} A); expected half maps of one pixel size (or set --angpix)")
+    return h1, h2, check_pixel_size(angpix, "--angpix") if angpix > 0 else pix1
+
+
 def _write_mrc(path: Path, data: np.ndarray, pixel_size: float, stack: bool) -> None:
     pix = float(pixel_size)
     if not np.isfinite(pix) or pix <= 0:
