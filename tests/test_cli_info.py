@@ -113,8 +113,12 @@ def test_info_bad_particle_file(tmp_path, capsys):
     path = tmp_path / "p.star"
     opt = make_optics_table(1.0, 8).drop(columns=["rlnImageSize"])
     write_particles(path, opt, pd.DataFrame({"rlnImageName": ["1@s.mrcs"]}))
-    assert main(["info", "--i", str(path)]) == 2
-    _assert_one_line_error(capsys, "p.star: data_optics has no rlnImageSize column")
+    # info summarises what it can and says why a job would refuse the file
+    assert main(["info", "--i", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "note: jobs would refuse this file: " in out
+    assert "p.star: data_optics has no rlnImageSize column" in out
+    assert "particles: 1" in out and "stacks: 1 named, 0 found, 1 missing" in out
 
 
 def test_info_flags_stack_box_mismatch(tmp_path, capsys):
@@ -134,8 +138,8 @@ def test_info_angpix_for_files_without_pixel_size(tmp_path, capsys):
     write_stack(tmp_path / "s.mrcs", np.ones((2, 8, 8), np.float32), 1.0)
     opt = make_optics_table(1.0, 8).drop(columns=["rlnImagePixelSize"])
     write_particles(tmp_path / "p.star", opt, pd.DataFrame({"rlnImageName": ["1@s.mrcs"]}))
-    assert main(["info", "--i", str(tmp_path / "p.star")]) == 2
-    _assert_one_line_error(capsys, "no rlnImagePixelSize column")
+    assert main(["info", "--i", str(tmp_path / "p.star")]) == 0
+    assert "no rlnImagePixelSize column" in capsys.readouterr().out
     assert main(["info", "--i", str(tmp_path / "p.star"), "--angpix", "1.7"]) == 0
     assert "pixel 1.7000 A, box 8" in capsys.readouterr().out
     assert main(["info", "--i", str(tmp_path / "p.star"), "--angpix", "0"]) == 2
@@ -186,7 +190,8 @@ def test_info_summarises_relion30_metadata_without_its_stacks(tmp_path, capsys, 
     (tmp_path / "r30.star").write_text(text + "\n".join(rows) + "\n")
     assert main(["info", "--i", "r30.star"]) == 0
     out = capsys.readouterr().out
-    assert "no data_optics" in out and "the metadata alone:" in out
+    assert "note: jobs would refuse this file: " in out and "no data_optics" in out
+    assert "the metadata alone:" in out
     assert "particles: 4" in out
     assert "rlnDefocusU: 10000 .. 15000" in out
     assert "rlnAngleTilt: 6 .. 80" in out

@@ -127,15 +127,16 @@ def _star_info(path: Path, angpix: float | None) -> list[str]:
         with load_particles(path, angpix=angpix, log=notes.append, check_stacks=False) as ps:
             out += _particle_lines(ps, notes) + _stack_lines(ps.particles, path)
     except InputError as e:
-        # RELION 3.0 metadata (no data_optics) whose stacks are elsewhere: the box size can
-        # only come from the images, so summarise the metadata; a damaged optics table stays
-        # an error (a value the user must supply, e.g. --angpix)
+        # a file a job would refuse (e.g. RELION 3.0 metadata whose stacks are elsewhere, so
+        # that nothing gives the box size, or a value out of range): info still summarises
+        # the metadata, after the reason a job would stop
         tables = [b for b in blocks.values()
                   if isinstance(b, pd.DataFrame) and "rlnImageName" in b.columns]
-        if "optics" in blocks or not tables:
+        if not tables:
             raise
         table = tables[0]
-        out.append(f"note: not readable as a particle set ({e}); the metadata alone:")
+        out.append(f"note: jobs would refuse this file: {e}")
+        out.append("the metadata alone:")
         out += _metadata_lines(table, path)
     return out
 
