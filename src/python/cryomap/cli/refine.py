@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="solvent mask (MRC, the particles' box, values in [0, 1]): the "
                         "references are multiplied by it every iteration (RELION's solvent "
                         "flattening), instead of the spherical mask")
+    p.add_argument("--nu", action="store_true",
+                   help="non-uniform refinement: each iteration, each half map is low-passed "
+                        "region by region to the local resolution that its own particles "
+                        "support (docs/method.md, \"Non-uniform refinement\")")
     p.add_argument("--solvent_correct_fsc", "--solvent-correct-fsc", action="store_true",
                    help="with --solvent_mask: the half-set FSC behind tau2 and the resolution "
                         "is the masked FSC corrected by phase randomisation (as "

@@ -34,12 +34,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import fourier, postprocess, projector
+from .._kernels import core
 from ..euler import angular_distance, euler_to_matrix
 from ..halves import random_subsets
 from ..masks import soft_sphere
 from ..particles import ParticleSet
 from ..resolution import FSC_THRESHOLD, first_shell_below, fsc_maps, resolution_shell
 from ..sampling import PoseSampling, angular_step
+from . import nonuniform
 from .data import Work
 from .engine import PassResult
 from .iteration import (
@@ -71,6 +73,7 @@ class RefineOptions(EMOptions):
     fixed_poses: bool = False  # known poses: reconstruct, no alignment
     solvent_mask: str | None = None  # MRC path: references times it (RELION's --solvent_mask)
     solvent_correct_fsc: bool = False  # half-set FSC corrected for the mask (phase randomised)
+    nu: bool = False  # non-uniform refinement: each half map filtered to its local resolution
 
     def validate(self) -> None:
         """Every option in range (InputError naming the option and the range)."""
@@ -381,30 +384,39 @@ def refine_iteration(state: RefineState, refinement: Refinement,
     prev_origins = state.origins_px.copy()
     results: list[PassResult] = []
     bsize = batch_size(search, 1, o.batch_memory)
+    # with --nu each half's two folds are summed apart (one pass each): two quarter maps
+    folds = nonuniform.fold_of_particles(state.subset.size, o.seed) if o.nu \
+        else np.ones(state.subset.size, np.int64)
     for h in (1, 2):
-        members = np.flatnonzero(state.subset == h)
         ref = projector.prepare_reference(state.volumes[h - 1] * sphere, o.pad, o.interp,
                                           radius)
-        res = source.ranks.run_pass(source, members, [ref], search, noise, previous[members],
-                                    prev_origins[members], batch_size=bsize,
-                                    slice_memory=o.batch_memory, progress=progress,
-                                    amplitudes=pass_amplitudes(state, members, o.scale))
-        store_estimates(state, members, res.estimates)
-        state.angular_spread[members] = res.estimates.angular_spread
-        state.offset_spread[members] = res.estimates.offset_spread
-        results.append(res)
+        for fold in np.unique(folds):
+            members = np.flatnonzero((state.subset == h) & (folds == fold))
+            res = source.ranks.run_pass(source, members, [ref], search, noise,
+                                        previous[members], prev_origins[members],
+                                        batch_size=bsize, slice_memory=o.batch_memory,
+                                        progress=progress,
+                                        amplitudes=pass_amplitudes(state, members, o.scale))
+            store_estimates(state, members, res.estimates)
+            state.angular_spread[members] = res.estimates.angular_spread
+            state.offset_spread[members] = res.estimates.offset_spread
+            results.append(res)
     if o.scale:
         normalise_amplitudes(state)
     t_pass = time.perf_counter()
     # eq. (15): sigma2 pooled over both halves; the origin prior's width (RELION's M-step)
-    noise.update(results[0].residual + results[1].residual, results[0].count + results[1].count,
+    noise.update(sum(r.residual for r in results), sum(r.count for r in results),
                  fourier.pixel_mask(box, recon), max_shell=radius)
     state.sigma2 = noise.sigma2
     if not o.fixed_poses:
         state.offset_sigma = offset_sigma(sum(r.offset_sq for r in results),
                                           sum(float(r.count.sum()) for r in results), pix)
     # half-set FSC, tau2, half maps (eqs. (14), (16))
-    bps = [r.backprojectors[0] for r in results]
+    per_half = len(results) // 2
+    fold_bps = [[r.backprojectors[0] for r in results[h * per_half:(h + 1) * per_half]]
+                for h in (0, 1)]
+    bps = [group[0] if len(group) == 1 else projector.BackProjector.pooled(group)
+           for group in fold_bps]
     gold = gold_standard(bps, o, recon, box,
                          refinement.solvent_mask if o.solvent_correct_fsc else None,
                          seed=int(np.random.default_rng([o.seed, state.iteration + 1, 31])
@@ -415,6 +427,18 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         if o.prior_model == "voxel":
             t2 = voxel_tau2(state.volumes[h] * sphere, bp, o)
         state.volumes[h] = bp.reconstruct(t2, o.tau2_fudge, recon) * _edge(box)
+    nu_message = None
+    if o.nu and not final:  # each half filtered by its own folds' local FSC
+        spans = []
+        for h in (0, 1):
+            quarters = unfiltered_halves(fold_bps[h], recon, box)
+            nu = nonuniform.filter_half(state.volumes[h], quarters, pix,
+                                        refinement.mask_radius, threads=core.max_threads())
+            state.volumes[h] = nu.volume
+            spans.append(nu.percentiles())
+        lo, mid, hi = np.mean(spans, axis=0)
+        nu_message = (f"non-uniform filter: local resolution {lo:.1f} / {mid:.1f} / "
+                      f"{hi:.1f} Å (10th / 50th / 90th percentile)")
     # pose changes and accuracies
     orientation_change = float(np.mean(pose_change(previous, rotations(state.angles), o.sym)))
     offset_change = float(np.sqrt(np.mean((state.origins_px - prev_origins) ** 2)))
@@ -436,6 +460,8 @@ def refine_iteration(state: RefineState, refinement: Refinement,
                                accuracy_trans, o, pix, refinement.mask_radius)
         if state.iteration >= o.max_iterations and o.iterations is None:
             sched.converged = True
+    if nu_message:
+        message = nu_message if message is None else f"{message}; {nu_message}"
     state.r_max = min(next_r_max(ires, box, o.incr_size), box // 2 - 1)
     timings = merge_timings(results, time.perf_counter() - t_pass)
     samples = np.concatenate([r.estimates.n_samples for r in results])
