@@ -5,10 +5,10 @@ refinement").
 The set (asymmetric, box 96, 1.6 Å/px: Nyquist 3.2 Å): the core is `atoms.globular` at
 size 0.7 (about 340 residues, 75 Å across; B 30 Å²); a smaller globular domain (size 0.4)
 sits above it along +z, turned in each variant about a hinge between them by a random
-rotation of `--hinge` degrees (std); the belt is `--blobs` Gaussian lumps (σ 3 Å, a third of
-the core's peak density) at random in an equatorial ring 38-50 Å from the axis, |z| < 8 Å,
-drawn anew in each variant. Each
-particle is one of `--variants` variants, SNR `--snr`, CTF, shifts.
+rotation of `--hinge` degrees (std); the belt is `--blobs` Gaussian lumps (σ 3 Å, peak
+`--belt_peak` of the core's) at random in an equatorial ring 38-50 Å from the axis,
+|z| < 8 Å, drawn anew in each variant. Each particle is one of `--variants` variants, SNR
+`--snr`, CTF, shifts.
 
 Printed: the core's FSC 0.5 against its truth inside a soft core mask for the true-pose
 reconstruction (the oracle), for `refine` and for `refine --nu` (same data, same start: the
@@ -64,7 +64,7 @@ def _belt(rng: np.random.Generator, n_blobs: int, peak: float) -> np.ndarray:
 
 
 def make_set(out: Path, n: int, n_variants: int, hinge: float, n_blobs: int, snr: float,
-             seed: int) -> tuple[np.ndarray, np.ndarray]:
+             seed: int, belt_peak: float = 0.33) -> tuple[np.ndarray, np.ndarray]:
     """Write the simulation into out/sim and the start map; return (core truth, core mask)."""
     rng = np.random.default_rng(seed)
     core_atoms = atoms.globular(seed=0, size=0.7)
@@ -79,7 +79,7 @@ def make_set(out: Path, n: int, n_variants: int, hinge: float, n_blobs: int, snr
         turn = _rotation(axis, rng.normal(0.0, hinge))
         moved = domain_atoms.moved(np.eye(3), -hinge_point).moved(turn, hinge_point)
         domain = atoms.density_map(moved, BOX, PIX, BFACTOR).astype(np.float64)
-        variants.append((core + domain + _belt(rng, n_blobs, 0.33)).astype(np.float32))
+        variants.append((core + domain + _belt(rng, n_blobs, belt_peak)).astype(np.float32))
     sim = simulate_particles(variants, PIX, n, snr=snr, seed=seed, max_shift_px=3.0)
     write_simulation(out / "sim", *sim, pixel_size=PIX)
     start = lowpass_map(np.mean(variants, axis=0).astype(np.float64), 40.0, PIX)
@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--variants", type=int, default=40)
     p.add_argument("--hinge", type=float, default=8.0, help="degrees (std)")
     p.add_argument("--blobs", type=int, default=40)
+    p.add_argument("--belt_peak", type=float, default=0.33,
+                   help="each belt lump's peak density, relative to the core's peak")
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--j", type=int, default=2)
@@ -120,9 +122,10 @@ def main() -> None:
     args = p.parse_args()
     set_threads(args.j)
     core, mask = make_set(args.out, args.n, args.variants, args.hinge, args.blobs, args.snr,
-                          args.seed)
+                          args.seed, args.belt_peak)
     print(f"non-uniform benchmark: {args.n} particles of {args.variants} variants, box {BOX}, "
-          f"{PIX} Å/px, SNR {args.snr}, hinge {args.hinge}°, {args.blobs} belt lumps",
+          f"{PIX} Å/px, SNR {args.snr}, hinge {args.hinge}°, {args.blobs} belt lumps of "
+          f"{args.belt_peak:g}",
           flush=True)
     sim = args.out / "sim"
     truth = read_star(sim / "truth.star")["particles"]

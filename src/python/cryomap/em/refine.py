@@ -427,18 +427,8 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         if o.prior_model == "voxel":
             t2 = voxel_tau2(state.volumes[h] * sphere, bp, o)
         state.volumes[h] = bp.reconstruct(t2, o.tau2_fudge, recon) * _edge(box)
-    nu_message = None
-    if o.nu and not final:  # each half filtered by its own folds' local FSC
-        spans = []
-        for h in (0, 1):
-            quarters = unfiltered_halves(fold_bps[h], recon, box)
-            nu = nonuniform.filter_half(state.volumes[h], quarters, pix,
-                                        refinement.mask_radius, threads=core.max_threads())
-            state.volumes[h] = nu.volume
-            spans.append(nu.percentiles())
-        lo, mid, hi = np.mean(spans, axis=0)
-        nu_message = (f"non-uniform filter: local resolution {lo:.1f} / {mid:.1f} / "
-                      f"{hi:.1f} Å (10th / 50th / 90th percentile)")
+    nu_message = nonuniform_references(state, fold_bps, recon, refinement) \
+        if o.nu and not final else None
     # pose changes and accuracies
     orientation_change = float(np.mean(pose_change(previous, rotations(state.angles), o.sym)))
     offset_change = float(np.sqrt(np.mean((state.origins_px - prev_origins) ** 2)))
@@ -484,6 +474,22 @@ def refine_iteration(state: RefineState, refinement: Refinement,
         seconds=time.perf_counter() - t_start, timings=timings, message=message)
     state.history.append(stats)
     return stats
+
+
+def nonuniform_references(state: RefineState, fold_bps: list[list[projector.BackProjector]],
+                          recon: int, refinement: Refinement) -> str:
+    """`refine --nu`: each half's regularised map low-passed to the local resolution of its
+    own two folds' quarter maps (`em.nonuniform`); returns the log's line."""
+    spans = []
+    for h in (0, 1):
+        quarters = unfiltered_halves(fold_bps[h], recon, refinement.box)
+        nu = nonuniform.filter_half(state.volumes[h], quarters, refinement.pixel_size,
+                                    refinement.mask_radius, threads=core.max_threads())
+        state.volumes[h] = nu.volume
+        spans.append(nu.percentiles())
+    lo, mid, hi = np.mean(spans, axis=0)
+    return (f"non-uniform filter: local resolution {lo:.1f} / {mid:.1f} / {hi:.1f} Å "
+            f"(10th / 50th / 90th percentile)")
 
 
 def pose_accuracy(state: RefineState, refinement: Refinement, radius: int,
