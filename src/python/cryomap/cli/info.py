@@ -169,8 +169,8 @@ def _stack_lines(p: pd.DataFrame, path: Path) -> list[str]:
     """How many of the stacks that rlnImageName names exist (looked up as load_particles
     does), and the first missing ones."""
     out = []
-    files = p["rlnImageName"].astype(str).str.strip().str.partition("@")
-    stacks = pd.unique(files[2].where(files[1] == "@", files[0]))
+    names = p["rlnImageName"].astype(str).str.strip()
+    stacks = pd.unique(names.str.split("@", n=1).str[-1]) if len(names) else []
     dirs = stack_search_dirs(path)
     missing = []
     for name in stacks:
