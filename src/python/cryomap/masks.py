@@ -107,9 +107,11 @@ def make_mask(volume: np.ndarray, threshold: float, extend: float = 0.0,
     return mask
 
 
-def check_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> None:
+def check_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask",
+               allow_empty: bool = False) -> None:
     """InputError unless `mask` has the map's shape and values in [0, 1] (RELION's tolerance
-    1e-6) with some value >= 0.5. `name` (a file or option) starts the message."""
+    1e-6) with some value >= 0.5 (not required with allow_empty: e.g. subtract's mask, where
+    all zeros subtracts the whole map). `name` (a file or option) starts the message."""
     from .errors import InputError
 
     m = np.asarray(mask)
@@ -120,7 +122,7 @@ def check_mask(mask: np.ndarray, shape: tuple[int, ...], name: str = "mask") -> 
     if lo < -1e-6 or hi > 1.0 + 1e-6:
         raise InputError(f"{name}: mask values {lo:.6g}..{hi:.6g}; expected values in [0, 1] "
                          f"(1 = molecule, 0 = solvent)")
-    if hi < 0.5:
+    if hi < 0.5 and not allow_empty:
         raise InputError(f"{name}: no mask value reaches 0.5 (max {hi:.6g}); expected a mask "
                          f"with 1 on the molecule")
 

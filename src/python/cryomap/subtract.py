@@ -48,8 +48,6 @@ POSE_LABELS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 #: Particle labels dropped after re-centring (RELION deactivates them: the priors refer to
 #: the old centre).
 ORIGIN_PRIORS = ("rlnOriginXPriorAngst", "rlnOriginYPriorAngst")
-# RELION's tolerance for mask values outside [0, 1] (masks.check_mask uses the same).
-_MASK_TOL = 1e-6
 # Two pixel sizes are the same within 0.001 A (RELION's and particles.py's rule).
 _PIX_TOL = 1e-3
 
@@ -72,19 +70,6 @@ class SubtractSettings:
 
 
 # -- checks ---------------------------------------------------------------------------------
-
-
-def check_subtract_mask(mask: np.ndarray, shape: tuple[int, ...], name: str) -> None:
-    """InputError unless `mask` has the map's shape and values in [0, 1] (1 = keep, 0 =
-    subtract; an all-zero mask subtracts the whole map)."""
-    m = np.asarray(mask)
-    if m.shape != tuple(shape):
-        raise InputError(f"{name}: mask box {m.shape} differs from the map's {tuple(shape)}; "
-                         f"expected a mask on the map's grid")
-    lo, hi = float(m.min()), float(m.max())
-    if lo < -_MASK_TOL or hi > 1.0 + _MASK_TOL:
-        raise InputError(f"{name}: mask values {lo:.6g}..{hi:.6g}; expected values in [0, 1] "
-                         f"(1 = keep, 0 = subtract)")
 
 
 def check_particles(ps: ParticleSet, box: int, pixel_size: float, map_name: str,
@@ -243,7 +228,7 @@ def subtract_particles(ps: ParticleSet, volume: np.ndarray, mask: np.ndarray,
                        batch: int | None = None, log: Log = print) -> tuple[Path, Path]:
     """Subtract the projections of volume x (1 - mask) from the particles' images and write
     out_dir/particles_subtracted.mrcs and .star (atomically; out_dir must exist). The
-    particles and map must have passed `check_particles` / `check_subtract_mask`.
+    particles and map must have passed `check_particles` / `masks.check_mask` (allow_empty).
     Returns (stack path, STAR path)."""
     out_dir = Path(out_dir)
     stack, star = out_dir / STACK_NAME, out_dir / STAR_NAME

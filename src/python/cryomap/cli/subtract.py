@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     """Check every input, then subtract and write the stack and its STAR file."""
     from ..io.atomic import check_output_dir, make_output_dir, remove_stale_temps
     from ..io.mrc import read_map
+    from ..masks import check_mask
     from ..particles import load_particles
     from ..simulate import default_batch
     from ..subtract import (
@@ -113,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
         SubtractSettings,
         check_new_box,
         check_particles,
-        check_subtract_mask,
         subtract_particles,
     )
     from .options import check_run_memory
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.data}: a 2D image; expected a cubic 3D map")
     box = vol.shape[0]
     mask = _read_mask(args.mask, args.angpix, pix)
-    check_subtract_mask(mask, vol.shape, args.mask)
+    check_mask(mask, vol.shape, args.mask, allow_empty=True)  # all zeros: subtract it all
     check_new_box(args.new_box, box)
     centre = _centre(args, mask)
 
