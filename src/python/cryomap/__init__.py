@@ -13,6 +13,8 @@ its maps as `Volume`s and its per-particle table as a pandas DataFrame:
 - `simulate(...)`: particles of a map or of the built-in phantom, with the true poses.
 - `refine(particles, reference)`: 3D auto-refinement with gold-standard half-sets.
 - `classify3d(particles, reference, n_classes=K)`, `classify2d(particles, n_classes=K)`.
+- `hetero_refine(particles, reference, n_classes=K)`: heterogeneous refinement, gold-standard
+  half-sets per class.
 - `reconstruct(particles)`: the map from the particles' known poses.
 - `set_threads(n)` / `get_threads()`: OpenMP threads of the C++ kernels.
 
@@ -38,8 +40,9 @@ __version__ = "0.1.0"
 # does not pay for pandas and the kernels: name -> the module that defines it.
 _API = {
     **dict.fromkeys(("ClassifyResult", "ReconstructResult", "RefineResult", "SimulationResult",
-                     "classify2d", "classify3d", "get_threads", "particles_from_images",
-                     "read_particles", "reconstruct", "refine", "set_threads", "simulate"),
+                     "classify2d", "classify3d", "get_threads", "hetero_refine",
+                     "particles_from_images", "read_particles", "reconstruct", "refine",
+                     "set_threads", "simulate"),
                     ".api"),
     "InputError": ".errors",
     "ParticleSet": ".particles",
@@ -48,7 +51,8 @@ _API = {
 }
 
 __all__ = ["Volume", "FSC", "ParticleSet", "particles_from_images", "read_particles",
-           "simulate", "refine", "classify3d", "classify2d", "reconstruct", "set_threads",
+           "simulate", "refine", "classify3d", "classify2d", "hetero_refine", "reconstruct",
+           "set_threads",
            "get_threads", "SimulationResult", "RefineResult", "ClassifyResult",
            "ReconstructResult", "InputError", "__version__"]
 

@@ -24,9 +24,8 @@ from .particles import ParticleSet, particles_from_images
 from .volume import FSC, Volume
 
 __all__ = ["set_threads", "get_threads", "read_particles", "particles_from_images",
-           "simulate", "refine",
-           "classify3d", "classify2d", "reconstruct", "SimulationResult", "RefineResult",
-           "ClassifyResult", "ReconstructResult"]
+           "simulate", "refine", "classify3d", "classify2d", "hetero_refine", "reconstruct",
+           "SimulationResult", "RefineResult", "ClassifyResult", "ReconstructResult"]
 
 PathLike = str | os.PathLike
 Echo = Callable[[str], None] | None
@@ -124,7 +123,7 @@ def _check_inputs(kind: str, particles: ParticleSet, options, reference, resume:
     if kind == "refine":
         data, pix, name = reference_input(reference)
         check_reference(data, pix, particles, name)
-    elif kind == "class3d":
+    elif kind in ("class3d", "hetero_refine"):
         read_references_3d(reference, particles, options.n_classes)
     elif reference is not None:
         read_references_2d(reference, particles, options.n_classes)
@@ -324,7 +323,7 @@ class ClassifyResult:
 
 def _classify(ndim: int, particles: Particles, reference, outdir, options, resume: bool,
               angpix, max_memory, threads, echo: Echo, ranks: Ranks | None,
-              option_values: dict) -> ClassifyResult:
+              option_values: dict, heterogeneous: bool = False) -> ClassifyResult:
     from .em.classify import ClassOptions
     from .jobs.classify import class_table
     from .jobs.classify import classify2d as run_2d
@@ -332,11 +331,13 @@ def _classify(ndim: int, particles: Particles, reference, outdir, options, resum
 
     if "ndim" in option_values or (options is not None and options.ndim != ndim):
         raise ValueError(f"classify{ndim}d: options.ndim must be {ndim}")
-    opts = _options(ClassOptions, options or ClassOptions.defaults(ndim), option_values)
+    opts = _options(ClassOptions, options or ClassOptions.defaults(ndim, heterogeneous),
+                    option_values)
     _check_reference(reference)
     set_threads(threads)
     ps = _particles(particles, angpix)
-    source = _prepare_output(outdir, resume, ps, f"class{ndim}d", opts, reference)
+    kind = "hetero_refine" if opts.heterogeneous else f"class{ndim}d"
+    source = _prepare_output(outdir, resume, ps, kind, opts, reference)
     if ndim == 3:
         state = run_3d(source, reference, outdir, opts, resume=resume, echo=echo,
                        max_memory=max_memory, ranks=ranks)
@@ -369,6 +370,21 @@ def classify3d(particles: Particles, reference: Reference | Sequence[Volume] | N
     """
     return _classify(3, particles, reference, outdir, options, resume, angpix, max_memory,
                      threads, echo, ranks, option_values)
+
+
+def hetero_refine(particles: Particles, reference: Reference | Sequence[Volume] | None = None,
+                  outdir: PathLike | None = None, *, options=None, resume: bool = False,
+                  angpix: float | None = None, max_memory: float | None = None,
+                  threads: int | None = None, echo: Echo = print, ranks: Ranks | None = None,
+                  **option_values) -> ClassifyResult:
+    """Heterogeneous refinement of K classes with gold-standard half-sets per class
+    (cryoSPARC's job; `cryomap hetero_refine`; docs/method.md, "Heterogeneous refinement").
+    Arguments as `classify3d`; defaults as the command (`ClassOptions.defaults(3,
+    heterogeneous=True)`: tau2_fudge=1, class_temperature=1, iterations=20). The result's
+    `state.half_unfiltered` (2, K, N, N, N) holds each class's half maps, `state.class_fsc`
+    their FSC."""
+    return _classify(3, particles, reference, outdir, options, resume, angpix, max_memory,
+                     threads, echo, ranks, option_values, heterogeneous=True)
 
 
 def classify2d(particles: Particles, outdir: PathLike | None = None, *,

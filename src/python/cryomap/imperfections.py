@@ -1,5 +1,6 @@
 """What real particle images have and an ideal simulation lacks (docs/simulate.md):
-per-micrograph defocus with particle heights in the ice, a CTF-estimation error, a spread of
+per-micrograph defocus with particle heights in the ice, CTF-estimation errors (defocus,
+astigmatism and its angle), a spread of
 particle amplitudes, junk picks, coloured noise and a signal envelope that the STAR file does
 not know. `simulate.simulate_particles(..., imperfections=Imperfections(...))` applies them;
 each is off by default.
@@ -30,6 +31,11 @@ class Imperfections:
         its micrograph's defocus (the STAR file has the micrograph's value).
     ctf_error: Å; standard deviation of the error of the written defocus (one error per
         micrograph, as per-micrograph CTF estimation).
+    astig_error: Å; standard deviation of the error of the written astigmatism U - V (one
+        error per micrograph, or per particle without micrographs). The written U - V is
+        clipped to >= 0 (U >= V stays) and to <= the written mean defocus (V > 0 stays).
+    astig_angle_error: degrees; standard deviation of the error of the written astigmatism
+        angle (per micrograph likewise), the written angle wrapped into [0, 180).
     amplitude_spread: standard deviation of log a_i, the particle's amplitude (log-normal,
         mean 1; ice thickness and contrast vary from particle to particle). truth.star has a_i
         as rlnCtfScalefactor.
@@ -43,6 +49,8 @@ class Imperfections:
     n_micrographs: int = 0
     ice_thickness: float = 0.0
     ctf_error: float = 0.0
+    astig_error: float = 0.0
+    astig_angle_error: float = 0.0
     amplitude_spread: float = 0.0
     junk_fraction: float = 0.0
     noise_colour: float = 1.0
@@ -54,6 +62,8 @@ class Imperfections:
             ("n_micrographs", self.n_micrographs >= 0, ">= 0"),
             ("ice_thickness", self.ice_thickness >= 0, ">= 0 Å"),
             ("ctf_error", self.ctf_error >= 0, ">= 0 Å"),
+            ("astig_error", self.astig_error >= 0, ">= 0 Å"),
+            ("astig_angle_error", self.astig_angle_error >= 0, ">= 0 degrees"),
             ("amplitude_spread", 0 <= self.amplitude_spread <= 2, "in [0, 2]"),
             ("junk_fraction", 0 <= self.junk_fraction < 1, "in [0, 1)"),
             ("noise_colour", self.noise_colour > 0, "> 0"),
@@ -81,7 +91,8 @@ class Defocus:
     true_v: np.ndarray
     written_u: np.ndarray
     written_v: np.ndarray
-    angle: np.ndarray  # degrees, true and written alike
+    angle: np.ndarray  # degrees, the true astigmatism angle
+    written_angle: np.ndarray  # degrees, the estimated one
 
 
 def draw_defocus(n: int, defocus_range: tuple[float, float], astigmatism: float,
@@ -89,8 +100,9 @@ def draw_defocus(n: int, defocus_range: tuple[float, float], astigmatism: float,
     """Defocus of n particles. Without micrographs each particle draws its own mean defocus
     uniform in defocus_range and astigmatism U - V uniform in [0, astigmatism] at a uniform
     angle (the ideal simulation's draws, in the same order); with n_micrographs each
-    micrograph draws them and its particles share them. Heights and the estimation error are
-    then added (`Imperfections`)."""
+    micrograph draws them and its particles share them. Heights and the estimation errors are
+    then added (`Imperfections`). The astigmatism errors are drawn last and only when they
+    are on, so that without them the draws are those of the simulation without them."""
     lo, hi = defocus_range
     m = int(imperfections.n_micrographs)
     if m == 0:
@@ -107,8 +119,18 @@ def draw_defocus(n: int, defocus_range: tuple[float, float], astigmatism: float,
     error = rng.normal(0.0, 1.0, size=mic.max() + 1)[mic] * imperfections.ctf_error
     true_mean = mean_df + height
     written_mean = mean_df + error
+    written_astig, written_angle = astig, angle
+    per_mic = mic.max() + 1
+    if imperfections.astig_error > 0:
+        written_astig = astig + rng.normal(0.0, 1.0, size=per_mic)[mic] * imperfections.astig_error
+        # an estimate keeps U >= V > 0: the magnitude is clipped into [0, written mean]
+        written_astig = np.minimum(np.maximum(written_astig, 0.0), np.maximum(written_mean, 0.0))
+    if imperfections.astig_angle_error > 0:
+        angle_error = rng.normal(0.0, 1.0, size=per_mic)[mic] * imperfections.astig_angle_error
+        written_angle = np.mod(angle + angle_error, 180.0)
     return Defocus(mic, true_mean + astig / 2, true_mean - astig / 2,
-                   written_mean + astig / 2, written_mean - astig / 2, angle)
+                   written_mean + written_astig / 2, written_mean - written_astig / 2, angle,
+                   written_angle)
 
 
 def amplitudes(n: int, spread: float, rng: np.random.Generator) -> np.ndarray:

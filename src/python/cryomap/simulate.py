@@ -317,7 +317,7 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
     }
     if ctf:
         cols.update(rlnDefocusU=df.written_u, rlnDefocusV=df.written_v,
-                    rlnDefocusAngle=df.angle,
+                    rlnDefocusAngle=df.written_angle,
                     rlnCtfBfactor=np.full(n, float(bfactor)), rlnPhaseShift=np.zeros(n))
     cols["rlnOpticsGroup"] = np.ones(n, dtype=np.int64)
     particles_df = pd.DataFrame(cols, index=pd.RangeIndex(n))
@@ -330,6 +330,7 @@ def simulate_particles(volume: np.ndarray | Sequence[np.ndarray], pixel_size: fl
     truth_df["rlnClassNumber"] = classes.astype(np.int64) + 1
     if ctf and imp.any:  # the true CTF where the written one differs
         truth_df["rlnDefocusU"], truth_df["rlnDefocusV"] = df.true_u, df.true_v
+        truth_df["rlnDefocusAngle"] = df.angle
         truth_df["rlnCtfBfactor"] = ctf_params.bfactor
         truth_df["rlnCtfScalefactor"] = amplitude
     return images, optics_df, particles_df, truth_df

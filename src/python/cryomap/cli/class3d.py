@@ -40,10 +40,11 @@ example:
 """
 
 
-def add_class_arguments(p: argparse.ArgumentParser, ndim: int) -> None:
+def add_class_arguments(p: argparse.ArgumentParser, ndim: int,
+                        d: ClassOptions | None = None) -> None:
     """The shared options plus those of classification, with class{ndim}d's defaults
-    (`ClassOptions.defaults`)."""
-    d = ClassOptions.defaults(ndim)
+    (`ClassOptions.defaults`) or `d`'s."""
+    d = ClassOptions.defaults(ndim) if d is None else d
     add_em_arguments(p, d, exclude=() if ndim == 3 else ("sym",))  # 2D: no point group
     p.add_argument("--K", dest="n_classes", type=int, default=d.n_classes,
                    help="number of classes")
@@ -61,10 +62,11 @@ def add_class_arguments(p: argparse.ArgumentParser, ndim: int) -> None:
                         "noise from freezing it in its seed class; 1: plain EM, as RELION; "
                         "cryoSPARC's class similarity s is T = 1/(1 - s) (docs/method.md) "
                         f"(default {d.class_temperature:g})")
-    p.add_argument("--split_halves", "--split-halves", dest="split_halves",
-                   action="store_true", default=d.split_halves,
-                   help="gold-standard classes: each half-set is classified against the other "
-                        "half's class maps, each map regularised by its half-set FSC")
+    if not d.heterogeneous:  # heterogeneous refinement always has half-sets
+        p.add_argument("--split_halves", "--split-halves", dest="split_halves",
+                       action="store_true", default=d.split_halves,
+                       help="gold-standard classes: each half-set is classified against the "
+                            "other half's class maps, each map regularised by its half-set FSC")
     p.add_argument("--strict_highres_exp", "--strict-highres-exp", dest="highres_limit",
                    type=float, default=None,
                    help="never use frequencies beyond this resolution (Å) in the E-step")
@@ -75,11 +77,14 @@ def add_class_arguments(p: argparse.ArgumentParser, ndim: int) -> None:
                         "class; 0: never (as RELION)")
 
 
-def class_options(args: argparse.Namespace, ndim: int) -> ClassOptions:
-    """ClassOptions from parsed arguments (InputError on bad values)."""
-    extra = {"ndim": ndim}
+def class_options(args: argparse.Namespace, ndim: int,
+                  d: ClassOptions | None = None) -> ClassOptions:
+    """ClassOptions from parsed arguments over the command's defaults `d` (class{ndim}d's
+    when None); InputError on bad values."""
+    d = ClassOptions.defaults(ndim) if d is None else d
+    extra = {"ndim": ndim, "heterogeneous": d.heterogeneous}
     if args.iterations is None:
-        extra["iterations"] = ClassOptions.iterations
+        extra["iterations"] = d.iterations
     return options_from_args(ClassOptions, args, **extra)
 
 
@@ -106,24 +111,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "of the low-passed reference's standard deviation")
 
 
-def run_classification(args: argparse.Namespace, ndim: int) -> int:
-    """Run or continue a classification (class3d or class2d) through the Python API's
-    `cryomap.classify3d` / `cryomap.classify2d`."""
+def run_classification(args: argparse.Namespace, ndim: int,
+                       d: ClassOptions | None = None) -> int:
+    """Run or continue a classification (class3d, class2d, or hetero_refine with `d` its
+    defaults) through the Python API's `cryomap.classify3d` / `cryomap.classify2d`."""
     from ..api import classify2d, classify3d
     from ..jobs.classify import saved_run
 
-    other = {3: "2D", 2: "3D"}[ndim]
+    d = ClassOptions.defaults(ndim) if d is None else d
     if args.resume and args.i is None:
         job, threads, memory = continued_run(args, saved_run)
         options, i, ref, kw = job["options"], job["i"], job["ref"], {"resume": True}
-        if options.ndim != ndim:
-            raise InputError(f"{args.o}: the run there is a {other} classification; use "
-                             f"class{other[0]}d")
+        if (options.ndim, options.heterogeneous) != (ndim, d.heterogeneous):
+            use = ("class2d" if options.ndim == 2 else
+                   "hetero_refine" if options.heterogeneous else "class3d")
+            raise InputError(f"{args.o}: the run there is a {use} run; continue it with "
+                             f"cryomap {use}")
     else:
         if args.i is None or (ndim == 3 and args.ref is None):
             raise InputError("--i (particles) and --ref (initial map) are required"
                              if ndim == 3 else "--i (particles) is required")
-        options, i, ref = class_options(args, ndim), args.i, args.ref
+        options, i, ref = class_options(args, ndim, d), args.i, args.ref
         threads, memory = run_settings(args)
         kw = {"resume": args.resume, "angpix": args.angpix}
     common = {"options": options, "max_memory": memory, "threads": threads,

@@ -39,6 +39,11 @@ IMPERFECTION_OPTIONS = (
                                        "the true defocus only"),
     ("ctf_error", float, 0.0, "A", "standard deviation of the error of the written defocus, "
                                    "one per micrograph"),
+    ("astig_error", float, 0.0, "A", "standard deviation of the error of the written "
+                                     "astigmatism U - V, one per micrograph (clipped to "
+                                     "U >= V)"),
+    ("astig_angle_error", float, 0.0, "DEG", "standard deviation of the error of the written "
+                                             "astigmatism angle, one per micrograph"),
     ("amplitude_spread", float, 0.0, "SIGMA", "standard deviation of the log of each "
                                               "particle's amplitude (log-normal, mean 1)"),
     ("junk_fraction", float, 0.0, "F", "fraction of junk picks (empty, ice, carbon edge, "

@@ -44,12 +44,18 @@ from ..sampling import PoseSampling
 from . import iteration
 from .data import ImageSource
 from .engine import PassResult
+from .heterogeneous import (
+    JOINED_TAU2_FUDGE,
+    classes_formed,
+    gold_standard_phase,
+    split_half_maps,
+)
 from .iteration import EMState, merge_timings, offset_sigma, rotations, store_estimates
 from .memory import batch_size
 from .model import next_r_max, ssnr_from_fsc, state_from_saved
 from .noise import NoiseModel
 from .options import EMOptions, bad_option
-from .refine import AutoSampling, mask_radius_px, pose_change
+from .refine import AutoSampling, mask_radius_px, pose_change, recon_radius
 from .search import Search
 
 # Shells below this are reconstructed without the prior term (RELION's --minres_map).
@@ -91,14 +97,29 @@ class ClassOptions(EMOptions):
     # consensus are supported (the half-set FSC of the differences stays >= this); beyond it
     # every class is the consensus map. 0: off (RELION)
     difference_fsc: float = 0.143
+    # heterogeneous refinement (cryoSPARC's; `cryomap hetero_refine`): gold-standard
+    # half-sets per class, each half aligned and classified against its own half's class
+    # maps (as refinement), on refinement's sampling schedule from the first iteration
+    heterogeneous: bool = False
+    force_hard_class: bool = False  # hard class assignment in every iteration
+
+    @property
+    def half_sets(self) -> bool:
+        """Whether the particles are split into two half-sets with a map per class each."""
+        return self.split_halves or self.heterogeneous
 
     @classmethod
-    def defaults(cls, ndim: int = 3, **values) -> ClassOptions:
-        """The options of class3d (ndim 3: the dataclass defaults) or class2d (ndim 2:
-        RELION's Class2D, 50 classes, T = 2, in-plane step 10°, no class temperature), with
-        `values` over them: what the command line and the Python API start from."""
-        base = {} if ndim == 3 else {"n_classes": 50, "tau2_fudge": 2.0, "psi_step": 10.0,
-                                     "class_temperature": 1.0}
+    def defaults(cls, ndim: int = 3, heterogeneous: bool = False, **values) -> ClassOptions:
+        """The options of class3d (ndim 3: the dataclass defaults), class2d (ndim 2:
+        RELION's Class2D, 50 classes, T = 2, in-plane step 10°, no class temperature) or
+        hetero_refine (heterogeneous: refinement's T = 1 for the gold-standard phase, plain EM
+        over the classes, 20 iterations), with `values` over them: what the command line and
+        the Python API start from."""
+        base = ({} if ndim == 3 else {"n_classes": 50, "tau2_fudge": 2.0, "psi_step": 10.0,
+                                      "class_temperature": 1.0})
+        if heterogeneous:
+            base = {"heterogeneous": True, "tau2_fudge": 1.0, "class_temperature": 1.0,
+                    "iterations": 20}
         return cls(**{**base, "ndim": ndim, **values})
 
     def validate(self) -> None:
@@ -121,6 +142,9 @@ class ClassOptions(EMOptions):
         if not (np.isfinite(self.difference_fsc) and 0 <= self.difference_fsc < 1):
             raise bad_option("class_difference_fsc", self.difference_fsc,
                              "an FSC threshold in [0, 1) (0: off)")
+        if self.heterogeneous and (self.ndim != 3 or self.skip_align):
+            raise bad_option("heterogeneous", self.heterogeneous,
+                             "3D classes with alignment (not with --skip_align)")
         if self.highres_limit is not None and not (np.isfinite(self.highres_limit)
                                                    and self.highres_limit > 0):
             raise bad_option("strict_highres_exp", self.highres_limit, "a resolution > 0 Å")
@@ -164,8 +188,10 @@ class ClassState(EMState):
     class_resolution_shell: np.ndarray | None = None  # (K,)
     # (n,) the class each image is restricted to in the next iteration (-1: free), or None
     assigned: np.ndarray | None = None
-    subset: np.ndarray | None = None  # (n,) 1 or 2 with split_halves
+    subset: np.ndarray | None = None  # (n,) 1 or 2 with half-sets
     half_references: np.ndarray | None = None  # (2, K, ...) the half-sets' class maps
+    # (2, K, ...) float32, the unfiltered half maps (D/W) whose FSC is class_fsc
+    half_unfiltered: np.ndarray | None = None
     class_fsc: np.ndarray | None = None  # (K, N//2+1) half-set FSC per class
     schedule: AutoSampling | None = None  # with auto_sampling
     # with auto_sampling: the iteration after which the classes were seeded (None: not yet),
@@ -174,6 +200,9 @@ class ClassState(EMState):
     fixed_done: bool = False
     # Fourier shell up to which the classes may differ (limit_differences); None: no limit
     difference_shell: int | None = None
+    # heterogeneous refinement: the iteration after which each half-set met only its own
+    # half's class maps (None: not yet; until then both halves meet the joined class maps)
+    halves_split_at: int | None = None
     history: list[ClassIteration] = field(default_factory=list)
 
     @property
@@ -186,7 +215,8 @@ class ClassState(EMState):
         if values.get("schedule") is not None:
             values["schedule"] = AutoSampling(**values["schedule"])
         return state_from_saved(cls, values,
-                                ints=("iteration", "r_max", "seeded_at", "difference_shell"),
+                                ints=("iteration", "r_max", "seeded_at", "difference_shell",
+                                      "halves_split_at"),
                                 floats=("offset_sigma",))
 
 
@@ -196,17 +226,21 @@ def initial_state(source: ImageSource, options: ClassOptions, references: np.nda
                   subset: np.ndarray | None = None) -> ClassState:
     """Uniform class prior, the given references, poses from the input; `seed_class` (n,) is
     each image's class in the first iteration (None: marginalised from the start); `subset`
-    (n,) 1/2 the half-sets (with split_halves)."""
+    (n,) 1/2 the half-sets (with `ClassOptions.half_sets`)."""
     n, k = angles.shape[0], references.shape[0]
     noise = NoiseModel.from_images(source, options.noise_model == "pixel")
-    halves = options.split_halves
+    halves = options.half_sets
     if halves and subset is None:
-        raise ValueError("initial_state: split_halves needs the half-sets")
+        raise ValueError("initial_state: half-set classes need the half-sets")
     schedule = None
-    if options.auto_sampling and options.ndim == 3 and not options.skip_align:
+    if (options.auto_sampling or options.heterogeneous) and options.ndim == 3 \
+            and not options.skip_align:
         schedule = starting_schedule(options)
+    # heterogeneous refinement: no consensus phase and no fixed-pose phase, the classes'
+    # poses are searched from the first iteration
+    hetero = options.heterogeneous
     return ClassState(
-        schedule=schedule,
+        schedule=schedule, seeded_at=0 if hetero else None, fixed_done=hetero,
         difference_shell=int(np.ceil(source.box * source.pixel_size / options.ini_high))
         if difference_limited(options, k) else None,
         subset=np.asarray(subset, np.int64) if halves else None,
@@ -352,7 +386,8 @@ class _ClassStep:
     search: Search
     noise: NoiseModel
     sphere: np.ndarray  # the particle mask the references are multiplied by
-    radius: int  # the E-step's and the maps' Fourier radius (px)
+    radius: int  # the E-step's Fourier radius (px)
+    recon: int  # the M-step sums' and maps' (px): beyond radius in the gold-standard phase
     mask_radius: float  # px
     consensus: bool  # poses refined against one map, every class's (before seeding)
     fixed: bool  # the fixed-pose phase of the sampling schedule
@@ -381,15 +416,20 @@ def _class_step(state: ClassState, source: ImageSource, o: ClassOptions, hard: b
                           fixed_poses=fixed, seeded_at=state.seeded_at or 0)
     if not consensus:
         state.assigned = None
+    recon = state.r_max
+    if gold_standard_phase(state, o):  # the FSC measured beyond the E-step, as refinement's
+        recon = recon_radius(state.r_max, box)
+        search = dataclasses.replace(search, recon_radius=recon)
     return _ClassStep(state, source, o, search, NoiseModel(state.sigma2, o.noise_model == "pixel"),
-                      soft_sphere(box, mask_radius, o.mask_edge, o.ndim), state.r_max,
+                      soft_sphere(box, mask_radius, o.mask_edge, o.ndim), state.r_max, recon,
                       mask_radius, consensus, fixed, rotations(state.angles),
                       batch_size(search, k_cls, o.batch_memory), progress)
 
 
 def _class_passes(step: _ClassStep) -> list[tuple[PassResult, list[projector.Reference]]]:
     """The E-step: one pass per group of particles with the references it is compared with
-    (a half-set with the other half's maps, with split_halves); estimates into the state."""
+    (with half-sets: each half with its own or the other half's maps); estimates into the
+    state."""
     state, o, n = step.state, step.options, step.state.angles.shape[0]
 
     def prepare(maps: np.ndarray) -> list[projector.Reference]:
@@ -398,9 +438,15 @@ def _class_passes(step: _ClassStep) -> list[tuple[PassResult, list[projector.Ref
 
     if step.consensus:
         passes = [(np.arange(n), prepare(state.references[:1]))]
-    elif state.half_references is not None:  # half h: classified with the other half's maps
-        passes = [(np.flatnonzero(state.subset == h), prepare(state.half_references[2 - h]))
-                  for h in (1, 2)]
+    elif o.heterogeneous and not gold_standard_phase(state, o):  # the classes form, joined
+        refs = prepare(state.references)
+        passes = [(np.flatnonzero(state.subset == h), refs) for h in (1, 2)]
+    elif state.half_references is not None:
+        # half h against its own half's maps (heterogeneous refinement: the gold standard)
+        # or the other half's (--split_halves: no image meets a map it is in)
+        own = o.heterogeneous
+        passes = [(np.flatnonzero(state.subset == h),
+                   prepare(state.half_references[h - 1 if own else 2 - h])) for h in (1, 2)]
     else:
         refs = prepare(state.references)
         if state.difference_shell is not None:  # two half-sets for the differences' FSC
@@ -438,28 +484,31 @@ def _consensus_map(step: _ClassStep, results, edge: np.ndarray, n_shells: int):
     return tau2, ssnr, np.maximum([resolution_shell(x, 1.0) for x in ssnr], 1)
 
 
-def _class_maps(step: _ClassStep, results, edge: np.ndarray, n_shells: int):
-    """M-step of RELION's classification: each class's map with tau2 from its power; the
-    differences from the consensus limited to where they are supported."""
+def _class_maps(step: _ClassStep, results, edge: np.ndarray, n_shells: int,
+                tau2_fudge: float | None = None):
+    """M-step of RELION's classification: each class's map with tau2 from its power
+    (`tau2_fudge`, the options' when None); the differences from the consensus limited to
+    where they are supported."""
     state, o, radius = step.state, step.options, step.radius
+    fudge = o.tau2_fudge if tau2_fudge is None else tau2_fudge
     refs = results[0][1]
     half_bps = [r.backprojectors for r, _ in results]
     bps = [projector.BackProjector.pooled(list(group)) for group in zip(*half_bps, strict=True)]
     tau2 = np.array([reference_tau2(r, n_shells) for r in refs])
     ssnr = np.zeros((state.n_classes, n_shells))
     for k, bp in enumerate(bps):
-        image = bp.reconstruct(tau2[k], o.tau2_fudge, radius, MINRES_MAP) * edge
+        image = bp.reconstruct(tau2[k], fudge, radius, MINRES_MAP) * edge
         if o.center_classes and o.ndim == 2:
             image = center_image(image)
         state.references[k] = image
-        ssnr[k] = class_ssnr(bp, tau2[k], o.tau2_fudge, radius)
+        ssnr[k] = class_ssnr(bp, tau2[k], fudge, radius)
     shells = np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1)
     if state.difference_shell is not None:
         state.difference_shell = extend_difference_shell(
             state.difference_shell, difference_fsc(half_bps, n_shells).max(axis=0),
             o.difference_fsc, radius)
         consensus_map = projector.BackProjector.pooled(bps).reconstruct(
-            state.distribution @ tau2, o.tau2_fudge, radius, MINRES_MAP) * edge
+            state.distribution @ tau2, fudge, radius, MINRES_MAP) * edge
         # the sharp Fourier edge rings: keep the maps inside the same sphere
         state.references[:] = limit_differences(state.references, consensus_map,
                                                 state.difference_shell) * edge
@@ -472,9 +521,9 @@ def _class_m_step(step: _ClassStep, results) -> tuple[np.ndarray, np.ndarray, np
     state, o = step.state, step.options
     box, pix = step.source.box, step.source.pixel_size
     n = state.angles.shape[0]
-    mask = fourier.pixel_mask(box, step.radius)
+    mask = fourier.pixel_mask(box, step.recon)
     step.noise.update(sum(r.residual for r, _ in results), sum(r.count for r, _ in results),
-                      mask)
+                      mask, max_shell=step.radius)
     state.sigma2 = step.noise.sigma2
     if not (o.skip_align or step.fixed):
         state.offset_sigma = offset_sigma(sum(r.offset_sq for r, _ in results), n, pix)
@@ -485,8 +534,10 @@ def _class_m_step(step: _ClassStep, results) -> tuple[np.ndarray, np.ndarray, np
     n_shells = box // 2 + 1
     if step.consensus:
         tau2, ssnr, shells = _consensus_map(step, results, edge, n_shells)
+    elif o.heterogeneous and not gold_standard_phase(state, o):  # classes form as class3d's
+        tau2, ssnr, shells = _class_maps(step, results, edge, n_shells, JOINED_TAU2_FUDGE)
     elif state.half_references is not None:
-        tau2, ssnr, fsc_k = _gold_standard_maps(state, [r for r, _ in results], o, step.radius,
+        tau2, ssnr, fsc_k = _gold_standard_maps(state, [r for r, _ in results], o, step.recon,
                                                 box, edge)
         state.class_fsc = fsc_k
         shells = np.maximum([resolution_shell(f, 0.143) for f in fsc_k], 1)
@@ -518,6 +569,9 @@ def _schedule_step(step: _ClassStep, previous_class: np.ndarray,
             [o.seed, state.iteration, 3]))
         state.seeded_at = state.iteration
         message = (message or "") + "; classes seeded (random equal split), poses fixed"
+    elif o.heterogeneous and state.halves_split_at is None and classes_formed(
+            state, o, float(np.mean(previous_class != state.class_number))):
+        message = (message or "") + split_half_maps(state, o, step.source.pixel_size)
     elif step.fixed and fixed_phase_over(state, o, previous_class):
         # each class's poses searched again from the coarse grid: a class unlike the
         # consensus (a large piece missing) may have been aligned wrongly to it
@@ -534,10 +588,11 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
     the iteration's figures.
 
     With split_halves, each half-set's particles are classified against the other half's
-    class maps (so no particle is compared with a map it contributed to), and each class map
-    is regularised by the FSC of its two half maps, as refinement regularises its map
-    (tau2 from the FSC); otherwise by RELION's classification prior (tau2 from the map's
-    power)."""
+    class maps (so no particle is compared with a map it contributed to); in heterogeneous
+    refinement against their own half's (the gold standard: the two halves never meet). With
+    either, each class map is regularised by the FSC of its two half maps, as refinement
+    regularises its map (tau2 from the FSC); otherwise by RELION's classification prior (tau2
+    from the map's power)."""
     o = options
     t_start = time.perf_counter()
     box, pix = source.box, source.pixel_size
@@ -558,7 +613,10 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
         tau2, ssnr, shells = _class_m_step(step, results)
         if inner and float(np.mean(before != state.class_number)) < FIXED_SETTLED:
             break
-    best = int(np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1).max())
+    # the next radius from the best class's SSNR 1 shell, or in heterogeneous refinement's
+    # gold-standard phase from its FSC 0.143 shell, as refinement's
+    best = int(shells.max() if gold_standard_phase(state, o)
+               else np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1).max())
     state.iteration += 1
     state.r_max = next_radius(best, box, pix, o)
     message = None if state.schedule is None else _schedule_step(
@@ -613,9 +671,9 @@ def fixed_phase_over(state: ClassState, options: ClassOptions,
 
 def difference_limited(options: ClassOptions, n_classes: int) -> bool:
     """Whether the classes' differences are limited in resolution (limit_differences):
-    3D, more than one class, not with split_halves (its half-sets are the classes' own)."""
+    3D, more than one class, not with half-sets (their FSC regularises each class)."""
     return (options.ndim == 3 and n_classes > 1 and options.difference_fsc > 0
-            and not options.split_halves)
+            and (options.heterogeneous or not options.half_sets))
 
 
 def difference_halves(n: int, seed: int) -> np.ndarray:
@@ -695,14 +753,17 @@ def _gold_standard_maps(state: ClassState, results, o: ClassOptions, radius: int
     """Per class: the half-set FSC, tau2 from it (as refinement), both half maps and the map
     from both halves together (the joined-halves rule). Returns (tau2, SSNR, FSC), each
     (K, N//2+1)."""
-    from .refine import final_maps, half_set_fsc
+    from .refine import final_maps, gold_standard
 
     k_cls = state.n_classes
     n_shells = box // 2 + 1
     tau2, ssnr, curves = (np.zeros((k_cls, n_shells)) for _ in range(3))
+    if state.half_unfiltered is None:
+        state.half_unfiltered = np.zeros(state.half_references.shape, np.float32)
     for k in range(k_cls):
         bps = [results[0].backprojectors[k], results[1].backprojectors[k]]
-        curves[k], tau2[k] = half_set_fsc(bps, o, radius, box)
+        gold = gold_standard(bps, o, radius, box)
+        curves[k], tau2[k] = gold.fsc, gold.tau2
         halves = [bps[h].reconstruct(tau2[k], o.tau2_fudge, radius) * edge for h in (0, 1)]
         combined = final_maps(bps, curves[k], o, radius, box, halves=False)[0]
         if o.center_classes and o.ndim == 2:  # the same move for the halves and the whole
@@ -710,6 +771,7 @@ def _gold_standard_maps(state: ClassState, results, o: ClassOptions, radius: int
             halves = [translate_image(m, shift) for m in halves]
             combined = translate_image(combined, shift)
         state.half_references[:, k] = halves
+        state.half_unfiltered[:, k] = gold.halves
         state.references[k] = combined
         ssnr[k] = ssnr_from_fsc(curves[k], o.tau2_fudge)
         ssnr[k][radius + 1:] = 0.0

@@ -15,6 +15,15 @@ half's regularised map is then low-passed voxel by voxel to it
 
 Each half's filter comes from that half's particles alone, so the two halves stay
 independent and their FSC stays a gold-standard measure.
+
+With a point group (--sym) every window also stands at its symmetry copies (the same local
+FSC there) before the blend, so the local resolution, and with it the filtered map, has the
+group's symmetry: the quarter maps are symmetric, but the windows' randomised phases and a
+grid of centres that is not the group's would otherwise filter symmetry copies apart. With a
+solvent mask (--solvent_mask) the windows are centred inside it instead of inside the
+particle sphere (RELION's locres: the mask picks the sample points), so solvent windows do
+not pull the particle's edge coarser; both masks bound the centres only, the quarter maps
+are not masked.
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .. import locres
+from .. import fourier, locres
 from ..masks import soft_sphere
+from ..symmetry import operators
 
 #: Window spacing (Å) of the local FSC, RELION's --locres_sampling default.
 SAMPLING_ANGSTROM = 25.0
@@ -58,17 +68,39 @@ def half_fsc(quarter_fsc: np.ndarray) -> np.ndarray:
     return 2.0 * f / (1.0 + f)
 
 
+def symmetry_copies(lfsc: locres.LocalFSC, sym: str) -> locres.LocalFSC:
+    """The local FSC with every window repeated at its copies R c about the box centre (R
+    over the point group's operators, centres rounded to the voxel: exact for operators that
+    permute the grid, such as Cn's and Dn's 2- and 4-folds about the axes), each with its
+    curves. Blended (`locres.local_resolution`) they give a symmetric field: the union of
+    copies is the same set after any operator. C1: unchanged."""
+    ops = operators(sym)
+    if len(ops) == 1:
+        return lfsc
+    o = fourier.origin(lfsc.box)
+    xyz = lfsc.centres[:, ::-1].astype(np.float64) - o  # centres are (z, y, x) indices
+    copies = np.rint(np.einsum("gij,kj->gki", ops, xyz)[..., ::-1] + o).astype(np.int64)
+    g = len(ops)
+    return replace(lfsc, centres=copies.reshape(-1, 3), fsc=np.tile(lfsc.fsc, (g, 1)),
+                   fsc_masked=np.tile(lfsc.fsc_masked, (g, 1)),
+                   fsc_random=np.tile(lfsc.fsc_random, (g, 1)))
+
+
 def filter_half(volume: np.ndarray, quarters: np.ndarray, pixel_size: float,
-                mask_radius_px: float, threads: int = 1) -> NonUniformFilter:
+                mask_radius_px: float, threads: int = 1, *, sym: str = "C1",
+                solvent_mask: np.ndarray | None = None) -> NonUniformFilter:
     """The half's regularised map `volume` low-passed to the local resolution of its two
-    quarter maps (2, N, N, N), within the particle mask (module docstring)."""
+    quarter maps (2, N, N, N): windows centred inside the particle mask, or inside
+    `solvent_mask` (N, N, N) when given, and symmetric under the point group `sym` (module
+    docstring)."""
     box = volume.shape[0]
     step = max(2, int(round(SAMPLING_ANGSTROM / pixel_size)))
     radius = 0.5 * step  # RELION's default window: flat to half the sampling ...
-    sphere = soft_sphere(box, mask_radius_px, 0.0, 3)  # windows centred inside it
-    lfsc = locres.local_fsc(quarters[0], quarters[1], pixel_size, radius, step, mask=sphere,
-                            edge_px=float(step), threads=threads)
-    lfsc = replace(lfsc, fsc=half_fsc(lfsc.fsc))
+    centres_in = (soft_sphere(box, mask_radius_px, 0.0, 3) if solvent_mask is None
+                  else solvent_mask)
+    lfsc = locres.local_fsc(quarters[0], quarters[1], pixel_size, radius, step,
+                            mask=centres_in, edge_px=float(step), threads=threads)
+    lfsc = symmetry_copies(replace(lfsc, fsc=half_fsc(lfsc.fsc)), sym)
     resolution = locres.local_resolution(lfsc, min_resolution=MIN_RESOLUTION)
     filtered = locres.filter_to_local_resolution(volume, resolution, pixel_size)
     return NonUniformFilter(np.where(resolution > 0, filtered, volume), resolution)

@@ -484,7 +484,9 @@ def nonuniform_references(state: RefineState, fold_bps: list[list[projector.Back
     for h in (0, 1):
         quarters = unfiltered_halves(fold_bps[h], recon, refinement.box)
         nu = nonuniform.filter_half(state.volumes[h], quarters, refinement.pixel_size,
-                                    refinement.mask_radius, threads=core.max_threads())
+                                    refinement.mask_radius, threads=core.max_threads(),
+                                    sym=refinement.options.sym,
+                                    solvent_mask=refinement.solvent_mask)
         state.volumes[h] = nu.volume
         spans.append(nu.percentiles())
     lo, mid, hi = np.mean(spans, axis=0)

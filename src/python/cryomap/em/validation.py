@@ -45,21 +45,30 @@ def bayes_accuracy(map_a: np.ndarray, map_b: np.ndarray, angles: np.ndarray,
 
 def two_class_set(out, box: int, pixel_size: float, n: int, share: float, snr: float,
                   seed: int, max_shift_px: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """Simulate a two-class set in folder `out` (`simulate.write_simulation`'s files, and
-    reference.mrc: class A low-passed to 40 Å): class A a ribosome-sized phantom filling 0.8
-    of the box, class B the same with a compact piece holding `share` of its mass removed.
-    Returns (true class (n,) 0/1, best possible accuracy per image (bayes_accuracy), particle
-    diameter in Å)."""
-    from ..ctf import CtfParams
-    from ..fourier import initial_lowpass
-    from ..io.mrc import write_map
+    """Simulate a two-class set in folder `out` (`two_map_set`): class A a ribosome-sized
+    phantom filling 0.8 of the box, class B the same with a compact piece holding `share` of
+    its mass removed. Returns (true class (n,) 0/1, best possible accuracy per image
+    (bayes_accuracy), particle diameter in Å)."""
     from ..phantom import RIBOSOME_SCALE, make_phantom
-    from ..simulate import simulate_particles, write_simulation
 
     diameter = 0.8 * box * pixel_size
     scale = RIBOSOME_SCALE * diameter / 256.0
     a = make_phantom(box, pixel_size, scale=scale)
     b = make_phantom(box, pixel_size, scale=scale, remove_share=share)
+    truth, best = two_map_set(out, a, b, pixel_size, n, snr, seed, max_shift_px)
+    return truth, best, diameter
+
+
+def two_map_set(out, a: np.ndarray, b: np.ndarray, pixel_size: float, n: int, snr: float,
+                seed: int, max_shift_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate particles of two maps, about half each, in folder `out`
+    (`simulate.write_simulation`'s files, and reference.mrc: A low-passed to 40 Å). Returns
+    (true class (n,) 0/1, best possible accuracy per image (bayes_accuracy))."""
+    from ..ctf import CtfParams
+    from ..fourier import initial_lowpass
+    from ..io.mrc import write_map
+    from ..simulate import simulate_particles, write_simulation
+
     sim = simulate_particles([a, b], pixel_size, n, snr=snr, seed=seed,
                              max_shift_px=max_shift_px)
     clean = simulate_particles([a, b], pixel_size, n, snr=None, seed=seed,
@@ -76,7 +85,7 @@ def two_class_set(out, box: int, pixel_size: float, n: int, share: float, snr: f
                     defocus_v=df["rlnDefocusV"].to_numpy(),
                     defocus_angle=df["rlnDefocusAngle"].to_numpy())
     best = bayes_accuracy(a, b, angles, origins, ctf, pixel_size, sigma)
-    return df["rlnClassNumber"].to_numpy() - 1, best, diameter
+    return df["rlnClassNumber"].to_numpy() - 1, best
 
 
 # -- map alignment ---------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from ..io.mrc import open_stack, read_map, write_stack
 from ..io.star import read_star
 from ..parallel import SINGLE, Ranks
 from ..particles import ParticleSet
+from ..resolution import resolution_shell
 from .base import (
     Job,
     MemoryPlan,
@@ -56,6 +57,7 @@ from .output import (
     write_class_volumes,
     write_data_star,
     write_model_star,
+    write_volume,
 )
 from .refine import (
     PIXEL_TOLERANCE,
@@ -96,7 +98,8 @@ class ClassifyJob(Job):
                  echo: Callable[[str], None] | None = print,
                  memory: MemoryPlan | None = None, ranks: Ranks = SINGLE) -> None:
         super().__init__(outdir, resume, echo, ranks)
-        self.kind = "class2d" if options.ndim == 2 else "class3d"
+        self.kind = ("class2d" if options.ndim == 2 else
+                     "hetero_refine" if options.heterogeneous else "class3d")
         self.particles, self.star, self.reference_path = particles, Path(star), reference_path
         self.options, self.initialise = options, initialise
         self.memory = memory
@@ -114,7 +117,7 @@ class ClassifyJob(Job):
         references, seed_class = self.initialise(self.source, noise.sigma2, seed_class, rng)
         from ..em.classify import initial_state
 
-        subset = split_halves(p, rng, log=self.notes.append) if o.split_halves else None
+        subset = split_halves(p, rng, log=self.notes.append) if o.half_sets else None
         return initial_state(self.source, o, references, p.angles(),
                              p.origins_px(pixel_size=p.grid_pixel_size), seed_class, subset)
 
@@ -134,7 +137,7 @@ class ClassifyJob(Job):
 
     def iterate(self, state: ClassState) -> str:
         o = self.options
-        hard = o.hard_last and state.iteration + 1 == o.iterations
+        hard = o.force_hard_class or (o.hard_last and state.iteration + 1 == o.iterations)
         bar = self.progress_bar(self.particles.n_particles, f"iteration {state.iteration + 1}")
         s = class_iteration(state, self.source, o, hard, bar.update if bar else None)
         if bar is not None:
@@ -145,8 +148,14 @@ class ClassifyJob(Job):
                         for k, b in s.reseeded)
         diff = ("" if s.difference_resolution is None
                 else f", classes differ to {s.difference_resolution:.1f} Å")
+        if s.message:
+            self.log(s.message.lstrip("; "))
+        gold = o.half_sets and not (o.heterogeneous and state.halves_split_at is None)
+        res = (f"class resolutions {' '.join(f'{r:.1f}' for r in s.class_resolution)} Å "
+               f"({'FSC 0.143 of each class' + chr(39) + 's half maps' if gold else 'SSNR 1'})"
+               f", {s.stage}" if o.half_sets else f"best class {s.resolution:.1f} Å (SSNR 1)")
         return (f"iteration {s.iteration:3d}{' (hard)' if hard else ''}: r_max {s.r_max:3d}"
-                f" px, best class {s.resolution:.1f} Å (SSNR 1){diff}, classes [{dist}]{split}, "
+                f" px, {res}{diff}, classes [{dist}]{split}, "
                 f"changed {100 * s.changed_fraction:.1f}%, log-lik {s.log_likelihood:.6e}, "
                 f"<Pmax> {s.average_pmax:.3f}, <nsig> {s.mean_n_significant:.1f}, "
                 f"{s.mean_samples:.0f} samples/image; E-step {t.get('estep', 0):.1f} s, "
@@ -180,7 +189,8 @@ class ClassifyJob(Job):
             sigma2=np.stack([noise.shell_spectrum(g) for g in range(noise.n_groups)]),
             log_likelihood=float(state.log_likelihood.sum()),
             average_pmax=float(state.max_prob.mean()), pad=o.pad, interp=o.interp,
-            tau2_fudge=o.tau2_fudge, ref_dim=o.ndim, offset_sigma=state.offset_sigma * pix)
+            tau2_fudge=o.tau2_fudge, ref_dim=o.ndim, offset_sigma=state.offset_sigma * pix,
+            fsc=state.class_fsc)
         write_model_star(Path(f"{root}_model.star"), model_blocks(figures))
         write_data_star(Path(f"{root}_data.star"), p, class_table(p, state, o))
 
@@ -192,9 +202,28 @@ class ClassifyJob(Job):
         self.write_tables(root, state, self.write_maps(root, state))
         if self.options.ndim == 2:
             plot_gallery(self.outdir / "run_classes.png", state, self.particles.grid_pixel_size)
+        if self.options.ndim == 3 and state.half_unfiltered is not None:
+            self.write_half_maps(state)
+        elif self.options.heterogeneous:
+            self.log("no gold-standard half maps: the run ended before its half-sets met "
+                     "their own class maps; run more iterations (--continue --iter N)")
         sizes = np.bincount(state.class_number, minlength=state.n_classes)
         self.log(f"final classes (particles): {' '.join(str(int(s)) for s in sizes)}; outputs "
                  f"in {self.outdir}")
+
+
+    def write_half_maps(self, state: ClassState) -> None:
+        """Each class's unfiltered half maps, RELION's refinement names
+        (run_half{1,2}_classNNN_unfil.mrc), and the resolution their FSC gives."""
+        pix, box = self.particles.grid_pixel_size, self.particles.grid_box
+        for k in range(state.n_classes):
+            for h in (0, 1):
+                write_volume(self.outdir / f"run_half{h + 1}_class{k + 1:03d}_unfil.mrc",
+                             state.half_unfiltered[h, k], pix)
+            shell = resolution_shell(state.class_fsc[k], 0.143)
+            self.log(f"class {k + 1}: {100 * state.distribution[k]:.1f}% of the particles, "
+                     f"{box * pix / max(shell, 1):.2f} Å (FSC 0.143 of run_half1_class"
+                     f"{k + 1:03d}_unfil.mrc and run_half2_class{k + 1:03d}_unfil.mrc)")
 
 
 def class_table(particles: ParticleSet, state: ClassState, options: ClassOptions
@@ -202,7 +231,7 @@ def class_table(particles: ParticleSet, state: ClassState, options: ClassOptions
     """The particle table of a classification (run_data.star's data_particles): the input
     columns, rlnClassNumber (1-based), the best pose and the statistics."""
     table = particle_table(particles, state, particles.grid_pixel_size,
-                           class_number=state.class_number + 1)
+                           class_number=state.class_number + 1, subset=state.subset)
     if options.ndim == 2:  # 2D poses are in-plane only: keep any input rot/tilt
         for col in ("rlnAngleRot", "rlnAngleTilt"):
             if col in particles.particles.columns:
@@ -516,4 +545,5 @@ def saved_job(outdir: str | Path) -> tuple[str, str | None, ClassOptions]:
 def saved_run(outdir: str | Path) -> dict:
     """job.json of the classification in outdir, its options as ClassOptions
     (`base.saved_run`)."""
-    return base_saved_run(outdir, "classification", ("class3d", "class2d"), ClassOptions)
+    return base_saved_run(outdir, "classification", ("class3d", "class2d", "hetero_refine"),
+                          ClassOptions)

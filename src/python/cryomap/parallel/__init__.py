@@ -41,7 +41,7 @@ SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 #: Variables holding this process's rank.
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 #: The commands that run split across ranks.
-MPI_COMMANDS = ("refine", "class3d", "class2d", "reconstruct")
+MPI_COMMANDS = ("refine", "class3d", "class2d", "hetero_refine", "reconstruct")
 
 def _first_number(names: tuple[str, ...], environ: dict[str, str] | None) -> int | None:
     """The first of the variables `names` that holds a whole number (None: none does)."""
