@@ -125,6 +125,10 @@ def class3d(d: Path, out: Path, *extra: str, star: str | None = None) -> list[st
             "--o", str(out), "--K", "2", "--iter", "1"] + FAST + list(extra)
 
 
+def hetero_refine(d: Path, out: Path, *extra: str) -> list[str]:
+    return ["hetero_refine"] + class3d(d, out, *extra)[1:]
+
+
 def class2d(d: Path, out: Path, *extra: str, star: str | None = None) -> list[str]:
     return ["class2d", "--i", star or str(d / "particles.star"), "--o", str(out), "--K", "2",
             "--iter", "1", "--offset_range", "1", "--offset_step", "1", "--j", "1",
@@ -273,6 +277,11 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
     ("class3d-cs-missing", lambda d, o: class3d(d, o, star=star_with(
         d, "nocs", lambda b: b.__setitem__("optics", b["optics"].drop(
             columns=["rlnSphericalAberration"])))), ("nocs.star", "rlnSphericalAberration")),
+    ("hetero_refine-K-0", lambda d, o: hetero_refine(d, o, "--K", "0"), ("--K 0",)),
+    ("hetero_refine-tau2-fudge-0", lambda d, o: hetero_refine(d, o, "--tau2_fudge", "0"),
+     ("--tau2_fudge",)),
+    ("hetero_refine-reference-2d", lambda d, o: hetero_refine(d, o)[:4] + [str(d / "image.mrc")]
+     + hetero_refine(d, o)[5:], ("image.mrc", "3D")),
     ("class2d-subset-size-0", lambda d, o: class2d(d, o, "--subset_size", "0"),
      ("--subset_size",)),
     ("class2d-psi-step-0", lambda d, o: class2d(d, o, "--psi_step", "0"), ("--psi_step",)),
