@@ -88,6 +88,22 @@ def test_half_sets_are_written_and_balanced(run):
         assert (members == 1).any() and (members == 2).any()
 
 
+def test_a_class_feeds_refine_with_its_half_sets(run, tmp_path):
+    """`cryomap star --classes 1` of run_data.star, then `refine` from run_class001.mrc: the
+    refinement keeps the hetero_refine half-sets (no random re-split)."""
+    subset_star = tmp_path / "class1.star"
+    assert main(["star", "--i", str(run.out / "run_data.star"), "--classes", "1", "--o",
+                 str(subset_star)]) == 0
+    out = tmp_path / "Refine3D"
+    assert main(["refine", "--i", str(subset_star), "--ref", str(run.out / "run_class001.mrc"),
+                 "--o", str(out), "--particle_diameter", "154", "--ini_high", "30", "--iter",
+                 "1", "--j", "2"]) == 0
+    given = read_star(subset_star)["particles"]["rlnRandomSubset"].to_numpy()
+    kept = read_star(out / "run_data.star")["particles"]["rlnRandomSubset"].to_numpy()
+    assert np.array_equal(given, kept)
+    assert "split at random" not in (out / "run.log").read_text()
+
+
 def test_each_half_meets_its_own_half_maps_only():
     """The E-step's passes: half h's particles against half_references[h - 1]
     (heterogeneous), against the other half's with --split_halves."""
