@@ -52,8 +52,8 @@ def test_classes_and_their_maps(run):
     share = np.mean(np.asarray(perm)[found] == 1)
     print(f"\nhetero_refine: accuracy {100 * accuracy:.1f}%, class B share {share:.3f} "
           f"(true {np.mean(run.truth == 1):.3f})")
-    assert accuracy >= 0.93  # measured 0.965 (seed 1 of this set: 0.968); margin 3 points
-    assert abs(share - np.mean(run.truth == 1)) <= 0.05  # measured 0.025
+    assert accuracy >= 0.93  # measured 0.958; margin 2.8 points
+    assert abs(share - np.mean(run.truth == 1)) <= 0.05  # measured 0.022
     # the full molecule's class map is closer to its own truth than to the headless one
     # (the headless class's frame is not fixed by its start: its map is not scored here)
     k = perm.index(0)
