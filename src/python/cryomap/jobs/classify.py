@@ -38,7 +38,6 @@ from ..io.mrc import open_stack, read_map, write_stack
 from ..io.star import read_star
 from ..parallel import SINGLE, Ranks
 from ..particles import ParticleSet
-from ..resolution import resolution_shell
 from .base import (
     Job,
     MemoryPlan,
@@ -150,10 +149,14 @@ class ClassifyJob(Job):
                 else f", classes differ to {s.difference_resolution:.1f} Å")
         if s.message:
             self.log(s.message.lstrip("; "))
-        gold = o.half_sets and not (o.heterogeneous and state.halves_split_at is None)
+        # this iteration's maps came from half maps (their FSC) unless heterogeneous
+        # refinement's half-sets met their own maps only after it
+        split_at = state.halves_split_at
+        gold = o.split_halves or (split_at is not None and split_at < s.iteration)
+        measure = "FSC 0.143 of each class's half maps" if gold else "SSNR 1"
         res = (f"class resolutions {' '.join(f'{r:.1f}' for r in s.class_resolution)} Å "
-               f"({'FSC 0.143 of each class' + chr(39) + 's half maps' if gold else 'SSNR 1'})"
-               f", {s.stage}" if o.half_sets else f"best class {s.resolution:.1f} Å (SSNR 1)")
+               f"({measure}), {s.stage}" if o.half_sets
+               else f"best class {s.resolution:.1f} Å (SSNR 1)")
         return (f"iteration {s.iteration:3d}{' (hard)' if hard else ''}: r_max {s.r_max:3d}"
                 f" px, {res}{diff}, classes [{dist}]{split}, "
                 f"changed {100 * s.changed_fraction:.1f}%, log-lik {s.log_likelihood:.6e}, "
@@ -211,7 +214,6 @@ class ClassifyJob(Job):
         self.log(f"final classes (particles): {' '.join(str(int(s)) for s in sizes)}; outputs "
                  f"in {self.outdir}")
 
-
     def write_half_maps(self, state: ClassState) -> None:
         """Each class's unfiltered half maps, RELION's refinement names
         (run_half{1,2}_classNNN_unfil.mrc), and the resolution their FSC gives."""
@@ -220,9 +222,9 @@ class ClassifyJob(Job):
             for h in (0, 1):
                 write_volume(self.outdir / f"run_half{h + 1}_class{k + 1:03d}_unfil.mrc",
                              state.half_unfiltered[h, k], pix)
-            shell = resolution_shell(state.class_fsc[k], 0.143)
+            shell = state.class_resolution_shell[k]  # FSC 0.143 of these half maps
             self.log(f"class {k + 1}: {100 * state.distribution[k]:.1f}% of the particles, "
-                     f"{box * pix / max(shell, 1):.2f} Å (FSC 0.143 of run_half1_class"
+                     f"{box * pix / shell:.2f} Å (FSC 0.143 of run_half1_class"
                      f"{k + 1:03d}_unfil.mrc and run_half2_class{k + 1:03d}_unfil.mrc)")
 
 
