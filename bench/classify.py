@@ -1,22 +1,27 @@
 """Classification benchmark: 3D classification against the Bayes-optimal accuracy, and 2D
 classification of many views.
 
-class3d: for each share s, a two-class set of a ribosome-sized phantom (box 64, 5 Å/px,
-2000 particles, SNR 0.1, CTF, shifts up to 3 px): class A is the phantom, class B the phantom
-with a compact piece holding s of its mass removed. Printed per share: the best possible
-accuracy (from the true poses and maps: the mean over images of Phi(||P_A - P_B|| / 2 sigma)),
-then for each --modes: class3d's accuracy from one map (A low-passed to 40 Å) with the
-defaults (`classic`: RELION's Class3D schedule) or with `--auto_sampling` (`auto`), and
+class3d: for each share s, a two-class set (box 64, 5 Å/px, 2000 particles, SNR 0.1, CTF,
+shifts up to 3 px) of a ribosome-sized structure (`--structure`): `phantom`, the package's
+phantom filling 0.8 of the box, or `globular`, `atoms.globular` (three lobes of packed
+helices) scaled to the same size; class A is the structure, class B the same with a compact
+piece holding s of its mass removed. `--k3` adds a third class, A with a large piece removed
+(the phantom's head; 15 % of the globular structure's mass, elsewhere), and runs K = 3.
+Printed per share: the best possible accuracy (from the true poses and maps:
+`validation.class_map_set`), then for each --modes class3d's accuracy from one map (A
+low-passed to 40 Å) with the default command (`default`: the adaptive schedule),
+`--schedule classic` (`classic`: RELION's Class3D), `--schedule consensus` (`auto`) or
 `--skip_align --tau2_fudge 1` at the true poses (`skip`), all else at class3d's defaults
 (--tau2_fudge 4, --class_temperature 4, --class_difference_fsc 0.143); the class proportions
-against the truth, and the time. `--extra` adds options to every mode (the last value given
-wins, e.g. `--extra --tau2_fudge 1`).
+against the truth, the time, and for `default` the schedule it chose. `--extra` adds
+options to every mode (the last value given wins, e.g. `--extra --tau2_fudge 1`).
 
 class2d: K = 10 on 10 views (5 of each of two phantoms), SNR 0.05, 5000 particles: the
 membership, each average's correlation with its clean projection, seconds per iteration.
 
     python bench/classify.py                       # everything (long)
-    python bench/classify.py --shares 0.08 --modes auto skip --skip-2d
+    python bench/classify.py --shares 0.08 --modes default skip --skip-2d
+    python bench/classify.py --structure globular --shares 0.03 --k3 --modes default --skip-2d
     python bench/classify.py --only-2d
 """
 
@@ -32,15 +37,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cryomap import atoms
 from cryomap._kernels import core, set_threads
 from cryomap.cli.class3d import class_options
 from cryomap.cli.main import build_parser
 from cryomap.ctf import CtfParams
 from cryomap.em.classify import ClassOptions
-from cryomap.em.validation import two_class_set
+from cryomap.em.validation import class_map_set
 from cryomap.jobs.classify import classify2d, classify3d
 from cryomap.particles import make_optics_table
-from cryomap.phantom import RIBOSOME_SCALE, make_phantom_variant
+from cryomap.phantom import RIBOSOME_SCALE, make_phantom, make_phantom_variant
 from cryomap.simulate import project_images, write_simulation
 
 
@@ -57,25 +63,64 @@ def accuracy(found: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, tuple
     return float(np.mean(np.asarray(perm)[found] == truth)), perm
 
 
+def globular_maps(box: int, pix: float, shares: list[float], seed: int = 0
+                  ) -> list[np.ndarray]:
+    """`atoms.globular` scaled to fill 0.8 of the box, and for each share the same with a
+    compact piece holding that share of its atoms removed: the atoms nearest to the surface
+    point furthest along a random direction (a new direction for each share)."""
+    diameter = 0.8 * box * pix
+    model = atoms.globular(seed=seed, size=0.9 * diameter / 110.0)
+    rng = np.random.default_rng(seed + 100)
+    maps = [atoms.density_map(model, box, pix, 50.0)]
+    for share in shares:
+        direction = rng.normal(size=3)
+        site = model.xyz[np.argmax(model.xyz @ direction)]
+        near = np.argsort(np.linalg.norm(model.xyz - site, axis=1))
+        keep = np.sort(near[int(round(share * model.n_atoms)):])
+        maps.append(atoms.density_map(atoms.Atoms(model.xyz[keep], model.weight[keep]), box,
+                                      pix, 50.0))
+    return maps
+
+
+def class_maps(args, share: float) -> tuple[list[np.ndarray], float]:
+    """The set's true maps (A, B and with --k3 the large difference) and diameter (Å)."""
+    diameter = 0.8 * args.box * args.angpix
+    if args.structure == "globular":
+        return globular_maps(args.box, args.angpix, [share] + ([0.15] if args.k3 else []),
+                             args.seed), diameter
+    scale = RIBOSOME_SCALE * diameter / 256.0
+    maps = [make_phantom(args.box, args.angpix, scale=scale),
+            make_phantom(args.box, args.angpix, scale=scale, remove_share=share)]
+    if args.k3:
+        maps.append(make_phantom(args.box, args.angpix, scale=scale, drop_domain=1))
+    return maps, diameter
+
+
+MODES = {"default": ("the default command (adaptive schedule)", "particles.star", []),
+         "classic": ("--schedule classic (RELION's Class3D)", "particles.star",
+                     ["--schedule", "classic"]),
+         "auto": ("--schedule consensus (--auto_sampling)", "particles.star",
+                  ["--schedule", "consensus"]),
+         "skip": ("--skip_align at the true poses, --tau2_fudge 1", "truth.star",
+                  ["--skip_align", "--tau2_fudge", "1"])}
+
+
 def run_class3d(args) -> None:
     for share in args.shares:
         root = Path(tempfile.mkdtemp(prefix="cryomap_cls3d_"))
-        truth, best, diameter = two_class_set(root, args.box, args.angpix, args.n, share,
-                                              args.snr, args.seed, max_shift_px=3.0)
-        true_fr = np.bincount(truth, minlength=2) / truth.size
-        print(f"\nshare {share:.0%}: best possible accuracy {100 * best.mean():.1f}%, true "
-              f"proportions {np.round(true_fr, 3)}", flush=True)
-        modes = {"classic": ("from one map, defaults (RELION's Class3D)", "particles.star",
-                             []),
-                 "auto": ("from one map, --auto_sampling", "particles.star",
-                          ["--auto_sampling"]),
-                 "skip": ("--skip_align at the true poses, --tau2_fudge 1", "truth.star",
-                          ["--skip_align", "--tau2_fudge", "1"])}
+        maps, diameter = class_maps(args, share)
+        k = len(maps)
+        truth, best = class_map_set(root, [m.astype(np.float64) for m in maps], args.angpix,
+                                    args.n, args.snr, args.seed, max_shift_px=3.0)
+        true_fr = np.bincount(truth, minlength=k) / truth.size
+        print(f"\n{args.structure}, share {share:.0%}{', K = 3' if k == 3 else ''}: best "
+              f"possible accuracy {100 * best.mean():.1f}%, true proportions "
+              f"{np.round(true_fr, 3)}", flush=True)
         for mode in args.modes:
-            label, star, mode_args = modes[mode]
+            label, star, mode_args = MODES[mode]
             # the issue's command line, everything else at class3d's defaults
             options = class3d_options(
-                ["--K", "2", "--iter", str(args.iter), "--ini_high", "40",
+                ["--K", str(k), "--iter", str(args.iter), "--ini_high", "40",
                  "--particle_diameter", f"{diameter:g}", "--healpix_order", "2",
                  "--offset_range", "5", "--offset_step", "2"]
                 + mode_args + args.extra)
@@ -83,12 +128,16 @@ def run_class3d(args) -> None:
             state = classify3d(root / star, root / "reference.mrc", root / f"run_{mode}",
                                options, echo=None)
             wall = time.perf_counter() - t0
-            acc, perm = accuracy(state.class_number, truth, 2)
+            acc, perm = accuracy(state.class_number, truth, k)
             dist = state.distribution[list(np.argsort(perm))]
+            chose = ("" if not options.probes_classes else
+                     ", chose the consensus schedule" if state.consensus_from is not None
+                     else ", classes formed: aligned per class" if state.probe_done
+                     else ", undecided")
             print(f"  class3d {label}: accuracy {100 * acc:.1f}% (best possible "
                   f"{100 * best.mean():.1f}%), proportions {np.round(dist, 3)} (error "
                   f"{np.abs(dist - true_fr).max():.3f}), {wall:.0f} s, "
-                  f"{wall / args.iter:.1f} s per iteration", flush=True)
+                  f"{wall / args.iter:.1f} s per iteration{chose}", flush=True)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -178,8 +227,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--j", type=int, default=None, help="threads")
     p.add_argument("--skip-2d", action="store_true")
-    p.add_argument("--modes", nargs="+", choices=["classic", "auto", "skip"],
-                   default=["classic", "auto", "skip"])
+    p.add_argument("--modes", nargs="+", choices=sorted(MODES),
+                   default=["default", "classic", "auto", "skip"])
+    p.add_argument("--structure", choices=["phantom", "globular"], default="phantom")
+    p.add_argument("--k3", action="store_true",
+                   help="a third class with a large piece removed (K = 3)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further class3d options, e.g. --extra --tau2_fudge 4")
     p.add_argument("--only-2d", action="store_true")

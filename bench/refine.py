@@ -84,11 +84,13 @@ def accuracy(args: argparse.Namespace) -> None:
         shutil.rmtree(root / "refine")
     print(f"cryomap refine benchmark: build {core.simd}, {core.max_threads()} threads; "
           f"{args.molecule}, box {box}, {pix} Å/px, {args.n} particles, SNR {args.snr}, "
-          f"B {args.bfactor} Å^2, symmetry {args.sym}", flush=True)
+          f"B {args.bfactor} Å^2, symmetry {args.sym}"
+          f"{', --nu' if args.nu else ''}", flush=True)
     truth = truth_map(args.molecule, box, pix, args.bfactor, args.seed).astype(np.float64)
     diameter = args.diameter or 0.8 * box * pix
     truth_df = simulate(root, truth, pix, args.n, args.snr, args.seed, args.max_shift)
-    options = RefineOptions(particle_diameter=diameter, ini_high=40.0, sym=args.sym)
+    options = RefineOptions(particle_diameter=diameter, ini_high=40.0, sym=args.sym,
+                            nu=args.nu)
     t0 = time.perf_counter()
     state = refine(root / "particles.star", root / "start.mrc", root / "refine", options,
                    echo=None)
@@ -226,6 +228,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--j", type=int, default=None, help="threads")
     p.add_argument("--keep", help="keep the run in this folder")
+    p.add_argument("--nu", action="store_true",
+                   help="non-uniform refinement (refine --nu): on uniform data it should "
+                        "equal the homogeneous run")
     p.add_argument("--cost", type=int, nargs="+", metavar="BOX",
                    help="cost by stage at these boxes instead of the accuracy run")
     p.add_argument("--cost-one", dest="cost_one", type=int, help=argparse.SUPPRESS)

@@ -8,6 +8,8 @@ per-class resolution from the SSNR.
 
 from __future__ import annotations
 
+import shutil
+
 import mrcfile
 import numpy as np
 import pytest
@@ -85,6 +87,8 @@ def test_membership_and_proportions(run):
         assert abs(dist[k] - true_fr[perm[k]]) <= 0.03  # measured 0.009
         assert abs(dist[k] - FRACTIONS[perm[k]]) <= 0.04  # measured 0.017 (the draw: 0.008)
     assert frac >= 0.95  # measured 98.5 %
+    # the default (adaptive) schedule saw the classes form and kept aligning each class
+    assert "classes formed" in (out / "run.log").read_text()
 
 
 def test_outputs_in_relion_layout(run):
@@ -135,13 +139,18 @@ def test_continue_resumes_like_an_uninterrupted_run(tmp_path):
     assert main(["class3d", "--o", str(tmp_path / "a"), "--iter", "3"] + args) == 0
     assert main(["class3d", "--o", str(tmp_path / "b"), "--iter", "2"] + args) == 0
     assert main(["class3d", "--o", str(tmp_path / "b"), "--continue", "--iter", "3"]) == 0
+    _assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def _assert_same_run(a, b) -> None:
+    """The two runs' class maps and classes agree (a resumed and an uninterrupted run)."""
     for k in (1, 2):
-        a = mrcfile.open(tmp_path / "a" / f"run_class00{k}.mrc").data
-        b = mrcfile.open(tmp_path / "b" / f"run_class00{k}.mrc").data
+        va = mrcfile.open(a / f"run_class00{k}.mrc").data
+        vb = mrcfile.open(b / f"run_class00{k}.mrc").data
         # measured 0.0 (bit for bit); 1e-5 of the maximum leaves room for thread-order rounding
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
-    da = read_star(tmp_path / "a" / "run_data.star")["particles"]
-    db = read_star(tmp_path / "b" / "run_data.star")["particles"]
+        np.testing.assert_allclose(vb, va, rtol=0, atol=1e-5 * np.abs(va).max())
+    da = read_star(a / "run_data.star")["particles"]
+    db = read_star(b / "run_data.star")["particles"]
     assert (da["rlnClassNumber"] == db["rlnClassNumber"]).all()
 
 
@@ -176,3 +185,78 @@ def test_bad_input_is_one_line_error(small, case, capsys):
                 "box": "box 34 does not match", "pixel": "pixel size 6.5000",
                 "2d": "expected a 3D map", "missing": "file not found"}[case]
     assert expected in line
+
+
+def _probe_state(distribution, iteration: int):
+    """A 2-class state of 4-voxel maps after `iteration` iterations of the adaptive start."""
+    from cryomap.em.classify import ClassState
+
+    n = 4
+    return ClassState(
+        iteration=iteration, sigma2=np.ones((1, 4, 3)), r_max=2, angles=np.zeros((n, 3)),
+        origins_px=np.zeros((n, 2)), max_prob=np.ones(n), n_significant=np.ones(n),
+        log_likelihood=np.zeros(n), amplitude=np.ones(n),
+        references=np.stack([np.full((4, 4, 4), 1.0), np.full((4, 4, 4), 3.0)]),
+        distribution=np.asarray(distribution, float), class_number=np.zeros(n, np.int64),
+        class_prob=np.full((n, 2), 0.5), offset_sigma=1.0)
+
+
+def test_adaptive_schedule_decides_when_the_classes_form():
+    """The default schedule: classic while the classes form; once few particles change class
+    each class's poses are searched on refinement's schedule; if they have not formed after
+    PROBE_SHARE of the iterations the consensus schedule takes over from the classes'
+    weighted mean map."""
+    from cryomap.em.class_schedule import FORMED_CHANGED, PROBE_MIN, PROBE_SHARE, probe_step
+    from cryomap.em.classify import ClassOptions
+
+    o = ClassOptions.defaults(3, iterations=30)
+    assert o.schedule == "adaptive" and o.probes_classes
+    decide = max(PROBE_MIN, int(PROBE_SHARE * o.iterations))
+    # still changing before the deadline: no decision
+    state = _probe_state([0.5, 0.5], decide - 1)
+    assert probe_step(state, o, 2 * FORMED_CHANGED) is None and not state.probe_done
+    # formed: each class's poses searched to the end, on refinement's sampling schedule
+    state = _probe_state([0.7, 0.3], 5)
+    assert "formed" in probe_step(state, o, 0.5 * FORMED_CHANGED)
+    assert state.probe_done and state.consensus_from is None
+    assert state.schedule is not None and (state.seeded_at, state.fixed_done) == (0, True)
+    assert np.allclose(state.references[1], 3.0)  # the classes' maps kept
+    # a class left nearly empty has not formed
+    state = _probe_state([0.999, 0.001], 5)
+    assert probe_step(state, o, 0.0) is None and not state.probe_done
+    # not formed by the deadline: the consensus schedule, from the weighted mean map
+    state = _probe_state([0.25, 0.75], decide)
+    assert "not formed" in probe_step(state, o, 2 * FORMED_CHANGED)
+    assert state.probe_done and state.consensus_from == decide
+    assert state.schedule is not None and not state.schedule.local
+    assert np.allclose(state.references, 0.25 * 1.0 + 0.75 * 3.0)
+    # the other schedules and class2d never probe
+    for options in (ClassOptions.defaults(3, schedule="classic"),
+                    ClassOptions.defaults(3, schedule="consensus"), ClassOptions.defaults(2),
+                    ClassOptions.defaults(3, skip_align=True),
+                    ClassOptions.defaults(3, heterogeneous=True)):
+        assert not options.probes_classes
+
+
+def test_adaptive_schedule_switches_to_the_consensus_and_resumes(tmp_path):
+    """Two classes of one map never form: at PROBE_MIN the default schedule switches to the
+    consensus (then seeds the classes at its poses), and `--continue` across the switch gives
+    the uninterrupted run."""
+    m = make_phantom_variant(0, BOX, PIX)
+    sim = simulate_particles([m, m], PIX, 120, snr=SNR, seed=3, max_shift_px=1.0)
+    write_simulation(tmp_path / "sim", *sim, pixel_size=PIX)
+    write_map(tmp_path / "sim" / "reference.mrc", m, PIX)
+    args = ["--i", str(tmp_path / "sim" / "particles.star"), "--ref",
+            str(tmp_path / "sim" / "reference.mrc"), "--K", "2", "--healpix_order", "1",
+            "--offset_range", "1", "--offset_step", "1", "--ini_high", "30",
+            "--particle_diameter", "154"]
+    assert main(["class3d", "--o", str(tmp_path / "a"), "--iter", "10"] + args) == 0
+    log = (tmp_path / "a" / "run.log").read_text()
+    assert "classes not formed in 6 iterations" in log and "classes seeded" in log
+    # interrupted after iteration 7 (its schedule depends on --iter, so not a shorter run)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for path in (tmp_path / "b").glob("run_it0*"):
+        if int(path.name[6:9]) > 7:
+            path.unlink()
+    assert main(["class3d", "--o", str(tmp_path / "b"), "--continue"]) == 0
+    _assert_same_run(tmp_path / "a", tmp_path / "b")

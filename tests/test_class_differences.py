@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 
 from cryomap import fourier, projector
-from cryomap.em.classify import (
-    ClassOptions,
+from cryomap.em.class_differences import (
     difference_fsc,
-    difference_halves,
-    difference_limited,
     extend_difference_shell,
     limit_differences,
 )
+from cryomap.em.classify import ClassOptions, difference_halves, difference_limited
 
 BOX = 24
 

@@ -34,6 +34,7 @@ VALUES = {
     "reseed_fraction": "0.15", "highres_limit": "10", "subset_size": "10", "fin_high": "20",
     "ini_subset": "300", "fin_subset": "2000", "ini_frac": "0.25", "fin_frac": "0.3",
     "ini_stepsize": "0.4", "stepsize": "0.6", "threads": "1", "max_memory": "2",
+    "schedule": "classic",
 }
 SKIP = {"i", "o", "ref", "angpix", "resume", "mpi", "help"}  # inputs, read by the jobs
 NEEDS = {"solvent_correct_fsc": ["--solvent_mask", "mask.mrc"]}  # options that need another

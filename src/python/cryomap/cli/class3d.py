@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..em.classify import ClassOptions
+from ..em.classify import SCHEDULES, ClassOptions
 from ..errors import InputError
 from .options import (
     add_em_arguments,
@@ -26,8 +26,10 @@ perturbation, and in the first iteration each particle stays in a random class (
 seeds); --ref may instead list K maps in a STAR file (rlnReferenceImage), used as they are.
 --skip_align classifies at the poses in --i (e.g. a refinement's run_data.star).
 Beyond RELION, for subtle differences (docs/method.md): the classes differ only up to the
-resolution where their differences are supported (--class_difference_fsc), and the class
-posterior is softened early on (--class_temperature 4, annealed to 1).
+resolution where their differences are supported (--class_difference_fsc), the class
+posterior is softened early on (--class_temperature 4, annealed to 1), and where the classes
+have not formed after 30% of the iterations the poses are refined against one consensus map
+and the classes told apart at those poses (--schedule adaptive, the default).
 Outputs in --o, RELION's layout: run_itNNN_classNNN.mrc, run_itNNN_model.star
 (rlnClassDistribution), run_itNNN_data.star (rlnClassNumber); run_classNNN.mrc, run_model.star,
 run_data.star and run.log at the end. Defaults as RELION's GUI (--K 4, --iter 25,
@@ -83,6 +85,8 @@ def class_options(args: argparse.Namespace, ndim: int,
     when None); InputError on bad values."""
     d = ClassOptions.defaults(ndim) if d is None else d
     extra = {"ndim": ndim, "heterogeneous": d.heterogeneous}
+    if "schedule" not in vars(args):  # class2d, hetero_refine: the command's own
+        extra["schedule"] = d.schedule
     if args.iterations is None:
         extra["iterations"] = d.iterations
     return options_from_args(ClassOptions, args, **extra)
@@ -92,13 +96,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_class_arguments(p, 3)
     p.add_argument("--skip_align", "--skip-align", dest="skip_align", action="store_true",
                    help="classify without alignment: every particle at its pose in --i")
-    p.add_argument("--auto_sampling", "--auto-sampling", dest="auto_sampling",
-                   action=argparse.BooleanOptionalAction, default=ClassOptions.auto_sampling,
-                   help="for subtle differences: refine the poses against one consensus map "
-                        "on refinement's sampling schedule, then seed the classes and classify "
-                        "them at the consensus poses until settled, then search each class's "
-                        "poses again (docs/method.md). "
-                        "Off: RELION's Class3D, classes aligned from the first iteration")
+    p.add_argument("--schedule", choices=SCHEDULES, default=ClassOptions.schedule,
+                   help="adaptive: RELION's Class3D (each class's poses searched from the "
+                        "first iteration) until the classes form, then each class's poses "
+                        "searched on refinement's sampling schedule (finer HEALPix orders, "
+                        "then local); if they have not formed after 30%% of the iterations "
+                        "(at least 6; subtle differences), the consensus schedule from there "
+                        "on, without its last step. consensus: the poses refined against one "
+                        "consensus map on refinement's sampling schedule, then the classes "
+                        "seeded and classified at those poses until settled, then each "
+                        "class's poses searched again. classic: RELION's Class3D throughout "
+                        "(docs/method.md, \"Classification schedules\")")
+    p.add_argument("--auto_sampling", "--auto-sampling", dest="schedule",
+                   action="store_const", const="consensus", default=argparse.SUPPRESS,
+                   help="the same as --schedule consensus")
+    p.add_argument("--no-auto_sampling", "--no-auto-sampling", dest="schedule",
+                   action="store_const", const="classic", default=argparse.SUPPRESS,
+                   help="the same as --schedule classic")
     p.add_argument("--class_difference_fsc", "--class-difference-fsc", dest="difference_fsc",
                    type=float, default=ClassOptions.difference_fsc,
                    help="the classes differ only up to the resolution where the half-set FSC of "

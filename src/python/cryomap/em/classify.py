@@ -22,7 +22,11 @@ What keeps classes apart (RELION practice, measured in tests/test_class*.py):
 What lets subtle 3D classes emerge (cryomap's, docs/method.md "What keeps subtle classes from
 collapsing"):
 - the classes differ from the consensus only up to the shell where the half-set FSC of their
-  differences is supported (`limit_differences`); beyond it, noise decided the classes;
+  differences is supported (`class_differences.limit_differences`); beyond it, noise decided
+  the classes;
+- where the classes do not form under per-class alignment, the adaptive schedule (class3d's
+  default; `class_schedule.probe_step`) refines the poses against one consensus map and tells
+  the classes apart at those poses;
 - the class temperature (4 by default in class3d) keeps a particle's own noise in its class
   map from freezing it in its seed class;
 - at fixed poses an iteration runs up to FIXED_INNER cheap E/M passes.
@@ -39,9 +43,19 @@ import numpy as np
 from .. import fourier, projector
 from ..euler import euler_to_matrix
 from ..masks import soft_sphere
-from ..resolution import fsc, resolution_shell
+from ..resolution import resolution_shell
 from ..sampling import PoseSampling
 from . import iteration
+from .class_differences import difference_fsc, extend_difference_shell, limit_differences
+from .class_schedule import (
+    ALIGN_SHARE,
+    CONSENSUS_SHARE,
+    FIXED_INNER,
+    FIXED_SETTLED,
+    fixed_phase_over,
+    probe_step,
+    starting_schedule,
+)
 from .data import ImageSource
 from .engine import PassResult
 from .heterogeneous import (
@@ -60,6 +74,10 @@ from .search import Search
 
 # Shells below this are reconstructed without the prior term (RELION's --minres_map).
 MINRES_MAP = 5
+
+
+#: class3d's schedules (`ClassOptions.schedule`)
+SCHEDULES = ("adaptive", "consensus", "classic")
 
 
 @dataclass
@@ -87,12 +105,17 @@ class ClassOptions(EMOptions):
     # class-similarity control: the class posterior raised to 1/T before the M-step, T falling
     # geometrically from class_temperature to 1 over the first half of the iterations
     class_temperature: float = 4.0
-    # 3D with alignment: the poses refined against one consensus map on refinement's schedule
-    # (finer HEALPix orders up to local searches), then the classes seeded and classified at
-    # those poses until settled, then each class's poses searched again from the starting
-    # sampling. Best for subtle differences; a class that cannot be aligned to the consensus
-    # (a large piece missing) comes out blurred (docs/method.md). False: RELION's Class3D
-    auto_sampling: bool = False
+    # 3D with alignment (docs/method.md, "Classification schedules"):
+    # - "consensus" (--auto_sampling): the poses refined against one consensus map on
+    #   refinement's schedule (finer HEALPix orders up to local searches), then the classes
+    #   seeded and classified at those poses until settled, then each class's poses searched
+    #   again. Best for subtle differences; a class that cannot be aligned to the consensus
+    #   (a large piece missing) comes out blurred;
+    # - "classic": RELION's Class3D, each class's poses searched from the first iteration;
+    # - "adaptive" (class3d's default): classic until the classes form (fewer than
+    #   FORMED_CHANGED of the particles change class), then classic to the end; if they have
+    #   not formed after PROBE_SHARE of the iterations, the consensus schedule from there
+    schedule: str = "adaptive"
     # 3D: the classes differ only up to the resolution where their differences from the
     # consensus are supported (the half-set FSC of the differences stays >= this); beyond it
     # every class is the consensus map. 0: off (RELION)
@@ -102,6 +125,17 @@ class ClassOptions(EMOptions):
     # maps (as refinement), on refinement's sampling schedule from the first iteration
     heterogeneous: bool = False
     force_hard_class: bool = False  # hard class assignment in every iteration
+
+    @property
+    def consensus_first(self) -> bool:
+        """Whether the poses are refined against one consensus map from the start."""
+        return self.schedule == "consensus"
+
+    @property
+    def probes_classes(self) -> bool:
+        """Whether the run starts classic and decides on its schedule when the classes form
+        or do not ("adaptive")."""
+        return self.schedule == "adaptive" and not self.skip_align and not self.heterogeneous
 
     @property
     def half_sets(self) -> bool:
@@ -116,10 +150,10 @@ class ClassOptions(EMOptions):
         over the classes, 20 iterations), with `values` over them: what the command line and
         the Python API start from."""
         base = ({} if ndim == 3 else {"n_classes": 50, "tau2_fudge": 2.0, "psi_step": 10.0,
-                                      "class_temperature": 1.0})
-        if heterogeneous:
+                                      "class_temperature": 1.0, "schedule": "classic"})
+        if heterogeneous:  # its own schedule (refinement's sampling, gold-standard phase)
             base = {"heterogeneous": True, "tau2_fudge": 1.0, "class_temperature": 1.0,
-                    "iterations": 20}
+                    "iterations": 20, "schedule": "classic"}
         return cls(**{**base, "ndim": ndim, **values})
 
     def validate(self) -> None:
@@ -142,6 +176,10 @@ class ClassOptions(EMOptions):
         if not (np.isfinite(self.difference_fsc) and 0 <= self.difference_fsc < 1):
             raise bad_option("class_difference_fsc", self.difference_fsc,
                              "an FSC threshold in [0, 1) (0: off)")
+        if self.schedule not in SCHEDULES:
+            raise bad_option("schedule", self.schedule, " or ".join(SCHEDULES))
+        if self.schedule != "classic" and self.ndim != 3:
+            raise bad_option("schedule", self.schedule, "classic in 2D")
         if self.heterogeneous and (self.ndim != 3 or self.skip_align):
             raise bad_option("heterogeneous", self.heterogeneous,
                              "3D classes with alignment (not with --skip_align)")
@@ -193,11 +231,15 @@ class ClassState(EMState):
     # (2, K, ...) float32, the unfiltered half maps (D/W) whose FSC is class_fsc
     half_unfiltered: np.ndarray | None = None
     class_fsc: np.ndarray | None = None  # (K, N//2+1) half-set FSC per class
-    schedule: AutoSampling | None = None  # with auto_sampling
-    # with auto_sampling: the iteration after which the classes were seeded (None: not yet),
-    # and whether the fixed-pose phase that follows the seeding is over
+    schedule: AutoSampling | None = None  # with the consensus schedule
+    # with the consensus schedule: the iteration after which the classes were seeded (None:
+    # not yet), and whether the fixed-pose phase that follows the seeding is over
     seeded_at: int | None = None
     fixed_done: bool = False
+    # the adaptive schedule: whether its classic start is over, and the iteration after which
+    # the consensus schedule took over (None: it did not; 0 with "consensus" from the start)
+    probe_done: bool = False
+    consensus_from: int | None = None
     # Fourier shell up to which the classes may differ (limit_differences); None: no limit
     difference_shell: int | None = None
     # heterogeneous refinement: the iteration after which each half-set met only its own
@@ -216,7 +258,7 @@ class ClassState(EMState):
             values["schedule"] = AutoSampling(**values["schedule"])
         return state_from_saved(cls, values,
                                 ints=("iteration", "r_max", "seeded_at", "difference_shell",
-                                      "halves_split_at"),
+                                      "halves_split_at", "consensus_from"),
                                 floats=("offset_sigma",))
 
 
@@ -233,7 +275,7 @@ def initial_state(source: ImageSource, options: ClassOptions, references: np.nda
     if halves and subset is None:
         raise ValueError("initial_state: half-set classes need the half-sets")
     schedule = None
-    if (options.auto_sampling or options.heterogeneous) and options.ndim == 3 \
+    if (options.consensus_first or options.heterogeneous) and options.ndim == 3 \
             and not options.skip_align:
         schedule = starting_schedule(options)
     # heterogeneous refinement: no consensus phase and no fixed-pose phase, the classes'
@@ -241,6 +283,8 @@ def initial_state(source: ImageSource, options: ClassOptions, references: np.nda
     hetero = options.heterogeneous
     return ClassState(
         schedule=schedule, seeded_at=0 if hetero else None, fixed_done=hetero,
+        probe_done=not options.probes_classes or k == 1,
+        consensus_from=0 if schedule is not None and not hetero else None,
         difference_shell=int(np.ceil(source.box * source.pixel_size / options.ini_high))
         if difference_limited(options, k) else None,
         subset=np.asarray(subset, np.int64) if halves else None,
@@ -254,17 +298,6 @@ def initial_state(source: ImageSource, options: ClassOptions, references: np.nda
         max_prob=np.zeros(n), n_significant=np.zeros(n, np.int64), log_likelihood=np.zeros(n),
         amplitude=np.ones(n), offset_sigma=options.offset_sigma / source.pixel_size,
         assigned=None if seed_class is None or k == 1 else np.asarray(seed_class, np.int64))
-
-
-def starting_schedule(options: ClassOptions) -> AutoSampling:
-    """The sampling schedule at its start: --healpix_order and the offsets given, global
-    searches (local from the start when --sigma_ang is given or the order is already at
-    auto_local_healpix_order)."""
-    schedule = AutoSampling(order=options.healpix_order, offset_step=options.offset_step,
-                            offset_range=options.offset_range, sigma_ang=options.sigma_ang)
-    if options.sigma_ang is None and options.healpix_order >= options.auto_local_healpix_order:
-        schedule.sigma_ang = 2.0 * schedule.fine_step(options)
-    return schedule
 
 
 def next_radius(resolution_shell_index: int, box: int, pixel_size: float,
@@ -563,8 +596,13 @@ def _schedule_step(step: _ClassStep, previous_class: np.ndarray,
                                                  step.noise, step.sphere)
         message = state.schedule.update(best, orientation_change, offset_change, acc_rot,
                                         acc_trans, o, pix, step.mask_radius)
-    if step.consensus and (state.schedule.local or  # poses are good enough: seed the classes
-                           state.iteration >= max(1, int(CONSENSUS_SHARE * o.iterations))):
+    start = state.consensus_from or 0
+    share = ALIGN_SHARE if o.probes_classes else CONSENSUS_SHARE
+    # poses good enough to seed the classes: local searches (after the adaptive start: the
+    # consensus converged, as an auto-refine would stop), or the phase's share is over
+    ready = state.schedule.converged if o.probes_classes else state.schedule.local
+    if step.consensus and (ready or state.iteration - start
+                           >= max(1, int(share * (o.iterations - start)))):
         state.assigned = equal_split(n, state.n_classes, np.random.default_rng(
             [o.seed, state.iteration, 3]))
         state.seeded_at = state.iteration
@@ -572,7 +610,7 @@ def _schedule_step(step: _ClassStep, previous_class: np.ndarray,
     elif o.heterogeneous and state.halves_split_at is None and classes_formed(
             state, o, float(np.mean(previous_class != state.class_number))):
         message = (message or "") + split_half_maps(state, o, step.source.pixel_size)
-    elif step.fixed and fixed_phase_over(state, o, previous_class):
+    elif step.fixed and not o.probes_classes and fixed_phase_over(state, o, previous_class):
         # each class's poses searched again from the coarse grid: a class unlike the
         # consensus (a large piece missing) may have been aligned wrongly to it
         state.fixed_done = True
@@ -621,6 +659,8 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
     state.r_max = next_radius(best, box, pix, o)
     message = None if state.schedule is None else _schedule_step(
         step, previous_class, previous_origins, best)
+    if not state.probe_done:
+        message = probe_step(state, o, float(np.mean(previous_class != state.class_number)))
     reseeded = [] if hard or state.iteration > o.iterations // 2 else reseed_empty_classes(
         state, o, np.random.default_rng([o.seed, state.iteration]))
     timings = merge_timings((r for r, _ in results), time.perf_counter() - t_pass)
@@ -644,31 +684,6 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
     return stats
 
 
-#: The classes are seeded when the consensus searches become local, or at the latest after
-#: this share of the iterations (so that the classes have the rest).
-CONSENSUS_SHARE = 0.4
-#: E/M passes per iteration at fixed poses (at most; fewer once settled).
-FIXED_INNER = 5
-#: The fixed-pose phase ends when fewer than this fraction of the images change class (after
-#: FIXED_MIN iterations) ...
-FIXED_SETTLED = 0.002
-FIXED_MIN = 5
-#: ... or after at most this share of the iterations left at the seeding. Measured (48 px,
-#: 8 % share): per-class pose searches after too few fixed-pose iterations cost 5 points of
-#: accuracy, so by default the poses stay fixed until the classes settle.
-FIXED_SHARE = 1.0
-
-
-def fixed_phase_over(state: ClassState, options: ClassOptions,
-                     previous_class: np.ndarray) -> bool:
-    """Whether the fixed-pose phase after the seeding ends with this iteration."""
-    done = state.iteration - state.seeded_at
-    left = options.iterations - state.seeded_at
-    changed = float(np.mean(previous_class != state.class_number))
-    return ((done >= FIXED_MIN and changed < FIXED_SETTLED)
-            or done >= max(1, int(FIXED_SHARE * left)))
-
-
 def difference_limited(options: ClassOptions, n_classes: int) -> bool:
     """Whether the classes' differences are limited in resolution (limit_differences):
     3D, more than one class, not with half-sets (their FSC regularises each class)."""
@@ -679,44 +694,6 @@ def difference_limited(options: ClassOptions, n_classes: int) -> bool:
 def difference_halves(n: int, seed: int) -> np.ndarray:
     """(n,) 1/2: the fixed random half-sets whose class sums give the differences' FSC."""
     return equal_split(n, 2, np.random.default_rng([seed, 43])) + 1
-
-
-def difference_fsc(half_bps: list[list[projector.BackProjector]], n_shells: int
-                   ) -> np.ndarray:
-    """(K, n_shells) per class, the FSC between the two half-sets' weighted differences from
-    their consensus, E_k = D_k - W_k (sum_j D_j / sum_j W_j): zero where the class maps equal
-    the consensus map, whatever the noise."""
-    diffs = []
-    for bps in half_bps:
-        d = sum(bp.data.astype(np.complex128) for bp in bps)
-        w = sum(bp.weight.astype(np.float64) for bp in bps)
-        mean = np.where(w > 0, d / np.where(w > 0, w, 1.0), 0.0)
-        diffs.append([bp.data - bp.weight * mean for bp in bps])
-    shells = half_bps[0][0].shells()
-    return np.array([fsc(a, b, shells, n_shells) for a, b in zip(*diffs, strict=True)])
-
-
-def extend_difference_shell(shell: int, curve: np.ndarray, threshold: float,
-                            radius: int) -> int:
-    """The shell up to which the classes may differ, moved out over the shells just beyond it
-    whose differences' FSC reaches `threshold`. Only the shells beyond it are tested: there the
-    class maps were equal, so no particle's class depended on its own noise, and the two halves'
-    differences are independent."""
-    s = shell
-    while s + 1 <= min(radius, curve.size - 1) and curve[s + 1] >= threshold:
-        s += 1
-    return s
-
-
-def limit_differences(maps: np.ndarray, consensus_map: np.ndarray, shell: int) -> np.ndarray:
-    """Each class map equal to the consensus beyond Fourier shell `shell`: consensus +
-    (map - consensus) with the shells beyond `shell` removed (a sharp edge, so that beyond it
-    no class differs from another at all). Measured: weighting the shells kept by the Wiener
-    factor of the differences' FSC was no better (3 % share: 92.2 % against 92.4 %)."""
-    n = consensus_map.shape[0]
-    keep = fourier.shell_index_3d(n) <= shell
-    return np.stack([consensus_map + fourier.ifft3_centered(
-        fourier.fft3_centered(m - consensus_map) * keep, n) for m in maps])
 
 
 def _stage(search: Search) -> str:

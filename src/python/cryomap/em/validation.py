@@ -61,31 +61,47 @@ def two_class_set(out, box: int, pixel_size: float, n: int, share: float, snr: f
 
 def two_map_set(out, a: np.ndarray, b: np.ndarray, pixel_size: float, n: int, snr: float,
                 seed: int, max_shift_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """Simulate particles of two maps, about half each, in folder `out`
-    (`simulate.write_simulation`'s files, and reference.mrc: A low-passed to 40 Å). Returns
-    (true class (n,) 0/1, best possible accuracy per image (bayes_accuracy))."""
+    """Simulate particles of two maps, about half each, in folder `out` (`class_map_set`).
+    Returns (true class (n,) 0/1, best possible accuracy per image (bayes_accuracy))."""
+    return class_map_set(out, [a, b], pixel_size, n, snr, seed, max_shift_px)
+
+
+def class_map_set(out, maps: list[np.ndarray], pixel_size: float, n: int, snr: float,
+                  seed: int, max_shift_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate particles of K maps, about n/K each, in folder `out`
+    (`simulate.write_simulation`'s files, and reference.mrc: the first map low-passed to
+    40 Å). Returns (true class (n,) 0-based, best possible accuracy per image): for two maps
+    the probability of `bayes_accuracy`; for more, whether the Bayes rule at the true poses
+    (the nearest noiseless projection, white noise) classifies the image itself rightly,
+    whose mean estimates the best possible accuracy without bias."""
     from ..ctf import CtfParams
     from ..fourier import initial_lowpass
     from ..io.mrc import write_map
-    from ..simulate import simulate_particles, write_simulation
+    from ..simulate import project_images, simulate_particles, write_simulation
 
-    sim = simulate_particles([a, b], pixel_size, n, snr=snr, seed=seed,
+    sim = simulate_particles(maps, pixel_size, n, snr=snr, seed=seed,
                              max_shift_px=max_shift_px)
-    clean = simulate_particles([a, b], pixel_size, n, snr=None, seed=seed,
+    clean = simulate_particles(maps, pixel_size, n, snr=None, seed=seed,
                                max_shift_px=max_shift_px)[0]
     sigma = float(np.sqrt(np.mean(np.var(clean, axis=(1, 2), dtype=np.float64)) / snr))
     write_simulation(out, *sim, pixel_size=pixel_size)
     write_map(out / "reference.mrc",
-              initial_lowpass(a.astype(np.float64), 40.0, pixel_size).astype(np.float32),
-              pixel_size)
+              initial_lowpass(maps[0].astype(np.float64), 40.0, pixel_size)
+              .astype(np.float32), pixel_size)
     df = sim[3]
     angles = df[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy()
     origins = df[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy() / pixel_size
     ctf = CtfParams(defocus_u=df["rlnDefocusU"].to_numpy(),
                     defocus_v=df["rlnDefocusV"].to_numpy(),
                     defocus_angle=df["rlnDefocusAngle"].to_numpy())
-    best = bayes_accuracy(a, b, angles, origins, ctf, pixel_size, sigma)
-    return df["rlnClassNumber"].to_numpy() - 1, best
+    truth = df["rlnClassNumber"].to_numpy() - 1
+    if len(maps) == 2:
+        return truth, bayes_accuracy(maps[0], maps[1], angles, origins, ctf, pixel_size,
+                                     sigma)
+    images = sim[0].astype(np.float64)
+    distance = np.stack([((images - project_images(m, angles, origins, ctf, pixel_size))
+                          ** 2).sum(axis=(1, 2)) for m in maps], axis=1)
+    return truth, (np.argmin(distance, axis=1) == truth).astype(np.float64)
 
 
 # -- map alignment ---------------------------------------------------------------------------
