@@ -81,12 +81,14 @@ def test_membership_and_proportions(run):
         print(f"  class {k + 1} = variant {VARIANTS[perm[k]]}: fraction {dist[k]:.3f} (true "
               f"{true_fr[perm[k]]:.3f}), resolution {res[k]:.1f} Å (SSNR 1), correlation "
               f"with the true maps {np.round(corr, 3)}")
-        # each map is its own variant (measured 0.996 against 0.913, 0.980 against 0.928: the
-        # gap at least 0.052; 13 % margin)
-        assert corr[perm[k]] > corr[1 - perm[k]] + 0.045
-        assert abs(dist[k] - true_fr[perm[k]]) <= 0.03  # measured 0.009
-        assert abs(dist[k] - FRACTIONS[perm[k]]) <= 0.04  # measured 0.017 (the draw: 0.008)
-    assert frac >= 0.95  # measured 98.5 %
+        # each map is its own variant (measured with the adaptive schedule 0.996 against
+        # 0.910, 0.978 against 0.937: the gap at least 0.041; 15 % margin. Beyond the shell
+        # where the classes differ both maps are the consensus, so the gap shrinks as the
+        # consensus sharpens: 0.052 with the classic schedule's coarser sampling)
+        assert corr[perm[k]] > corr[1 - perm[k]] + 0.035
+        assert abs(dist[k] - true_fr[perm[k]]) <= 0.03  # measured 0.005 (classic: 0.009)
+        assert abs(dist[k] - FRACTIONS[perm[k]]) <= 0.04  # measured 0.013 (the draw: 0.008)
+    assert frac >= 0.95  # measured 99.0 % (98.5 % with the classic schedule)
     # the default (adaptive) schedule saw the classes form and kept aligning each class
     assert "classes formed" in (out / "run.log").read_text()
 
@@ -233,6 +235,7 @@ def test_adaptive_schedule_decides_when_the_classes_form():
     # the other schedules and class2d never probe
     for options in (ClassOptions.defaults(3, schedule="classic"),
                     ClassOptions.defaults(3, schedule="consensus"), ClassOptions.defaults(2),
+                    ClassOptions(ndim=2),
                     ClassOptions.defaults(3, skip_align=True),
                     ClassOptions.defaults(3, heterogeneous=True)):
         assert not options.probes_classes

@@ -113,8 +113,9 @@ class ClassOptions(EMOptions):
     #   (a large piece missing) comes out blurred;
     # - "classic": RELION's Class3D, each class's poses searched from the first iteration;
     # - "adaptive" (class3d's default): classic until the classes form (fewer than
-    #   FORMED_CHANGED of the particles change class), then classic to the end; if they have
-    #   not formed after PROBE_SHARE of the iterations, the consensus schedule from there
+    #   FORMED_CHANGED of the particles change class), then each class's poses searched on
+    #   refinement's sampling schedule; if they have not formed after PROBE_SHARE of the
+    #   iterations, the consensus schedule from there. 2D classes are always classic
     schedule: str = "adaptive"
     # 3D: the classes differ only up to the resolution where their differences from the
     # consensus are supported (the half-set FSC of the differences stays >= this); beyond it
@@ -135,7 +136,8 @@ class ClassOptions(EMOptions):
     def probes_classes(self) -> bool:
         """Whether the run starts classic and decides on its schedule when the classes form
         or do not ("adaptive")."""
-        return self.schedule == "adaptive" and not self.skip_align and not self.heterogeneous
+        return (self.schedule == "adaptive" and self.ndim == 3 and not self.skip_align
+                and not self.heterogeneous)
 
     @property
     def half_sets(self) -> bool:
@@ -178,8 +180,6 @@ class ClassOptions(EMOptions):
                              "an FSC threshold in [0, 1) (0: off)")
         if self.schedule not in SCHEDULES:
             raise bad_option("schedule", self.schedule, " or ".join(SCHEDULES))
-        if self.schedule != "classic" and self.ndim != 3:
-            raise bad_option("schedule", self.schedule, "classic in 2D")
         if self.heterogeneous and (self.ndim != 3 or self.skip_align):
             raise bad_option("heterogeneous", self.heterogeneous,
                              "3D classes with alignment (not with --skip_align)")
