@@ -183,6 +183,12 @@ def test_bad_input_under_mpirun_is_one_line_and_exit_2(sim, tmp_path):
     args = _refine_args(sim, out, 1)
     args[args.index("--particle_diameter") + 1] = "5000"
     done = _run_mpi(args, timeout=DEADLINE)
+    if not done.stderr.strip():
+        # the launcher hiccup of test_a_failing_rank_ends_the_job_with_one_line (seen here
+        # once in a full CI run: exit 2, no output at all): retried once, so that a missing
+        # error line still fails twice
+        print(f"\nmpirun exit {done.returncode} with empty stderr; retrying once")
+        done = _run_mpi(args, timeout=DEADLINE)
     assert done.returncode == 2
     lines = _error_lines(done.stderr, "refine")
     assert len(lines) == 1 and "--particle_diameter 5000" in lines[0], done.stderr
