@@ -60,12 +60,11 @@ FIXED_MIN = 5
 FIXED_SHARE = 1.0
 
 
-def fixed_phase_over(state: ClassState, options: ClassOptions,
-                     previous_class: np.ndarray) -> bool:
-    """Whether the fixed-pose phase after the seeding ends with this iteration."""
+def fixed_phase_over(state: ClassState, options: ClassOptions, changed: float) -> bool:
+    """Whether the fixed-pose phase after the seeding ends with this iteration (`changed`:
+    the fraction of the images whose class changed in it)."""
     done = state.iteration - state.seeded_at
     left = options.iterations - state.seeded_at
-    changed = float(np.mean(previous_class != state.class_number))
     return ((done >= FIXED_MIN and changed < FIXED_SETTLED)
             or done >= max(1, int(FIXED_SHARE * left)))
 

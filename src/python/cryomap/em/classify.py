@@ -233,7 +233,9 @@ class ClassState(EMState):
     class_fsc: np.ndarray | None = None  # (K, N//2+1) half-set FSC per class
     schedule: AutoSampling | None = None  # with the consensus schedule
     # with the consensus schedule: the iteration after which the classes were seeded (None:
-    # not yet), and whether the fixed-pose phase that follows the seeding is over
+    # not yet; 0 where they are seeded from the start and their poses searched per class:
+    # heterogeneous refinement, the adaptive schedule's formed classes), and whether the
+    # fixed-pose phase that follows the seeding is over
     seeded_at: int | None = None
     fixed_done: bool = False
     # the adaptive schedule: whether its classic start is over, and the iteration after which
@@ -581,8 +583,8 @@ def _class_m_step(step: _ClassStep, results) -> tuple[np.ndarray, np.ndarray, np
     return tau2, ssnr, shells
 
 
-def _schedule_step(step: _ClassStep, previous_class: np.ndarray,
-                   previous_origins: np.ndarray, best: int) -> str | None:
+def _schedule_step(step: _ClassStep, changed: float, previous_origins: np.ndarray,
+                   best: int) -> str | None:
     """The sampling schedule after an iteration: finer sampling, the classes seeded once the
     consensus poses are good, the poses searched per class once the classes settled."""
     state, o, n = step.state, step.options, step.state.angles.shape[0]
@@ -608,9 +610,9 @@ def _schedule_step(step: _ClassStep, previous_class: np.ndarray,
         state.seeded_at = state.iteration
         message = (message or "") + "; classes seeded (random equal split), poses fixed"
     elif o.heterogeneous and state.halves_split_at is None and classes_formed(
-            state, o, float(np.mean(previous_class != state.class_number))):
+            state, o, changed):
         message = (message or "") + split_half_maps(state, o, step.source.pixel_size)
-    elif step.fixed and not o.probes_classes and fixed_phase_over(state, o, previous_class):
+    elif step.fixed and not o.probes_classes and fixed_phase_over(state, o, changed):
         # each class's poses searched again from the coarse grid: a class unlike the
         # consensus (a large piece missing) may have been aligned wrongly to it
         state.fixed_done = True
@@ -657,10 +659,11 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
                else np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1).max())
     state.iteration += 1
     state.r_max = next_radius(best, box, pix, o)
+    changed = float(np.mean(previous_class != state.class_number))  # fraction of the images
     message = None if state.schedule is None else _schedule_step(
-        step, previous_class, previous_origins, best)
+        step, changed, previous_origins, best)
     if not state.probe_done:
-        message = probe_step(state, o, float(np.mean(previous_class != state.class_number)))
+        message = probe_step(state, o, changed)
     reseeded = [] if hard or state.iteration > o.iterations // 2 else reseed_empty_classes(
         state, o, np.random.default_rng([o.seed, state.iteration]))
     timings = merge_timings((r for r, _ in results), time.perf_counter() - t_pass)
@@ -672,8 +675,7 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
         difference_resolution=None if state.difference_shell is None
         else float(box * pix / max(state.difference_shell, 1)),
         distribution=[float(d) for d in state.distribution],
-        changed_fraction=float(np.mean(previous_class != state.class_number))
-        if state.iteration > 1 else 1.0,
+        changed_fraction=changed if state.iteration > 1 else 1.0,
         log_likelihood=float(state.log_likelihood.sum()),
         average_pmax=float(state.max_prob.mean()),
         mean_n_significant=float(state.n_significant.mean()),
