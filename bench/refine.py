@@ -24,11 +24,13 @@ seconds by part (E-step, projection, M-step sums, back-projection, candidate lis
 reconstruction and FSC), the peak resident memory, and the run's memory estimate.
 
     python bench/refine.py --cost 64 128 192 256 --n 500
+    python bench/refine.py --cost 128 --n 1500 --nu    # also each stage with refine --nu
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import shutil
@@ -142,8 +144,9 @@ STAGES = (("global, order 3", 3, False, 0.5, False), ("local, order 5", 5, True,
           ("local, order 7", 7, True, 0.9, False), ("final (order 5)", 5, True, 1.0, True))
 
 
-def cost_box(box: int, n: int, seed: int, max_memory: float | None) -> dict:
-    """One iteration of each stage at one box (run in its own process: its peak RSS)."""
+def cost_box(box: int, n: int, seed: int, max_memory: float | None, nu: bool = False) -> dict:
+    """One iteration of each stage at one box (run in its own process: its peak RSS); with
+    `nu`, each stage also with refine --nu from the same state (stage name + " --nu")."""
     from cryomap.em.refine import AutoSampling, Refinement, initial_state, refine_iteration
     from cryomap.euler import euler_to_matrix, matrix_to_euler
     from cryomap.jobs.base import plan_memory
@@ -157,9 +160,10 @@ def cost_box(box: int, n: int, seed: int, max_memory: float | None) -> dict:
     truth_df = simulate(root, truth, pix, n, 0.05, seed, 4.0)
     particles = load_particles(root / "particles.star")
     out: dict = {"box": box, "pixel_size": pix, "stages": {}}
-    for name, order, local, frac, final in STAGES:
+    for (name, order, local, frac, final), use_nu in itertools.product(
+            STAGES, (False, True) if nu else (False,)):
         options = RefineOptions(particle_diameter=diameter, sym="O", healpix_order=2,
-                                iterations=1 if final else None)
+                                iterations=1 if final else None, nu=use_nu)
         budget = int((max_memory or 16.0) * 2**30)
         plan = plan_memory(lambda bm, o=options: refine_memory(particles, o, bm), n, box,
                            budget, options.batch_memory, n)
@@ -181,7 +185,8 @@ def cost_box(box: int, n: int, seed: int, max_memory: float | None) -> dict:
                                       sigma_ang=2.0 * angular_step(order + 1) if local else None)
         t0 = time.perf_counter()
         stats = refine_iteration(state, refinement)
-        out["stages"][name] = {"seconds": time.perf_counter() - t0,
+        out["stages"][name + (" --nu" if use_nu else "")] = {
+                               "seconds": time.perf_counter() - t0,
                                **{k: stats.timings.get(k, 0.0) for k in PARTS},
                                "samples": stats.mean_samples, "r_max": stats.r_max}
         out["estimate_gib"] = max(out.get("estimate_gib", 0.0), plan.total / 2**30)
@@ -199,16 +204,19 @@ def cost(args: argparse.Namespace) -> None:
     for box in args.cost:
         cmd = [sys.executable, __file__, "--cost-one", str(box), "--n", str(args.n),
                "--seed", str(args.seed)] + (["--j", str(args.j)] if args.j else []) + (
-            ["--max_memory", str(args.max_memory)] if args.max_memory else [])
+            ["--max_memory", str(args.max_memory)] if args.max_memory else []) + (
+            ["--nu"] if args.nu else [])
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    head = f"{'box':>4} {'stage':<17} {'s/iter':>7} " + " ".join(f"{p[:8]:>8}" for p in PARTS)
-    print(head + f" {'samples':>8} {'r_max':>5}")
+    head = f"{'box':>4} {'stage':<22} {'s/iter':>7} " + " ".join(f"{p[:8]:>8}" for p in PARTS)
+    print(head + f" {'samples':>8} {'r_max':>5}" + ("  --nu / without" if args.nu else ""))
     for row in rows:
         for name, st in row["stages"].items():
-            print(f"{row['box']:>4} {name:<17} {st['seconds']:>7.1f} "
+            plain = row["stages"].get(name.removesuffix(" --nu"), st)
+            ratio = f"  {st['seconds'] / plain['seconds']:.2f}" if name.endswith("--nu") else ""
+            print(f"{row['box']:>4} {name:<22} {st['seconds']:>7.1f} "
                   + " ".join(f"{st[p]:>8.1f}" for p in PARTS)
-                  + f" {st['samples']:>8.0f} {st['r_max']:>5}")
+                  + f" {st['samples']:>8.0f} {st['r_max']:>5}{ratio}")
         print(f"{row['box']:>4} peak RSS {row['peak_rss_gib']:.2f} GiB, estimated "
               f"{row['estimate_gib']:.2f} GiB ({row['pixel_size']:.3f} Å/px)", flush=True)
 
@@ -238,7 +246,8 @@ def main() -> None:
     args = p.parse_args()
     set_threads(args.j)
     if args.cost_one:
-        print(json.dumps(cost_box(args.cost_one, args.n, args.seed, args.max_memory)))
+        print(json.dumps(cost_box(args.cost_one, args.n, args.seed, args.max_memory,
+                                  args.nu)))
     elif args.cost:
         cost(args)
     else:

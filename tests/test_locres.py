@@ -172,6 +172,75 @@ def test_local_fsc_is_the_fsc_of_the_windowed_maps():
         np.testing.assert_allclose(lf.fsc[k][1:], want[1:], atol=1e-9)  # measured 1e-14
 
 
+def test_compact_local_fsc_samples_the_windowed_patch_more_coarsely():
+    """compact=True: each window's curves are the plain FSC of the windowed patch (the
+    smallest cube holding the window) transformed at the cube's even size m, linearly
+    interpolated in frequency to the box's shells (box shell j is m-shell j m / N; shell 0
+    is 1 when negative, as in `resolution.fsc`)."""
+    n, pix, radius, edge = 32, 3.0, 3.0, 4.0
+    rng = np.random.default_rng(4)
+    h1 = rng.standard_normal((n,) * 3)
+    h2 = 0.6 * h1 + rng.standard_normal((n,) * 3)
+    lf = locres.local_fsc(h1, h2, pix, radius, 6, edge_px=edge, randomize_at=20.0, seed=5,
+                          compact=True)
+    half = int(np.ceil(radius + edge)) + 1
+    m = 2 * half + 2  # the patch is 2 half + 1 wide; m is even
+    shells = shell_grid(m)
+    keep = shells <= m // 2
+    assert len(lf.centres) > 4 and m < n
+    for k, c in enumerate(lf.centres):
+        w = soft_ball(n, c, radius, edge)
+        lo = np.asarray(c) - half
+        a, b = np.zeros((m,) * 3), np.zeros((m,) * 3)
+        for dst, src in ((a, h1 * w), (b, h2 * w)):  # the patch, origin at lo, 0 off the box
+            z, y, x = np.nonzero(w > 0)
+            dst[z - lo[0], y - lo[1], x - lo[2]] = src[z, y, x]
+        fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
+        num = np.bincount(shells[keep], np.real(fa * np.conj(fb))[keep])
+        den = np.sqrt(np.bincount(shells[keep], np.abs(fa[keep]) ** 2)
+                      * np.bincount(shells[keep], np.abs(fb[keep]) ** 2))
+        curve = num / den
+        curve[0] = curve[0] if curve[0] > 0 else 1.0  # `resolution.fsc`'s shell 0
+        want = np.interp(np.arange(n // 2 + 1) * m / n, np.arange(m // 2 + 1), curve)
+        # measured 3e-16; margin 3e4x
+        np.testing.assert_allclose(lf.fsc_masked[k][1:], want[1:], atol=1e-11)
+
+
+def test_compact_local_fsc_recovers_each_region():
+    """The compact transform (non-uniform refinement's) finds each region's known local
+    resolution within one shell, as the box-sized one does."""
+    h1, h2 = known_halves()
+    lf = locres.local_fsc(h1, h2, PIX, 5.0, 13, mask=slab_mask(), threads=2, compact=True)
+    loc = locres.local_resolution(lf, mask=slab_mask())
+    x = np.arange(N)[None, None, :] - N // 2
+    inside = slab_mask() >= 0.5
+    for d, region in ((D_FINE, x <= -20), (D_COARSE, x >= 20)):
+        median = float(np.median(loc[inside & region & (loc > 0)]))
+        shell = d * d / (N * PIX)
+        # measured (this seed): 5.88 A (-0.66 shell) and 11.73 A (-0.35 shell); seeds 0-7
+        # all within 0.75 shell (the box-sized transform's: 0.78); margin 1.3x
+        assert abs(median - d) <= shell, (d, median, shell)
+
+
+def test_samples_at_one_voxel_blend_as_separate_samples():
+    """interpolate_samples merges samples that share a voxel (a point group's copies); the
+    result is the plain sum over every sample of its value times RELION's window."""
+    n, step = 30, 5
+    rng = np.random.default_rng(2)
+    centres = rng.integers(0, n, size=(40, 3))
+    centres = np.concatenate([centres, centres[:15], centres[:5]])
+    values = rng.uniform(0.02, 0.2, len(centres))
+    mean, weight = locres.interpolate_samples(centres, values, n, step)
+    num, den = np.zeros((n,) * 3), np.zeros((n,) * 3)
+    for c, v in zip(centres, values, strict=True):
+        w = soft_ball(n, c, 0.5 * step, float(step))
+        num += v * w
+        den += w
+    np.testing.assert_allclose(weight, den, atol=1e-12)  # measured 2e-15; margin 500x
+    np.testing.assert_allclose(mean[den > 0], (num / np.where(den > 0, den, 1))[den > 0],
+                               atol=1e-12)  # measured 1e-16
+
+
 def test_sample_points_follow_relions_sphere_and_the_mask():
     n, step, radius = 40, 7, 5.0
     o = n // 2
@@ -206,6 +275,11 @@ def test_filter_to_local_resolution_blends_whole_shell_low_passes():
     want = 0.75 * lowpass(8) + 0.25 * lowpass(9)
     np.testing.assert_allclose(got[4:], want[4:], atol=1e-10)  # measured 2e-15
     assert np.all(got[:4] == 0)
+    # single precision (non-uniform refinement's), on threads: float32 rounding
+    fast = locres.filter_to_local_resolution(v, loc, pix, threads=2, single=True)
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(fast[4:], want[4:], atol=2e-6 * scale)  # measured 1.1e-7; 18x
+    assert np.all(fast[:4] == 0)
 
 
 @pytest.fixture

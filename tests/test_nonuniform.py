@@ -219,6 +219,33 @@ def test_nu_references_keep_the_point_group(nu_run):
     assert worst <= 1e-6
 
 
+@pytest.mark.parametrize("sym", ["C1", "C2", "D2", "O", "C3"])
+def test_one_window_per_symmetry_orbit(sym):
+    """orbit_representatives: no kept centre is a copy of another kept one, and every centre
+    is a copy of a kept one (O, D2, C2: the operators permute the grid, the copies are exact;
+    C3's are rounded)."""
+    from cryomap import fourier, locres
+
+    box, step = 64, 6
+    centres = locres.sample_points(box, step, 3.0)
+    kept = nonuniform.orbit_representatives(centres, sym, box)
+    o = fourier.origin(box)
+    ops = operators(sym)
+
+    def copies(c):
+        xyz = np.asarray(c[::-1], np.float64) - o
+        return {tuple(np.rint(r @ xyz)[::-1].astype(int) + o) for r in ops}
+
+    orbits = [copies(c) for c in kept]
+    assert all(tuple(k) not in orbits[j] for i, k in enumerate(kept) for j in range(i))
+    covered = set().union(*orbits)
+    assert all(tuple(c) in covered for c in centres)
+    if sym == "C1":
+        assert len(kept) == len(centres)
+    if sym == "O":  # most orbits have 24 members; those on axes and diagonals fewer
+        assert len(centres) / len(kept) > 15, (len(centres), len(kept))
+
+
 class _Stop(Exception):
     """Raised by the log to stop a run after an iteration (as Ctrl-C would)."""
 

@@ -44,6 +44,12 @@ def half_volume_freqs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.meshgrid(f, f, np.arange(n // 2 + 1), indexing="ij")
 
 
+def half_volume_radius(n: int) -> np.ndarray:
+    """|k| (in shells) of each voxel of the (n, n, n//2+1) half-volume."""
+    kz, ky, kx = half_volume_freqs(n)
+    return np.sqrt(kx * kx + ky * ky + kz * kz, dtype=np.float64)
+
+
 def shell_index(radius: np.ndarray) -> np.ndarray:
     """Resolution-shell index round(|k|) of frequency radii (RELION's ires).
 
@@ -60,8 +66,7 @@ def shell_index_2d(n: int) -> np.ndarray:
 
 def shell_index_3d(n: int) -> np.ndarray:
     """Shell index of each voxel of the (n, n, n//2+1) half-volume."""
-    kz, ky, kx = half_volume_freqs(n)
-    return shell_index(np.sqrt(kx * kx + ky * ky + kz * kz))
+    return shell_index(half_volume_radius(n))
 
 
 def shell_sums(values: np.ndarray, shells: np.ndarray, n_shells: int) -> np.ndarray:
@@ -347,16 +352,19 @@ def resample_half_plane(ft: np.ndarray, n1: int, pix1: float, n2: int, pix2: flo
     return np.where(inside, out, 0.0)
 
 
-def lowpass_weights(n: int, shell: float, edge_width: int = 2, ndim: int = 3) -> np.ndarray:
+def lowpass_weights(n: int, shell: float, edge_width: int = 2, ndim: int = 3,
+                    radius: np.ndarray | None = None) -> np.ndarray:
     """RELION's raised-cosine low-pass filter on the half grid ((n, n//2+1) or (n, n, n//2+1)).
 
     1 below shell - w/2, 0 above shell + w/2, ½ + ½cos(π(|k| - lo)/(hi - lo)) in between, with
     w = edge_width shells (integer halving as RELION: w = 2 gives a 2-shell edge), lo =
     max(0, shell - w//2), hi = shell + w//2 (fftw.cpp lowPassFilterMap; docs/postprocess.md).
+    radius: |k| on that grid when the caller has it (filters at many shells).
     """
-    if ndim == 3:
-        kz, ky, kx = half_volume_freqs(n)
-        r = np.sqrt(kx * kx + ky * ky + kz * kz, dtype=np.float64)
+    if radius is not None:
+        r = radius
+    elif ndim == 3:
+        r = half_volume_radius(n)
     elif ndim == 2:
         ky, kx = half_plane_freqs(n)
         r = np.hypot(kx, ky).astype(np.float64)
@@ -365,10 +373,12 @@ def lowpass_weights(n: int, shell: float, edge_width: int = 2, ndim: int = 3) ->
     half = int(edge_width) // 2
     lo = max(0.0, float(shell) - half)
     hi = float(shell) + half
+    w = (r <= lo).astype(np.float64)
     if hi <= lo:  # no edge: a hard cut at the shell
-        return (r <= lo).astype(np.float64)
-    t = np.clip((r - lo) / (hi - lo), 0.0, 1.0)
-    return 0.5 + 0.5 * np.cos(np.pi * t)
+        return w
+    edge = (r > lo) & (r < hi)  # 1 below, 0 above: the cosine only on the edge
+    w[edge] = 0.5 + 0.5 * np.cos(np.pi * (r[edge] - lo) / (hi - lo))
+    return w
 
 
 def initial_lowpass(volume: np.ndarray, resolution: float, pixel_size: float,
@@ -379,8 +389,7 @@ def initial_lowpass(volume: np.ndarray, resolution: float, pixel_size: float,
     filter, whose edge sits at the rounded shell."""
     v = np.asarray(volume, dtype=np.float64)
     n = v.shape[0]
-    kz, ky, kx = half_volume_freqs(n)
-    r = np.sqrt(kx * kx + ky * ky + kz * kz)
+    r = half_volume_radius(n)
     t = np.clip((r - n * pixel_size / resolution) / edge_width + 0.5, 0.0, 1.0)
     return ifft3_centered(fft3_centered(v) * (0.5 + 0.5 * np.cos(np.pi * t)), n)
 

@@ -142,14 +142,22 @@ def sample_points(box: int, step_px: int, radius_px: float,
 def local_fsc(half1: np.ndarray, half2: np.ndarray, pixel_size: float, window_radius_px: float,
               step_px: int, mask: np.ndarray | None = None, *, edge_px: float | None = None,
               randomize_at: float = DEFAULT_RANDOMIZE_AT, seed: int = 0,
-              threads: int = 1) -> LocalFSC:
+              threads: int = 1, compact: bool = False,
+              centres: np.ndarray | None = None) -> LocalFSC:
     """Local FSC curves of two half maps (module docstring, steps 1-2).
 
     window_radius_px: flat radius of the soft window; edge_px its raised-cosine edge
     (default step_px, RELION's --locres_edgwidth default); randomize_at: phases of both halves
     are randomised from shell int(N pixel / randomize_at) on (RELION's
     --locres_randomize_at); threads: windows computed concurrently (numpy's FFTs release
-    the GIL). Raises InputError for maps of different boxes, a bad mask or geometry.
+    the GIL); compact: each windowed patch is transformed at the smallest even size that
+    holds it rather than at the box (RELION's), and its curves are interpolated linearly in
+    frequency to the box's shells. The patch fits, so its transform is the box's sampled
+    more coarsely, with the same information; 8 times faster at a 64-px box of 5 Å/px,
+    6 times at 128 px of 1.5 Å/px (non-uniform refinement's filter, every iteration);
+    centres: (K, 3) voxel indices (z, y, x) of the windows to compute, instead of
+    `sample_points(N, step_px, radius, mask)` (e.g. some of them). Raises InputError for
+    maps of different boxes, a bad mask or geometry.
     """
     h1 = np.asarray(half1, dtype=np.float64)
     h2 = np.asarray(half2, dtype=np.float64)
@@ -161,12 +169,16 @@ def local_fsc(half1: np.ndarray, half2: np.ndarray, pixel_size: float, window_ra
     if not 1 <= rshell <= n // 2:
         raise InputError(f"randomize_at {randomize_at:g} A: shell {rshell}; expected "
                          f"{2 * pixel_size:g}..{n * pixel_size:g} A (shells 1..{n // 2})")
-    centres = sample_points(n, int(step_px), float(window_radius_px), mask)
+    if centres is None:
+        centres = sample_points(n, int(step_px), float(window_radius_px), mask)
+    centres = np.asarray(centres, dtype=np.int64).reshape(-1, 3)
     r1 = randomise_phases(h1, rshell, seed=seed)
     r2 = randomise_phases(h2, rshell, seed=seed + 1)
-    shells = fourier.shell_index_3d(n)
     n_shells = n // 2 + 1
     patch, half = _sphere_patch(float(window_radius_px), edge)
+    m = min(n, patch.shape[0] + patch.shape[0] % 2) if compact else n
+    shells = fourier.shell_index_3d(m)
+    at_box_shells = np.arange(n_shells) * (m / n)  # box shell j is frequency j / n
 
     def one(centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         dst, src = _patch_slices(n, centre, half)
@@ -176,10 +188,13 @@ def local_fsc(half1: np.ndarray, half2: np.ndarray, pixel_size: float, window_ra
             # The FT of the windowed patch zero-padded to N^3 (numpy transforms axis by axis,
             # the first passes over the patch's rows only) is that of the windowed map moved
             # by one shift, the same for both maps: their FSC (shell sums of F1 F2* and
-            # |F|^2) is unchanged.
-            fa = np.fft.rfftn(a[dst] * w, s=(n, n, n), axes=(0, 1, 2))
-            fb = np.fft.rfftn(b[dst] * w, s=(n, n, n), axes=(0, 1, 2))
-            curves.append(fsc(fa, fb, shells, n_shells))
+            # |F|^2) is unchanged. Any size m that holds the patch samples the same transform
+            # (compact: more coarsely).
+            fa = np.fft.rfftn(a[dst] * w, s=(m, m, m), axes=(0, 1, 2))
+            fb = np.fft.rfftn(b[dst] * w, s=(m, m, m), axes=(0, 1, 2))
+            curve = fsc(fa, fb, shells, m // 2 + 1)
+            curves.append(curve if m == n else
+                          np.interp(at_box_shells, np.arange(m // 2 + 1), curve))
         return curves[0], curves[1]
 
     with ThreadPoolExecutor(max_workers=max(1, int(threads))) as pool:
@@ -200,12 +215,19 @@ def interpolate_samples(centres: np.ndarray, values: np.ndarray, box: int, step_
     flat to step/2 and a raised cosine to 3 step/2 (`window`), so neighbouring samples
     blend smoothly and every voxel within sqrt(3)/2 step of a sample has weight >= 0.6."""
     patch, half = _sphere_patch(0.5 * step_px, float(step_px))
+    # Samples at one voxel (a point group's copies of a grid) share one patch: sum v, count.
+    unique, which = np.unique(np.asarray(centres, dtype=np.int64).reshape(-1, 3), axis=0,
+                              return_inverse=True)
+    which = which.ravel()
+    sums = np.bincount(which, weights=np.asarray(values, dtype=np.float64).ravel(),
+                       minlength=len(unique))
+    counts = np.bincount(which, minlength=len(unique)).astype(np.float64)
     num = np.zeros((box,) * 3)
     den = np.zeros((box,) * 3)
-    for c, v in zip(centres, np.asarray(values, dtype=np.float64), strict=True):
+    for c, v, k in zip(unique, sums, counts, strict=True):
         dst, src = _patch_slices(box, c, half)
         num[dst] += v * patch[src]
-        den[dst] += patch[src]
+        den[dst] += k * patch[src]
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
     return mean, den
@@ -226,30 +248,51 @@ def local_resolution(lfsc: LocalFSC, threshold: float = FSC_THRESHOLD,
 
 
 def filter_to_local_resolution(volume: np.ndarray, locres: np.ndarray, pixel_size: float,
-                               edge_width: int = 2) -> np.ndarray:
+                               edge_width: int = 2, threads: int = 1,
+                               single: bool = False) -> np.ndarray:
     """The map low-passed at every voxel to its local resolution (Å; <= 0: no estimate, the
     voxel is 0). Voxel v with fractional shell f = N pixel / locres(v) takes
     (1 - t) L_s + t L_{s+1}, s = floor(f), t = f - s, where L_s is the map low-passed at
-    whole shell s with RELION's raised-cosine edge (`fourier.lowpass_weights`)."""
+    whole shell s with RELION's raised-cosine edge (`fourier.lowpass_weights`); `threads`
+    of them computed at once, in single precision with `single` (about 3x faster; float32
+    rounding, 1e-7 of the map)."""
     v = np.asarray(volume, dtype=np.float64)
     loc = np.asarray(locres, dtype=np.float64)
     n = v.shape[0]
     if loc.shape != v.shape:
         raise InputError(f"locres: shape {loc.shape} differs from the map's {v.shape}")
-    known = loc > 0
+    known = np.flatnonzero(loc > 0)
     out = np.zeros_like(v)
-    if not known.any():
+    if not known.size:
         return out
-    f = np.zeros_like(v)
-    f[known] = np.clip(n * pixel_size / loc[known], 0.0, n // 2)
+    f = np.clip(n * pixel_size / loc.ravel()[known], 0.0, n // 2)
     lo = np.floor(f).astype(np.int64)
     t = f - lo
-    ft = fourier.fft3_centered(v)
-    for s in range(int(lo[known].min()), int(lo[known].max()) + 2):
-        w = np.where(known & (lo == s), 1.0 - t, 0.0) + np.where(known & (lo == s - 1), t, 0.0)
-        if not w.any():
-            continue
-        out += w * fourier.ifft3_centered(ft * fourier.lowpass_weights(n, s, edge_width), n)
+    # each known voxel's index in the unshifted inverse FFT (`fourier.ifft3_centered` shifts
+    # the origin to floor(N/2)): only those voxels are read from each low-pass
+    o = fourier.origin(n)
+    raw = np.ravel_multi_index(tuple((c - o) % n for c in np.unravel_index(known, v.shape)),
+                               v.shape)
+    ft = (fourier.fft3_centered(v) * float(n**3)).astype(
+        np.complex64 if single else np.complex128)
+    radius = fourier.half_volume_radius(n)
+    values = np.zeros(known.size)
+    shells = [s for s in range(int(lo.min()), int(lo.max()) + 2)
+              if np.any(lo == s) or np.any(lo == s - 1)]
+
+    def lowpassed(s: int) -> np.ndarray:
+        lowpass = fourier.lowpass_weights(n, s, edge_width, radius=radius).astype(ft.real.dtype)
+        return np.fft.irfftn(ft * lowpass, s=(n, n, n), axes=(0, 1, 2)).ravel()
+
+    k = max(1, int(threads))
+    with ThreadPoolExecutor(max_workers=k) as pool:  # numpy's FFTs release the GIL
+        for i in range(0, len(shells), k):  # k maps in memory at a time
+            for s, x in zip(shells[i:i + k], pool.map(lowpassed, shells[i:i + k]),
+                            strict=True):
+                below, above = np.flatnonzero(lo == s), np.flatnonzero(lo == s - 1)
+                values[below] += (1.0 - t[below]) * x[raw[below]]
+                values[above] += t[above] * x[raw[above]]
+    out.flat[known] = values
     return out
 
 

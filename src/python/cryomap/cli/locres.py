@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
                       threads=threads)
     locres = lr.local_resolution(lf, args.fsc_threshold, args.locres_minres, mask)
     average = 0.5 * (h1.astype(np.float64) + h2)
-    filtered = lr.filter_to_local_resolution(average, locres, pix)
+    filtered = lr.filter_to_local_resolution(average, locres, pix, threads=threads)
 
     make_output_dir(out, "--o")
     remove_stale_temps(out)

@@ -6,8 +6,9 @@ One global tau2 per shell over-smooths a rigid core and under-smooths what is di
 moves (a micelle, a flexible domain); the noise left in those regions then pulls the
 alignment of the whole particle. Here, every iteration, each half-set's particles are split
 into two fixed folds whose sums are back-projected apart (the engine's passes), so each half
-has two independent quarter maps. Their local FSC (`locres.local_fsc`, soft spherical windows
-on a grid inside the particle mask), turned into the FSC the whole half would have,
+has two independent quarter maps. Their local FSC (`locres.local_fsc`, soft spherical
+windows on a grid inside the particle mask, each transformed at its own small size:
+`compact`), turned into the FSC the whole half would have,
 F_half = 2 F / (1 + F) (two folds' worth of data, as the FSC of joined halves), gives a local
 resolution at FSC 0.143 per window, blended to every voxel (`locres.local_resolution`). The
 half's regularised map is then low-passed voxel by voxel to it
@@ -16,7 +17,8 @@ half's regularised map is then low-passed voxel by voxel to it
 Each half's filter comes from that half's particles alone, so the two halves stay
 independent and their FSC stays a gold-standard measure.
 
-With a point group (--sym) every window also stands at its symmetry copies (the same local
+With a point group (--sym) the local FSC is computed at one window per symmetry orbit
+(`orbit_representatives`), and every window stands at its symmetry copies (the same local
 FSC there) before the blend, so the local resolution, and with it the filtered map, has the
 group's symmetry: the quarter maps are symmetric, but the windows' randomised phases and a
 grid of centres that is not the group's would otherwise filter symmetry copies apart. With a
@@ -86,6 +88,33 @@ def symmetry_copies(lfsc: locres.LocalFSC, sym: str) -> locres.LocalFSC:
                    fsc_random=np.tile(lfsc.fsc_random, (g, 1)))
 
 
+def orbit_representatives(centres: np.ndarray, sym: str, box: int) -> np.ndarray:
+    """One centre (K, 3) (z, y, x) per symmetry orbit among `centres`: a centre is kept unless
+    an earlier kept one has it among its copies R c (rounded to the voxel, as
+    `symmetry_copies`). The quarter maps are symmetric, so a window's local FSC at a copy is
+    its own (up to the randomised phases): computing one window per orbit and placing it at
+    all its copies (`symmetry_copies`) costs 1/|G| of them all for groups whose operators
+    permute the grid (O: 24 times fewer windows). C1: all of them."""
+    ops = operators(sym)
+    if len(ops) == 1:
+        return centres
+    o = fourier.origin(box)
+    xyz = centres[:, ::-1].astype(np.float64) - o
+    copies = np.rint(np.einsum("gij,kj->kgi", ops, xyz)[..., ::-1] + o).astype(np.int64)
+    index = {tuple(c): i for i, c in enumerate(centres.tolist())}
+    covered = np.zeros(len(centres), bool)
+    keep = []
+    for i in range(len(centres)):
+        if covered[i]:
+            continue
+        keep.append(i)
+        for c in copies[i].tolist():
+            j = index.get(tuple(c))
+            if j is not None:
+                covered[j] = True
+    return centres[keep]
+
+
 def filter_half(volume: np.ndarray, quarters: np.ndarray, pixel_size: float,
                 mask_radius_px: float, threads: int = 1, *, sym: str = "C1",
                 solvent_mask: np.ndarray | None = None) -> NonUniformFilter:
@@ -98,9 +127,13 @@ def filter_half(volume: np.ndarray, quarters: np.ndarray, pixel_size: float,
     radius = 0.5 * step  # RELION's default window: flat to half the sampling ...
     centres_in = (soft_sphere(box, mask_radius_px, 0.0, 3) if solvent_mask is None
                   else solvent_mask)
+    centres = orbit_representatives(locres.sample_points(box, step, radius, centres_in), sym,
+                                    box)
     lfsc = locres.local_fsc(quarters[0], quarters[1], pixel_size, radius, step,
-                            mask=centres_in, edge_px=float(step), threads=threads)
+                            mask=centres_in, edge_px=float(step), threads=threads,
+                            compact=True, centres=centres)
     lfsc = symmetry_copies(replace(lfsc, fsc=half_fsc(lfsc.fsc)), sym)
     resolution = locres.local_resolution(lfsc, min_resolution=MIN_RESOLUTION)
-    filtered = locres.filter_to_local_resolution(volume, resolution, pixel_size)
+    filtered = locres.filter_to_local_resolution(volume, resolution, pixel_size,
+                                                 threads=threads, single=True)
     return NonUniformFilter(np.where(resolution > 0, filtered, volume), resolution)

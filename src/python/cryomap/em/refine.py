@@ -384,8 +384,9 @@ def refine_iteration(state: RefineState, refinement: Refinement,
     prev_origins = state.origins_px.copy()
     results: list[PassResult] = []
     bsize = batch_size(search, 1, o.batch_memory)
-    # with --nu each half's two folds are summed apart (one pass each): two quarter maps
-    folds = nonuniform.fold_of_particles(state.subset.size, o.seed) if o.nu \
+    # with --nu each half's two folds are summed apart (one pass each): two quarter maps;
+    # the last iteration is not filtered
+    folds = nonuniform.fold_of_particles(state.subset.size, o.seed) if o.nu and not final \
         else np.ones(state.subset.size, np.int64)
     for h in (1, 2):
         ref = projector.prepare_reference(state.volumes[h - 1] * sphere, o.pad, o.interp,
