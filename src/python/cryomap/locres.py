@@ -277,8 +277,8 @@ def filter_to_local_resolution(volume: np.ndarray, locres: np.ndarray, pixel_siz
         np.complex64 if single else np.complex128)
     radius = fourier.half_volume_radius(n)
     values = np.zeros(known.size)
-    shells = [s for s in range(int(lo.min()), int(lo.max()) + 2)
-              if np.any(lo == s) or np.any(lo == s - 1)]
+    present = np.unique(lo)
+    shells = np.union1d(present, present + 1).tolist()  # voxel of shell s reads s and s + 1
 
     def lowpassed(s: int) -> np.ndarray:
         lowpass = fourier.lowpass_weights(n, s, edge_width, radius=radius).astype(ft.real.dtype)

@@ -70,6 +70,14 @@ def half_fsc(quarter_fsc: np.ndarray) -> np.ndarray:
     return 2.0 * f / (1.0 + f)
 
 
+def _copies(centres: np.ndarray, ops: np.ndarray, box: int) -> np.ndarray:
+    """(K, g, 3) voxel indices (z, y, x) of R c about the box centre for each centre c (K, 3)
+    (z, y, x) and operator R, rounded to the voxel."""
+    o = fourier.origin(box)
+    xyz = centres[:, ::-1].astype(np.float64) - o
+    return np.rint(np.einsum("gij,kj->kgi", ops, xyz)[..., ::-1] + o).astype(np.int64)
+
+
 def symmetry_copies(lfsc: locres.LocalFSC, sym: str) -> locres.LocalFSC:
     """The local FSC with every window repeated at its copies R c about the box centre (R
     over the point group's operators, centres rounded to the voxel: exact for operators that
@@ -79,9 +87,7 @@ def symmetry_copies(lfsc: locres.LocalFSC, sym: str) -> locres.LocalFSC:
     ops = operators(sym)
     if len(ops) == 1:
         return lfsc
-    o = fourier.origin(lfsc.box)
-    xyz = lfsc.centres[:, ::-1].astype(np.float64) - o  # centres are (z, y, x) indices
-    copies = np.rint(np.einsum("gij,kj->gki", ops, xyz)[..., ::-1] + o).astype(np.int64)
+    copies = _copies(lfsc.centres, ops, lfsc.box).transpose(1, 0, 2)  # (g, K, 3)
     g = len(ops)
     return replace(lfsc, centres=copies.reshape(-1, 3), fsc=np.tile(lfsc.fsc, (g, 1)),
                    fsc_masked=np.tile(lfsc.fsc_masked, (g, 1)),
@@ -98,9 +104,7 @@ def orbit_representatives(centres: np.ndarray, sym: str, box: int) -> np.ndarray
     ops = operators(sym)
     if len(ops) == 1:
         return centres
-    o = fourier.origin(box)
-    xyz = centres[:, ::-1].astype(np.float64) - o
-    copies = np.rint(np.einsum("gij,kj->kgi", ops, xyz)[..., ::-1] + o).astype(np.int64)
+    copies = _copies(centres, ops, box)
     index = {tuple(c): i for i, c in enumerate(centres.tolist())}
     covered = np.zeros(len(centres), bool)
     keep = []
