@@ -270,6 +270,8 @@ CASES: list[tuple[str, Callable[[Path, Path], list[str]], tuple[str, ...]]] = [
      ("--init_perturbation",)),
     ("class3d-difference-fsc-1", lambda d, o: class3d(d, o, "--class_difference_fsc", "1"),
      ("--class_difference_fsc", "[0, 1)")),
+    ("class3d-difference-window-negative", lambda d, o: class3d(
+        d, o, "--class_difference_window", "-1"), ("--class_difference_window", "[0, 10]")),
     ("class3d-class-temperature-below-1", lambda d, o: class3d(
         d, o, "--class_temperature", "0.5"), ("--class_temperature", ">= 1")),
     ("class3d-reference-2d", lambda d, o: class3d(d, o)[:4] + [str(d / "image.mrc")]

@@ -47,10 +47,17 @@ def gridding_correction(box: int, pad: int, interp: str, ndim: int = 3) -> np.nd
     c = np.arange(box) - fourier.origin(box)
     grids = np.meshgrid(*([c] * ndim), indexing="ij")
     r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
-    s = np.sinc(r / (pad * box))  # numpy sinc(x) = sin(pi x)/(pi x)
-    out = s * s if interp == "linear" else s
+    out = gridding_kernel(r / (pad * box), interp)
     out.flags.writeable = False  # cached: shared by every caller
     return out
+
+
+def gridding_kernel(x: np.ndarray, interp: str) -> np.ndarray:
+    """The attenuation at distance x (in units of the padded box) from the centre: sinc^2(x)
+    for trilinear interpolation, sinc(x) for nearest neighbour (numpy's sinc(x) =
+    sin(pi x)/(pi x))."""
+    s = np.sinc(x)
+    return s * s if interp == "linear" else s
 
 
 def _embed(x: np.ndarray, n_pad: int) -> np.ndarray:
@@ -276,6 +283,22 @@ class BackProjector:
         self.data, self.weight = symmetrize_sums(self.data, self.weight, g, radius)
         self.symmetry = g.name
         return self
+
+    def cropped(self, r_max: float) -> BackProjector:
+        """The sums up to radius r_max (box px) on the smallest centred grid that holds them
+        (the same voxels; a reconstruction to r_max reads nothing beyond). Self is left as it
+        is; where its grid is already that small, the two share their sums."""
+        self._gather()
+        m = reference_radius(self.box, self.pad, r_max)
+        full = self.data.shape[-1] - 1
+        out = copy.copy(self)
+        if m < full:
+            c = slice(full - m, full + m + 1)
+            rows = slice(None) if self.ndim == 2 else c
+            out._data = np.ascontiguousarray(self.data[rows, c, : m + 1])
+            out._weight = np.ascontiguousarray(self.weight[rows, c, : m + 1])
+            out.r_max = min(float(r_max), self.r_max)
+        return out
 
     def add(self, other: BackProjector) -> None:
         """Add another back-projector's sums (same grid) into this one."""

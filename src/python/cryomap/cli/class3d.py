@@ -26,7 +26,8 @@ perturbation, and in the first iteration each particle stays in a random class (
 seeds); --ref may instead list K maps in a STAR file (rlnReferenceImage), used as they are.
 --skip_align classifies at the poses in --i (e.g. a refinement's run_data.star).
 Beyond RELION, for subtle differences (docs/method.md): the classes differ only up to the
-resolution where their differences are supported (--class_difference_fsc), the class
+resolution where their differences are supported (--class_difference_fsc) and only where
+in the map they are (--class_difference_window), the class
 posterior is softened early on (--class_temperature 4, annealed to 1), and where the classes
 have not formed after 30% of the iterations the poses are refined against one consensus map
 and the classes told apart at those poses (--schedule adaptive, the default).
@@ -119,6 +120,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "their differences from the consensus reaches this; beyond it each "
                         "class is the consensus map (keeps noise at high resolution from "
                         "deciding classes; docs/method.md). 0: off, as RELION")
+    p.add_argument("--class_difference_window", "--class-difference-window",
+                   dest="difference_window", type=float,
+                   default=ClassOptions.difference_window,
+                   help="with --class_difference_fsc, the classes differ from the consensus "
+                        "only where the two half-sets' differences agree: their local "
+                        "correlation in a Gaussian window of this many times the differences' "
+                        "resolution weights each voxel's difference (docs/method.md). 0: off")
     p.add_argument("--init_perturbation", "--init-perturbation", dest="perturbation",
                    type=float, default=ClassOptions.defaults(3).perturbation,
                    help="random low-resolution perturbation of each initial class, in units "

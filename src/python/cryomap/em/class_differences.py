@@ -1,11 +1,12 @@
-"""The class-difference limit of 3D classification (docs/method.md, "What keeps subtle
+"""The class-difference limits of 3D classification (docs/method.md, "What keeps subtle
 classes from collapsing"): the classes differ from their consensus only up to the Fourier
-shell where the half-set FSC of their differences is supported; beyond it every class is the
-consensus map."""
+shell where the half-set FSC of their differences is supported (beyond it every class is the
+consensus map), and only where in the map the two half-sets' differences agree."""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from .. import fourier, projector
 from ..resolution import fsc
@@ -47,3 +48,75 @@ def limit_differences(maps: np.ndarray, consensus_map: np.ndarray, shell: int) -
     keep = fourier.shell_index_3d(n) <= shell
     return np.stack([consensus_map + fourier.ifft3_centered(
         fourier.fft3_centered(m - consensus_map) * keep, n) for m in maps])
+
+
+def difference_weights(half_bps: list[list[projector.BackProjector]], tau2: np.ndarray,
+                       tau2_fudge: float, distribution: np.ndarray, shell: int, window: float,
+                       minres_map: int) -> np.ndarray:
+    """(K, N, N, N) in [0, 1]: where in the map each class's difference from the consensus
+    is supported. Per half-set h and class k, the difference E_k^h = V_k^h - C^h of the
+    regularised maps up to Fourier shell `shell` (the consensus C^h weighted by
+    `distribution`). rho, the local correlation of the two halves' differences,
+    clip(G * (E^1 E^2) / G * ((E^1^2 + E^2^2) / 2), 0, 1) with G a Gaussian of standard
+    deviation `window` times the differences' resolution (N / shell px), is their local
+    signal share; the weight is that of both halves together, 2 rho / (1 + rho) (as a
+    full-set FSC from a half-set one). Where the classes differ the two halves
+    agree (weight near 1); elsewhere their differences are independent noise (near 0), which
+    would otherwise decide the class of particles as much as the real difference does.
+
+    The differences hold no frequency beyond `shell`, so they are computed on a coarse grid
+    (4 shell + 8 voxels across the box, which holds their products) and the local sums are
+    interpolated onto the map's grid."""
+    box, pad, interp = half_bps[0][0].box, half_bps[0][0].pad, half_bps[0][0].interp
+    coarse = min(box, 4 * shell + 8)  # even; holds E^1 E^2 (to shell 2 shell)
+    # the gridding correction at the coarse voxels (as projector.map_from_reference_ft's)
+    t = (np.arange(coarse) - fourier.origin(coarse)) * (box / coarse)
+    r = np.sqrt(t[:, None, None] ** 2 + t[None, :, None] ** 2 + t[None, None, :] ** 2)
+    correction = projector.gridding_kernel(r / (pad * box), interp).astype(np.float32)
+    halves = []
+    for bps in half_bps:
+        bps = [bp.cropped(shell) for bp in bps]  # a reconstruction to `shell` reads no more
+        consensus = projector.BackProjector.pooled(bps).reconstruct_ft(
+            distribution @ tau2, tau2_fudge, shell, minres_map)
+        halves.append([_coarse_map(bp.reconstruct_ft(t, tau2_fudge, shell, minres_map)
+                                   - consensus, pad * coarse, coarse) / correction
+                       for bp, t in zip(bps, tau2, strict=True)])
+    sigma = window * coarse / max(shell, 1)  # coarse voxels
+    up = _interpolation_matrix(box, coarse)
+    weights = []
+    for a, b in zip(*halves, strict=True):
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        # the smooth local sums are interpolated, not their ratio
+        agree, power = (_upsample(ndimage.gaussian_filter(x, sigma, mode="constant"), up)
+                        for x in (a * b, 0.5 * (a * a + b * b)))
+        rho = np.clip(agree / np.maximum(power, np.finfo(np.float64).tiny), 0.0, 1.0)
+        weights.append(2.0 * rho / (1.0 + rho))
+    return np.stack(weights)
+
+
+def _coarse_map(centred: np.ndarray, n: int, coarse: int) -> np.ndarray:
+    """The central coarse^3 voxels of the inverse transform on an n-grid (n = pad * coarse:
+    the padded box, coarsely sampled) of a centred padded FT that n holds; up to scale and
+    the gridding correction, as projector.map_from_reference_ft's map. Single precision."""
+    return fourier.ifft3_centered_crop(fourier.from_centred(centred, n, np.complex64), n,
+                                       coarse)
+
+
+def _interpolation_matrix(box: int, coarse: int) -> np.ndarray:
+    """(N, coarse) linear interpolation from the coarse grid to the map's along one axis
+    (centre on centre; beyond the coarse grid's last voxel its value)."""
+    t = np.clip((np.arange(box) - fourier.origin(box)) * (coarse / box)
+                + fourier.origin(coarse), 0.0, coarse - 1.0)
+    lo = np.minimum(np.floor(t).astype(np.int64), coarse - 2)
+    frac = t - lo
+    out = np.zeros((box, coarse))
+    out[np.arange(box), lo] = 1.0 - frac
+    out[np.arange(box), lo + 1] = frac
+    return out
+
+
+def _upsample(x: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """Trilinear interpolation of a coarse volume onto the map's grid: one matrix per axis."""
+    x = np.tensordot(up, x, axes=(1, 0))  # (N, c, c)
+    x = np.tensordot(x, up, axes=(2, 1))  # (N, c, N)
+    return np.ascontiguousarray(np.tensordot(x, up, axes=(1, 1)).transpose(0, 2, 1))

@@ -91,6 +91,7 @@ def probe_step(state: ClassState, options: ClassOptions, changed: float) -> str 
     state.consensus_from = state.iteration
     state.schedule = starting_schedule(options)
     state.references[:] = np.tensordot(state.distribution, state.references, axes=1)[None]
+    state.localised = None
     return (f"classes not formed in {state.iteration} iterations ({100 * changed:.1f}% "
             "changed class): poses refined against one consensus map, then the classes "
             "seeded and told apart at those poses")
