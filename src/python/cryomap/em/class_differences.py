@@ -60,9 +60,9 @@ def difference_weights(half_bps: list[list[projector.BackProjector]], tau2: np.n
     clip(G * (E^1 E^2) / G * ((E^1^2 + E^2^2) / 2), 0, 1) with G a Gaussian of standard
     deviation `window` times the differences' resolution (N / shell px), is their local
     signal share; the weight is that of both halves together, 2 rho / (1 + rho) (as a
-    full-set FSC from a half-set one). Where the classes differ the two halves
-    agree (weight near 1); elsewhere their differences are independent noise (near 0), which
-    would otherwise decide the class of particles as much as the real difference does.
+    full-set FSC from a half-set one). Where the classes differ the two halves agree (weight
+    near 1); elsewhere their differences are independent noise (near 0), which would
+    otherwise decide the class of particles as much as the real difference does.
 
     The differences hold no frequency beyond `shell`, so they are computed on a coarse grid
     (4 shell + 8 voxels across the box, which holds their products) and the local sums are
@@ -78,9 +78,9 @@ def difference_weights(half_bps: list[list[projector.BackProjector]], tau2: np.n
         bps = [bp.cropped(shell) for bp in bps]  # a reconstruction to `shell` reads no more
         consensus = projector.BackProjector.pooled(bps).reconstruct_ft(
             distribution @ tau2, tau2_fudge, shell, minres_map)
-        halves.append([_coarse_map(bp.reconstruct_ft(t, tau2_fudge, shell, minres_map)
+        halves.append([_coarse_map(bp.reconstruct_ft(t2, tau2_fudge, shell, minres_map)
                                    - consensus, pad * coarse, coarse) / correction
-                       for bp, t in zip(bps, tau2, strict=True)])
+                       for bp, t2 in zip(bps, tau2, strict=True)])
     sigma = window * coarse / max(shell, 1)  # coarse voxels
     up = _interpolation_matrix(box, coarse)
     weights = []
