@@ -537,3 +537,44 @@ def test_symmetrize_sums_checks_its_input():
         symmetry.symmetrize_sums(fourier.symmetrize_kx0_plane(d), w, "C2", radius=m)
     with pytest.raises(ValueError, match="shape"):
         symmetry.symmetrize_sums(d[:, :, :-1], w[:, :, :-1], "C2")
+
+
+@pytest.mark.parametrize("name,sizes", [("C4", [2, 2]), ("D2", [2, 2]), ("D4", [2, 2, 2]),
+                                        ("O", [3, 2, 2, 2])])
+def test_transversal_chain_factors_the_group_exactly_once(name, sizes):
+    ops = symmetry.operators(name)
+    chain = symmetry.transversal_chain(ops)
+    assert [len(t) for t in chain] == sizes
+    assert all(np.array_equal(t[0], np.eye(3)) for t in chain)
+    products = [np.eye(3)]
+    for factor in chain[::-1]:  # every operator is t_k ... t_1, T_1 innermost
+        products = [t @ p for t in factor for p in products]
+    assert len(products) == len(ops) and same_set(np.array(products), ops)
+
+
+def test_transversal_chain_only_for_groups_of_grid_permutations():
+    assert symmetry.transversal_chain(symmetry.operators("C3")) is None  # interpolates
+    assert symmetry.transversal_chain(symmetry.operators("I1")) is None
+    assert symmetry.transversal_chain(symmetry.operators("C2")) is None  # nothing to factor
+    quarter = about((0, 0, 1), 90.0)
+    half_turns = np.array([np.eye(3), quarter, quarter @ quarter])  # not closed
+    assert symmetry.transversal_chain(half_turns) is None
+
+
+def test_symmetrise_in_steps_equals_one_step_and_checks_counts():
+    # O summed factor by factor (the chain symmetrize_sums takes) against all 23 operators at
+    # once (the kernel's plain path), both in double precision: the same sums in another
+    # order; measured 2.2e-16 and 3.8e-16 of the maxima, margins 90x and 50x
+    m = 12
+    rng = np.random.default_rng(6)
+    d = fourier.symmetrize_kx0_plane(rng.normal(size=(2 * m + 1, 2 * m + 1, m + 1))
+                                     + 1j * rng.normal(size=(2 * m + 1, 2 * m + 1, m + 1)))
+    w = fourier.symmetrize_kx0_plane(rng.uniform(size=d.shape))
+    ops = symmetry.operators("O")
+    one_d, one_w = symmetry._core().symmetrise_sums(d, w, np.ascontiguousarray(ops[1:]), 10.0)
+    chain_d, chain_w = symmetry.symmetrize_sums(d, w, "O", radius=10.0)
+    np.testing.assert_allclose(chain_d, one_d, rtol=0, atol=2e-14 * np.abs(one_d).max())
+    np.testing.assert_allclose(chain_w, one_w, rtol=0, atol=2e-14 * one_w.max())
+    assert not np.allclose(chain_d, d)  # it summed something
+    with pytest.raises(ValueError, match="counts"):
+        symmetry._core().symmetrise_sums(d, w, np.ascontiguousarray(ops[1:]), 10.0, [3, 4])

@@ -6,6 +6,8 @@
 #include "projector.hpp"
 #include "sums.hpp"
 
+#include <pybind11/stl.h>
+
 #ifndef CRYOMAP_MODULE_NAME
 #define CRYOMAP_MODULE_NAME _core
 #endif
@@ -29,9 +31,11 @@ PYBIND11_MODULE(CRYOMAP_MODULE_NAME, m) {
           "RELION's reconstruct on the centred padded grid: D / max(W + 1/(p^d T tau2), "
           "<.>_shell / 1000) inside round(r_max p); tau2 per shell (n,) or per voxel.");
     m.def("symmetrise_sums", &symmetrise_sums, py::arg("data"), py::arg("weight"),
-          py::arg("operators"), py::arg("radius"),
+          py::arg("operators"), py::arg("radius"), py::arg("counts") = std::vector<int>{},
           "Point-group sum of back-projection sums: data/weight + sum_R S(R k) for |k| <= "
-          "radius (trilinear, Friedel mates conjugated); returns (data, weight).");
+          "radius (trilinear, Friedel mates conjugated), in steps of counts[s] operators each "
+          "summing the previous step's result (one step of all when empty); returns "
+          "(data, weight).");
     m.def("phase_shift", &phase_shift, py::arg("images"), py::arg("coords"), py::arg("shifts"),
           py::arg("box"),
           "Translate each image (B,J) by its shift (B,2 px) with RELION's sign convention.");

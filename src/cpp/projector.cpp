@@ -335,11 +335,97 @@ namespace cryomap {
 
 namespace {
 
-// out = in + sum_R S(R k) for voxels |k| <= radius (trilinear, a negative-x point read as the
-// conjugate of its Friedel mate); the kernel of symmetrise_sums, in the arrays' precision.
+// od/ow += S(R k) of the input d/w for voxels |k| <= radius, one operator R (row-major 3x3):
+// trilinear, a negative-x point read as the conjugate of its Friedel mate; a signed
+// permutation (the 90 and 180 degree turns about x, y, z: all of C4, D4 and O in RELION's
+// settings) maps grid points onto grid points: a gather.
+template <typename T>
+void add_rotated(const std::complex<T>* d, const T* w, std::complex<T>* od, T* ow,
+                 const double* a, int m, double r2max) {
+    using C = std::complex<T>;
+    const int n = 2 * m + 1;
+    const int64_t sy = m + 1, sz = (int64_t)n * (m + 1);
+    int ia[9];
+    bool permutation = true;
+    for (int i = 0; i < 9; ++i) {
+        ia[i] = (int)std::lround(a[i]);
+        permutation = permutation && std::abs(a[i] - ia[i]) < 1e-9;
+    }
+    if (permutation) {
+#pragma omp parallel for schedule(static)
+        for (int z = 0; z < n; ++z) {
+            const int kz = z - m;
+            for (int y = 0; y < n; ++y) {
+                const int ky = y - m;
+                for (int kx = 0; kx <= m; ++kx) {
+                    if ((double)kx * kx + (double)ky * ky + (double)kz * kz > r2max) continue;
+                    int px = ia[0] * kx + ia[1] * ky + ia[2] * kz,
+                        py = ia[3] * kx + ia[4] * ky + ia[5] * kz,
+                        pz = ia[6] * kx + ia[7] * ky + ia[8] * kz;
+                    const bool conj = px < 0;
+                    if (conj) { px = -px; py = -py; pz = -pz; }
+                    const int64_t src = ((int64_t)pz + m) * sz + ((int64_t)py + m) * sy + px;
+                    const int64_t v = (int64_t)z * sz + (int64_t)y * sy + kx;
+                    od[v] += conj ? std::conj(d[src]) : d[src];
+                    ow[v] += w[src];
+                }
+            }
+        }
+        return;
+    }
+    // in tiles of kTile^3 voxels: a rotated tile reads a compact part of the arrays (cache)
+    constexpr int kTile = 8;
+    const int tz = (n + kTile - 1) / kTile, ty = tz, tx = (m + 1 + kTile - 1) / kTile;
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int t = 0; t < tz * ty * tx; ++t) {
+        const int z0 = (t / (ty * tx)) * kTile, y0 = ((t / tx) % ty) * kTile,
+                  x0 = (t % tx) * kTile;
+        for (int z = z0; z < std::min(z0 + kTile, n); ++z) {
+            const double kz = z - m;
+            for (int y = y0; y < std::min(y0 + kTile, n); ++y) {
+                const double ky = y - m;
+                for (int x = x0; x < std::min(x0 + kTile, m + 1); ++x) {
+                    const double kx = x;
+                    if (kx * kx + ky * ky + kz * kz > r2max) continue;
+                    double p[3] = {a[0] * kx + a[1] * ky + a[2] * kz,
+                                   a[3] * kx + a[4] * ky + a[5] * kz,
+                                   a[6] * kx + a[7] * ky + a[8] * kz};
+                    const bool conj = p[0] < 0.0;
+                    if (conj) { p[0] = -p[0]; p[1] = -p[1]; p[2] = -p[2]; }
+                    const double fx = std::floor(p[0]), fy = std::floor(p[1]),
+                                 fz = std::floor(p[2]);
+                    const T dx = (T)(p[0] - fx), dy = (T)(p[1] - fy), dz = (T)(p[2] - fz);
+                    const T ex = T(1) - dx, ey = T(1) - dy, ez = T(1) - dz;
+                    const int64_t base = ((int64_t)fz + m) * sz + ((int64_t)fy + m) * sy
+                                         + (int64_t)fx;
+                    const C* q = d + base;
+                    const T* u = w + base;
+                    C sd = ((q[0] * ex + q[1] * dx) * ey + (q[sy] * ex + q[sy + 1] * dx) * dy)
+                               * ez
+                           + ((q[sz] * ex + q[sz + 1] * dx) * ey
+                              + (q[sz + sy] * ex + q[sz + sy + 1] * dx) * dy) * dz;
+                    const T swt = ((u[0] * ex + u[1] * dx) * ey
+                                   + (u[sy] * ex + u[sy + 1] * dx) * dy) * ez
+                                  + ((u[sz] * ex + u[sz + 1] * dx) * ey
+                                     + (u[sz + sy] * ex + u[sz + sy + 1] * dx) * dy) * dz;
+                    if (conj) sd = std::conj(sd);
+                    const int64_t v = z * sz + y * sy + x;
+                    od[v] += sd;
+                    ow[v] += swt;
+                }
+            }
+        }
+    }
+}
+
+// Steps s = 1..S over consecutive groups of `counts[s]` operators: S_s = S_{s-1} +
+// sum_{R in group s} S_{s-1}(R k) (S_0 the input; one group of all operators when counts is
+// empty); the kernel of symmetrise_sums, in the arrays' precision. Two buffers alternate, so
+// a step costs one copy and its operators' passes.
 template <typename T>
 py::tuple symmetrise_sums_impl(const py::array& data, const py::array& weight,
-                               const py::array& operators, double radius) {
+                               const py::array& operators, double radius,
+                               const std::vector<int>& counts) {
     using C = std::complex<T>;
     require<C>(data, "data", 3);
     require<T>(weight, "weight", 3);
@@ -349,101 +435,45 @@ py::tuple symmetrise_sums_impl(const py::array& data, const py::array& weight,
     require_dim(operators, "operators", 2, 3);
     const VolumeShape vs = volume_shape(data, "data");
     const int m = vs.nx - 1;
-    if (vs.nz != 2 * m + 1) throw py::value_error("data: expected a 3D centred half-volume");
+    if (vs.nz != 2 * m + 1 || vs.ny != 2 * m + 1)
+        throw py::value_error("data: expected a 3D centred half-volume");
     if (!(radius >= 0.0) || radius > m - 1)
         throw py::value_error("radius: expected 0 <= radius <= m - 1 = " + std::to_string(m - 1));
+    const py::ssize_t n_ops = operators.shape(0);
+    std::vector<int> steps = counts.empty() ? std::vector<int>{(int)n_ops} : counts;
+    py::ssize_t total = 0;
+    for (int c : steps) {
+        if (c < 0) throw py::value_error("counts: expected counts >= 0");
+        total += c;
+    }
+    if (total != n_ops)
+        throw py::value_error("counts: expected counts summing to the operators' number " +
+                              std::to_string(n_ops));
     const C* d = static_cast<const C*>(data.data());
     const T* w = static_cast<const T*>(weight.data());
     const double* ops = static_cast<const double*>(operators.data());
-    const py::ssize_t n_ops = operators.shape(0);
+    const size_t size = (size_t)data.size();
     py::array_t<C> out_d({data.shape(0), data.shape(1), data.shape(2)});
     py::array_t<T> out_w({data.shape(0), data.shape(1), data.shape(2)});
-    C* od = out_d.mutable_data();
-    T* ow = out_w.mutable_data();
-    const int64_t sy = vs.nx, sz = (int64_t)vs.ny * vs.nx;
     const double r2max = radius * radius + 1e-9;
     {
         py::gil_scoped_release release;
-        std::copy(d, d + (size_t)data.size(), od);
-        std::copy(w, w + (size_t)weight.size(), ow);
-        // operator by operator, in tiles of kTile^3 voxels: a rotated tile reads a compact
-        // part of the arrays (cache), and each voxel sums the operators in their order
-        constexpr int kTile = 8;
-        const int tz = (vs.nz + kTile - 1) / kTile, ty = (vs.ny + kTile - 1) / kTile,
-                  tx = (m + 1 + kTile - 1) / kTile;
-        for (py::ssize_t o = 0; o < n_ops; ++o) {
-            const double* a = ops + 9 * o;
-            // a signed permutation (the 90 and 180 degree turns about x, y, z: all of C4, D4,
-            // T and O in RELION's settings) maps grid points onto grid points: a gather
-            int ia[9];
-            bool permutation = true;
-            for (int i = 0; i < 9; ++i) {
-                ia[i] = (int)std::lround(a[i]);
-                permutation = permutation && std::abs(a[i] - ia[i]) < 1e-9;
-            }
-            if (permutation) {
-#pragma omp parallel for schedule(static)
-                for (int z = 0; z < vs.nz; ++z) {
-                    const int kz = z - m;
-                    for (int y = 0; y < vs.ny; ++y) {
-                        const int ky = y - m;
-                        for (int kx = 0; kx <= m; ++kx) {
-                            if ((double)kx * kx + (double)ky * ky + (double)kz * kz > r2max)
-                                continue;
-                            int px = ia[0] * kx + ia[1] * ky + ia[2] * kz,
-                                py = ia[3] * kx + ia[4] * ky + ia[5] * kz,
-                                pz = ia[6] * kx + ia[7] * ky + ia[8] * kz;
-                            const bool conj = px < 0;
-                            if (conj) { px = -px; py = -py; pz = -pz; }
-                            const int64_t src = ((int64_t)pz + m) * sz + ((int64_t)py + m) * sy + px;
-                            const int64_t v = (int64_t)z * sz + (int64_t)y * sy + kx;
-                            od[v] += conj ? std::conj(d[src]) : d[src];
-                            ow[v] += w[src];
-                        }
-                    }
-                }
-                continue;
-            }
-#pragma omp parallel for schedule(dynamic, 4)
-            for (int t = 0; t < tz * ty * tx; ++t) {
-                const int z0 = (t / (ty * tx)) * kTile, y0 = ((t / tx) % ty) * kTile,
-                          x0 = (t % tx) * kTile;
-                for (int z = z0; z < std::min(z0 + kTile, vs.nz); ++z) {
-                    const double kz = z - m;
-                    for (int y = y0; y < std::min(y0 + kTile, vs.ny); ++y) {
-                        const double ky = y - m;
-                        for (int x = x0; x < std::min(x0 + kTile, m + 1); ++x) {
-                            const double kx = x;
-                            if (kx * kx + ky * ky + kz * kz > r2max) continue;
-                            double p[3] = {a[0] * kx + a[1] * ky + a[2] * kz,
-                                           a[3] * kx + a[4] * ky + a[5] * kz,
-                                           a[6] * kx + a[7] * ky + a[8] * kz};
-                            const bool conj = p[0] < 0.0;
-                            if (conj) { p[0] = -p[0]; p[1] = -p[1]; p[2] = -p[2]; }
-                            const double fx = std::floor(p[0]), fy = std::floor(p[1]),
-                                         fz = std::floor(p[2]);
-                            const T dx = (T)(p[0] - fx), dy = (T)(p[1] - fy), dz = (T)(p[2] - fz);
-                            const T ex = T(1) - dx, ey = T(1) - dy, ez = T(1) - dz;
-                            const int64_t base = ((int64_t)fz + m) * sz
-                                                 + ((int64_t)fy + m) * sy + (int64_t)fx;
-                            const C* q = d + base;
-                            const T* u = w + base;
-                            C sd = ((q[0] * ex + q[1] * dx) * ey + (q[sy] * ex + q[sy + 1] * dx) * dy)
-                                       * ez
-                                   + ((q[sz] * ex + q[sz + 1] * dx) * ey
-                                      + (q[sz + sy] * ex + q[sz + sy + 1] * dx) * dy) * dz;
-                            const T swt = ((u[0] * ex + u[1] * dx) * ey
-                                           + (u[sy] * ex + u[sy + 1] * dx) * dy) * ez
-                                          + ((u[sz] * ex + u[sz + 1] * dx) * ey
-                                             + (u[sz + sy] * ex + u[sz + sy + 1] * dx) * dy) * dz;
-                            if (conj) sd = std::conj(sd);
-                            const int64_t v = z * sz + y * sy + x;
-                            od[v] += sd;
-                            ow[v] += swt;
-                        }
-                    }
-                }
-            }
+        std::vector<C> scratch_d(steps.size() > 1 ? size : 0);
+        std::vector<T> scratch_w(steps.size() > 1 ? size : 0);
+        // the last step writes into the returned arrays
+        C* bd[2] = {out_d.mutable_data(), scratch_d.data()};
+        T* bw[2] = {out_w.mutable_data(), scratch_w.data()};
+        const C* in_d = d;
+        const T* in_w = w;
+        const double* a = ops;
+        for (size_t s = 0; s < steps.size(); ++s) {
+            const int b = (int)((steps.size() - 1 - s) % 2);
+            std::copy(in_d, in_d + size, bd[b]);
+            std::copy(in_w, in_w + size, bw[b]);
+            for (int o = 0; o < steps[s]; ++o, a += 9)
+                add_rotated<T>(in_d, in_w, bd[b], bw[b], a, m, r2max);
+            in_d = bd[b];
+            in_w = bw[b];
         }
     }
     return py::make_tuple(out_d, out_w);
@@ -452,10 +482,11 @@ py::tuple symmetrise_sums_impl(const py::array& data, const py::array& weight,
 }  // namespace
 
 py::tuple symmetrise_sums(const py::array& data, const py::array& weight,
-                          const py::array& operators, double radius) {
+                          const py::array& operators, double radius,
+                          const std::vector<int>& counts) {
     if (data.dtype().is(py::dtype::of<std::complex<double>>()))
-        return symmetrise_sums_impl<double>(data, weight, operators, radius);
-    return symmetrise_sums_impl<float>(data, weight, operators, radius);
+        return symmetrise_sums_impl<double>(data, weight, operators, radius, counts);
+    return symmetrise_sums_impl<float>(data, weight, operators, radius, counts);
 }
 
 }  // namespace cryomap

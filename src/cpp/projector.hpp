@@ -28,10 +28,13 @@ py::array_t<cfloat> regularised_average(const py::array& data, const py::array& 
 // Back-projection sums summed over a point group (RELION's applyPointGroupSymmetry): for each
 // voxel k of the centred half-volume with |k| <= radius, data/weight + sum over `operators`
 // (n, 3, 3; the identity left out) of the sums at R k, trilinear, a point with negative x
-// read as the conjugate of its Friedel mate; other voxels as given. complex64/float32 or
-// complex128/float64 arrays; returns (data, weight) new arrays of the same dtypes.
+// read as the conjugate of its Friedel mate; other voxels as given. With `counts`, in steps:
+// step s sums the previous step's result over its counts[s] operators (a group's factors,
+// symmetry.transversal_chain). complex64/float32 or complex128/float64 arrays; returns
+// (data, weight) new arrays of the same dtypes.
 py::tuple symmetrise_sums(const py::array& data, const py::array& weight,
-                          const py::array& operators, double radius);
+                          const py::array& operators, double radius,
+                          const std::vector<int>& counts = {});
 
 // out[b, j] = images[b, j] * exp(-2 pi i (kx_j sx_b + ky_j sy_b) / box): translates image b by
 // +(sx_b, sy_b) pixels in RELION's sign convention (docs/conventions.md "Shifts").

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 
 
 def origin(n: int) -> int:
@@ -95,18 +96,28 @@ def resolution_angstrom(shell: np.ndarray | float, n: int, pixel_size: float) ->
     return res
 
 
+def fft_workers() -> int:
+    """Threads of the FFTs here: the kernels' (--j, `cryomap.set_threads`). scipy's FFTs
+    split a transform's independent 1D passes over them (the result does not depend on the
+    count) and keep single precision single (numpy's took 8 times as long for a padded
+    256^3 float32 map, 2 cores)."""
+    from ._kernels import core
+
+    return max(1, int(core.max_threads()))
+
+
 def fft2_centered(images: np.ndarray) -> np.ndarray:
     """Half-plane FT of real image(s) (..., N, N), N^-2-normalised, origin at floor(N/2)."""
     n = images.shape[-1]
     if images.shape[-2] != n:
         raise ValueError(f"expected square images, got {images.shape[-2:]}")
     x = np.fft.ifftshift(images, axes=(-2, -1))
-    return np.fft.rfft2(x, axes=(-2, -1)) / float(n * n)
+    return scipy.fft.rfft2(x, axes=(-2, -1), workers=fft_workers()) / float(n * n)
 
 
 def ifft2_centered(ft: np.ndarray, n: int) -> np.ndarray:
     """Inverse of fft2_centered for box size n."""
-    x = np.fft.irfft2(ft * float(n * n), s=(n, n), axes=(-2, -1))
+    x = scipy.fft.irfft2(ft * float(n * n), s=(n, n), axes=(-2, -1), workers=fft_workers())
     return np.fft.fftshift(x, axes=(-2, -1))
 
 
@@ -114,23 +125,14 @@ def fft3_centered(volume: np.ndarray) -> np.ndarray:
     """Half-volume FT of a real cube (N, N, N), N^-3-normalised, origin at floor(N/2)."""
     n = volume.shape[-1]
     x = np.fft.ifftshift(volume, axes=(-3, -2, -1))
-    return np.fft.rfftn(x, axes=(-3, -2, -1)) / float(n**3)
+    return scipy.fft.rfftn(x, axes=(-3, -2, -1), workers=fft_workers()) / float(n**3)
 
 
 def ifft3_centered(ft: np.ndarray, n: int) -> np.ndarray:
     """Inverse of fft3_centered for box size n."""
-    x = np.fft.irfftn(ft * float(n**3), s=(n, n, n), axes=(-3, -2, -1))
+    x = scipy.fft.irfftn(ft * float(n**3), s=(n, n, n), axes=(-3, -2, -1),
+                         workers=fft_workers())
     return np.fft.fftshift(x, axes=(-3, -2, -1))
-
-
-def ifft3_centered_crop(ft: np.ndarray, n: int, box: int) -> np.ndarray:
-    """The centred box^3 window of ifft3_centered(ft, n), without shifting or scaling the
-    whole n^3 volume: the window's voxels are gathered from the unshifted inverse FFT (voxel
-    j of the shifted volume is voxel j - origin(n) of the unshifted one), then scaled."""
-    x = np.fft.irfftn(ft, s=(n, n, n), axes=(-3, -2, -1))
-    start = origin(n) - origin(box)
-    idx = (np.arange(start, start + box) - origin(n)) % n
-    return x[np.ix_(idx, idx, idx)] * float(n**3)
 
 
 def max_centred_radius(n: int) -> int:
@@ -178,6 +180,51 @@ def from_centred(centred: np.ndarray, n: int, dtype=np.complex128) -> np.ndarray
     out = np.zeros((n, n, n // 2 + 1), dtype=dtype)
     out[np.ix_(idx, idx, np.arange(m0 + 1))] = centred[c, c, : m0 + 1]
     return out
+
+
+def padded_centred_ft(volume: np.ndarray, n_pad: int, m: int) -> np.ndarray:
+    """to_centred(fft3_centered(V), m) of the cube V (N, N, N) zero-padded to n_pad with its
+    origin on the padded one (projector's padding), complex64, computed axis by axis: each
+    1D transform runs over the lines that the box or the kept frequencies hold only (x over
+    N^2 lines, y over N (m+1), z over (2m+1)(m+1)), about half the work of the padded FFT
+    at pad 2 and no padded array. Single precision."""
+    n = volume.shape[-1]
+    m0 = min(m, max_centred_radius(n_pad))
+    k = np.arange(-m0, m0 + 1)
+    w = fft_workers()
+    # sum_r V[r] exp(-2 pi i k (r - o) / n_pad): the transform from index 0, then the shift
+    # of the origin o = floor(N/2), one axis at a time
+    shift = np.exp(2j * np.pi * np.arange(-m0, m0 + 1) * origin(n) / n_pad).astype(np.complex64)
+    x = scipy.fft.rfft(np.asarray(volume, np.float32), n=n_pad, axis=2, workers=w)[..., :m0 + 1]
+    x *= shift[m0:]
+    x = scipy.fft.fft(x, n=n_pad, axis=1, workers=w)[:, k % n_pad]
+    x *= shift[:, None]
+    x = scipy.fft.fft(x, n=n_pad, axis=0, workers=w)[k % n_pad]
+    x *= shift[:, None, None] / np.float32(n_pad) ** 3
+    out = np.zeros((2 * m + 1, 2 * m + 1, m + 1), np.complex64)
+    out[m - m0:m + m0 + 1, m - m0:m + m0 + 1, : m0 + 1] = x
+    return out
+
+
+def centred_ft_to_box(centred: np.ndarray, n_pad: int, box: int) -> np.ndarray:
+    """The centred box^3 window of ifft3_centered(from_centred(centred, n_pad), n_pad): the
+    map (box N, on the padded grid's origin) whose padded FT is given, computed
+    axis by axis: z over the (2m+1)(m+1) lines the FT holds, y over box (m+1), x (real
+    output) over box^2, each keeping only the window's samples (about half the work of the
+    padded inverse FFT at pad 2). Single precision."""
+    m = centred.shape[-1] - 1
+    m0 = min(m, max_centred_radius(n_pad))
+    c = slice(m - m0, m + m0 + 1)
+    k = np.arange(-m0, m0 + 1) % n_pad
+    j = (np.arange(box) - origin(box)) % n_pad  # the window's voxels, unshifted
+    w = fft_workers()
+    buf = np.zeros((n_pad, 2 * m0 + 1, m0 + 1), np.complex64)
+    buf[k] = centred[c, c, : m0 + 1]
+    x = scipy.fft.ifft(buf, axis=0, norm="forward", workers=w)[j]
+    buf = np.zeros((box, n_pad, m0 + 1), np.complex64)
+    buf[:, k] = x
+    x = scipy.fft.ifft(buf, axis=1, norm="forward", workers=w)[:, j]
+    return scipy.fft.irfft(x, n=n_pad, axis=2, norm="forward", workers=w)[..., j]
 
 
 def symmetrize_kx0_plane(centred: np.ndarray) -> np.ndarray:
@@ -264,7 +311,7 @@ def project_image_origin(n: int) -> int:
 def ifft2_at_origin(ft: np.ndarray, n: int, origin_index: int) -> np.ndarray:
     """Inverse of fft2_centered for box n, with the real-space origin placed at index
     `origin_index` on both axes instead of floor(n/2) (a cyclic shift of the result)."""
-    x = np.fft.irfft2(ft * float(n * n), s=(n, n), axes=(-2, -1))
+    x = scipy.fft.irfft2(ft * float(n * n), s=(n, n), axes=(-2, -1), workers=fft_workers())
     return np.roll(x, (origin_index, origin_index), axis=(-2, -1))
 
 

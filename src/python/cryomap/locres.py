@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft
 
 from . import fourier
 from .errors import InputError
@@ -149,7 +150,7 @@ def local_fsc(half1: np.ndarray, half2: np.ndarray, pixel_size: float, window_ra
     window_radius_px: flat radius of the soft window; edge_px its raised-cosine edge
     (default step_px, RELION's --locres_edgwidth default); randomize_at: phases of both halves
     are randomised from shell int(N pixel / randomize_at) on (RELION's
-    --locres_randomize_at); threads: windows computed concurrently (numpy's FFTs release
+    --locres_randomize_at); threads: windows computed concurrently (the FFTs release
     the GIL); compact: each windowed patch is transformed at the smallest even size that
     holds it rather than at the box (RELION's), and its curves are interpolated linearly in
     frequency to the box's shells. The patch fits, so its transform is the box's sampled
@@ -190,8 +191,8 @@ def local_fsc(half1: np.ndarray, half2: np.ndarray, pixel_size: float, window_ra
             # by one shift, the same for both maps: their FSC (shell sums of F1 F2* and
             # |F|^2) is unchanged. Any size m that holds the patch samples the same transform
             # (compact: more coarsely).
-            fa = np.fft.rfftn(a[dst] * w, s=(m, m, m), axes=(0, 1, 2))
-            fb = np.fft.rfftn(b[dst] * w, s=(m, m, m), axes=(0, 1, 2))
+            fa = scipy.fft.rfftn(a[dst] * w, s=(m, m, m), axes=(0, 1, 2))
+            fb = scipy.fft.rfftn(b[dst] * w, s=(m, m, m), axes=(0, 1, 2))
             curve = fsc(fa, fb, shells, m // 2 + 1)
             curves.append(curve if m == n else
                           np.interp(at_box_shells, np.arange(m // 2 + 1), curve))
@@ -266,30 +267,33 @@ def filter_to_local_resolution(volume: np.ndarray, locres: np.ndarray, pixel_siz
     if not known.size:
         return out
     f = np.clip(n * pixel_size / loc.ravel()[known], 0.0, n // 2)
+    # the known voxels in order of their shell: those of shell s are one run
+    order = np.argsort(f, kind="stable")
+    known, f = known[order], f[order]
     lo = np.floor(f).astype(np.int64)
     t = f - lo
     # each known voxel's index in the unshifted inverse FFT (`fourier.ifft3_centered` shifts
     # the origin to floor(N/2)): only those voxels are read from each low-pass
-    o = fourier.origin(n)
-    raw = np.ravel_multi_index(tuple((c - o) % n for c in np.unravel_index(known, v.shape)),
-                               v.shape)
+    raw = np.fft.fftshift(np.arange(n**3).reshape(v.shape)).ravel()[known]
     ft = (fourier.fft3_centered(v) * float(n**3)).astype(
         np.complex64 if single else np.complex128)
     radius = fourier.half_volume_radius(n)
     values = np.zeros(known.size)
     present = np.unique(lo)
     shells = np.union1d(present, present + 1).tolist()  # voxel of shell s reads s and s + 1
+    starts = np.searchsorted(lo, np.arange(n // 2 + 3))  # shell s: starts[s]:starts[s + 1]
 
     def lowpassed(s: int) -> np.ndarray:
         lowpass = fourier.lowpass_weights(n, s, edge_width, radius=radius).astype(ft.real.dtype)
-        return np.fft.irfftn(ft * lowpass, s=(n, n, n), axes=(0, 1, 2)).ravel()
+        return scipy.fft.irfftn(ft * lowpass, s=(n, n, n), axes=(0, 1, 2)).ravel()
 
     k = max(1, int(threads))
-    with ThreadPoolExecutor(max_workers=k) as pool:  # numpy's FFTs release the GIL
+    with ThreadPoolExecutor(max_workers=k) as pool:  # the FFTs release the GIL
         for i in range(0, len(shells), k):  # k maps in memory at a time
             for s, x in zip(shells[i:i + k], pool.map(lowpassed, shells[i:i + k]),
                             strict=True):
-                below, above = np.flatnonzero(lo == s), np.flatnonzero(lo == s - 1)
+                below = slice(starts[s], starts[s + 1])
+                above = slice(starts[s - 1], starts[s]) if s > 0 else slice(0, 0)
                 values[below] += (1.0 - t[below]) * x[raw[below]]
                 values[above] += t[above] * x[raw[above]]
     out.flat[known] = values

@@ -11,13 +11,16 @@ from .fourier import lowpass_map, origin
 def soft_sphere(box: int, radius: float, edge: float = 5.0, ndim: int = 2) -> np.ndarray:
     """1 inside `radius` px of the centre floor(N/2), 0 beyond radius + edge, raised cosine
     ½ + ½cos(π(r − R)/edge) in between. Returns float64 (box,)*ndim."""
-    c = np.arange(box) - origin(box)
-    grids = np.meshgrid(*([c] * ndim), indexing="ij")
-    r = np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
-    if edge <= 0:
-        return (r <= radius).astype(np.float64)
-    t = np.clip((r - radius) / edge, 0.0, 1.0)
-    return 0.5 + 0.5 * np.cos(np.pi * t)
+    c2 = (np.arange(box) - origin(box)).astype(np.float64) ** 2
+    r2 = c2
+    for axis in range(1, ndim):  # broadcast: no grids of coordinates
+        r2 = r2[..., None] + c2.reshape((1,) * axis + (box,))
+    r = np.sqrt(r2)
+    out = (r <= radius).astype(np.float64)
+    if edge > 0:
+        band = (r > radius) & (r < radius + edge)  # the cosine only where it is neither 1 nor 0
+        out[band] = 0.5 + 0.5 * np.cos(np.pi * ((r[band] - radius) / edge))
+    return out
 
 
 def apply_soft_mask(images: np.ndarray, mask: np.ndarray) -> np.ndarray:

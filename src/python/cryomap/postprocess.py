@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.fft
 
 from . import fourier
 from .errors import InputError
@@ -39,7 +40,8 @@ def randomise_phases(volume: np.ndarray, shell: int, seed: int = 0) -> np.ndarra
     ft = fourier.fft3_centered(v)
     kz, ky, kx = fourier.half_volume_freqs(n)
     beyond = kx * kx + ky * ky + kz * kz >= shell * shell
-    noise = np.fft.rfftn(np.random.default_rng(seed).standard_normal(v.shape))
+    noise = scipy.fft.rfftn(np.random.default_rng(seed).standard_normal(v.shape),
+                            workers=fourier.fft_workers())
     phase = np.exp(1j * np.angle(noise))
     ft = np.where(beyond, np.abs(ft) * phase, ft)
     return fourier.ifft3_centered(ft, n)

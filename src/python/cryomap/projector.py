@@ -107,15 +107,17 @@ def prepare_reference(volume: np.ndarray, pad: int = 2, interp: str = "linear",
     _interp_code(interp)
     n_pad = padded_size(n, pad)
     corrected = volume / gridding_correction(n, pad, interp, ndim)
-    padded = _embed(corrected, n_pad)
-    if ndim == 3:
-        # single precision, as the reference is kept (complex64): a third of the time
-        ft = fourier.fft3_centered(padded.astype(np.float32)) * (float(n_pad) ** 3
-                                                                 / float(n) ** 2)
-    else:
-        ft = fourier.fft2_centered(padded) * (float(n_pad) ** 2 / float(n) ** 2)
     m = reference_radius(n, pad, r_max)
-    return Reference(nyquist_sphere(fourier.to_centred(ft, m), n, pad), n, pad, interp)
+    if ndim == 3:
+        # single precision, as the reference is kept (complex64); the padded FFT pruned to
+        # the box and the kept frequencies
+        centred = fourier.padded_centred_ft(corrected, n_pad, m) * np.float32(
+            float(n_pad) ** 3 / float(n) ** 2)
+    else:
+        ft = fourier.fft2_centered(_embed(corrected, n_pad)) * (float(n_pad) ** 2
+                                                                / float(n) ** 2)
+        centred = fourier.to_centred(ft, m)
+    return Reference(nyquist_sphere(centred, n, pad), n, pad, interp)
 
 
 def nyquist_sphere(centred: np.ndarray, box: int, pad: int) -> np.ndarray:
@@ -171,12 +173,12 @@ def map_from_reference_ft(centred: np.ndarray, box: int, pad: int, interp: str) 
     n_pad = padded_size(box, pad)
     # single precision: the sums are float32 already, and the padded FFT is the iteration's
     # largest (float64 would cost 3x the time and twice the memory)
-    full = fourier.from_centred(centred, n_pad, np.complex64)
     if centred.shape[0] == 1:
+        full = fourier.from_centred(centred, n_pad, np.complex64)
         x = fourier.ifft2_centered(full, n_pad) * (float(box) ** 2 / float(n_pad) ** 2)
         return _crop(x, box) / gridding_correction(box, pad, interp, 2)
-    # the window alone is shifted and scaled: the padded volume is the largest array here
-    x = fourier.ifft3_centered_crop(full, n_pad, box) * (float(box) ** 2 / float(n_pad) ** 3)
+    # the window alone, pruned: the padded volume is never formed
+    x = fourier.centred_ft_to_box(centred, n_pad, box) * (float(box) ** 2 / float(n_pad) ** 3)
     return x / gridding_correction(box, pad, interp, 3)
 
 

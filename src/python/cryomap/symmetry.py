@@ -396,7 +396,9 @@ def symmetrize_sums(data: np.ndarray, weight: np.ndarray, name: str | PointGroup
     array; RELION uses round(r_max * pad)) the result is sum_R S(R k), S read by trilinear
     interpolation (exactly, without interpolation, for operators that permute the grid), a
     point with negative kx read as the conjugate of its Friedel mate. Voxels beyond the radius
-    keep their input values (as in RELION). The sums are not divided by the group order:
+    keep their input values (as in RELION). A group of grid permutations may be summed factor
+    by factor (`transversal_chain`), the same sums in fewer passes. The sums are not divided
+    by the group order:
     back-projected over the asymmetric unit and summed here they stand for a search over all
     directions. Returns new arrays of the input dtypes.
 
@@ -423,10 +425,67 @@ def symmetrize_sums(data: np.ndarray, weight: np.ndarray, name: str | PointGroup
     # complex128/float64
     single = data.dtype == np.complex64
     dtypes = (np.complex64, np.float32) if single else (np.complex128, np.float64)
+    # a group of grid permutations is summed factor by factor (exact), where the passes saved
+    # outweigh a step's copy of the arrays (about 3 passes, measured): O's 23 passes take 5
+    # in 4 steps (0.47 -> 0.22 s at box 128, pad 2, 2 threads); D4's 7 would take 3 in 3
+    steps = [ops[1:]]
+    chain = transversal_chain(ops)
+    if chain is not None and (len(ops) - 1) - sum(len(t) - 1 for t in chain) > 3 * (
+            len(chain) - 1):
+        steps = [t[1:] for t in chain]
     out_d, out_w = _core().symmetrise_sums(np.ascontiguousarray(data, dtypes[0]),
                                            np.ascontiguousarray(weight, dtypes[1]),
-                                           np.ascontiguousarray(ops[1:], np.float64), r)
+                                           np.ascontiguousarray(np.concatenate(steps),
+                                                                np.float64),
+                                           r, [len(step) for step in steps])
     return out_d.astype(data.dtype, copy=False), out_w.astype(weight.dtype, copy=False)
+
+
+def transversal_chain(ops: np.ndarray) -> list[np.ndarray] | None:
+    """Factors T_k, ..., T_1 of a group of grid permutations (`_is_grid_permutation`), each
+    (t, 3, 3) with the identity first, such that every operator is exactly one product
+    t_k ... t_1: the sum over the group, sum_g S(g k), is then k steps of sums over a factor,
+    S <- S + sum_{t != 1} S(t k), T_k's first (sum_{t_k} ... sum_{t_1} S(t_k ... t_1 k)). The
+    factors are transversals of a chain of subgroups, each step adding the operator that gives
+    the smallest subgroup: O's 23 passes over the sums become 5 (indices 2, 2, 2, 3), exact as
+    no point is interpolated. None where an operator interpolates or `ops` is not a group."""
+    if len(ops) < 3 or not all(_is_grid_permutation(r) for r in ops):
+        return None
+    elems = [np.rint(r).astype(np.int64) for r in ops]
+    known = {e.tobytes() for e in elems}
+    current = [np.eye(3, dtype=np.int64)]
+    factors = []
+    while len(current) < len(elems):
+        have = {c.tobytes() for c in current}
+        subgroups = [_close_int(current + [g]) for g in elems if g.tobytes() not in have]
+        bigger = min(subgroups, key=len)
+        if not {h.tobytes() for h in bigger} <= known:
+            return None  # not closed: not a group
+        # left coset representatives t with bigger = t * current (one each)
+        reps, covered = [], set()
+        for h in bigger:
+            if h.tobytes() not in covered:
+                reps.append(h)
+                covered |= {(h @ c).tobytes() for c in current}
+        factors.append(np.array(reps, np.float64))
+        current = bigger
+    return factors[::-1]
+
+
+def _close_int(gens: list[np.ndarray]) -> list[np.ndarray]:
+    """The group the integer matrices generate (identity first)."""
+    group = {np.eye(3, dtype=np.int64).tobytes(): np.eye(3, dtype=np.int64)}
+    frontier = list(group.values())
+    while frontier:
+        new = []
+        for a in frontier:
+            for g in gens:
+                c = g @ a
+                if c.tobytes() not in group:
+                    group[c.tobytes()] = c
+                    new.append(c)
+        frontier = new
+    return list(group.values())
 
 
 def _core():

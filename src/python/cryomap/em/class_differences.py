@@ -98,8 +98,7 @@ def _coarse_map(centred: np.ndarray, n: int, coarse: int) -> np.ndarray:
     """The central coarse^3 voxels of the inverse transform on an n-grid (n = pad * coarse:
     the padded box, coarsely sampled) of a centred padded FT that n holds; up to scale and
     the gridding correction, as projector.map_from_reference_ft's map. Single precision."""
-    return fourier.ifft3_centered_crop(fourier.from_centred(centred, n, np.complex64), n,
-                                       coarse)
+    return fourier.centred_ft_to_box(centred, n, coarse)
 
 
 def _interpolation_matrix(box: int, coarse: int) -> np.ndarray:
