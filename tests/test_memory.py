@@ -111,6 +111,22 @@ def test_streamed_refinement_equals_cached_refinement(sim, tmp_path, monkeypatch
     assert np.array_equal(runs["cached"], runs["streamed"])
 
 
+def test_nu_estimate_counts_the_fold_sums_and_the_filter(sim):
+    """refine --nu keeps four more back-projectors' sums (each half's two folds besides the
+    pooled ones): the estimate holds them, and nothing else changes."""
+    from cryomap.em.refine import RefineOptions
+    from cryomap.jobs.refine import refine_memory
+    from cryomap.projector import reference_radius
+
+    p = load_particles(sim / "particles.star", log=None)
+    plain = refine_memory(p, RefineOptions(healpix_order=1))
+    nu = refine_memory(p, RefineOptions(healpix_order=1, nu=True))
+    p.close()
+    assert {k: v for k, v in nu.items() if k != "non-uniform filter"} == plain
+    m = reference_radius(BOX, 2, BOX // 2)
+    assert nu["non-uniform filter"] >= 4 * (2 * m + 1) ** 2 * (m + 1) * 12
+
+
 def _rss_file_kib() -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -49,6 +49,9 @@ def estimate_memory(n_particles: int, box: int, pixel_size: float, n_classes: in
     parts["batch images"] = min(batch_size, n_particles) * j * 20
     m = projector.reference_radius(box, pad, search.sums_radius)
     grid = (1 if ndim == 2 else 2 * m + 1) * (2 * m + 1) * (m + 1)
-    parts["back-projectors"] = n_classes * grid * 12 * (1 + max(threads - 1, 0)) + grid * 64
+    # the sums (one copy per thread while slices are added) and the reconstruction's
+    # temporaries on the padded grid (80 bytes a voxel: measured peaks at box 192 and 256,
+    # bench/refine.py --cost, were 10.7 and 8.6 bytes a voxel over 64)
+    parts["back-projectors"] = n_classes * grid * 12 * (1 + max(threads - 1, 0)) + grid * 80
     parts["maps"] = n_classes * 2 * box**ndim * 8
     return parts

@@ -34,6 +34,7 @@ from ..io.mrc import read_map
 from ..masks import check_mask
 from ..parallel import SINGLE, Ranks
 from ..particles import ParticleSet, load_particles
+from ..projector import reference_radius
 from .base import (
     Job,
     MemoryPlan,
@@ -337,6 +338,12 @@ def refine_memory(particles: ParticleSet, options: RefineOptions,
                             bm, core.max_threads(), 0)
     # the two half maps, their references and the final maps (3 maps), in float64
     parts["maps"] = parts.get("maps", 0) + 5 * box**3 * 8
+    if options.nu:
+        # --nu keeps each half's two folds' sums besides their pooled ones (four more
+        # back-projectors) and makes the filter's maps (quarter maps, their phase-randomised
+        # copies, the low-pass ladder, the local resolution): 16 maps in float64 at most
+        m = reference_radius(box, options.pad, box // 2)
+        parts["non-uniform filter"] = 4 * (2 * m + 1) ** 2 * (m + 1) * 12 + 16 * box**3 * 8
     return parts
 
 
