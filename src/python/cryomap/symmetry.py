@@ -473,7 +473,9 @@ def transversal_chain(ops: np.ndarray) -> list[np.ndarray] | None:
 
 
 def _close_int(gens: list[np.ndarray]) -> list[np.ndarray]:
-    """The group the integer matrices generate (identity first)."""
+    """The group the integer matrices generate (identity first): `_close` for signed
+    permutations, hashed exactly, as transversal_chain runs at every symmetrisation (5 ms for
+    O; `_close`'s tolerant comparisons took 19 times as long per closure)."""
     group = {np.eye(3, dtype=np.int64).tobytes(): np.eye(3, dtype=np.int64)}
     frontier = list(group.values())
     while frontier:
