@@ -12,7 +12,8 @@ Printed per share: the best possible accuracy (from the true poses and maps:
 low-passed to 40 Å) with the default command (`default`: the adaptive schedule),
 `--schedule classic` (`classic`: RELION's Class3D), `--schedule consensus` (`auto`) or
 `--skip_align --tau2_fudge 1` at the true poses (`skip`), all else at class3d's defaults
-(--tau2_fudge 4, --class_temperature 4, --class_difference_fsc 0.143); the class proportions
+(--tau2_fudge 4, --class_temperature 4, --class_difference_fsc 0.143,
+--class_difference_fsc_fixed 0.05); the class proportions
 against the truth, the time, and for `default` the schedule it chose. `--extra` adds
 options to every mode (the last value given wins, e.g. `--extra --tau2_fudge 1`).
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cryomap.cli.main import main
+from cryomap.em.refine import AutoSampling
 from cryomap.io.mrc import write_map
 from cryomap.io.star import read_star
 from cryomap.jobs.classify import perturbed_references
@@ -239,6 +240,38 @@ def test_adaptive_schedule_decides_when_the_classes_form():
                     ClassOptions.defaults(3, skip_align=True),
                     ClassOptions.defaults(3, heterogeneous=True)):
         assert not options.probes_classes
+
+
+def test_adaptive_schedule_searches_each_class_locally_after_the_fixed_poses():
+    """After the consensus, the adaptive schedule tells the classes apart at its poses for
+    FIXED_MIN iterations, then searches each class's poses locally around them (against the
+    localised maps) where the consensus's searches had become local; fixed to the end where
+    they had not. The consensus schedule's own fixed phase is unchanged."""
+    from cryomap.em.class_schedule import FIXED_MIN, fixed_phase_over, local_per_class
+    from cryomap.em.classify import ClassOptions
+
+    o = ClassOptions.defaults(3, iterations=30)
+    state = _probe_state([0.5, 0.5], 20)
+    state.probe_done, state.consensus_from, state.seeded_at = True, 8, 20
+    state.schedule = AutoSampling(order=5, offset_step=0.5, offset_range=1.0, sigma_ang=1.9)
+    for done in range(FIXED_MIN):
+        state.iteration = 20 + done
+        assert not fixed_phase_over(state, o, 0.0)
+    state.iteration = 20 + FIXED_MIN
+    assert fixed_phase_over(state, o, 0.5)  # whatever still changes class
+    assert not local_per_class(state)
+    state.fixed_done = True
+    assert local_per_class(state)
+    # global searches at the seeding: fixed to the end
+    state.schedule = AutoSampling(order=3, offset_step=1.0, offset_range=3.0)
+    state.fixed_done = False
+    assert not fixed_phase_over(state, o, 0.0)
+    # the consensus schedule: settled after FIXED_MIN, or its share of the iterations left
+    c = ClassOptions.defaults(3, iterations=30, schedule="consensus")
+    state.consensus_from = None
+    assert fixed_phase_over(state, c, 0.0) and not fixed_phase_over(state, c, 0.5)
+    state.fixed_done = True
+    assert not local_per_class(state)  # its step 4 searches from the coarse grid
 
 
 def test_adaptive_schedule_switches_to_the_consensus_and_resumes(tmp_path):

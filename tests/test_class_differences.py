@@ -91,7 +91,7 @@ def test_limit_differences_keeps_shells_up_to_the_limit_and_the_consensus_beyond
     rng = np.random.default_rng(2)
     maps = rng.standard_normal((2, BOX, BOX, BOX))
     consensus = rng.standard_normal((BOX, BOX, BOX))
-    out = limit_differences(maps, consensus, shell=5)
+    out = limit_differences(maps, consensus, np.array([5, 5]))
     shells = fourier.shell_index_3d(BOX)
     # float rounding (coefficients up to 0.03): measured at most 2.6e-17, 1.0e-17 and 5.3e-18
     for m, o in zip(maps, out, strict=True):
@@ -102,6 +102,13 @@ def test_limit_differences_keeps_shells_up_to_the_limit_and_the_consensus_beyond
     # beyond the limit no class differs from another at all
     diff = fourier.fft3_centered(out[0] - out[1])
     assert np.abs(diff[shells > 5]).max() < 1e-15
+    # a shell per class: each class its own
+    out = limit_differences(maps, consensus, np.array([3, 5]))
+    for m, o, s in zip(maps, out, (3, 5), strict=True):
+        ft_in, ft_out = fourier.fft3_centered(m), fourier.fft3_centered(o)
+        ft_c = fourier.fft3_centered(consensus)
+        assert np.allclose(ft_out[shells <= s], ft_in[shells <= s], atol=1e-15)
+        assert np.allclose(ft_out[shells > s], ft_c[shells > s], atol=1e-15)
 
 
 def test_pooled_adds_sums_and_leaves_the_inputs():
@@ -163,19 +170,20 @@ def _map_half_sets(rng, maps: list[np.ndarray], noise: float):
     return halves
 
 
-def _reference_weights(half_bps, tau2, distribution, shell: int, window: float):
+def _reference_weights(half_bps, tau2, distribution, shells, window: float):
     """Plain NumPy on the map's grid: the halves' class maps minus their consensus (each the
-    box-sized regularised map up to `shell`), their Gaussian-windowed local correlation rho,
-    and 2 rho / (1 + rho)."""
+    box-sized regularised map up to the class's shell), their Gaussian-windowed local
+    correlation rho, and 2 rho / (1 + rho)."""
+    shells = np.broadcast_to(shells, (len(half_bps[0]),))
     diffs = []
     for bps in half_bps:
-        consensus = projector.BackProjector.pooled(list(bps)).reconstruct(
-            distribution @ tau2, 1.0, shell, 0)
-        diffs.append([bp.reconstruct(t, 1.0, shell, 0) - consensus
-                      for bp, t in zip(bps, tau2, strict=True)])
-    sigma = window * WBOX / shell
+        pooled = projector.BackProjector.pooled(list(bps))
+        diffs.append([bp.reconstruct(t, 1.0, s, 0)
+                      - pooled.reconstruct(distribution @ tau2, 1.0, s, 0)
+                      for bp, t, s in zip(bps, tau2, shells, strict=True)])
     out = []
-    for a, b in zip(*diffs, strict=True):
+    for a, b, s in zip(*diffs, shells, strict=True):
+        sigma = window * WBOX / s
         agree = ndimage.gaussian_filter(a * b, sigma, mode="constant")
         power = ndimage.gaussian_filter(0.5 * (a * a + b * b), sigma, mode="constant")
         rho = np.clip(agree / power, 0.0, 1.0)
@@ -212,6 +220,21 @@ def test_difference_weights_match_the_plain_reference(two_maps, shell):
     assert np.abs(w - ref)[:, particle].max() < (1e-5 if shell == 6 else 0.06)
 
 
+def test_difference_weights_per_class_shells_match_the_plain_reference(two_maps):
+    """A shell per class (4 and 6: the largest decides the grid, here the full one): each
+    class's weights from its own shell's differences and window, as the plain reference."""
+    consensus, d, _, particle = two_maps
+    halves = _map_half_sets(np.random.default_rng(1), [consensus + d, consensus - d], 0.1)
+    tau2, dist = np.full((2, WBOX // 2 + 1), 1e6), np.array([0.5, 0.5])
+    shells = np.array([4, 6])
+    w = difference_weights(halves, tau2, 1.0, dist, shells, 0.5, 0)
+    ref = _reference_weights(halves, tau2, dist, shells, 0.5)
+    assert np.abs(w - ref)[:, particle].max() < 1e-5
+    # not the same as one shell for both
+    one = _reference_weights(halves, tau2, dist, 6, 0.5)
+    assert np.abs(w[0] - one[0])[particle].max() > 0.05
+
+
 def test_difference_weights_are_high_where_the_classes_differ_only(two_maps):
     """Where the classes differ the halves agree (measured mean weight 0.998 inside the
     difference); where they do not, the halves' differences are independent noise (measured
@@ -225,6 +248,14 @@ def test_difference_weights_are_high_where_the_classes_differ_only(two_maps):
         same = _map_half_sets(np.random.default_rng(5), [consensus, consensus], noise)
         w = difference_weights(same, tau2, 1.0, dist, 6, 0.5, 0)
         assert w[:, particle].mean() < 0.1
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, -0.1, float("nan")])
+def test_bad_class_difference_fsc_fixed(value):
+    from cryomap.errors import InputError
+
+    with pytest.raises(InputError, match="class_difference_fsc_fixed"):
+        ClassOptions(difference_fsc_fixed=value).validate()
 
 
 @pytest.mark.parametrize("value", [-0.5, 11.0, float("inf")])

@@ -25,9 +25,9 @@ split. Classes start from the reference low-passed to --ini_high, each with its 
 perturbation, and in the first iteration each particle stays in a random class (RELION's
 seeds); --ref may instead list K maps in a STAR file (rlnReferenceImage), used as they are.
 --skip_align classifies at the poses in --i (e.g. a refinement's run_data.star).
-Beyond RELION, for subtle differences (docs/method.md): the classes differ only up to the
-resolution where their differences are supported (--class_difference_fsc) and only where
-in the map they are (--class_difference_window), the class
+Beyond RELION, for subtle differences (docs/method.md): each class differs only up to the
+resolution where its difference is supported (--class_difference_fsc; at fixed poses
+--class_difference_fsc_fixed) and only where in the map it is (--class_difference_window), the class
 posterior is softened early on (--class_temperature 4, annealed to 1), and where the classes
 have not formed after 30% of the iterations the poses are refined against one consensus map
 and the classes told apart at those poses (--schedule adaptive, the default).
@@ -103,7 +103,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "searched on refinement's sampling schedule (finer HEALPix orders, "
                         "then local); if they have not formed after 30%% of the iterations "
                         "(at least 6; subtle differences), the consensus schedule from there "
-                        "on, without its last step. consensus: the poses refined against one "
+                        "on, its last step local searches per class around the consensus "
+                        "poses. consensus: the poses refined against one "
                         "consensus map on refinement's sampling schedule, then the classes "
                         "seeded and classified at those poses until settled, then each "
                         "class's poses searched again. classic: RELION's Class3D throughout "
@@ -116,10 +117,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the same as --schedule classic")
     p.add_argument("--class_difference_fsc", "--class-difference-fsc", dest="difference_fsc",
                    type=float, default=ClassOptions.difference_fsc,
-                   help="the classes differ only up to the resolution where the half-set FSC of "
-                        "their differences from the consensus reaches this; beyond it each "
+                   help="each class differs only up to the resolution where the half-set FSC "
+                        "of its difference from the consensus reaches this; beyond it the "
                         "class is the consensus map (keeps noise at high resolution from "
                         "deciding classes; docs/method.md). 0: off, as RELION")
+    p.add_argument("--class_difference_fsc_fixed", "--class-difference-fsc-fixed",
+                   dest="difference_fsc_fixed", type=float,
+                   default=ClassOptions.difference_fsc_fixed,
+                   help="with --class_difference_fsc, the threshold at fixed poses "
+                        "(--skip_align, the fixed-pose phase of the schedules) and in the "
+                        "local searches per class after it, where the differences are also "
+                        "weighted by where they are supported (docs/method.md)")
     p.add_argument("--class_difference_window", "--class-difference-window",
                    dest="difference_window", type=float,
                    default=ClassOptions.difference_window,

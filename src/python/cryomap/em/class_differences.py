@@ -1,6 +1,6 @@
 """The class-difference limits of 3D classification (docs/method.md, "What keeps subtle
-classes from collapsing"): the classes differ from their consensus only up to the Fourier
-shell where the half-set FSC of their differences is supported (beyond it every class is the
+classes from collapsing"): each class differs from the consensus only up to the Fourier
+shell where the half-set FSC of its difference is supported (beyond it the class is the
 consensus map), and only where in the map the two half-sets' differences agree."""
 
 from __future__ import annotations
@@ -39,53 +39,60 @@ def extend_difference_shell(shell: int, curve: np.ndarray, threshold: float,
     return s
 
 
-def limit_differences(maps: np.ndarray, consensus_map: np.ndarray, shell: int) -> np.ndarray:
-    """Each class map equal to the consensus beyond Fourier shell `shell`: consensus +
-    (map - consensus) with the shells beyond `shell` removed (a sharp edge, so that beyond it
-    no class differs from another at all). Measured: weighting the shells kept by the Wiener
-    factor of the differences' FSC was no better (3 % share: 92.2 % against 92.4 %)."""
+def limit_differences(maps: np.ndarray, consensus_map: np.ndarray, shells: np.ndarray
+                      ) -> np.ndarray:
+    """Each class map k equal to the consensus beyond Fourier shell `shells[k]`: consensus +
+    (map - consensus) with the shells beyond it removed (a sharp edge, so that beyond it the
+    class does not differ from the consensus at all). Measured: weighting the shells kept by
+    the Wiener factor of the differences' FSC was no better (3 % share: 92.2 % against
+    92.4 %)."""
     n = consensus_map.shape[0]
-    keep = fourier.shell_index_3d(n) <= shell
+    index = fourier.shell_index_3d(n)
     return np.stack([consensus_map + fourier.ifft3_centered(
-        fourier.fft3_centered(m - consensus_map) * keep, n) for m in maps])
+        fourier.fft3_centered(m - consensus_map) * (index <= s), n)
+        for m, s in zip(maps, np.broadcast_to(shells, (len(maps),)), strict=True)])
 
 
 def difference_weights(half_bps: list[list[projector.BackProjector]], tau2: np.ndarray,
-                       tau2_fudge: float, distribution: np.ndarray, shell: int, window: float,
-                       minres_map: int) -> np.ndarray:
+                       tau2_fudge: float, distribution: np.ndarray, shells: np.ndarray,
+                       window: float, minres_map: int) -> np.ndarray:
     """(K, N, N, N) in [0, 1]: where in the map each class's difference from the consensus
     is supported. Per half-set h and class k, the difference E_k^h = V_k^h - C^h of the
-    regularised maps up to Fourier shell `shell` (the consensus C^h weighted by
-    `distribution`). rho, the local correlation of the two halves' differences,
+    regularised maps up to the class's Fourier shell `shells[k]` (the consensus C^h weighted
+    by `distribution`). rho, the local correlation of the two halves' differences,
     clip(G * (E^1 E^2) / G * ((E^1^2 + E^2^2) / 2), 0, 1) with G a Gaussian of standard
     deviation `window` times the differences' resolution (N / shell px), is their local
     signal share; the weight is that of both halves together, 2 rho / (1 + rho) (as a
-    full-set FSC from a half-set one). Where the classes differ the two halves agree (weight
-    near 1); elsewhere their differences are independent noise (near 0), which would
-    otherwise decide the class of particles as much as the real difference does.
+    full-set FSC from a half-set one), G from the class's own shell. Where the classes
+    differ the two halves agree (weight near 1); elsewhere their differences are
+    independent noise (near 0), which would otherwise decide the class of particles as much
+    as the real difference does.
 
-    The differences hold no frequency beyond `shell`, so they are computed on a coarse grid
-    (4 shell + 8 voxels across the box, which holds their products) and the local sums are
-    interpolated onto the map's grid."""
+    The differences hold no frequency beyond the largest shell, so they are computed on a
+    coarse grid (4 shell + 8 voxels across the box, which holds their products) and the local
+    sums are interpolated onto the map's grid."""
     box, pad, interp = half_bps[0][0].box, half_bps[0][0].pad, half_bps[0][0].interp
-    coarse = min(box, 4 * shell + 8)  # even; holds E^1 E^2 (to shell 2 shell)
+    shells = [int(s) for s in np.broadcast_to(shells, (len(half_bps[0]),))]
+    top = max(shells)
+    coarse = min(box, 4 * top + 8)  # even; holds E^1 E^2 (to shell 2 top)
     # the gridding correction at the coarse voxels (as projector.map_from_reference_ft's)
     t = (np.arange(coarse) - fourier.origin(coarse)) * (box / coarse)
     r = np.sqrt(t[:, None, None] ** 2 + t[None, :, None] ** 2 + t[None, None, :] ** 2)
     correction = projector.gridding_kernel(r / (pad * box), interp).astype(np.float32)
     halves = []
     for bps in half_bps:
-        bps = [bp.cropped(shell) for bp in bps]  # a reconstruction to `shell` reads no more
-        consensus = projector.BackProjector.pooled(bps).reconstruct_ft(
-            distribution @ tau2, tau2_fudge, shell, minres_map)
-        halves.append([_coarse_map(bp.reconstruct_ft(t2, tau2_fudge, shell, minres_map)
-                                   - consensus, pad * coarse, coarse) / correction
-                       for bp, t2 in zip(bps, tau2, strict=True)])
-    sigma = window * coarse / max(shell, 1)  # coarse voxels
+        bps = [bp.cropped(top) for bp in bps]  # a reconstruction to `top` reads no more
+        pooled = projector.BackProjector.pooled(bps)
+        consensus = {s: pooled.reconstruct_ft(distribution @ tau2, tau2_fudge, s, minres_map)
+                     for s in set(shells)}
+        halves.append([_coarse_map(bp.reconstruct_ft(t2, tau2_fudge, s, minres_map)
+                                   - consensus[s], pad * coarse, coarse) / correction
+                       for bp, t2, s in zip(bps, tau2, shells, strict=True)])
     up = _interpolation_matrix(box, coarse)
     weights = []
-    for a, b in zip(*halves, strict=True):
+    for a, b, s in zip(*halves, shells, strict=True):
         a, b = a.astype(np.float64), b.astype(np.float64)
+        sigma = window * coarse / max(s, 1)  # coarse voxels
         # the smooth local sums are interpolated, not their ratio
         agree, power = (_upsample(ndimage.gaussian_filter(x, sigma, mode="constant"), up)
                         for x in (a * b, 0.5 * (a * a + b * b)))

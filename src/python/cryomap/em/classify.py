@@ -56,8 +56,10 @@ from .class_schedule import (
     ALIGN_SHARE,
     CONSENSUS_SHARE,
     FIXED_INNER,
+    FIXED_MIN,
     FIXED_SETTLED,
     fixed_phase_over,
+    local_per_class,
     probe_step,
     starting_schedule,
 )
@@ -120,12 +122,17 @@ class ClassOptions(EMOptions):
     # - "adaptive" (class3d's default): classic until the classes form (fewer than
     #   FORMED_CHANGED of the particles change class), then each class's poses searched on
     #   refinement's sampling schedule; if they have not formed after PROBE_SHARE of the
-    #   iterations, the consensus schedule from there. 2D classes are always classic
+    #   iterations, the consensus schedule from there, its last step local searches per
+    #   class around the consensus poses (local_per_class). 2D classes are always classic
     schedule: str = "adaptive"
-    # 3D: the classes differ only up to the resolution where their differences from the
-    # consensus are supported (the half-set FSC of the differences stays >= this); beyond it
-    # every class is the consensus map. 0: off (RELION)
+    # 3D: each class differs only up to the resolution where its difference from the
+    # consensus is supported (the half-set FSC of the difference stays >= this); beyond it
+    # the class is the consensus map. 0: off (RELION)
     difference_fsc: float = 0.143
+    # ... the threshold where the E-step compares with the localised maps (at fixed poses and
+    # in the local searches per class after them), where noise at the extra shells is
+    # weighted down where the classes do not differ
+    difference_fsc_fixed: float = 0.05
     # 3D, with difference_fsc: ... and only where in the map the two half-sets' differences
     # agree (a local correlation in a Gaussian window of this many times the differences'
     # resolution; class_differences.difference_weights). 0: off
@@ -187,6 +194,9 @@ class ClassOptions(EMOptions):
         if not (np.isfinite(self.difference_fsc) and 0 <= self.difference_fsc < 1):
             raise bad_option("class_difference_fsc", self.difference_fsc,
                              "an FSC threshold in [0, 1) (0: off)")
+        if not (np.isfinite(self.difference_fsc_fixed) and 0 < self.difference_fsc_fixed < 1):
+            raise bad_option("class_difference_fsc_fixed", self.difference_fsc_fixed,
+                             "an FSC threshold in (0, 1)")
         if not (np.isfinite(self.difference_window) and 0 <= self.difference_window <= 10):
             raise bad_option("class_difference_window", self.difference_window,
                              "a window in [0, 10] times the differences' resolution (0: off)")
@@ -209,7 +219,8 @@ class ClassIteration:
     resolution_shell: int  # the best class's (SSNR 1, or FSC 0.143 with split halves)
     resolution: float  # Å, of resolution_shell
     class_resolution: list[float]  # Å, each class's
-    difference_resolution: float | None  # Å, how far the classes may differ (None: off)
+    difference_resolution: float | None  # Å, how far the classes may differ (the finest
+    # class's; None: off)
     distribution: list[float]  # the class prior
     changed_fraction: float  # particles whose best class changed
     log_likelihood: float
@@ -254,13 +265,15 @@ class ClassState(EMState):
     # the consensus schedule took over (None: it did not; 0 with "consensus" from the start)
     probe_done: bool = False
     consensus_from: int | None = None
-    # Fourier shell up to which the classes may differ (limit_differences); None: no limit
-    difference_shell: int | None = None
+    # (K,) the Fourier shell up to which each class may differ from the consensus
+    # (limit_differences); None: no limit
+    difference_shell: np.ndarray | None = None
     # heterogeneous refinement: the iteration after which each half-set met only its own
     # half's class maps (None: not yet; until then both halves meet the joined class maps)
     halves_split_at: int | None = None
-    # (K, ...) the class maps the E-step at fixed poses compares the particles with: the
-    # references' differences weighted by where they are supported
+    # (K, ...) the class maps the E-step at fixed poses (and in the local searches per class
+    # after them) compares the particles with: the references' differences weighted by where
+    # they are supported
     # (ClassOptions.difference_window); None: the references
     localised: np.ndarray | None = None
     history: list[ClassIteration] = field(default_factory=list)
@@ -271,8 +284,8 @@ class ClassState(EMState):
 
     @property
     def e_step_references(self) -> np.ndarray:
-        """(K, ...) the class maps the next E-step at fixed poses compares the particles
-        with."""
+        """(K, ...) the class maps the next E-step at fixed poses (or in the local searches
+        per class after them) compares the particles with."""
         return self.references if self.localised is None else self.localised
 
     @classmethod
@@ -281,8 +294,8 @@ class ClassState(EMState):
         if values.get("schedule") is not None:
             values["schedule"] = AutoSampling(**values["schedule"])
         return state_from_saved(cls, values,
-                                ints=("iteration", "r_max", "seeded_at", "difference_shell",
-                                      "halves_split_at", "consensus_from"),
+                                ints=("iteration", "r_max", "seeded_at", "halves_split_at",
+                                      "consensus_from"),
                                 floats=("offset_sigma",))
 
 
@@ -309,7 +322,8 @@ def initial_state(source: ImageSource, options: ClassOptions, references: np.nda
         schedule=schedule, seeded_at=0 if hetero else None, fixed_done=hetero,
         probe_done=not options.probes_classes or k == 1,
         consensus_from=0 if schedule is not None and not hetero else None,
-        difference_shell=int(np.ceil(source.box * source.pixel_size / options.ini_high))
+        difference_shell=np.full(k, int(np.ceil(source.box * source.pixel_size
+                                                / options.ini_high)), np.int64)
         if difference_limited(options, k) else None,
         subset=np.asarray(subset, np.int64) if halves else None,
         half_references=np.stack([references, references]).astype(np.float64)
@@ -448,6 +462,7 @@ class _ClassStep:
     mask_radius: float  # px
     consensus: bool  # poses refined against one map, every class's (before seeding)
     fixed: bool  # the fixed-pose phase of the sampling schedule
+    localised: bool  # the E-step compares with the localised class maps (e_step_references)
     previous: np.ndarray  # (n, 3, 3) rotations at the start of the iteration
     batch: int
     progress: object = None
@@ -479,7 +494,8 @@ def _class_step(state: ClassState, source: ImageSource, o: ClassOptions, hard: b
         search = dataclasses.replace(search, recon_radius=recon)
     return _ClassStep(state, source, o, search, NoiseModel(state.sigma2, o.noise_model == "pixel"),
                       soft_sphere(box, mask_radius, o.mask_edge, o.ndim), state.r_max, recon,
-                      mask_radius, consensus, fixed, rotations(state.angles),
+                      mask_radius, consensus, fixed,
+                      search.fixed_poses or local_per_class(state), rotations(state.angles),
                       batch_size(search, k_cls, o.batch_memory), progress)
 
 
@@ -505,8 +521,7 @@ def _class_passes(step: _ClassStep) -> list[tuple[PassResult, list[projector.Ref
         passes = [(np.flatnonzero(state.subset == h),
                    prepare(state.half_references[h - 1 if own else 2 - h])) for h in (1, 2)]
     else:
-        refs = prepare(state.e_step_references if step.search.fixed_poses
-                       else state.references)
+        refs = prepare(state.e_step_references if step.localised else state.references)
         if state.difference_shell is not None:  # two half-sets for the differences' FSC
             halves = difference_halves(n, o.seed)
             passes = [(np.flatnonzero(halves == h), refs) for h in (1, 2)]
@@ -563,20 +578,25 @@ def _class_maps(step: _ClassStep, results, edge: np.ndarray, n_shells: int,
         ssnr[k] = class_ssnr(bp, tau2[k], fudge, radius)
     shells = np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1)
     if state.difference_shell is not None:
-        state.difference_shell = extend_difference_shell(
-            state.difference_shell, difference_fsc(half_bps, n_shells).max(axis=0),
-            o.difference_fsc, radius)
+        # per class (K = 3 with a large and a subtle difference: the subtle class's shell
+        # stays where its own difference is supported); lower where the maps are localised
+        threshold = o.difference_fsc_fixed if step.localised else o.difference_fsc
+        state.difference_shell = np.array(
+            [extend_difference_shell(int(s), curve, threshold, radius) for s, curve
+             in zip(state.difference_shell, difference_fsc(half_bps, n_shells), strict=True)],
+            np.int64)
         consensus_map = projector.BackProjector.pooled(bps).reconstruct(
             state.distribution @ tau2, fudge, radius, MINRES_MAP) * edge
         # the sharp Fourier edge rings: keep the maps inside the same sphere
         state.references[:] = limit_differences(state.references, consensus_map,
                                                 state.difference_shell) * edge
         state.localised = None
-        if o.difference_window > 0 and step.search.fixed_poses:
-            # the E-step's maps at fixed poses: the differences only where the halves agree
-            # (not where poses are searched: a class map shrunk towards the consensus there
-            # aligns its particles worse; measured on tests/test_class3d.py's headless class:
-            # correlation with its truth 0.958 against 0.978)
+        if o.difference_window > 0 and step.localised:
+            # the E-step's maps at fixed poses and in the local searches after them: the
+            # differences only where the halves agree (not where poses are searched from a
+            # coarse grid: a class map shrunk towards the consensus there aligns its particles
+            # worse; measured on tests/test_class3d.py's headless class: correlation with its
+            # truth 0.958 against 0.978)
             weights = difference_weights(half_bps, tau2, fudge, state.distribution,
                                          state.difference_shell, o.difference_window,
                                          MINRES_MAP)
@@ -647,13 +667,18 @@ def _schedule_step(step: _ClassStep, changed: float, previous_origins: np.ndarra
     elif o.heterogeneous and state.halves_split_at is None and classes_formed(
             state, o, changed):
         message = (message or "") + split_half_maps(state, o, step.source.pixel_size)
-    elif step.fixed and not o.probes_classes and fixed_phase_over(state, o, changed):
-        # each class's poses searched again from the coarse grid: a class unlike the
-        # consensus (a large piece missing) may have been aligned wrongly to it
+    elif step.fixed and fixed_phase_over(state, o, changed):
         state.fixed_done = True
-        state.schedule = starting_schedule(o)
-        message = (message or "") + ("; classes settled: poses searched per class from "
-                                     "the starting sampling")
+        if o.probes_classes:  # the consensus's last sampling, per class (local_per_class)
+            message = (message or "") + (f"; after {FIXED_MIN} iterations at the consensus "
+                                         "poses, each class's poses searched locally around "
+                                         "them")
+        else:
+            # each class's poses searched again from the coarse grid: a class unlike the
+            # consensus (a large piece missing) may have been aligned wrongly to it
+            state.schedule = starting_schedule(o)
+            message = (message or "") + ("; classes settled: poses searched per class from "
+                                         "the starting sampling")
     return message
 
 
@@ -708,7 +733,7 @@ def class_iteration(state: ClassState, source: ImageSource, options: ClassOption
         resolution_shell=int(shells.max()), resolution=float(box * pix / shells.max()),
         class_resolution=[float(box * pix / s) for s in shells],
         difference_resolution=None if state.difference_shell is None
-        else float(box * pix / max(state.difference_shell, 1)),
+        else float(box * pix / max(int(state.difference_shell.max()), 1)),
         distribution=[float(d) for d in state.distribution],
         changed_fraction=changed if state.iteration > 1 else 1.0,
         log_likelihood=float(state.log_likelihood.sum()),

@@ -45,7 +45,7 @@ def split_half_maps(state: ClassState, options: ClassOptions, pixel_size: float)
     halves start from one low-passed reference. Returns the log's words."""
     box = state.references.shape[-1]
     resolution = options.ini_high if state.difference_shell is None else min(
-        options.ini_high, box * pixel_size / max(state.difference_shell, 1))
+        options.ini_high, box * pixel_size / max(int(state.difference_shell.max()), 1))
     low = np.stack([initial_lowpass(m, resolution, pixel_size) for m in state.references])
     state.half_references[:] = low[None]
     state.halves_split_at = state.iteration
