@@ -31,6 +31,7 @@ VALUES = {
     "perturb": "0.25", "sym": "C2", "seed": "7", "iterations": "3",
     "auto_local_healpix_order": "5", "prior_model": "voxel", "solvent_mask": "mask.mrc",
     "n_classes": "3", "class_temperature": "2", "difference_fsc": "0.5", "perturbation": "0.3",
+    "difference_fsc_fixed": "0.2",
     "difference_window": "1",
     "reseed_fraction": "0.15", "highres_limit": "10", "subset_size": "10", "fin_high": "20",
     "ini_subset": "300", "fin_subset": "2000", "ini_frac": "0.25", "fin_frac": "0.3",
