@@ -125,9 +125,10 @@ class ClassOptions(EMOptions):
     #   iterations, the consensus schedule from there, its last step local searches per
     #   class around the consensus poses (local_per_class). 2D classes are always classic
     schedule: str = "adaptive"
-    # 3D: each class differs only up to the resolution where its difference from the
-    # consensus is supported (the half-set FSC of the difference stays >= this); beyond it
-    # the class is the consensus map. 0: off (RELION)
+    # 3D: the classes differ only up to the resolution where their differences from the
+    # consensus are supported (the half-set FSC of a difference stays >= this; one shell for
+    # all where poses are searched, one per class where the maps are localised); beyond it
+    # a class is the consensus map. 0: off (RELION)
     difference_fsc: float = 0.143
     # ... the threshold where the E-step compares with the localised maps (at fixed poses and
     # in the local searches per class after them), where noise at the extra shells is
@@ -578,13 +579,19 @@ def _class_maps(step: _ClassStep, results, edge: np.ndarray, n_shells: int,
         ssnr[k] = class_ssnr(bp, tau2[k], fudge, radius)
     shells = np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1)
     if state.difference_shell is not None:
-        # per class (K = 3 with a large and a subtle difference: the subtle class's shell
-        # stays where its own difference is supported); lower where the maps are localised
-        threshold = o.difference_fsc_fixed if step.localised else o.difference_fsc
-        state.difference_shell = np.array(
-            [extend_difference_shell(int(s), curve, threshold, radius) for s, curve
-             in zip(state.difference_shell, difference_fsc(half_bps, n_shells), strict=True)],
-            np.int64)
+        curves = difference_fsc(half_bps, n_shells)
+        if step.localised:
+            # a shell per class (K = 3 with a large and a subtle difference: the subtle
+            # class's stays where its own difference is supported), at the lower threshold
+            state.difference_shell = np.array(
+                [extend_difference_shell(int(s), curve, o.difference_fsc_fixed, radius)
+                 for s, curve in zip(state.difference_shell, curves, strict=True)], np.int64)
+        else:
+            # one for all where poses are searched (measured: shells per class there let the
+            # globular K = 3 set's classes form early and be aligned per class, 94.4 %)
+            state.difference_shell[:] = extend_difference_shell(
+                int(state.difference_shell.max()), curves.max(axis=0), o.difference_fsc,
+                radius)
         consensus_map = projector.BackProjector.pooled(bps).reconstruct(
             state.distribution @ tau2, fudge, radius, MINRES_MAP) * edge
         # the sharp Fourier edge rings: keep the maps inside the same sphere
