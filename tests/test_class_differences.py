@@ -20,6 +20,7 @@ from cryomap.em.class_differences import (
     difference_fsc,
     difference_weights,
     extend_difference_shell,
+    extend_difference_shells,
     limit_differences,
 )
 from cryomap.em.classify import ClassOptions, difference_halves, difference_limited
@@ -85,6 +86,20 @@ def test_extend_difference_shell_moves_out_over_supported_shells_only():
     assert extend_difference_shell(2, curve, 0.143, radius=3) == 3  # never beyond r_max
     # the shells at or inside the limit are not tested (their FSC is not independent)
     assert extend_difference_shell(6, curve, 0.143, radius=8) == 8
+
+
+def test_extend_difference_shells_per_class_or_one_for_all():
+    """Per class: each on its own curve. One for all: from the largest shell, on the largest
+    FSC of any class (class 0's support at shells 3-4, class 1's at 5-6: the maximum reaches
+    6, though neither class alone does from shell 2)."""
+    curves = np.array([[1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0],
+                       [1.0, 1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0]])
+    shells = np.array([2, 2])
+    assert extend_difference_shells(shells, curves, 0.143, 8, per_class=True).tolist() == [4, 2]
+    assert extend_difference_shells(shells, curves, 0.143, 8, per_class=False).tolist() == [6, 6]
+    # one for all starts from the largest
+    assert extend_difference_shells(np.array([2, 7]), curves, 0.143, 8,
+                                    per_class=False).tolist() == [7, 7]
 
 
 def test_limit_differences_keeps_shells_up_to_the_limit_and_the_consensus_beyond():

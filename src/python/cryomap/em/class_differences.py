@@ -39,6 +39,21 @@ def extend_difference_shell(shell: int, curve: np.ndarray, threshold: float,
     return s
 
 
+def extend_difference_shells(shells: np.ndarray, curves: np.ndarray, threshold: float,
+                             radius: int, per_class: bool) -> np.ndarray:
+    """(K,) the classes' shells after an M-step (`curves`: (K, n_shells), difference_fsc).
+    per_class: each moves out on its own difference's FSC (K = 3 with a large and a subtle
+    difference: the subtle class's stays where its own difference is supported); otherwise
+    one shell for all, moved out on the largest FSC of any class (where poses are searched:
+    measured, shells per class there let the globular K = 3 set's classes form early and
+    be aligned per class, 94.4 % against 96.0 %)."""
+    if per_class:
+        return np.array([extend_difference_shell(int(s), c, threshold, radius)
+                         for s, c in zip(shells, curves, strict=True)], np.int64)
+    one = extend_difference_shell(int(np.max(shells)), curves.max(axis=0), threshold, radius)
+    return np.full(len(shells), one, np.int64)
+
+
 def limit_differences(maps: np.ndarray, consensus_map: np.ndarray, shells: np.ndarray
                       ) -> np.ndarray:
     """Each class map k equal to the consensus beyond Fourier shell `shells[k]`: consensus +

@@ -49,7 +49,7 @@ from . import iteration
 from .class_differences import (
     difference_fsc,
     difference_weights,
-    extend_difference_shell,
+    extend_difference_shells,
     limit_differences,
 )
 from .class_schedule import (
@@ -579,19 +579,11 @@ def _class_maps(step: _ClassStep, results, edge: np.ndarray, n_shells: int,
         ssnr[k] = class_ssnr(bp, tau2[k], fudge, radius)
     shells = np.maximum([resolution_shell(s, 1.0) for s in ssnr], 1)
     if state.difference_shell is not None:
-        curves = difference_fsc(half_bps, n_shells)
-        if step.localised:
-            # a shell per class (K = 3 with a large and a subtle difference: the subtle
-            # class's stays where its own difference is supported), at the lower threshold
-            state.difference_shell = np.array(
-                [extend_difference_shell(int(s), curve, o.difference_fsc_fixed, radius)
-                 for s, curve in zip(state.difference_shell, curves, strict=True)], np.int64)
-        else:
-            # one for all where poses are searched (measured: shells per class there let the
-            # globular K = 3 set's classes form early and be aligned per class, 94.4 %)
-            state.difference_shell[:] = extend_difference_shell(
-                int(state.difference_shell.max()), curves.max(axis=0), o.difference_fsc,
-                radius)
+        # per class at the lower threshold where the maps are localised, one for all else
+        state.difference_shell = extend_difference_shells(
+            state.difference_shell, difference_fsc(half_bps, n_shells),
+            o.difference_fsc_fixed if step.localised else o.difference_fsc, radius,
+            per_class=step.localised)
         consensus_map = projector.BackProjector.pooled(bps).reconstruct(
             state.distribution @ tau2, fudge, radius, MINRES_MAP) * edge
         # the sharp Fourier edge rings: keep the maps inside the same sphere
